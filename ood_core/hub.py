@@ -1,0 +1,174 @@
+"""Models from torch.hub repositories: the bundled local repo, any local hub dir, GitHub repos.
+
+A *hub reference* is one of
+* ``"bundled"`` — the repository shipped in ``assets/hub`` (offline);
+* a local directory holding a ``hubconf.py``;
+* a GitHub repository ``"owner/repo[:ref]"`` loaded through ``torch.hub.load`` (network needed,
+  unless it is already in the torch.hub cache).
+
+A model may carry an ``ood_lens`` dict attribute declaring ``input_shape`` ``(C, H, W)``,
+``class_names``, ``normalisation`` and ``test_accuracy``; :func:`model_info` reads it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ood_core.data import network_available
+
+BUNDLED_HUB = Path(__file__).resolve().parents[1] / "assets" / "hub"
+
+
+class HubUnavailableError(RuntimeError):
+    """A hub model could not be listed or loaded (no network, unknown entry point, bad repo)."""
+
+
+@dataclass
+class ModelInfo:
+    """What a model declares about its inputs (fields are None when it declares nothing)."""
+
+    name: str
+    input_shape: tuple[int, ...] | None = None
+    class_names: list[str] | None = None
+    normalisation: str | None = None
+    test_accuracy: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve(repo: str | Path) -> tuple[str, str]:
+    """Return ``(repo_or_dir, source)`` for ``torch.hub``."""
+    if str(repo) == "bundled":
+        return str(BUNDLED_HUB), "local"
+    path = Path(repo).expanduser()
+    if path.is_dir():
+        if not (path / "hubconf.py").exists():
+            raise HubUnavailableError(f"{path} is a directory but holds no hubconf.py.")
+        return str(path), "local"
+    name = str(repo)
+    if name.count("/") != 1 or " " in name:
+        raise HubUnavailableError(
+            f"'{name}' is neither 'bundled', a local directory with a hubconf.py, nor a GitHub "
+            "repository written 'owner/repo' or 'owner/repo:ref'."
+        )
+    return name, "github"
+
+
+def _cached_github_dir(repo: str) -> Path | None:
+    """The torch.hub cache folder of a GitHub repo, if it was downloaded before."""
+    owner_name, _, ref = repo.partition(":")
+    owner, name = owner_name.split("/")
+    folder = Path(torch.hub.get_dir()) / f"{owner}_{name}_{(ref or 'main').replace('/', '_')}"
+    return folder if (folder / "hubconf.py").exists() else None
+
+
+def _github_or_cache(repo: str, timeout: float) -> tuple[str, str]:
+    cached = _cached_github_dir(repo)
+    if cached is not None:
+        return str(cached), "local"
+    if not network_available("github.com", timeout=timeout):
+        raise HubUnavailableError(
+            f"Cannot load the torch.hub repository '{repo}': github.com was not reachable within "
+            f"{timeout:.0f} s (no network?) and the repository is not in the torch.hub cache "
+            f"({torch.hub.get_dir()}). Use the bundled models or a local hub directory instead."
+        )
+    return repo, "github"
+
+
+def list_entries(repo: str | Path = "bundled", timeout: float = 5.0) -> list[dict[str, str]]:
+    """Entry points of a hub repository: ``[{"name", "doc"}]`` (doc = first docstring line)."""
+    repo_or_dir, source = _resolve(repo)
+    if source == "github":
+        repo_or_dir, source = _github_or_cache(repo_or_dir, timeout)
+    try:
+        names = torch.hub.list(repo_or_dir, source=source, trust_repo=True, verbose=False)
+    except Exception as exc:
+        raise HubUnavailableError(f"Could not list the entry points of '{repo}': {exc}") from exc
+    out = []
+    for name in names:
+        try:
+            doc = torch.hub.help(repo_or_dir, name, source=source, trust_repo=True) or ""
+        except Exception:
+            doc = ""
+        out.append({"name": name, "doc": inspect.cleandoc(doc).split("\n")[0] if doc else ""})
+    return out
+
+
+def load_model(repo: str | Path = "bundled", entry: str = "tiniest", *, timeout: float = 5.0,
+               **kwargs: Any) -> nn.Module:  # fmt: skip
+    """Load ``entry`` from a hub repository (see module doc) in eval mode.
+
+    Offline, a GitHub repository that is not cached fails within ``timeout`` seconds with a
+    :class:`HubUnavailableError` naming the repository.
+    """
+    repo_or_dir, source = _resolve(repo)
+    if source == "github":
+        repo_or_dir, source = _github_or_cache(repo_or_dir, timeout)
+    try:
+        net = torch.hub.load(
+            repo_or_dir, entry, source=source, trust_repo=True, verbose=False, **kwargs
+        )
+    except Exception as exc:
+        try:
+            known = torch.hub.list(repo_or_dir, source=source, trust_repo=True, verbose=False)
+        except Exception:
+            known = []
+        hint = f" Available entry points: {', '.join(known)}." if known and entry not in known else ""
+        raise HubUnavailableError(f"Could not load '{entry}' from '{repo}': {exc}.{hint}") from exc
+    if not isinstance(net, nn.Module):
+        raise HubUnavailableError(f"'{entry}' from '{repo}' returned {type(net).__name__}, not a model.")
+    return net.eval()
+
+
+def model_info(net: nn.Module, name: str | None = None) -> ModelInfo:
+    """Read what a model declares in its ``ood_lens`` attribute."""
+    meta = dict(getattr(net, "ood_lens", {}) or {})
+    shape = meta.pop("input_shape", None)
+    return ModelInfo(
+        name=name or type(net).__name__,
+        input_shape=tuple(shape) if shape is not None else None,
+        class_names=meta.pop("class_names", None),
+        normalisation=meta.pop("normalisation", None),
+        test_accuracy=meta.pop("test_accuracy", None),
+        extra=meta,
+    )
+
+
+def bundled_records() -> dict[str, dict[str, Any]]:
+    """Training records of the bundled models (accuracy, params, seed...) from ``models.json``."""
+    return json.loads((BUNDLED_HUB / "models.json").read_text())
+
+
+def check_compatible(net: nn.Module, sample_shape: tuple[int, ...], n_classes: int | None = None,
+                     name: str = "model") -> None:  # fmt: skip
+    """Raise ``ValueError`` with an actionable message if ``net`` can't take ``sample_shape`` inputs
+    (one forward pass on a zero batch) or predicts a different number of classes."""
+    info = model_info(net, name)
+    if info.input_shape is not None and tuple(info.input_shape) != tuple(sample_shape):
+        raise ValueError(
+            f"{name} expects inputs of shape {tuple(info.input_shape)} (C, H, W) but the dataset's "
+            f"images are {tuple(sample_shape)}. Pick data with matching channels and size."
+        )
+    param = next(net.parameters(), None)
+    x = torch.zeros(1, *sample_shape, device=param.device if param is not None else "cpu",
+                    dtype=param.dtype if param is not None else torch.float32)  # fmt: skip
+    try:
+        with torch.no_grad():
+            out = net(x)
+    except Exception as exc:
+        raise ValueError(
+            f"{name} failed on inputs of shape {tuple(sample_shape)}: {exc}. Pick data with the "
+            "channels and size the model was trained on."
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ValueError(f"{name} must return logits of shape (N, n_classes); got {type(out)}.")
+    if n_classes is not None and out.shape[1] < n_classes:
+        raise ValueError(
+            f"{name} predicts {out.shape[1]} classes but the dataset has {n_classes} classes."
+        )

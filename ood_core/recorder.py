@@ -1,0 +1,276 @@
+"""Record internal activations of any ``nn.Module`` by torchinfo layer id.
+
+Layer ids are torchinfo's ``(depth, depth_index)``: ``depth_index`` counts the module calls at that
+depth across the whole network, in call order, starting at 1; ``(0, 1)`` is the whole network. A
+module called twice in one forward pass has two ids (one per call).
+
+Typical use (as in the reference library)::
+
+    rnet = Recorder(net, input_data=x[[0]])   # prints the layer table when displayed
+    rnet.record((1, 5), (1, 11))
+    logits = rnet(x)
+    rnet.activations[(1, 11)]                 # output of that layer for x
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+import torchinfo
+from torch import nn
+
+LayerId = tuple[int, int]
+Progress = Callable[[int, int], None]
+"""A progress callback ``progress(done, total)``, counts in samples."""
+
+
+def _as_layer_id(layer: Any) -> LayerId:
+    if isinstance(layer, str):  # "1-5" or "(1, 5)"
+        parts = [p.strip() for p in layer.strip("() ").replace("-", ",").split(",")]
+        if all(p.isdigit() for p in parts):
+            layer = tuple(int(p) for p in parts)
+    if (
+        not isinstance(layer, Sequence)
+        or len(layer) != 2
+        or not all(isinstance(v, int) for v in layer)
+    ):
+        raise ValueError(f"A layer id is a (depth, index) pair of ints like (1, 5); got {layer!r}.")
+    return (int(layer[0]), int(layer[1]))
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The tensor a module returned, or the first tensor of a tuple/list/dict output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, list | tuple):
+        for item in output:
+            t = first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
+class Recorder(nn.Module):
+    """Wraps a network to record the outputs of chosen layers during its forward passes.
+
+    Args:
+        net: the classifier; its forward returns logits ``(N, n_classes)``.
+        input_data: an example batch (e.g. ``x[[0]]``) used once to trace the layer table.
+        input_size: alternatively, the example input shape including the batch dimension.
+        **summary_kwargs: passed to ``torchinfo.summary`` (e.g. ``dtypes``, ``device``).
+
+    Attributes:
+        activations: ``{layer_id: tensor}`` for the recorded layers, from the last forward pass.
+        inputs: ``{layer_id: tensor}``, the (first tensor) input of each recorded layer.
+        recording: the recorded layer ids, in the order given to :meth:`record`.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        input_data: torch.Tensor | None = None,
+        input_size: Sequence[int] | None = None,
+        **summary_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if input_data is None and input_size is None:
+            raise ValueError("Recorder needs `input_data` (an example batch) or `input_size`.")
+        self.net = net
+        was_training = net.training
+        net.eval()
+        try:
+            self.summary = torchinfo.summary(
+                net,
+                input_data=input_data,
+                input_size=input_size,
+                verbose=0,
+                depth=100,
+                col_names=("input_size", "output_size", "num_params", "params_percent"),
+                row_settings=("var_names", "depth"),
+                **summary_kwargs,
+            )
+        except Exception as exc:  # torchinfo wraps the model's own error
+            shape = tuple(input_data.shape) if input_data is not None else tuple(input_size or ())
+            raise ValueError(
+                f"The network failed on an example input of shape {shape}: {exc}. Check that the "
+                "data matches what the model expects (channels, height, width)."
+            ) from exc
+        finally:
+            net.train(was_training)
+        names = {id(m): name for name, m in net.named_modules()}
+        self._infos = {(li.depth, li.depth_index): li for li in self.summary.summary_list}
+        self._names = {lid: names.get(id(li.module), "") for lid, li in self._infos.items()}
+        # module -> its ids in call order (a module called twice has two ids)
+        self._ids_of_module: dict[int, list[LayerId]] = {}
+        self._module_by_id: dict[int, nn.Module] = {}
+        for lid, li in self._infos.items():
+            self._ids_of_module.setdefault(id(li.module), []).append(lid)
+            self._module_by_id[id(li.module)] = li.module
+        self.recording: tuple[LayerId, ...] = ()
+        self.activations: dict[LayerId, torch.Tensor] = {}
+        self.inputs: dict[LayerId, torch.Tensor] = {}
+        self._calls: dict[int, int] = {}
+        self._handles: list[Any] = []
+        self._finalizer = weakref.finalize(self, Recorder._remove_handles, self._handles)
+
+    # ------------------------------------------------------------------ layer table
+    @property
+    def layer_ids(self) -> list[LayerId]:
+        """All layer ids of the network in table order, ``(0, 1)`` first."""
+        return list(self._infos)
+
+    def layer_name(self, layer: LayerId) -> str:
+        """Dotted module name of a layer (``""`` for the whole network)."""
+        return self._names[self.check_layer(layer)]
+
+    def check_layer(self, layer: Any) -> LayerId:
+        """Validate a layer id, raising ``ValueError`` naming the valid range if unknown."""
+        lid = _as_layer_id(layer)
+        if lid not in self._infos:
+            depths = sorted({d for d, _ in self._infos})
+            per_depth = ", ".join(
+                f"depth {d}: 1-{max(i for dd, i in self._infos if dd == d)}" for d in depths
+            )
+            raise ValueError(
+                f"Unknown layer id {lid} for {type(self.net).__name__}; valid ids are ({per_depth}). "
+                "See the layer table (print the Recorder or call layer_table())."
+            )
+        return lid
+
+    def layer_table(self) -> pd.DataFrame:
+        """One row per layer: id, depth, name, type, input/output shapes, params, params %."""
+        total = max(self.summary.total_params, 1)
+        rows = []
+        for lid, li in self._infos.items():
+            n_params = li.trainable_params if li.depth > 0 else self.summary.total_params
+            own = li.leftover_params() if li.depth > 0 else 0
+            rows.append(
+                {
+                    "id": f"{lid[0]}-{lid[1]}",
+                    "depth": lid[0],
+                    "index": lid[1],
+                    "name": self._names[lid] or "(network)",
+                    "type": li.class_name,
+                    "input_shape": str(li.input_size),
+                    "output_shape": str(li.output_size),
+                    "params": int(n_params),
+                    "own_params": int(own),
+                    "params_pct": round(100 * own / total, 2),
+                    "leaf": bool(li.is_leaf_layer),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    # ------------------------------------------------------------------ recording
+    def record(self, *layers: Any) -> Recorder:
+        """Record these layer ids from now on (replaces the previous selection); returns self."""
+        ids = tuple(dict.fromkeys(self.check_layer(layer) for layer in layers))
+        self._remove_handles(self._handles)
+        self.recording = ids
+        self.activations = {}
+        if not ids:
+            return self
+        ref = weakref.ref(self)
+        root = self._infos[(0, 1)].module
+        self._handles.append(root.register_forward_pre_hook(lambda *_: Recorder._reset(ref)))
+        for mid in {id(self._infos[lid].module) for lid in ids}:
+            module = self._module_by_id[mid]
+            self._handles.append(module.register_forward_hook(Recorder._make_hook(ref, mid)))
+        return self
+
+    @staticmethod
+    def _reset(ref: weakref.ReferenceType[Recorder]) -> None:
+        self = ref()
+        if self is not None:
+            self._calls.clear()
+            self.activations = {}
+            self.inputs = {}
+
+    @staticmethod
+    def _make_hook(ref: weakref.ReferenceType[Recorder], mid: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self = ref()
+            if self is None:
+                return
+            k = self._calls.get(mid, 0)
+            self._calls[mid] = k + 1
+            ids = self._ids_of_module[mid]
+            if k < len(ids) and ids[k] in self.recording:
+                tensor = first_tensor(output)
+                if tensor is not None:
+                    self.activations[ids[k]] = tensor
+                    inp = first_tensor(args)
+                    if inp is not None:
+                        self.inputs[ids[k]] = inp
+
+        return hook
+
+    @staticmethod
+    def _remove_handles(handles: list[Any]) -> None:
+        for h in handles:
+            h.remove()
+        handles.clear()
+
+    def close(self) -> None:
+        """Remove every hook from the wrapped network (also done when the Recorder is collected)."""
+        self._remove_handles(self._handles)
+        self.recording = ()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the network; afterwards :attr:`activations` holds the recorded layers' outputs."""
+        out = self.net(*args, **kwargs)
+        missing = [lid for lid in self.recording if lid not in self.activations]
+        if missing:
+            raise RuntimeError(
+                f"Layer(s) {missing} were not reached in this forward pass (the example input "
+                "reached them when the layer table was built); is there a data-dependent branch?"
+            )
+        return out
+
+    # ------------------------------------------------------------------ batched recording
+    def record_batches(
+        self,
+        data: torch.Tensor,
+        *,
+        batch_size: int = 256,
+        reduce: Callable[[torch.Tensor, dict[LayerId, torch.Tensor]], Any] | None = None,
+        progress: Progress | None = None,
+    ) -> list[Any]:
+        """Run ``data`` through the net in batches under ``torch.no_grad``.
+
+        ``reduce(logits, activations)`` turns each batch into whatever small per-sample result is
+        needed (default: ``(logits, {id: activation})`` detached), so memory never grows with the
+        dataset times the raw activation size. Returns the per-batch results in order.
+        """
+        results = []
+        n = len(data)
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                logits = self(data[start : start + batch_size])
+                if reduce is None:
+                    results.append((logits, {k: v.detach() for k, v in self.activations.items()}))
+                else:
+                    results.append(reduce(logits, self.activations))
+                if progress is not None:
+                    progress(min(start + batch_size, n), n)
+        return results
+
+    def __repr__(self) -> str:
+        rec = ", ".join(str(lid) for lid in self.recording) or "None"
+        line = "=" * len(str(self.summary).splitlines()[0])
+        return (
+            f"Recorder instance for the following network\n{self.summary}\n"
+            f"Currently recording: {rec}\n{line}"
+        )
+
+
+def iter_layer_ids(layers: Iterable[Any]) -> list[LayerId]:
+    """Normalise an iterable of layer ids (tuples or "d-i" strings) to tuples."""
+    return [_as_layer_id(layer) for layer in layers]

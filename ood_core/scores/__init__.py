@@ -1,0 +1,76 @@
+"""Confidence scores (conformity: higher = more in-distribution) and their registry.
+
+Every score is a :class:`BaseScore`: parameters are constructor arguments with defaults, validated
+with clear errors and described by ``describe_params()`` for UIs. ``SCORES`` maps names to
+classes; :func:`list_scores` describes them (family, layers, fitting, gradients, paper).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ood_core.scores import gradients, gram, knn, logits, mahalanobis, misc, neighbours, shaping
+from ood_core.scores.base import BaseScore, NotFittedError, ScoreTimer, postprocess_conformity
+from ood_core.scores.gradients import *  # noqa: F403
+from ood_core.scores.gram import Gram
+from ood_core.scores.knn import KNN
+from ood_core.scores.logits import *  # noqa: F403
+from ood_core.scores.logits import BaselineClassif
+from ood_core.scores.mahalanobis import *  # noqa: F403
+from ood_core.scores.misc import *  # noqa: F403
+from ood_core.scores.neighbours import *  # noqa: F403
+from ood_core.scores.shaping import *  # noqa: F403
+
+_FAMILY_MODULES = (logits, gradients, gram, knn, mahalanobis, shaping, neighbours, misc)
+SCORES: dict[str, type[BaseScore]] = {
+    cls.__name__: cls
+    for module in _FAMILY_MODULES
+    for cls in getattr(module, "SCORES", ())
+}
+ALIASES = {"BaselineClassif": "Softmax", "MaxLogit": "Logit"}
+
+
+def register_score(cls: type[BaseScore]) -> type[BaseScore]:
+    """Class decorator adding a user-defined score to the registry (and so to the dashboard)."""
+    if not (isinstance(cls, type) and issubclass(cls, BaseScore)):
+        raise TypeError(f"{cls!r} is not a BaseScore subclass")
+    SCORES[cls.__name__] = cls
+    return cls
+
+
+def get_score_class(name: str) -> type[BaseScore]:
+    name = ALIASES.get(name, name)
+    if name not in SCORES:
+        raise ValueError(f"Unknown score '{name}'; available: {', '.join(sorted(SCORES))}.")
+    return SCORES[name]
+
+
+def make_score(name: str, **params: Any) -> BaseScore:
+    """Build a score from its registry name and parameters (inverse of ``score.config()``)."""
+    return get_score_class(name)(**params)
+
+
+def list_scores() -> list[dict[str, Any]]:
+    """One row per registered score: name, family, layer rule, fitting, gradients, paper, params."""
+    rows = []
+    for name, cls in SCORES.items():
+        rows.append({
+            "name": name,
+            "family": cls.family,
+            "layers": cls.layer_rule,
+            "max_layers": cls.max_layers,
+            "needs_fit": cls.needs_fit,
+            "gradients": "parameters" if cls.needs_param_grad else (
+                "inputs (when epsilon > 0)" if any(p.name == "epsilon" for p in cls.params) else "no"),
+            "reference": cls.reference,
+            "doc": (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "),
+            "params": cls.describe_params(),
+        })  # fmt: skip
+    return rows
+
+
+__all__ = [
+    "SCORES", "BaseScore", "NotFittedError", "ScoreTimer", "list_scores", "make_score",
+    "register_score", "get_score_class", "postprocess_conformity", "BaselineClassif", "KNN", "Gram",
+    *SCORES,
+]  # fmt: skip

@@ -1,0 +1,319 @@
+"""The score interface shared by every confidence score, and its timer.
+
+Conventions
+-----------
+* A score maps inputs ``x`` to ``(logits, conformity)``; ``conformity`` has shape
+  ``(n, n_classes)`` and is **higher for more in-distribution** inputs. Evaluation uses the
+  conformity at the predicted class (argmax of the logits). Scores that give one value per sample
+  repeat it over classes.
+* ``mode`` post-processes the per-class conformity ``c``: ``raw`` keeps it; ``diff`` gives
+  ``c_k - max_{j != k} c_j``; ``ratio`` gives ``c_k / max_{j != k} c_j``.
+* ``act_norm``: when set to ``p``, every recorded activation is divided by its per-sample p-norm
+  (over all non-batch dims) before the score sees it.
+
+How a score plugs into the single-pass engine (:mod:`ood_core.engine`)
+----------------------------------------------------------------------
+* ``extract(logits, activations) -> {name: tensor (batch, ...)}`` turns one batch of recorded
+  activations (``{layer_id: tensor}``, already ``act_norm``-ed) into small per-sample features.
+  It runs inside the shared, gradient-free forward pass.
+* Scores that need gradients set ``needs_param_grad`` or return True from ``needs_input_grad``
+  and implement ``extract_grad(recorder, x)`` instead: they get their own batched passes.
+* ``_fit(features, logits, labels)`` calibrates on the concatenated calibration features;
+  ``_conformity(features, logits)`` returns ``(n, n_classes)`` or ``(n,)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from ood_core.params import Param, fmt_value
+from ood_core.recorder import LayerId, Recorder
+
+Features = dict[str, Tensor]
+
+MODE_PARAM = Param(
+    "mode", "choice", "raw", choices=("raw", "diff", "ratio"),
+    help="raw: conformity as is; diff: minus the best other class; ratio: over the best other class.",
+)  # fmt: skip
+ACT_NORM_HELP = "Divide each sample's activations by their p-norm before use (None: keep them)."
+
+
+class NotFittedError(RuntimeError):
+    """The score was used before :meth:`BaseScore.fit`."""
+
+
+class ScoreTimer:
+    """Durations of a score's calibration and inference calls, newest first in the report."""
+
+    def __init__(self, owner: BaseScore) -> None:
+        self.owner = owner
+        self.entries: list[tuple[str, int, float]] = []
+
+    def add(self, operation: str, n_samples: int, seconds: float) -> None:
+        self.entries.append((operation, int(n_samples), float(seconds)))
+
+    def table(self) -> Table:
+        table = Table(title=f"ScoreTimer report for\n{self.owner!r}", caption="Entries are listed from newest to oldest")
+        for col in ("Operation", "# samples", "Duration"):
+            table.add_column(col)
+        for op, n, sec in reversed(self.entries):
+            table.add_row(op, str(n), _fmt_duration(sec))
+        return table
+
+    @property
+    def report(self) -> None:
+        """Print the table of operations (newest first) to the terminal."""
+        Console().print(self.table())
+
+    def to_frame(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.entries, columns=["operation", "n_samples", "seconds"])
+
+
+def _fmt_duration(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("μs", 1e-6)):
+        if seconds >= scale or unit == "μs":
+            return f"{seconds / scale:.4g} {unit}"
+    return f"{seconds:.3g} s"  # pragma: no cover
+
+
+def postprocess_conformity(conformity: Tensor, mode: str) -> Tensor:
+    """Apply ``mode`` (raw / diff / ratio) to an ``(n, n_classes)`` conformity tensor."""
+    if mode == "raw" or conformity.shape[1] < 2:
+        return conformity
+    top2 = conformity.topk(2, dim=1).values
+    is_top = conformity == top2[:, :1]
+    best_other = torch.where(is_top, top2[:, 1:2], top2[:, :1])
+    if mode == "diff":
+        return conformity - best_other
+    if mode == "ratio":
+        return conformity / best_other
+    raise ValueError(f"Unsupported mode: {mode!r}")
+
+
+class BaseScore:
+    """Base class of every confidence score (see the module docstring for the conventions).
+
+    Subclasses declare ``params`` (constructor arguments, validated and exposed as attributes),
+    ``family``, ``reference`` (paper), ``needs_fit``, ``layer_rule`` and implement the hooks.
+    """
+
+    family: ClassVar[str] = "other"
+    reference: ClassVar[str] = ""
+    params: ClassVar[tuple[Param, ...]] = ()
+    needs_fit: ClassVar[bool] = True
+    needs_param_grad: ClassVar[bool] = False
+    layer_rule: ClassVar[str] = "none"
+    """``none``: logits only, layers ignored; ``any``: one or more recorded layers;
+    ``params``: layers that hold parameters (gradients are taken w.r.t. them)."""
+    max_layers: ClassVar[int | None] = None
+    default_act_norm: ClassVar[float | None] = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        name = type(self).__name__
+        declared = {p.name: p for p in self.all_params()}
+        unknown = sorted(set(kwargs) - set(declared))
+        if unknown:
+            raise ValueError(f"{name}: unknown parameter(s) {unknown}; expected {sorted(declared)}")
+        missing = [p.name for p in declared.values() if p.required and p.name not in kwargs]
+        if missing:
+            raise ValueError(f"{name}: missing required parameter(s) {missing}, e.g. {name}("
+                             + ", ".join(f"{m}={declared[m].default!r}" for m in missing) + ")")
+        self.values: dict[str, Any] = {
+            p.name: p.validate(kwargs.get(p.name, p.default), name) for p in declared.values()
+        }
+        self._given = {k for k in kwargs if k in declared}
+        self.timer = ScoreTimer(self)
+        self.layers: tuple[LayerId, ...] = ()
+        self.fitted = False
+        self._recorder: Recorder | None = None
+        self.n_classes: int | None = None
+        self.check_params()
+
+    # ------------------------------------------------------------------ declared parameters
+    @classmethod
+    def all_params(cls) -> tuple[Param, ...]:
+        """The score's own parameters, then ``act_norm`` and ``mode``."""
+        act = Param("act_norm", "float", cls.default_act_norm, low=0, low_exclusive=True,
+                    nullable=True, help=ACT_NORM_HELP)  # fmt: skip
+        return (*cls.params, act, MODE_PARAM)
+
+    @classmethod
+    def describe_params(cls) -> list[dict[str, Any]]:
+        """Machine-readable parameter list (name, type, default, range, help...) for UIs."""
+        return [p.as_dict() for p in cls.all_params()]
+
+    def check_params(self) -> None:
+        """Cross-parameter validation hook (raise ValueError with a clear message)."""
+
+    def __getattr__(self, item: str) -> Any:
+        values = self.__dict__.get("values")
+        if values is not None and item in values:
+            return values[item]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {item!r}")
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        values = self.__dict__.get("values")
+        if values is not None and key in values:
+            param = next(p for p in self.all_params() if p.name == key)
+            values[key] = param.validate(value, type(self).__name__)
+            self._given.add(key)
+            if key not in ("mode",):  # changing mode keeps the fit (it is pure post-processing)
+                self.__dict__["fitted"] = False
+            return
+        super().__setattr__(key, value)
+
+    def config(self) -> dict[str, Any]:
+        """``{"name": class name, **params}``: rebuild with :func:`ood_core.scores.make_score`."""
+        return {"name": type(self).__name__, **{k: _plain(v) for k, v in self.values.items()}}
+
+    def __repr__(self) -> str:
+        shown = [k for k in self.values if k in self._given or next(
+            p for p in self.all_params() if p.name == k).required]
+        inner = ", ".join(f"{k}={_repr_value(self.values[k])}" for k in shown)
+        return f"{type(self).__name__}({inner})"
+
+    def full_repr(self) -> str:
+        inner = ", ".join(f"{k}={_repr_value(v)}" for k, v in sorted(self.values.items()))
+        return f"{type(self).__name__}({inner})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.values == self.values  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(sorted((k, _plain_hashable(v)) for k, v in self.values.items()))))
+
+    # ------------------------------------------------------------------ layers
+    def check_layers(self, layers: Sequence[LayerId], recorder: Recorder | None = None) -> tuple[LayerId, ...]:
+        """Validate the layers this score is given, with messages that say what it accepts."""
+        name = type(self).__name__
+        layers = tuple(layers)
+        if recorder is not None:
+            layers = tuple(recorder.check_layer(layer) for layer in layers)
+        if self.layer_rule == "none":
+            return ()
+        if not layers:
+            raise ValueError(f"{name} reads internal activations: give it at least one layer id, "
+                             "e.g. the penultimate features.")
+        if self.max_layers is not None and len(layers) > self.max_layers:
+            raise ValueError(f"{name} takes at most {self.max_layers} layer(s); got {len(layers)}.")
+        if self.layer_rule == "params" and recorder is not None:
+            for layer in layers:
+                module = recorder._infos[layer].module  # noqa: SLF001
+                if not any(p.requires_grad for p in module.parameters()):
+                    raise ValueError(f"{name} needs layers holding parameters; {layer} "
+                                     f"({recorder.layer_name(layer)}) has none.")
+        return layers
+
+    # ------------------------------------------------------------------ engine hooks
+    @property
+    def needs_input_grad(self) -> bool:
+        return False
+
+    @property
+    def needs_grad(self) -> bool:
+        return self.needs_param_grad or self.needs_input_grad
+
+    def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
+        """Per-sample features of one batch (inside the shared no-grad pass). Default: none."""
+        return {}
+
+    def extract_grad(self, recorder: Recorder, x: Tensor) -> Features:
+        """Per-sample features of one batch for gradient scores (own pass). Override."""
+        raise NotImplementedError(f"{type(self).__name__} does not take gradients")
+
+    def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
+        """Calibrate on calibration features. Default: nothing to fit."""
+
+    def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def conformity_from_features(self, features: Features, logits: Tensor) -> Tensor:
+        """``(n, n_classes)`` conformity (mode applied) from already extracted features."""
+        if self.needs_fit and not self.fitted:
+            raise NotFittedError(f"{self!r} is not fitted: call fit() or eval.fit_scores() first.")
+        conf = self._conformity(features, logits)
+        if conf.ndim == 1:
+            conf = conf[:, None].expand(-1, logits.shape[1])
+        return postprocess_conformity(conf, self.mode)
+
+    def fit_features(self, features: Features, logits: Tensor, labels: Tensor | None) -> None:
+        """Calibrate from extracted features (labels default to the predictions)."""
+        if labels is None:
+            labels = logits.argmax(1)
+        labels = labels.to(logits.device).long()
+        if len(labels) != len(logits):
+            raise ValueError(f"{self!r}: {len(logits)} calibration samples but {len(labels)} labels.")
+        self.n_classes = logits.shape[1]
+        self._fit(features, logits, labels)
+        self.fitted = True
+
+    # ------------------------------------------------------------------ seed-style API
+    def fit(
+        self,
+        rnet: Recorder | torch.nn.Module,
+        calib_data: Tensor,
+        calib_labels: Tensor | None = None,
+        *,
+        layers: Sequence[LayerId] | None = None,
+        batch_size: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> BaseScore:
+        """Calibrate on in-distribution data. ``rnet``: a :class:`Recorder` whose recorded
+        layers this score reads (as in the reference library), or a plain net with ``layers``."""
+        from ood_core.engine import Engine
+
+        engine = Engine.for_net(rnet, calib_data[:1])
+        if layers is None:
+            layers = rnet.recording if isinstance(rnet, Recorder) else ()
+        self.layers = self.check_layers(layers, engine.recorder)
+        engine.fit([self], calib_data, calib_labels, batch_size=batch_size, progress=progress)
+        self._recorder = engine.recorder
+        return self
+
+    def __call__(self, x: Tensor, *, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(logits (n, C), conformity (n, C))`` for inputs ``x`` (needs a prior :meth:`fit`)."""
+        from ood_core.engine import Engine
+
+        if self._recorder is None:
+            if self.needs_fit or self.layers:
+                raise NotFittedError(f"{self!r} is not fitted: call fit(rnet, calib_data) first.")
+            raise NotFittedError(f"{self!r} has no network: call fit(net, calib_data) first.")
+        engine = Engine(self._recorder)
+        (logits, conf), = engine.confidences([self], x, batch_size=batch_size)
+        return logits, conf
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _plain_hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _repr_value(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_repr_value(v) for v in value) + "]"
+    return fmt_value(value)
+
+
+class Timed:
+    """Context manager measuring wall time in seconds (``.seconds``)."""
+
+    def __enter__(self) -> Timed:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.t0

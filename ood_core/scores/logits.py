@@ -1,0 +1,229 @@
+"""Scores computed from the logits ``f`` alone (no layers), in float64.
+
+All return conformity where higher = more in-distribution. Per-class scores return ``(n, C)``;
+per-sample ones return ``(n,)`` (repeated over classes by the base class).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ood_core.params import Param
+from ood_core.recorder import LayerId, Recorder
+from ood_core.scores.base import BaseScore, Features
+
+TEMPERATURE = Param("temperature", "float", 1.0, low=0, low_exclusive=True, help="Temperature T.")
+
+
+class _LogitScore(BaseScore):
+    family = "logits"
+    needs_fit = False
+    layer_rule = "none"
+
+
+class Softmax(_LogitScore):
+    """Maximum softmax probability baseline: conformity ``softmax(f)`` (per class).
+
+    Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and Out-of-Distribution Examples in
+    Neural Networks", ICLR 2017.
+    """
+
+    reference = "Hendrycks & Gimpel, ICLR 2017"
+
+    def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        return torch.softmax(logits.double(), dim=1)
+
+
+BaselineClassif = Softmax
+
+
+class Logit(_LogitScore):
+    """Maximum logit: conformity ``f`` (per class).
+
+    Hendrycks et al., "Scaling Out-of-Distribution Detection for Real-World Settings", ICML 2022.
+    """
+
+    reference = "Hendrycks et al., ICML 2022"
+
+    def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        return logits.double()
+
+
+class Energy(_LogitScore):
+    """Negative free energy: conformity ``T * logsumexp(f / T)`` (per sample).
+
+    Liu et al., "Energy-based Out-of-distribution Detection", NeurIPS 2020.
+    """
+
+    reference = "Liu et al., NeurIPS 2020"
+    params = (TEMPERATURE,)
+
+    def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        t = self.temperature
+        return t * torch.logsumexp(logits.double() / t, dim=1)
+
+
+class JointEnergy(_LogitScore):
+    """Joint energy over labels: conformity ``sum_c softplus(f_c)`` (per sample).
+
+    Wang et al., "Can multi-label classification networks know what they don't know?", NeurIPS 2021.
+    """
+
+    reference = "Wang et al., NeurIPS 2021"
+
+    def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        return F.softplus(logits.double()).sum(1)
+
+
+class Entropy(_LogitScore):
+    """Negative predictive entropy: conformity ``sum_c p_c log p_c`` with ``p = softmax(f)``.
+
+    Classic uncertainty baseline (e.g. Hendrycks & Gimpel 2017; Lakshminarayanan et al. 2017).
+    """
+
+    reference = "Shannon entropy of the softmax"
+
+    def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        logp = torch.log_softmax(logits.double(), dim=1)
+        return (logp.exp() * logp).sum(1)
+
+
+class GEN(_LogitScore):
+    """Generalized entropy: conformity ``-sum_{top M} p^g (1 - p)^g`` over the M largest probs.
+
+    Liu, Lochman & Zach, "GEN: Pushing the Limits of Softmax-Based Out-of-Distribution Detection",
+    CVPR 2023.
+    """
+
+    reference = "Liu, Lochman & Zach, CVPR 2023"
+    params = (
+        Param("gamma", "float", 0.1, low=0, low_exclusive=True, high=1, help="Exponent g."),
+        Param("top_m", "int", 100, low=1, help="Number M of largest probabilities used."),
+    )
+
+    def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        p = torch.softmax(logits.double(), dim=1)
+        m = min(self.top_m, p.shape[1])
+        top = p.topk(m, dim=1).values
+        g = self.gamma
+        return -(top.pow(g) * (1 - top).pow(g)).sum(1)
+
+
+class TemperatureScaling(_LogitScore):
+    """Softmax of temperature-scaled logits, ``softmax(f / T)``, with ``T`` fitted by minimising the
+    calibration negative log-likelihood (LBFGS on log T).
+
+    Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
+    """
+
+    reference = "Guo et al., ICML 2017"
+    needs_fit = True
+
+    def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
+        z = logits.double()
+        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100)
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(z / log_t.exp(), labels)
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        self.fitted_temperature = float(log_t.exp())
+
+    def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        return torch.softmax(logits.double() / self.fitted_temperature, dim=1)
+
+
+class KLMatching(_LogitScore):
+    """KL matching: conformity ``-KL(p(x) || d_k)`` where ``d_k`` is the mean calibration softmax of
+    samples predicted as class ``k`` (per class ``k``).
+
+    Hendrycks et al., "Scaling Out-of-Distribution Detection for Real-World Settings", ICML 2022.
+    """
+
+    reference = "Hendrycks et al., ICML 2022"
+    needs_fit = True
+
+    def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
+        p = torch.softmax(logits.double(), dim=1)
+        pred = p.argmax(1)
+        c = p.shape[1]
+        templates = torch.full((c, c), 1.0 / c, dtype=torch.float64, device=p.device)
+        for k in range(c):
+            if (pred == k).any():
+                templates[k] = p[pred == k].mean(0)
+        self.templates = templates.clamp_min(1e-12)
+
+    def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        logp = torch.log_softmax(logits.double(), dim=1)
+        p = logp.exp()
+        # KL(p || d_k) = sum_j p_j (log p_j - log d_kj) for every k -> (n, C)
+        neg_entropy = (p * logp).sum(1, keepdim=True)
+        cross = p @ self.templates.log().T
+        return -(neg_entropy - cross)
+
+
+class ODIN(_LogitScore):
+    """ODIN: temperature scaling plus a small input perturbation.
+
+    ``x' = x - epsilon * normalised gradient of -max_c log_softmax(f(x)/T)`` (the gradient sign for
+    ``fgm_norm=inf``, the gradient divided by its ``fgm_norm``-norm otherwise), then conformity
+    ``softmax(f(x')/T)`` (per class). With ``epsilon=0`` no gradient pass is needed.
+
+    Liang, Li & Srikant, "Enhancing The Reliability of Out-of-distribution Image Detection in
+    Neural Networks", ICLR 2018.
+    """
+
+    reference = "Liang, Li & Srikant, ICLR 2018"
+    params = (
+        Param("temperature", "float", 1000.0, low=0, low_exclusive=True, required=True,
+              help="Temperature T (the paper uses 1000)."),
+        Param("epsilon", "float", 0.0, low=0, help="Input perturbation size (0: none)."),
+        Param("fgm_norm", "float", float("inf"), low=1, help="Norm of the gradient step (inf: sign)."),
+    )  # fmt: skip
+
+    @property
+    def needs_input_grad(self) -> bool:
+        return self.epsilon > 0
+
+    def extract_grad(self, recorder: Recorder, x: Tensor) -> Features:
+        return {"logits_perturbed": input_step_logits(recorder.net, x, self.epsilon, self.fgm_norm,
+                                                      self.temperature)}  # fmt: skip
+
+    def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        z = features.get("logits_perturbed", logits).double()
+        return torch.softmax(z / self.temperature, dim=1)
+
+
+def fgm_step(x: Tensor, grad: Tensor, epsilon: float, norm: float) -> Tensor:
+    """Fast-gradient step ``x + epsilon * g / ||g||_norm`` per sample (sign of g when norm=inf)."""
+    if norm == float("inf"):
+        return x + epsilon * grad.sign()
+    g = grad.flatten(1)
+    scale = g.norm(p=norm, dim=1).clamp_min(1e-12).view(-1, *([1] * (x.ndim - 1)))
+    return x + epsilon * grad / scale
+
+
+def input_step_logits(net: torch.nn.Module, x: Tensor, epsilon: float, norm: float,
+                      temperature: float) -> Tensor:  # fmt: skip
+    """Logits after moving ``x`` by ``epsilon`` to increase ``max_c log_softmax(f(x)/T)``."""
+    xg = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = net(xg)
+        objective = torch.log_softmax(out / temperature, dim=1).max(1).values.sum()
+        (grad,) = torch.autograd.grad(objective, xg)
+    with torch.no_grad():
+        return net(fgm_step(x, grad, epsilon, norm)).detach()
+
+
+LOGIT_SCORES: tuple[type[BaseScore], ...] = (
+    Softmax, Logit, Energy, JointEnergy, Entropy, GEN, TemperatureScaling, KLMatching, ODIN,
+)  # fmt: skip
+SCORES = LOGIT_SCORES
+__all__ = [c.__name__ for c in LOGIT_SCORES] + ["BaselineClassif"]
