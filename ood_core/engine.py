@@ -4,7 +4,7 @@ The reference library runs a full forward pass per score per dataset. Here, for 
 (each with its ``layers``), the engine records the union of the layers that all gradient-free
 scores need and runs **one** batched ``torch.no_grad`` forward pass per dataset; in that pass each
 score turns the batch's activations into small per-sample features (``score.extract``). Scores
-that need gradients (``score.needs_grad``) run their own batched passes (``extract_grad``).
+that need gradients (``score.needs_grad``) run their own batched passes (``extract_own``).
 Memory therefore grows with batch x layer size plus the per-sample features, never with
 dataset x raw activation size.
 """
@@ -127,7 +127,7 @@ class Engine:
             raise ValueError("The input data contains NaN values; clean them before scoring.")
         rec = self.recorder
         previous = rec.recording
-        plain = [s for s in scores if not s.needs_grad]
+        plain = [s for s in scores if not s.needs_own_pass]
         union = tuple(dict.fromkeys(layer for s in plain for layer in s.layers))
         rec.record(*union)
         device, dtype = _net_device_dtype(self.net)
@@ -154,7 +154,7 @@ class Engine:
                 logits = logits.detach()
                 logits_chunks.append(logits)
                 for i, s in enumerate(scores):
-                    if s.needs_grad:
+                    if s.needs_own_pass:
                         continue
                     with Timed() as t, torch.no_grad():
                         a = LayerActivations(
@@ -164,10 +164,10 @@ class Engine:
                         chunks[i].append({k: v.detach() for k, v in s.extract(logits, a).items()})
                     seconds[i] += t.seconds
                 for i, s in enumerate(scores):
-                    if not s.needs_grad:
+                    if not s.needs_own_pass:
                         continue
                     with Timed() as t:
-                        chunks[i].append({k: v.detach() for k, v in s.extract_grad(rec, xb).items()})
+                        chunks[i].append({k: v.detach() for k, v in s.extract_own(rec, xb).items()})
                     seconds[i] += t.seconds
                 if progress is not None:
                     progress(min(start + bs, n), n)
@@ -182,8 +182,8 @@ class Engine:
 
     def _share(self, scores: Sequence[BaseScore], ex: Extraction) -> list[float]:
         """Each score's time: its own work plus an equal share of the shared forward passes."""
-        n_plain = max(1, sum(not s.needs_grad for s in scores))
-        return [sec + (0.0 if s.needs_grad else ex.seconds_forward / n_plain)
+        n_plain = max(1, sum(not s.needs_own_pass for s in scores))
+        return [sec + (0.0 if s.needs_own_pass else ex.seconds_forward / n_plain)
                 for s, sec in zip(scores, ex.seconds_per_score, strict=True)]  # fmt: skip
 
     def fit(

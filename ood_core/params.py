@@ -36,6 +36,7 @@ class Param:
     high_exclusive: bool = False
     nullable: bool = False
     required: bool = False
+    allow_inf: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """Machine-readable description (name, type, default, range, help...)."""
@@ -106,7 +107,7 @@ class Param:
                     f"got {value!r} ({type(value).__name__})"
                 )
             value = float(value)
-            if not math.isfinite(value):
+            if not math.isfinite(value) and not (self.allow_inf and value == math.inf):
                 raise ValueError(f"{where} must be finite, in {self.range_text()}, got {value!r}")
         ok = True
         if self.low is not None:

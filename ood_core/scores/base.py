@@ -16,8 +16,9 @@ How a score plugs into the single-pass engine (:mod:`ood_core.engine`)
 * ``extract(logits, activations) -> {name: tensor (batch, ...)}`` turns one batch of recorded
   activations (``{layer_id: tensor}``, already ``act_norm``-ed) into small per-sample features.
   It runs inside the shared, gradient-free forward pass.
-* Scores that need gradients set ``needs_param_grad`` or return True from ``needs_input_grad``
-  and implement ``extract_grad(recorder, x)`` instead: they get their own batched passes.
+* Scores that need gradients set ``needs_param_grad`` or return True from ``needs_input_grad``,
+  and scores that need forward passes on modified inputs set ``own_pass = True``; they implement
+  ``extract_own(recorder, x)`` instead and get their own batched passes.
 * ``_fit(features, logits, labels)`` calibrates on the concatenated calibration features;
   ``_conformity(features, logits)`` returns ``(n, n_classes)`` or ``(n,)``.
 """
@@ -218,17 +219,27 @@ class BaseScore:
     def needs_input_grad(self) -> bool:
         return False
 
+    own_pass: ClassVar[bool] = False
+    """True for scores that run extra forward passes on modified inputs (no gradients)."""
+
     @property
     def needs_grad(self) -> bool:
         return self.needs_param_grad or self.needs_input_grad
+
+    @property
+    def needs_own_pass(self) -> bool:
+        """Whether the score runs its own batched passes (``extract_own``) instead of reading the
+        shared gradient-free pass."""
+        return self.needs_grad or self.own_pass
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         """Per-sample features of one batch (inside the shared no-grad pass). Default: none."""
         return {}
 
-    def extract_grad(self, recorder: Recorder, x: Tensor) -> Features:
-        """Per-sample features of one batch for gradient scores (own pass). Override."""
-        raise NotImplementedError(f"{type(self).__name__} does not take gradients")
+    def extract_own(self, recorder: Recorder, x: Tensor) -> Features:
+        """Per-sample features of one batch for scores with their own passes (gradients or
+        modified inputs); ``recorder.net`` is the network, ``x`` the batch on its device."""
+        raise NotImplementedError(f"{type(self).__name__} does not run its own passes")
 
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         """Calibrate on calibration features. Default: nothing to fit."""

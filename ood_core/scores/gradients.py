@@ -39,13 +39,10 @@ class GradNorm(BaseScore):
     layer_rule = "params"
     params = (
         TEMPERATURE,
-        Param("grad_norm", "float", 1.0, low=1, help="p of the gradient p-norm (inf allowed)."),
+        Param("grad_norm", "float", 1.0, low=1, allow_inf=True, help="p of the gradient p-norm."),
     )
+    needs_param_grad = True  # per instance: False when the closed form applies (see check_layers)
     closed_form: bool = False
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.needs_param_grad = True
 
     def check_layers(self, layers: tuple[LayerId, ...], recorder: Recorder | None = None) -> tuple[LayerId, ...]:
         layers = super().check_layers(layers, recorder)
@@ -81,7 +78,7 @@ class GradNorm(BaseScore):
         return {"grad_norm": norm}
 
     # general case: per-sample gradients with torch.func ---------------------------------------
-    def extract_grad(self, recorder: Recorder, x: Tensor) -> Features:
+    def extract_own(self, recorder: Recorder, x: Tensor) -> Features:
         net = recorder.net
         prefixes = [recorder.layer_name(layer) for layer in self.layers]
         params = {k: v.detach() for k, v in net.named_parameters()}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ood_core.params import Param
-from ood_core.recorder import LayerId, Recorder
+from ood_core.recorder import Recorder
 from ood_core.scores.base import BaseScore, Features
 
 TEMPERATURE = Param("temperature", "float", 1.0, low=0, low_exclusive=True, help="Temperature T.")
@@ -112,8 +112,8 @@ class GEN(_LogitScore):
 
 
 class TemperatureScaling(_LogitScore):
-    """Softmax of temperature-scaled logits, ``softmax(f / T)``, with ``T`` fitted by minimising the
-    calibration negative log-likelihood (LBFGS on log T).
+    """Temperature scaling: conformity ``softmax(f / T)`` (per class), with ``T`` fitted by
+    minimising the calibration negative log-likelihood (LBFGS on log T).
 
     Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
     """
@@ -134,7 +134,7 @@ class TemperatureScaling(_LogitScore):
 
         with torch.enable_grad():
             opt.step(closure)
-        self.fitted_temperature = float(log_t.exp())
+        self.fitted_temperature = float(log_t.detach().exp())
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
         return torch.softmax(logits.double() / self.fitted_temperature, dim=1)
@@ -185,14 +185,15 @@ class ODIN(_LogitScore):
         Param("temperature", "float", 1000.0, low=0, low_exclusive=True, required=True,
               help="Temperature T (the paper uses 1000)."),
         Param("epsilon", "float", 0.0, low=0, help="Input perturbation size (0: none)."),
-        Param("fgm_norm", "float", float("inf"), low=1, help="Norm of the gradient step (inf: sign)."),
+        Param("fgm_norm", "float", float("inf"), low=1, allow_inf=True,
+              help="Norm of the gradient step (inf: sign)."),
     )  # fmt: skip
 
     @property
     def needs_input_grad(self) -> bool:
         return self.epsilon > 0
 
-    def extract_grad(self, recorder: Recorder, x: Tensor) -> Features:
+    def extract_own(self, recorder: Recorder, x: Tensor) -> Features:
         return {"logits_perturbed": input_step_logits(recorder.net, x, self.epsilon, self.fgm_norm,
                                                       self.temperature)}  # fmt: skip
 

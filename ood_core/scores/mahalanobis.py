@@ -1,5 +1,545 @@
-"""(family module; filled in by its implementation)"""
+"""Gaussian-feature scores: Mahalanobis distances to class-conditional Gaussians and ViM.
 
-from ood_core.scores.base import BaseScore
+Features of a layer are its activation spatially average-pooled to a vector when it is 4-D
+``(N, C, H, W) -> (N, C)``, else flattened (see :func:`pool_features`); all statistics are in
+float64.
 
-SCORES: tuple[type[BaseScore], ...] = ()
+Covariance inversion (documented fallback). A covariance ``S`` is diagonalised
+(``torch.linalg.eigh``) and its condition number ``|lambda|_max / |lambda|_min`` recorded
+(``inf`` when singular). When that is at most ``COND_MAX = 1e10`` (and ``S`` is positive
+definite) the exact inverse is used; otherwise the pseudo-inverse that drops the eigen-directions
+with ``lambda <= lambda_max / COND_MAX``, i.e. ``torch.linalg.pinv(S, hermitian=True,
+rtol=1e-10)`` (e.g. fewer calibration samples than feature dims). Distances are computed as
+squared Euclidean distances after whitening by ``V diag(lambda^-1/2)`` (``W W^T = S^-1`` or the
+pseudo-inverse), which never yields NaN or negative values.
+
+Classes absent from the calibration labels have no mean: their distance is set, per sample, to
+the largest distance among the classes that are present (so their conformity is the sample's
+lowest finite class conformity, never ``-inf``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ood_core.params import Param
+from ood_core.recorder import LayerId, Recorder
+from ood_core.scores.base import BaseScore, Features
+from ood_core.scores.logits import fgm_step
+
+COND_MAX = 1e10
+"""Largest condition number inverted exactly; above it the pseudo-inverse (rtol 1/COND_MAX)."""
+
+WEIGHTS = Param("weights", "list", None, nullable=True,
+                help="One weight w_l per layer, in the layers' order (None: all 1).")  # fmt: skip
+EPSILON = Param("epsilon", "float", 0.0, low=0,
+                help="Input preprocessing step size (0: none; Lee et al. tune it in "
+                     "[0, 0.005]).")  # fmt: skip
+
+
+class _NormParam(Param):
+    """A float ``p >= 1`` that also accepts ``inf`` (``Param`` floats must be finite)."""
+
+    def range_text(self) -> str:
+        return ">= 1 (inf allowed)"
+
+    def validate(self, value: Any, owner: str) -> Any:
+        if not isinstance(value, bool) and isinstance(value, numbers.Real | str):
+            try:
+                if math.isinf(float(value)) and float(value) > 0:
+                    return math.inf
+            except ValueError:
+                pass
+        return super().validate(value, owner)
+
+
+FGM_NORM = _NormParam("fgm_norm", "float", math.inf, low=1,
+                      help="Norm of the preprocessing gradient step (inf: its sign).")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def pool_features(a: Tensor) -> Tensor:
+    """Per-sample feature vector of an activation, float64: the spatial mean of a 4-D
+    ``(N, C, H, W)`` activation -> ``(N, C)``; any other shape flattened -> ``(N, prod)``."""
+    a = a.double()
+    return a.mean(dim=(2, 3)) if a.ndim == 4 else a.flatten(1)
+
+
+def _key(layer: LayerId, perturbed: bool = False) -> str:
+    return f"{'perturbed ' if perturbed else ''}{layer[0]}-{layer[1]}"
+
+
+def whitener(cov: Tensor) -> tuple[Tensor, float]:
+    """``(W (D, r), condition number)`` with ``W W^T = cov^-1``, or, when the condition number
+    exceeds :data:`COND_MAX` (or ``cov`` is not positive definite), ``W W^T =
+    pinv(cov, hermitian=True, rtol=1/COND_MAX)`` (``r`` = the eigenvalues kept)."""
+    cov = (cov.double() + cov.double().T) / 2
+    evals, evecs = torch.linalg.eigh(cov)
+    top = float(evals.abs().max()) if len(evals) else 0.0
+    low = float(evals.abs().min()) if len(evals) else 0.0
+    cond = top / low if low > 0 else math.inf
+    if top == 0 or not math.isfinite(top):
+        return evecs[:, :0], math.inf
+    if cond <= COND_MAX and float(evals.min()) > 0:
+        keep = torch.ones_like(evals, dtype=torch.bool)
+    else:
+        keep = evals > top / COND_MAX
+    return evecs[:, keep] * evals[keep].rsqrt(), cond
+
+
+def sq_dists(z: Tensor, centres: Tensor) -> Tensor:
+    """Squared Euclidean distances ``(n, K)`` between rows of ``z`` and ``centres`` (exact
+    differences, no ``|a|^2 + |b|^2 - 2ab`` cancellation)."""
+    if z.shape[1] == 0:
+        return z.new_zeros(len(z), len(centres))
+    return torch.cdist(z, centres, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+
+
+@dataclass
+class Gaussians:
+    """Gaussians sharing one covariance, kept in whitened coordinates.
+
+    ``whiten`` ``(D, r)``: ``whiten @ whiten.T`` is the (pseudo-)inverse covariance; ``centres``
+    ``(K, r)``: the whitened means of the ``present`` classes (``present``: ``(C,)`` bool).
+    """
+
+    whiten: Tensor
+    centres: Tensor
+    present: Tensor
+    condition_number: float
+
+    def sq_distances(self, h: Tensor) -> Tensor:
+        """Squared Mahalanobis distances ``(n, C)``; absent classes get each row's largest."""
+        d = sq_dists(h.double() @ self.whiten, self.centres)
+        if bool(self.present.all()):
+            return d
+        out = d.new_empty(len(d), len(self.present))
+        out[:, self.present] = d
+        out[:, ~self.present] = d.max(1, keepdim=True).values
+        return out
+
+    def closest_sq_distance(self, h: Tensor) -> Tensor:
+        """Differentiable ``min_c D^2_c(h)`` ``(n,)`` over the present classes."""
+        z = h.double() @ self.whiten
+        with torch.no_grad():
+            idx = sq_dists(z, self.centres).argmin(1)
+        return (z - self.centres[idx]).pow(2).sum(1)
+
+
+def class_means(h: Tensor, labels: Tensor, n_classes: int) -> tuple[Tensor, Tensor]:
+    """``(means (C, D), present (C,) bool)``; absent classes have a zero (unused) mean."""
+    counts = torch.bincount(labels, minlength=n_classes).to(h.dtype)
+    sums = h.new_zeros(n_classes, h.shape[1]).index_add_(0, labels, h)
+    present = counts > 0
+    return sums / counts.clamp_min(1)[:, None], present
+
+
+def make_gaussians(cov: Tensor, means: Tensor, present: Tensor) -> Gaussians:
+    w, cond = whitener(cov)
+    return Gaussians(w, means[present] @ w, present, cond)
+
+
+def tied_gaussians(h: Tensor, labels: Tensor, n_classes: int) -> tuple[Gaussians, Tensor]:
+    """Class means and the tied within-class covariance ``sum_i (h_i - mu_{y_i})(...)^T / n``;
+    also returns the class-centred features ``(n, D)``."""
+    means, present = class_means(h, labels, n_classes)
+    centred = h - means[labels]
+    cov = centred.T @ centred / len(h)
+    return make_gaussians(cov, means, present), centred
+
+
+def global_gaussian(h: Tensor) -> Gaussians:
+    """One Gaussian on all samples: global mean and its covariance ``(h - mu)^T (h - mu) / n``."""
+    mu = h.mean(0, keepdim=True)
+    centred = h - mu
+    cov = centred.T @ centred / len(h)
+    return make_gaussians(cov, mu, torch.ones(1, dtype=torch.bool, device=h.device))
+
+
+@contextmanager
+def _recording(recorder: Recorder, layers: Sequence[LayerId]) -> Iterator[None]:
+    """Record ``layers`` on ``recorder`` inside the block, then restore its previous selection."""
+    previous = recorder.recording
+    recorder.record(*layers)
+    try:
+        yield
+    finally:
+        recorder.record(*previous)
+
+
+def _check_calibration(owner: BaseScore, labels: Tensor, n_classes: int) -> None:
+    if len(labels) < 2:
+        raise ValueError(f"{owner!r} needs at least 2 calibration samples to estimate a "
+                         f"covariance; got {len(labels)}.")  # fmt: skip
+    if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
+        raise ValueError(f"{owner!r}: calibration labels must lie in [0, {n_classes - 1}] (the "
+                         f"network has {n_classes} outputs); got [{int(labels.min())}, "
+                         f"{int(labels.max())}].")  # fmt: skip
+
+
+class _LayerWeighted(BaseScore):
+    """Shared by the multi-layer Mahalanobis scores: pooled features and per-layer weights."""
+
+    family = "mahalanobis"
+    layer_rule = "any"
+
+    def check_params(self) -> None:
+        super().check_params()
+        w = self.values.get("weights")
+        if w is None:
+            return
+        bad = [v for v in w if isinstance(v, bool) or not isinstance(v, numbers.Real)
+               or not math.isfinite(v)]  # fmt: skip
+        if not w or bad:
+            raise ValueError(f"{type(self).__name__}: parameter 'weights' must be a non-empty "
+                             "list of finite floats, one per layer (or None); got "
+                             f"{list(w)!r}.")  # fmt: skip
+
+    def layer_weights(self, layers: Sequence[LayerId] | None = None) -> list[float]:
+        """``w_l`` per layer (all 1 by default); ValueError if their number != the layers'."""
+        layers = tuple(self.layers if layers is None else layers)
+        self.check_params()
+        if self.weights is None:
+            return [1.0] * len(layers)
+        if len(self.weights) != len(layers):
+            raise ValueError(f"{type(self).__name__}: parameter 'weights' has {len(self.weights)} "
+                             f"value(s) but the score reads {len(layers)} layer(s) "
+                             f"{[f'{d}-{i}' for d, i in layers]}; give one weight per layer, in "
+                             "the same order, or weights=None.")  # fmt: skip
+        return [float(v) for v in self.weights]
+
+    def check_layers(
+        self, layers: Sequence[LayerId], recorder: Recorder | None = None
+    ) -> tuple[LayerId, ...]:
+        layers = super().check_layers(layers, recorder)
+        self.layer_weights(layers)
+        return layers
+
+    def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
+        return {_key(layer): pool_features(activations[layer]) for layer in self.layers}
+
+
+# ---------------------------------------------------------------------------------------- scores
+class DeepMahalanobis(_LayerWeighted):
+    """Deep Mahalanobis: per layer ``l`` (pooled features ``h_l``), class means ``mu_{l,c}`` of the
+    calibration samples labelled ``c`` and one tied within-class covariance ``S_l``;
+    ``D2_{l,c} = (h_l - mu_{l,c})^T S_l^-1 (h_l - mu_{l,c})``; conformity for class ``c`` =
+    ``-sum_l w_l D2_{l,c}`` (per class; weights default to 1). With ``epsilon > 0`` the input is
+    first moved, separately for each layer, by one fast-gradient step of size ``epsilon``
+    (:func:`~ood_core.scores.logits.fgm_step`, the gradient sign for ``fgm_norm=inf``) that
+    decreases ``min_c D2_{l,c}``, and ``D2_{l,c}`` is read on that perturbed input (calibration
+    statistics use the clean inputs). Inversion fallback and absent classes: see the module doc.
+
+    Lee, Lee, Lee & Shin, "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
+    Adversarial Attacks", NeurIPS 2018.
+    """
+
+    reference = "Lee, Lee, Lee & Shin, NeurIPS 2018"
+    params = (EPSILON, FGM_NORM, WEIGHTS)
+    relative = False
+
+    @property
+    def needs_input_grad(self) -> bool:
+        return self.epsilon > 0
+
+    def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
+        weights = self.layer_weights()
+        n_classes = logits.shape[1]
+        _check_calibration(self, labels, n_classes)
+        self.gaussians: list[Gaussians] = []
+        self.global_gaussians: list[Gaussians] = []
+        self.condition_numbers: dict[LayerId, float] = {}
+        self.global_condition_numbers: dict[LayerId, float] = {}
+        for layer in self.layers:
+            h = features[_key(layer)].double()
+            g, _ = tied_gaussians(h, labels, n_classes)
+            self.gaussians.append(g)
+            self.condition_numbers[layer] = g.condition_number
+            if self.relative:
+                g0 = global_gaussian(h)
+                self.global_gaussians.append(g0)
+                self.global_condition_numbers[layer] = g0.condition_number
+        self._fit_state = (tuple(self.layers), weights)
+
+    def _layer_distance(self, i: int, h: Tensor) -> Tensor:
+        d = self.gaussians[i].sq_distances(h)
+        if self.relative:
+            d = d - self.global_gaussians[i].sq_distances(h)
+        return d
+
+    def _closest_distance(self, i: int, h: Tensor) -> Tensor:
+        d = self.gaussians[i].closest_sq_distance(h)
+        if self.relative:  # D2_0 does not depend on the class: same closest class
+            d = d - self.global_gaussians[i].closest_sq_distance(h)
+        return d
+
+    def _can_perturb(self) -> bool:
+        state = self.__dict__.get("_fit_state")
+        return bool(self.fitted and state is not None and state[0] == tuple(self.layers))
+
+    def extract_own(self, recorder: Recorder, x: Tensor) -> Features:
+        """Clean pooled features (used for calibration) and, once fitted, the pooled features of
+        each layer on the input moved by ``epsilon`` to decrease that layer's closest-class
+        distance."""
+        from ood_core.engine import normalise_activation  # the engine imports this package
+
+        layers = tuple(self.layers)
+        xg = x.detach().clone().requires_grad_(True)
+        with _recording(recorder, layers), torch.enable_grad():
+            recorder(xg)
+            feats = [pool_features(normalise_activation(recorder.activations[layer], self.act_norm))
+                     for layer in layers]  # fmt: skip
+        out = {_key(layer): f.detach() for layer, f in zip(layers, feats, strict=True)}
+        if not self._can_perturb():
+            return out  # calibration pass: statistics are estimated on clean inputs
+        for i, layer in enumerate(layers):
+            objective = -self._closest_distance(i, feats[i]).sum()
+            (grad,) = torch.autograd.grad(objective, xg, retain_graph=i + 1 < len(layers),
+                                          allow_unused=True)  # fmt: skip
+            if grad is None:
+                grad = torch.zeros_like(x)
+            x_moved = fgm_step(x.detach(), grad, self.epsilon, self.fgm_norm)
+            with _recording(recorder, (layer,)), torch.no_grad():
+                recorder(x_moved)
+                a = normalise_activation(recorder.activations[layer], self.act_norm)
+                out[_key(layer, perturbed=True)] = pool_features(a)
+        return out
+
+    def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        layers, weights = self._fit_state
+        if tuple(self.layers) != layers:
+            raise RuntimeError(f"{self!r} was fitted on layers {list(layers)} but now reads "
+                               f"{list(self.layers)}; fit it again.")  # fmt: skip
+        total = torch.zeros(len(logits), logits.shape[1], dtype=torch.float64, device=logits.device)
+        for i, (layer, w) in enumerate(zip(layers, weights, strict=True)):
+            key = _key(layer, perturbed=self.epsilon > 0)
+            if key not in features:
+                raise RuntimeError(f"{self!r}: features {key!r} are missing (epsilon > 0 needs the "
+                                   "perturbed pass of a fitted score); fit it again.")  # fmt: skip
+            total -= w * self._layer_distance(i, features[key])
+        return total
+
+
+class RelativeMahalanobis(DeepMahalanobis):
+    """Relative Mahalanobis: as :class:`DeepMahalanobis` but each layer's class distance is
+    compared with the distance ``D2_{l,0}`` to one Gaussian fitted on all calibration samples
+    (global mean, its own covariance): conformity for class ``c`` =
+    ``-sum_l w_l (D2_{l,c} - D2_{l,0})`` (per class). ``epsilon > 0`` moves the input to decrease
+    ``min_c D2_{l,c} - D2_{l,0}`` (the relative distance of the closest class) per layer.
+
+    Ren et al., "A Simple Fix to Mahalanobis Distance for Improving Near-OOD Detection", arXiv
+    2106.09022, 2021.
+    """
+
+    reference = "Ren et al., arXiv 2021"
+    relative = True
+
+
+class _ShrinkageParam(Param):
+    """``'ledoit_wolf'``, ``'oas'`` or a float in [0, 1] (fixed shrinkage)."""
+
+    def range_text(self) -> str:
+        return "'ledoit_wolf', 'oas' or a float in [0, 1]"
+
+    def validate(self, value: Any, owner: str) -> Any:
+        where = f"{owner}: parameter {self.name!r}"
+        if isinstance(value, str):
+            name = value.strip().lower().replace("-", "_")
+            if name in ("ledoit_wolf", "oas"):
+                return name
+            try:
+                value = float(name)
+            except ValueError:
+                raise ValueError(f"{where} must be {self.range_text()}, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+            raise ValueError(f"{where} must be {self.range_text()}, got {value!r}")
+        return float(value)
+
+
+class MultiMahalanobis(_LayerWeighted):
+    """Multi-layer Mahalanobis with shrunk covariances: per layer ``l``, class means and one
+    covariance of the class-centred calibration features shrunk toward the scaled identity
+    ``(1 - s) S + s tr(S)/D I`` (``s`` estimated by Ledoit-Wolf or OAS, or the given float); the
+    squared distances ``D2_{l,c}`` are standardised by the mean ``m_l`` and std ``s_l`` of the
+    calibration samples' distances to their own (label) class, ``z_{l,c} = (D2_{l,c} - m_l) /
+    s_l``; conformity for class ``c`` = ``-sum_l w_l z_{l,c}`` (per class).
+
+    Ledoit & Wolf, "A well-conditioned estimator for large-dimensional covariance matrices", J.
+    Multivariate Analysis 2004; Lee et al., "A Simple Unified Framework for Detecting
+    Out-of-Distribution Samples and Adversarial Attacks", NeurIPS 2018.
+    """
+
+    reference = "Ledoit & Wolf, JMVA 2004; Lee et al., NeurIPS 2018"
+    params = (
+        _ShrinkageParam("shrinkage", "str", "ledoit_wolf",
+                        help="Covariance shrinkage: 'ledoit_wolf', 'oas' or a fixed float in "
+                             "[0, 1]."),
+        WEIGHTS,
+    )  # fmt: skip
+
+    def shrunk_covariance(self, centred: Tensor) -> tuple[Tensor, float]:
+        """``(covariance, shrinkage used)`` of already centred features ``(n, D)``."""
+        s = self.shrinkage
+        if isinstance(s, str):
+            from sklearn.covariance import OAS, LedoitWolf
+
+            est = (LedoitWolf if s == "ledoit_wolf" else OAS)(assume_centered=True)
+            est.fit(centred.cpu().numpy())
+            cov = torch.from_numpy(est.covariance_).to(centred)
+            return cov, float(est.shrinkage_)
+        emp = centred.T @ centred / len(centred)
+        mu = torch.trace(emp) / emp.shape[0]
+        eye = torch.eye(emp.shape[0], dtype=emp.dtype, device=emp.device)
+        return (1 - s) * emp + s * mu * eye, s
+
+    def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
+        weights = self.layer_weights()
+        n_classes = logits.shape[1]
+        _check_calibration(self, labels, n_classes)
+        self.gaussians: list[Gaussians] = []
+        self.condition_numbers: dict[LayerId, float] = {}
+        self.shrinkages: dict[LayerId, float] = {}
+        self.standardisation: dict[LayerId, tuple[float, float]] = {}
+        for layer in self.layers:
+            h = features[_key(layer)].double()
+            means, present = class_means(h, labels, n_classes)
+            cov, used = self.shrunk_covariance(h - means[labels])
+            g = make_gaussians(cov, means, present)
+            own = g.sq_distances(h).gather(1, labels[:, None]).squeeze(1)
+            m, sd = float(own.mean()), float(own.std(correction=0))
+            self.gaussians.append(g)
+            self.condition_numbers[layer] = g.condition_number
+            self.shrinkages[layer] = used
+            self.standardisation[layer] = (m, sd if sd > 1e-12 * max(1.0, abs(m)) else 1.0)
+        self._fit_state = (tuple(self.layers), weights)
+
+    def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        layers, weights = self._fit_state
+        if tuple(self.layers) != layers:
+            raise RuntimeError(f"{self!r} was fitted on layers {list(layers)} but now reads "
+                               f"{list(self.layers)}; fit it again.")  # fmt: skip
+        total = torch.zeros(len(logits), logits.shape[1], dtype=torch.float64, device=logits.device)
+        for g, layer, w in zip(self.gaussians, layers, weights, strict=True):
+            m, sd = self.standardisation[layer]
+            total -= w * (g.sq_distances(features[_key(layer)]) - m) / sd
+        return total
+
+
+def vim_default_dim(n_features: int) -> int:
+    """The ViM paper's principal-subspace size: 1000 for D >= 2048, 512 for D >= 768, else
+    D // 2."""
+    if n_features >= 2048:
+        return 1000
+    if n_features >= 768:
+        return 512
+    return max(1, n_features // 2)
+
+
+class ViM(BaseScore):
+    """Virtual-logit Matching on the final ``nn.Linear`` layer (give its id; ViM reads its input
+    ``h``, its output logits ``f`` and its weight ``W``/bias ``b``): origin ``o = -pinv(W) b``;
+    principal subspace: the top-``dim`` eigenvectors of ``(h - o)^T (h - o) / n`` on calibration;
+    residual ``r(x) = ||P_perp (h - o)||``; ``alpha = mean_i max_c f_ic / mean_i r_i`` on
+    calibration; conformity ``logsumexp(f) - alpha * r(x)`` (per sample; the log-odds of the
+    real classes against the virtual logit ``alpha r``, so higher = more in-distribution).
+    ``dim=None``: 1000 if D >= 2048, 512 if D >= 768, else D // 2 (the paper's rule).
+
+    Wang, Li, Feng & Zhang, "ViM: Out-Of-Distribution with Virtual-logit Matching", CVPR 2022.
+    """
+
+    family = "feature statistics"
+    reference = "Wang, Li, Feng & Zhang, CVPR 2022"
+    layer_rule = "any"
+    max_layers = 1
+    params = (Param("dim", "int", None, low=1, nullable=True,
+                    help="Principal subspace size (None: the paper's rule from the feature "
+                         "dim)."),)  # fmt: skip
+
+    def _check_act_norm(self) -> None:
+        if self.act_norm is not None:
+            raise ValueError("ViM: parameter 'act_norm' must be None: ViM uses the final Linear "
+                             "layer's raw input and its weights.")  # fmt: skip
+
+    def check_params(self) -> None:
+        super().check_params()
+        self._check_act_norm()
+
+    def check_layers(
+        self, layers: Sequence[LayerId], recorder: Recorder | None = None
+    ) -> tuple[LayerId, ...]:
+        layers = super().check_layers(layers, recorder)
+        self._check_act_norm()
+        if recorder is not None:
+            (layer,) = layers
+            module = recorder._infos[layer].module  # noqa: SLF001
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"ViM needs the final nn.Linear layer (the one producing the "
+                                 f"logits from the penultimate features); {layer} "
+                                 f"({recorder.layer_name(layer) or 'the network'}) is a "
+                                 f"{type(module).__name__}. Give the Linear layer's "
+                                 "id.")  # fmt: skip
+            w = module.weight.detach().double().clone()
+            b = (module.bias.detach().double().clone() if module.bias is not None
+                 else w.new_zeros(w.shape[0]))  # fmt: skip
+            self.__dict__["_linear"] = (w, b)
+        return layers
+
+    def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
+        (layer,) = self.layers
+        h = activations.inputs[layer]  # type: ignore[attr-defined]
+        if h.ndim != 2:
+            raise ValueError(f"ViM needs a Linear layer applied to (N, D) features; the input of "
+                             f"{layer} has shape {tuple(h.shape)}.")  # fmt: skip
+        return {"h": h, "f": activations[layer]}  # kept in the net's dtype (cast at use)
+
+    def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
+        if "_linear" not in self.__dict__:
+            raise ValueError("ViM reads the Linear layer's weights from the network: fit it "
+                             "through the Engine or score.fit(rnet, ...).")  # fmt: skip
+        w, b = self.__dict__["_linear"]
+        h, f = features["h"].double(), features["f"].double()
+        n, d = h.shape
+        if w.shape[1] != d:
+            raise ValueError(f"ViM: the Linear layer takes {w.shape[1]} features but its recorded "
+                             f"input has {d}.")  # fmt: skip
+        if n < 2:
+            raise ValueError(f"{self!r} needs at least 2 calibration samples; got {n}.")
+        dim = self.dim if self.dim is not None else vim_default_dim(d)
+        if dim >= d:
+            raise ValueError(f"ViM: parameter 'dim' ({dim}) must be smaller than the feature "
+                             f"dimension {d} (the residual lives in the other D - dim "
+                             f"directions); use dim <= {d - 1}.")  # fmt: skip
+        w, b = w.to(h.device), b.to(h.device)
+        self.origin = -torch.linalg.pinv(w) @ b
+        centred = h - self.origin
+        evals, evecs = torch.linalg.eigh(centred.T @ centred / n)
+        order = evals.argsort(descending=True)
+        self.principal_space = evecs[:, order[:dim]]
+        self.null_space = evecs[:, order[dim:]]
+        self.dim_used = dim
+        residual = self.residual(h)
+        mean_res = float(residual.mean())
+        if not mean_res > 0:
+            raise ValueError(f"ViM: the calibration features lie inside the {dim}-dim principal "
+                             "subspace (zero residual); use a smaller 'dim'.")  # fmt: skip
+        self.alpha = float(f.max(1).values.mean()) / mean_res
+
+    def residual(self, h: Tensor) -> Tensor:
+        """``||P_perp (h - o)||`` ``(n,)``: the norm of the features outside the principal space."""
+        return ((h.double() - self.origin) @ self.null_space).norm(dim=1)
+
+    def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        f = features["f"].double()
+        return torch.logsumexp(f, dim=1) - self.alpha * self.residual(features["h"])
+
+
+SCORES = (DeepMahalanobis, RelativeMahalanobis, MultiMahalanobis, ViM)
+__all__ = ["DeepMahalanobis", "RelativeMahalanobis", "MultiMahalanobis", "ViM"]

@@ -1,0 +1,173 @@
+"""Tables (rich, pandas) and exports (CSV, parquet, TOML config, self-contained HTML report)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from ood_core.metrics import Metric, bootstrap
+
+
+def layers_text(layers: Sequence[Any]) -> str:
+    return ", ".join(f"({d}, {i})" for d, i in layers)
+
+
+def score_label(score: Any, layers: Sequence[Any], multiline: bool = True) -> str:
+    """``'KNN(k=15)'`` plus its layers: ``'\\n↳ (1, 11)'`` (or ``' @ (1, 11)'`` on one line)."""
+    if not layers:
+        return repr(score)
+    return f"{score!r}\n↳ {layers_text(layers)}" if multiline else f"{score!r} @ {layers_text(layers)}"
+
+
+def summary_table(
+    evals: np.ndarray,
+    *,
+    scores_and_layers: Sequence[tuple[Any, Sequence[Any]]],
+    oods_title: Sequence[str] | None = None,
+    metrics: Sequence[Metric],
+    baseline: int | None = None,
+    show: bool = True,
+    digits: int = 3,
+) -> Table:
+    """Rich table as in the reference library: a row per score (with a "↳ layers" line), a column
+    per OoD set, ``m1 / m2`` cells. The best value of each metric per column is green; the
+    ``baseline`` row (index) is underlined and values beating it are bold. Printed if ``show``."""
+    evals = np.asarray(evals)
+    n_scores, n_oods, n_metrics = evals.shape
+    titles = list(oods_title) if oods_title is not None else [f"OoD {i + 1}" for i in range(n_oods)]
+    table = Table(
+        title=f"Evaluation of {n_scores} scores against {n_oods} OoD sets and {n_metrics} metrics:\n"
+        + " / ".join(repr(m) for m in metrics),
+        box=box.HEAVY_HEAD, show_lines=True,
+    )  # fmt: skip
+    table.add_column("Scores\n↳ Recorded layers")
+    for j, t in enumerate(titles):
+        table.add_column(f"OoD {j + 1}:\n{t}", justify="center")
+    best = np.nanmax(evals, axis=0) if n_scores else evals
+    for i, (score, layers) in enumerate(scores_and_layers):
+        cells = []
+        for j in range(n_oods):
+            parts = []
+            for k in range(n_metrics):
+                v = evals[i, j, k]
+                text = f"{v:.{digits}f}"
+                if baseline is not None and i != baseline and v > evals[baseline, j, k]:
+                    text = f"[bold]{text}[/bold]"
+                if n_scores > 1 and v == best[j, k]:
+                    text = f"[green]{text}[/green]"
+                parts.append(text)
+            cells.append(" / ".join(parts))
+        style = "underline" if baseline is not None and i == baseline else None
+        table.add_row(score_label(score, layers), *cells, style=style)
+    if show:
+        Console().print(table)
+    return table
+
+
+def results_frame(
+    evals: np.ndarray,
+    *,
+    scores_and_layers: Sequence[tuple[Any, Sequence[Any]]],
+    oods_title: Sequence[str] | None = None,
+    metrics: Sequence[Metric],
+    confs_ind: Any = None,
+    confs_oods: Sequence[Any] | None = None,
+    n_boot: int = 0,
+    level: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Tidy table: one row per (score, layers, OoD set, metric) with ``value`` and, when
+    ``n_boot > 0`` and confidences are given, percentile-bootstrap ``ci_low`` / ``ci_high``."""
+    evals = np.asarray(evals)
+    titles = list(oods_title) if oods_title is not None else [f"OoD {j + 1}" for j in range(evals.shape[1])]
+    rows = []
+    for i, (score, layers) in enumerate(scores_and_layers):
+        for j, title in enumerate(titles):
+            for k, metric in enumerate(metrics):
+                lo = hi = np.nan
+                if n_boot > 0 and confs_ind is not None and confs_oods is not None:
+                    res = bootstrap(metric, np.asarray(confs_ind)[i], np.asarray(confs_oods[j])[i],
+                                    n_boot=n_boot, level=level, seed=seed, name=repr(score))  # fmt: skip
+                    lo, hi = res.low, res.high
+                rows.append({"score": repr(score), "layers": layers_text(layers), "ood": title,
+                             "metric": repr(metric), "value": float(evals[i, j, k]),
+                             "ci_low": lo, "ci_high": hi})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def confidences_frame(
+    confs_ind: Any, confs_oods: Sequence[Any], *, score_names: Sequence[str],
+    oods_title: Sequence[str],
+) -> pd.DataFrame:  # fmt: skip
+    """Long table of raw confidences: score, dataset ("InD" or an OoD title), sample, confidence."""
+    frames = []
+    for dataset, confs in [("InD", confs_ind), *zip(oods_title, confs_oods, strict=True)]:
+        arr = np.asarray(confs, dtype=np.float64)
+        for i, name in enumerate(score_names):
+            frames.append(pd.DataFrame({"score": name, "dataset": dataset,
+                                        "sample": np.arange(arr.shape[1]), "confidence": arr[i]}))  # fmt: skip
+    return pd.concat(frames, ignore_index=True)
+
+
+def html_report(
+    title: str,
+    figures: Sequence[tuple[str, go.Figure]],
+    tables: Sequence[tuple[str, pd.DataFrame]] = (),
+    notes: str = "",
+) -> str:
+    """A self-contained HTML page (plotly.js inlined once; no external URLs): works offline."""
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+        "th{background:#f3f3f3}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>Generated by ood-lens on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC. "
+        "Confidence: higher = more in-distribution; OoD is the positive class of every ROC metric; "
+        "metric values in [0, 1], higher is better.</p>",
+    ]
+    if notes:
+        parts.append(f"<p>{html.escape(notes)}</p>")
+    for name, frame in tables:
+        parts.append(f"<h2>{html.escape(name)}</h2>")
+        parts.append(frame.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep=""))
+    for k, (name, fig) in enumerate(figures):
+        parts.append(f"<h2>{html.escape(name)}</h2>")
+        parts.append(pio.to_html(fig, include_plotlyjs=(k == 0), full_html=False,
+                                 include_mathjax=False, div_id=f"figure-{k}"))  # fmt: skip
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_bundle(
+    out_dir: str | Path,
+    *,
+    metrics_frame: pd.DataFrame,
+    confidences: pd.DataFrame,
+    report_html: str,
+    config_toml: str | None = None,
+) -> dict[str, Path]:
+    """Write ``metrics.csv``, ``confidences.parquet``, ``report.html`` (and ``config.toml``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"metrics": out / "metrics.csv", "confidences": out / "confidences.parquet",
+             "report": out / "report.html"}  # fmt: skip
+    metrics_frame.to_csv(paths["metrics"], index=False)
+    confidences.to_parquet(paths["confidences"], index=False)
+    paths["report"].write_text(report_html, encoding="utf-8")
+    if config_toml is not None:
+        paths["config"] = out / "config.toml"
+        paths["config"].write_text(config_toml, encoding="utf-8")
+    return paths
