@@ -12,7 +12,7 @@ from torch import nn
 
 from ood_core.engine import Engine, predicted_confidence
 from ood_core.recorder import Recorder
-from ood_core.scores import SCORES, make_score
+from ood_core.scores import SCORES, make_score, misc
 from ood_core.scores.misc import (
     FeatureSqueezing,
     IsoMax,
@@ -247,6 +247,14 @@ def test_odds_standardisation_and_conformity() -> None:
                                 / score.shift_std[y, others].numpy()))  # fmt: skip
     np.testing.assert_allclose(predicted_confidence(lt, conf).numpy(), expected, atol=1e-10)
     assert conf.shape == (12, 3)
+    # two-sided variant: -max_z |z|, computed from the one-sided standardised shifts
+    zt = score.standardised_shifts(ft, lt).numpy()
+    expected_two = -np.max(np.where(np.isinf(zt), 0.0, np.abs(zt)), axis=1)
+    two = Odds(epsilon=0.5, noise_samples=8, two_sided=True)
+    eng.fit([two], x)
+    np.testing.assert_allclose(two.conformity_from_features(ft, lt)[:, 0].numpy(), expected_two,
+                               atol=1e-12)  # fmt: skip
+    assert (expected_two <= np.array(expected) + 1e-12).all()
 
 
 def test_odds_too_few_samples_and_fallback() -> None:
@@ -275,7 +283,7 @@ def _toy_logits(n: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([a, b]), torch.cat([torch.zeros(n), torch.ones(n)]).long()
 
 
-def test_isomax_zero_steps_keeps_class_means() -> None:
+def test_isomax_zero_steps_keeps_class_means(monkeypatch: pytest.MonkeyPatch) -> None:
     z, y = _toy_logits()
     score = IsoMax(n_steps=0, entropic_scale=3.0)
     score.fit_features({}, z, y)
@@ -290,6 +298,9 @@ def test_isomax_zero_steps_keeps_class_means() -> None:
     score.dist_norm = 1.0
     score.fit_features({}, z, y)
     d1 = np.abs(zt.numpy()[:, None, :] - means.numpy()[None]).sum(-1)
+    np.testing.assert_allclose(score.distances(zt).numpy(), d1, atol=1e-12)
+    # the cdist path (large problems) gives the same distances
+    monkeypatch.setattr(misc, "ISOMAX_BROADCAST_ELEMENTS", 0)
     np.testing.assert_allclose(score.distances(zt).numpy(), d1, atol=1e-12)
 
 
@@ -320,12 +331,12 @@ def test_isomax_training_lowers_loss_and_is_deterministic() -> None:
     z, y = _toy_logits(20)
     z = z / 4  # overlapping classes: the class means are not optimal
     losses = []
-    for steps in (0, 50):
+    for steps in (0, 30):
         s = IsoMax(n_steps=steps)
         s.fit_features({}, z, y)
         losses.append(float(torch.nn.functional.cross_entropy(-10 * s.distances(z), y)))
     assert losses[1] < losses[0]
-    a, b = IsoMax(n_steps=30), IsoMax(n_steps=30)
+    a, b = IsoMax(n_steps=10), IsoMax(n_steps=10)
     a.fit_features({}, z, y)
     b.fit_features({}, z, y)
     assert torch.equal(a.prototypes, b.prototypes)
@@ -345,14 +356,14 @@ def test_isomax_singleton_and_absent_classes() -> None:
 
 
 def test_isomax_engine_and_seed_style(conv_net: nn.Module, images: torch.Tensor) -> None:
-    score = IsoMax(n_steps=20)
+    score = IsoMax(n_steps=10)
     eng = Engine.for_net(conv_net, images)
     labels = torch.arange(40) % 3
     eng.fit([score], images, labels)
     (logits, conf), = eng.confidences([score], images)
     assert conf.shape == (40, 3) and conf.dtype == torch.float64
     torch.testing.assert_close(conf.sum(1), torch.ones(40, dtype=torch.float64))
-    s2 = IsoMax(n_steps=20).fit(Recorder(conv_net, input_data=images[:1]), images, labels)
+    s2 = IsoMax(n_steps=10).fit(Recorder(conv_net, input_data=images[:1]), images, labels)
     _, conf2 = s2(images)
     torch.testing.assert_close(conf, conf2)
 
@@ -365,11 +376,16 @@ def test_real_model_auroc(tiniest, fmnist_calib, fmnist_test, mnist) -> None:
 
     calib = fmnist_calib.subset(500, seed=0)
     ind, ood = fmnist_test.subset(500, seed=0), mnist.subset(500, seed=0)
-    scores = [FeatureSqueezing(), Odds(epsilon=0.1, noise_samples=4), IsoMax(n_steps=100)]
+    # Odds: the paper's one-sided test ranks MNIST as *more* InD on this pair (the noise
+    # strengthens OoD predictions); the two-sided variant detects it
+    scores = [FeatureSqueezing(squeezers=["median:2"]), IsoMax(),
+              Odds(epsilon=0.05, noise_samples=1, two_sided=True)]
     eng = Engine.for_net(tiniest, calib.images)
     eng.fit(scores, calib.images, calib.labels)
     res_in = eng.confidences(scores, ind.images)
     res_out = eng.confidences(scores, ood.images)
-    for s, (li, ci), (lo, co) in zip(scores, res_in, res_out, strict=True):
+    aucs = []
+    for (li, ci), (lo, co) in zip(res_in, res_out, strict=True):
         auc = AUC()(predicted_confidence(li, ci), predicted_confidence(lo, co))
-        assert auc > 0.5, (s, auc)
+        aucs.append(float(auc))
+    assert aucs[0] > 0.6 and aucs[1] > 0.6 and aucs[2] > 0.8, aucs  # measured .66 .65 .88

@@ -116,6 +116,9 @@ class BaseScore:
     """``none``: logits only, layers ignored; ``any``: one or more recorded layers;
     ``params``: layers that hold parameters (gradients are taken w.r.t. them)."""
     max_layers: ClassVar[int | None] = None
+    suggested_layers: ClassVar[tuple[str, ...]] = ("penultimate",)
+    """Default layers as :meth:`Recorder.quick_picks` keys (``logits``, ``penultimate``,
+    ``blocks``; ``last_block`` = the last of the blocks), used by the CLI and the dashboard."""
     default_act_norm: ClassVar[float | None] = None
 
     def __init__(self, **kwargs: Any) -> None:
@@ -213,6 +216,16 @@ class BaseScore:
                     raise ValueError(f"{name} needs layers holding parameters; {layer} "
                                      f"({recorder.layer_name(layer)}) has none.")
         return layers
+
+    @classmethod
+    def suggest_layers(cls, recorder: Recorder) -> tuple[LayerId, ...]:
+        """Sensible default layers for this score on ``recorder``'s network."""
+        if cls.layer_rule == "none":
+            return ()
+        picks = recorder.quick_picks()
+        picks["last_block"] = picks["blocks"][-1:]
+        out = [lid for key in cls.suggested_layers for lid in picks.get(key, [])]
+        return tuple(dict.fromkeys(out))
 
     # ------------------------------------------------------------------ engine hooks
     @property

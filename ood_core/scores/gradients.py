@@ -37,6 +37,7 @@ class GradNorm(BaseScore):
     reference = "Huang, Geng & Li, NeurIPS 2021"
     needs_fit = False
     layer_rule = "params"
+    suggested_layers = ("logits",)
     params = (
         TEMPERATURE,
         Param("grad_norm", "float", 1.0, low=1, allow_inf=True, help="p of the gradient p-norm."),

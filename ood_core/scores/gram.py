@@ -55,6 +55,7 @@ class Gram(BaseScore):
     family = "feature statistics"
     reference = "Sastry & Oore, ICML 2020"
     layer_rule = "any"
+    suggested_layers = ("last_block", "penultimate", "logits")
     params = (
         Param("max_gram_order", "int", 8, low=1, high=16, help="Highest Gram order P."),
         Param("cut_off", "float", 0.1, low=0, high=0.5, high_exclusive=True,

@@ -45,24 +45,8 @@ EPSILON = Param("epsilon", "float", 0.0, low=0,
                      "[0, 0.005]).")  # fmt: skip
 
 
-class _NormParam(Param):
-    """A float ``p >= 1`` that also accepts ``inf`` (``Param`` floats must be finite)."""
-
-    def range_text(self) -> str:
-        return ">= 1 (inf allowed)"
-
-    def validate(self, value: Any, owner: str) -> Any:
-        if not isinstance(value, bool) and isinstance(value, numbers.Real | str):
-            try:
-                if math.isinf(float(value)) and float(value) > 0:
-                    return math.inf
-            except ValueError:
-                pass
-        return super().validate(value, owner)
-
-
-FGM_NORM = _NormParam("fgm_norm", "float", math.inf, low=1,
-                      help="Norm of the preprocessing gradient step (inf: its sign).")  # fmt: skip
+FGM_NORM = Param("fgm_norm", "float", math.inf, low=1, allow_inf=True,
+                 help="Norm of the preprocessing gradient step (inf: its sign).")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -459,6 +443,7 @@ class ViM(BaseScore):
     reference = "Wang, Li, Feng & Zhang, CVPR 2022"
     layer_rule = "any"
     max_layers = 1
+    suggested_layers = ("logits",)
     params = (Param("dim", "int", None, low=1, nullable=True,
                     help="Principal subspace size (None: the paper's rule from the feature "
                          "dim)."),)  # fmt: skip

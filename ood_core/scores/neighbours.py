@@ -347,6 +347,8 @@ class JTLA(_NeighbourScore):
     ICML 2021 (JTLA).
     """
 
+    suggested_layers = ("last_block", "penultimate")
+
     reference = "Raghuram et al., ICML 2021"
     params = (
         Param("k", "int", 10, low=1, help=K_HELP),

@@ -151,6 +151,7 @@ class _ShapingScore(BaseScore):
     family = "activation shaping"
     layer_rule = "any"
     max_layers = 1
+    suggested_layers = ("logits",)
     _head_w: Tensor | None = None
     _head_b: Tensor | None = None
     _use_input: bool = False
