@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,8 @@ from torch import nn
 __all__ = [
     "Confusion", "check_score", "confusion", "default_layers", "extreme_indices",
     "heatmap_frame", "histogram_bins", "layer_options", "layer_quick_picks", "operating_point",
-    "parse_list_param", "predict", "selection_to_indices", "threshold_for_acceptance",
+    "interval_columns", "parse_list_param", "predict", "score_labels", "selection_to_indices",
+    "threshold_for_acceptance",
 ]  # fmt: skip
 
 
@@ -97,10 +99,10 @@ class Confusion:
         return self.ood_rejection
 
     def matrix(self) -> pd.DataFrame:
-        """2 x 2 table: rows true InD / OoD, columns accepted / rejected."""
+        """2 x 2 counts: rows true InD / OoD, columns accepted (as InD) / rejected (as OoD)."""
         return pd.DataFrame(
             [[self.ind_accepted, self.ind_rejected], [self.ood_accepted, self.ood_rejected]],
-            index=["InD (true)", "OoD (true)"], columns=["accepted as InD", "rejected as OoD"],
+            index=["InD", "OoD"], columns=["accepted", "rejected"],
         )  # fmt: skip
 
 
@@ -152,9 +154,9 @@ def selection_to_indices(selection: Mapping[str, Any] | None, series: Mapping[st
     ``series`` is the ``{dataset: confidences}`` mapping the histogram was drawn from (trace
     ``i`` = ``i``-th dataset). Selected bars (``points`` with ``curve_number`` and ``x`` = bin
     centre, or ``point_numbers`` = sample indices) select the samples of that dataset falling in
-    the bar's bin; box selections select the samples of every dataset whose (clipped) confidence
-    lies in the box's x-range. Returns ``{dataset: sorted unique indices}`` (empty datasets
-    omitted).
+    the bar's bin; Plotly reports the bars inside a box selection as points too. Only when no
+    bar is reported does a box select the samples of every dataset whose (clipped) confidence
+    lies in its x-range. Returns ``{dataset: sorted unique indices}`` (empty datasets omitted).
     """
     if not selection:
         return {}
@@ -163,13 +165,7 @@ def selection_to_indices(selection: Mapping[str, Any] | None, series: Mapping[st
     lo, hi, size = histogram_bins(arrays, nbins)
     clipped = [np.clip(np.nan_to_num(a, nan=lo), lo, hi) for a in arrays]
     found: dict[str, set[int]] = {n: set() for n in names}
-    for box in selection.get("box", []) or []:
-        xs = [float(v) for v in box.get("x", []) if v is not None]
-        if len(xs) < 2:
-            continue
-        x0, x1 = min(xs), max(xs)
-        for n, c in zip(names, clipped, strict=True):
-            found[n].update(np.flatnonzero((c >= x0) & (c <= x1)).tolist())
+    n_points = 0
     for point in selection.get("points", []) or []:
         curve = point.get("curve_number")
         if curve is None or not 0 <= int(curve) < len(names):
@@ -178,15 +174,25 @@ def selection_to_indices(selection: Mapping[str, Any] | None, series: Mapping[st
         numbers = point.get("point_numbers")
         if numbers:
             found[name].update(int(i) for i in numbers if 0 <= int(i) < arrays[int(curve)].size)
+            n_points += 1
             continue
         x = point.get("x")
         if x is None:
             continue
+        n_points += 1
         k = min(nbins - 1, max(0, math.floor((float(x) - lo) / size))) if size > 0 else 0
         left = lo + k * size
         c = clipped[int(curve)]
         hit = (c >= left) & (c < left + size) if k < nbins - 1 else (c >= left)
         found[name].update(np.flatnonzero(hit).tolist())
+    if n_points == 0:
+        for box in selection.get("box", []) or []:
+            xs = [float(v) for v in box.get("x", []) if v is not None]
+            if len(xs) < 2:
+                continue
+            x0, x1 = min(xs), max(xs)
+            for n, c in zip(names, clipped, strict=True):
+                found[n].update(np.flatnonzero((c >= x0) & (c <= x1)).tolist())
     return {n: np.array(sorted(v), dtype=np.int64) for n, v in found.items() if v}
 
 
@@ -211,7 +217,15 @@ def predict(net: nn.Module, images: torch.Tensor, batch_size: int = 512) -> np.n
 
 # ---------------------------------------------------------------------------- layers
 _POOL_HINTS = ("Pool", "pool")
-_BLOCK_HINTS = ("Block", "block", "Layer", "layer", "Sequential", "Stage", "stage")
+_BLOCK_TYPES = ("Block", "Sequential", "Stage", "ModuleList")
+_BLOCK_NAME = re.compile(r"^(layer|stage|block|blocks|features)[._]?\d*$", re.IGNORECASE)
+
+
+def _is_block(row: pd.Series) -> bool:
+    kind = str(row["type"])
+    if "Norm" in kind:
+        return False
+    return any(h in kind for h in _BLOCK_TYPES) or bool(_BLOCK_NAME.match(str(row.get("name", ""))))
 
 
 def layer_quick_picks(table: pd.DataFrame) -> dict[str, list[str]]:
@@ -219,7 +233,8 @@ def layer_quick_picks(table: pd.DataFrame) -> dict[str, list[str]]:
 
     * ``"logits"``: the last ``Linear`` layer;
     * ``"pooled"``: the last pooling layer (the penultimate features of most classifiers);
-    * ``"blocks"``: depth-1 layers whose type name contains Block / Layer / Sequential / Stage.
+    * ``"blocks"``: depth-1 layers whose type name contains Block / Sequential / Stage, or whose
+      module name is ``layer<n>`` / ``stage<n>`` / ``block<n>`` (norm layers excluded).
 
     A pick is an empty list when the network has no such layer.
     """
@@ -227,7 +242,7 @@ def layer_quick_picks(table: pd.DataFrame) -> dict[str, list[str]]:
     linear = rows[rows["type"] == "Linear"]
     pools = rows[rows["type"].map(lambda t: any(h in t for h in _POOL_HINTS))]
     depth1 = rows[rows["depth"] == 1]
-    blocks = depth1[depth1["type"].map(lambda t: any(h in t for h in _BLOCK_HINTS))]
+    blocks = depth1[depth1.apply(_is_block, axis=1)] if len(depth1) else depth1
     return {
         "logits": [str(linear["id"].iloc[-1])] if len(linear) else [],
         "pooled": [str(pools["id"].iloc[-1])] if len(pools) else [],
@@ -340,3 +355,24 @@ def heatmap_frame(frame: pd.DataFrame, metric: str, ood: str | None = None) -> p
     n_layers = sub.groupby("score")["layers"].nunique()
     keep = n_layers[n_layers >= 2].index
     return sub[sub["score"].isin(keep)].reset_index(drop=True)
+
+
+def score_labels(frame: pd.DataFrame) -> pd.Series:
+    """Row labels of :func:`ood_core.pipeline.metrics_wide`: ``score`` plus ``' @ layers'``."""
+    return frame["score"] + frame["layers"].map(lambda s: f" @ {s}" if s else "")
+
+
+def interval_columns(frame: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """Bootstrap intervals of the tidy results ``frame`` as text columns
+    ``'<ood> | <metric> CI'`` = ``'[low, high]'``, one row per score label (index ``score``);
+    empty when the frame has no intervals (``n_boot == 0``)."""
+    if "ci_low" not in frame or frame["ci_low"].isna().all():
+        return pd.DataFrame()
+    sub = frame.assign(label=score_labels(frame),
+                       col=frame["ood"] + " | " + frame["metric"] + " CI",
+                       text=[f"[{lo:.{digits}f}, {hi:.{digits}f}]" if np.isfinite(lo) else ""
+                             for lo, hi in zip(frame["ci_low"], frame["ci_high"], strict=True)])  # fmt: skip
+    out = sub.pivot_table(index="label", columns="col", values="text", aggfunc="first", sort=False)
+    out.columns.name = None
+    out.index.name = "score"
+    return out

@@ -81,23 +81,52 @@ def _github_or_cache(repo: str, timeout: float) -> tuple[str, str]:
     return repo, "github"
 
 
+def _local_entries(repo_dir: str) -> dict[str, Any]:
+    """Entry points of a local hub directory: the public callables of its ``hubconf.py``."""
+    import importlib.util
+    import sys
+
+    path = Path(repo_dir) / "hubconf.py"
+    spec = importlib.util.spec_from_file_location(f"_ood_lens_hubconf_{abs(hash(repo_dir))}", path)
+    if spec is None or spec.loader is None:
+        raise HubUnavailableError(f"Cannot import {path}.")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, repo_dir)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise HubUnavailableError(f"Importing {path} failed: {exc}") from exc
+    finally:
+        sys.path.remove(repo_dir)
+    return {name: obj for name, obj in vars(module).items()
+            if callable(obj) and not name.startswith("_") and inspect.isfunction(obj)
+            and obj.__module__ == module.__name__}  # fmt: skip
+
+
+def _entry_names(repo_or_dir: str, source: str) -> list[str]:
+    if source == "local":
+        return sorted(_local_entries(repo_or_dir))
+    return torch.hub.list(repo_or_dir, trust_repo=True, verbose=False)
+
+
 def list_entries(repo: str | Path = "bundled", timeout: float = 5.0) -> list[dict[str, str]]:
     """Entry points of a hub repository: ``[{"name", "doc"}]`` (doc = first docstring line)."""
     repo_or_dir, source = _resolve(repo)
     if source == "github":
         repo_or_dir, source = _github_or_cache(repo_or_dir, timeout)
     try:
-        names = torch.hub.list(repo_or_dir, source=source, trust_repo=True, verbose=False)
+        if source == "local":
+            funcs = _local_entries(repo_or_dir)
+            docs = {name: f.__doc__ or "" for name, f in funcs.items()}
+        else:
+            docs = {name: torch.hub.help(repo_or_dir, name, trust_repo=True) or ""
+                    for name in torch.hub.list(repo_or_dir, trust_repo=True, verbose=False)}  # fmt: skip
+    except HubUnavailableError:
+        raise
     except Exception as exc:
         raise HubUnavailableError(f"Could not list the entry points of '{repo}': {exc}") from exc
-    out = []
-    for name in names:
-        try:
-            doc = torch.hub.help(repo_or_dir, name, source=source, trust_repo=True) or ""
-        except Exception:
-            doc = ""
-        out.append({"name": name, "doc": inspect.cleandoc(doc).split("\n")[0] if doc else ""})
-    return out
+    return [{"name": name, "doc": inspect.cleandoc(doc).split("\n")[0] if doc else ""}
+            for name, doc in docs.items()]  # fmt: skip
 
 
 def load_model(repo: str | Path = "bundled", entry: str = "tiniest", *, timeout: float = 5.0,
@@ -116,7 +145,7 @@ def load_model(repo: str | Path = "bundled", entry: str = "tiniest", *, timeout:
         )
     except Exception as exc:
         try:
-            known = torch.hub.list(repo_or_dir, source=source, trust_repo=True, verbose=False)
+            known = _entry_names(repo_or_dir, source)
         except Exception:
             known = []
         hint = f" Available entry points: {', '.join(known)}." if known and entry not in known else ""

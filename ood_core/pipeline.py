@@ -49,7 +49,9 @@ class ScoreSpec:
     layers: list[str] = field(default_factory=list)
 
     def build(self) -> BaseScore:
-        return make_score(self.name, **self.params)
+        """The score object. TOML has no null: the string ``"None"`` stands for ``None``."""
+        params = {k: (None if v == "None" else v) for k, v in self.params.items()}
+        return make_score(self.name, **params)
 
     def layer_ids(self) -> tuple[LayerId, ...]:
         return tuple(iter_layer_ids(self.layers))
@@ -116,7 +118,8 @@ class RunConfig:
             "model": {"repo": d["model_repo"], "entry": d["model_entry"]},
             "data": {k: d[k] for k in ("ind_dataset", "calibration_split", "test_split", "seed")},
             "evaluation": {"metrics": d["metrics"], "n_boot": d["n_boot"]},
-            "scores": [{k: v for k, v in s.items() if v not in ({}, [])} | {"layers": s["layers"]}
+            "scores": [{k: v for k, v in s.items() if v not in ({}, [])}
+                       | {"layers": s["layers"], "params": _toml_safe(s["params"])}
                        for s in d["scores"]],
             "scenarios": [{k: v for k, v in s.items() if v not in (None, {})} for s in d["scenarios"]],
         }  # fmt: skip
@@ -160,6 +163,12 @@ class RunConfig:
     @classmethod
     def from_toml(cls, text: str) -> RunConfig:
         return cls.from_dict(tomllib.loads(text))
+
+
+def _toml_safe(params: dict[str, Any]) -> dict[str, Any]:
+    """TOML has no null and no tuples: ``None`` -> ``"None"``, tuples -> lists."""
+    return {k: "None" if v is None else (list(v) if isinstance(v, tuple) else v)
+            for k, v in params.items()}  # fmt: skip
 
 
 def example_config() -> RunConfig:

@@ -19,7 +19,9 @@ from plotly.subplots import make_subplots
 from ood_core.metrics import ROC
 
 PALETTE = px.colors.qualitative.Plotly
-SCENARIO_PALETTE = ["#2E7D32", *px.colors.qualitative.Set1]  # InD in green, OoD sets after
+# InD in green, OoD sets in colours far from it (Set1 without its green)
+SCENARIO_PALETTE = ["#2E7D32", "#E41A1C", "#377EB8", "#984EA3", "#FF7F00", "#A65628", "#F781BF",
+                    "#999999", "#D4B000"]  # fmt: skip
 
 
 def _np(x: Any) -> np.ndarray:

@@ -168,6 +168,25 @@ class Recorder(nn.Module):
             )
         return pd.DataFrame(rows)
 
+    def quick_picks(self) -> dict[str, list[LayerId]]:
+        """Common layer choices: ``logits`` (the final Linear producing the output),
+        ``penultimate`` (the layer feeding it, skipping Flatten/Dropout/Identity), ``blocks``
+        (depth-1 layers with at least two sub-layers, e.g. residual blocks)."""
+        ids = self.layer_ids
+        out_size = self._infos[(0, 1)].output_size
+        head = [lid for lid in ids if lid[0] > 0 and isinstance(self._infos[lid].module, nn.Linear)
+                and self._infos[lid].output_size == out_size]  # fmt: skip
+        picks: dict[str, list[LayerId]] = {"logits": head[-1:], "penultimate": [], "blocks": []}
+        if head:
+            depth = head[-1][0]
+            skip = (nn.Flatten, nn.Dropout, nn.Identity)
+            before = [lid for lid in ids[: ids.index(head[-1])]
+                      if lid[0] == depth and not isinstance(self._infos[lid].module, skip)]  # fmt: skip
+            picks["penultimate"] = before[-1:]
+        picks["blocks"] = [lid for lid in ids if lid[0] == 1
+                           and len(list(self._infos[lid].module.children())) >= 2]  # fmt: skip
+        return picks
+
     # ------------------------------------------------------------------ recording
     def record(self, *layers: Any) -> Recorder:
         """Record these layer ids from now on (replaces the previous selection); returns self."""

@@ -6,7 +6,6 @@ Convention: labels True = OoD, scores = confidences (higher = more in-distributi
 from __future__ import annotations
 
 import math
-import time
 from fractions import Fraction
 
 import numpy as np
@@ -199,14 +198,12 @@ def test_roc_from_counts_equals_constructor() -> None:
         ROC.from_counts([1, 0], [1, 0], [0, 1])
 
 
-def test_roc_large_input_is_fast() -> None:
+def test_roc_large_input_matches_the_gaussian_closed_form() -> None:
+    # speed on this size is measured by benchmarks/bench_metrics.py, not asserted here
     rng = np.random.default_rng(0)
     ind, ood = rng.normal(1, 1, 500_000), rng.normal(0, 1, 500_000)
-    start = time.perf_counter()
     roc = ROC(ind, ood)
     hull_auc = AUC(kind=HULL).from_roc(roc)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 3.0  # typically ~0.2 s; generous for a loaded machine
     auc = AUC().from_roc(roc)
     assert auc == pytest.approx(0.7602, abs=2e-3)  # Phi(1 / sqrt(2))
     assert auc <= hull_auc <= auc + 2e-3

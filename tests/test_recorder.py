@@ -150,3 +150,9 @@ def test_tiniest_layer_table_resembles_the_seed(tiniest):
     assert table.loc["1-12", "type"] == "Linear" and table.loc["1-12", "output_shape"] == "[1, 10]"
     assert table.loc["2-38", "name"] == "l6.fc2"
     assert 80_000 < table.loc["0-1", "params"] < 120_000
+
+
+def test_quick_picks_on_tiniest(tiniest):
+    picks = Recorder(tiniest, input_data=torch.rand(1, 1, 28, 28)).quick_picks()
+    assert picks["logits"] == [(1, 12)] and picks["penultimate"] == [(1, 11)]
+    assert picks["blocks"] == [(1, 3), (1, 4), (1, 5), (1, 8), (1, 9), (1, 10)]

@@ -50,6 +50,14 @@ def make_score(name: str, **params: Any) -> BaseScore:
     return get_score_class(name)(**params)
 
 
+def _gradients(cls: type[BaseScore]) -> str:
+    if cls.needs_param_grad:
+        return "parameters"
+    if cls.needs_input_grad is not BaseScore.needs_input_grad:
+        return "inputs (when epsilon > 0)"
+    return "no (extra forward passes)" if cls.own_pass else "no"
+
+
 def list_scores() -> list[dict[str, Any]]:
     """One row per registered score: name, family, layer rule, fitting, gradients, paper, params."""
     rows = []
@@ -60,8 +68,7 @@ def list_scores() -> list[dict[str, Any]]:
             "layers": cls.layer_rule,
             "max_layers": cls.max_layers,
             "needs_fit": cls.needs_fit,
-            "gradients": "parameters" if cls.needs_param_grad else (
-                "inputs (when epsilon > 0)" if any(p.name == "epsilon" for p in cls.params) else "no"),
+            "gradients": _gradients(cls),
             "reference": cls.reference,
             "doc": (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "),
             "params": cls.describe_params(),

@@ -22,11 +22,13 @@ def gram_stats(a: Tensor, max_order: int, separate_diagonal: bool = False) -> Te
     """
     f = a.double().reshape(a.shape[0], a.shape[1], -1)
     ch = f.shape[1]
-    mask = torch.ones(ch, ch, dtype=torch.bool, device=a.device).triu(1 if separate_diagonal else 0)
+    mask = torch.ones(ch, ch, dtype=f.dtype, device=a.device).triu(1 if separate_diagonal else 0)
     out = []
+    fp = f
     for p in range(1, max_order + 1):
-        fp = f.pow(p)
-        g = (fp @ fp.transpose(1, 2)).abs().pow(1.0 / p)
+        if p > 1:
+            fp = fp * f  # F^p built incrementally
+        g = torch.bmm(fp, fp.transpose(1, 2)).abs_().pow_(1.0 / p)
         rows = (g * mask).sum(2)
         if separate_diagonal:
             rows = torch.cat([g.diagonal(dim1=1, dim2=2), rows], dim=1)

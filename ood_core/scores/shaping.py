@@ -240,7 +240,7 @@ class ReAct(_ShapingScore):
     """ReAct: clip the activations of the layer ``L`` above ``c_high``, the ``percentile``-th
     percentile of all calibration activations of ``L`` (and below ``c_low``, the
     ``(100 - percentile)``-th, when ``symmetric``), recompute the logits ``f'`` through the head
-    (see the module docstring) and return ``softmax(f')`` per class (``output='softmax'``, the
+    (see the module docstring); conformity ``softmax(f')`` per class (``output='softmax'``, the
     reference library's choice) or ``logsumexp(f')`` per sample (``output='energy'``, the
     paper's); higher = more in-distribution. The logits returned with it are the network's own.
 

@@ -1,0 +1,1 @@
+"""Dashboard pages (run through ``app.py``); ``common`` holds their shared logic."""

@@ -1,0 +1,211 @@
+"""Streamlit AppTest checks of the dashboard: pages render, state flows between pages, a run
+matches ood_core.eval called directly, bad inputs give st.error (never an exception)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+PAGES = ["pages/1_model_data.py", "pages/2_layers.py", "pages/3_scores.py", "pages/4_results.py"]
+TIMEOUT = 180
+
+os.environ.setdefault("OOD_LENS_QUIET", "1")
+
+
+def _errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def _assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not _errors(at), _errors(at)
+
+
+def _app(**state: object) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    for key, value in state.items():
+        at.session_state[key] = value
+    return at
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders_alone_on_the_default(page: str) -> None:
+    at = AppTest.from_file(str(ROOT / page), default_timeout=TIMEOUT)
+    at.run()
+    _assert_clean(at)
+    assert at.title, "every page has a title"
+
+
+def test_app_shows_navigation_sidebar_and_model_page() -> None:
+    at = _app()
+    at.run()
+    _assert_clean(at)
+    assert at.title[0].value == "Model & data"
+    sidebar = " ".join(m.value for m in at.sidebar.markdown)
+    assert "tiniest" in sidebar and "1-11, 1-12" in sidebar
+    assert at.metric[0].label == "Test accuracy"
+    assert float(at.metric[0].value.rstrip("%")) > 70
+
+
+def test_layer_selection_is_seen_on_the_scores_page() -> None:
+    at = _app()
+    at.run()
+    at.switch_page("pages/2_layers.py").run()
+    _assert_clean(at)
+    at.button(key="pick_Each block").click().run()
+    blocks = at.session_state["layers"]
+    assert blocks == ["1-3", "1-4", "1-5", "1-8", "1-9", "1-10"]
+    assert at.multiselect(key="layers_ms").value == blocks
+    at.switch_page("pages/3_scores.py").run()
+    _assert_clean(at)
+    assert at.multiselect(key="w.L.KNN").value == blocks  # rule "any": the whole selection
+    assert at.multiselect(key="w.L.GradNorm").value == blocks  # blocks hold parameters
+    # a per-score change sticks until the Layers page selection changes again
+    at.multiselect(key="w.L.KNN").set_value(["1-11"]).run()
+    at.switch_page("pages/4_results.py").run()
+    at.switch_page("pages/3_scores.py").run()
+    assert at.multiselect(key="w.L.KNN").value == ["1-11"]
+
+
+def _small_run_state() -> dict[str, object]:
+    return {
+        "w.n_cal": 200, "w.n_test": 200, "w.scores": ["Softmax", "KNN"], "w.p.KNN.k": 5,
+        "w.L.KNN": ["1-11"], "w.perts": ["vertical_flip"], "w.ood_bundled": ["mnist"],
+    }  # fmt: skip
+
+
+def test_run_matches_ood_core_eval_directly() -> None:
+    from ood_core.data import load_bundled
+    from ood_core.eval import compute_confidence, compute_metrics, fit_scores
+    from ood_core.hub import load_model
+    from ood_core.metrics import DEFAULT_METRICS
+    from ood_core.perturbations import make_perturbation
+    from ood_core.scores import KNN, Softmax
+
+    at = _app(**_small_run_state())
+    at.run()
+    at.switch_page("pages/3_scores.py").run()
+    _assert_clean(at)
+    at.button(key="run").click().run()
+    _assert_clean(at)
+    assert at.title[0].value == "Results"
+    table = at.dataframe[0].value  # the metric table comes first
+    result = at.session_state["result"]
+    assert list(table.index) == ["Softmax()", "KNN(k=5) @ (1, 11)"]
+
+    # the same computation, straight through ood_core.eval on the same subsets
+    calib = load_bundled("fashion_mnist", "calibration").subset(200, 0)
+    ind = load_bundled("fashion_mnist", "test").subset(200, 1)
+    mnist = load_bundled("mnist", "test").subset(200, 2)
+    assert np.array_equal(result.ind.images.numpy(), ind.images.numpy())
+    net = load_model("bundled", "tiniest")
+    fitted = fit_scores([(Softmax(), []), (KNN(k=5), [(1, 11)])], net, calib.images,
+                        calib.labels, progress=False)  # fmt: skip
+    oods = [make_perturbation("vertical_flip")(ind.images), mnist.images]
+    confs_ind, confs_oods = compute_confidence(fitted, ind.images, oods, progress=False)
+    evals = compute_metrics(confs_ind, confs_oods, list(DEFAULT_METRICS))
+    titles = ["Vertical flip", "MNIST digits"]
+    assert result.ood_titles == titles
+    for j, title in enumerate(titles):
+        for k, metric in enumerate(DEFAULT_METRICS):
+            shown = table[f"{title} | {metric!r}"].to_numpy(dtype=float)
+            np.testing.assert_allclose(shown, evals[:, j, k], rtol=1e-9, atol=1e-12)
+
+    # view options recompute nothing: same result object, same fitted scores
+    # (AppTest reruns the page it was told, not the one st.switch_page went to: go there)
+    at.switch_page("pages/4_results.py").run()
+    cache = at.session_state["run_cache"]
+    n_fitted = len(cache.fitted)
+    at.radio(key="w.thr_mode").set_value("Raw threshold").run()
+    at.selectbox(key="w.tbl_metric").set_value("AUC()").run()
+    _assert_clean(at)
+    assert at.session_state["result"] is result and len(cache.fitted) == n_fitted
+
+    # changing one score's parameter refits only that score
+    at.switch_page("pages/3_scores.py").run()
+    at.number_input(key="w.p.KNN.k").set_value(7).run()
+    at.button(key="run").click().run()
+    _assert_clean(at)
+    assert len(cache.fitted) == n_fitted + 1
+    new = at.session_state["result"]
+    assert new.score_names[1] == "KNN(k=7) @ (1, 11)"
+    np.testing.assert_array_equal(new.confs_ind[0], result.confs_ind[0])
+    assert set(new.timings["score"]) == {"KNN(k=7)"}
+
+
+def test_results_tabs_render_with_a_result() -> None:
+    state = _small_run_state() | {"w.L.KNN": ["1-8", "1-11"], "w.sweep.KNN": True, "w.n_boot": 20}
+    at = _app(**state)
+    at.switch_page("pages/4_results.py").run()
+    _assert_clean(at)
+    at.button(key="run_default").click().run()
+    _assert_clean(at)
+    result = at.session_state["result"]
+    assert result.score_names == ["Softmax()", "KNN(k=5) @ (1, 8)", "KNN(k=5) @ (1, 11)"]
+    table = at.dataframe[0].value
+    ci = [c for c in table.columns if c.endswith(" CI")]
+    assert len(ci) == 2 * 4 and table[ci[0]].str.match(r"\[0\.\d{3}, [01]\.\d{3}\]").all()
+    assert len(at.get("plotly_chart")) >= 3 + 2  # histograms and ROC curves at least
+    assert not [i for i in at.info if "several layer sets" in i.value]  # the sweep's heatmap
+    labels = {b.label for b in at.get("download_button")}
+    assert {"Metrics (CSV)", "Confidences (parquet)", "Report (HTML)",
+            "Run config (TOML)"} <= labels  # fmt: skip
+    at.selectbox(key="w.gal_score").set_value(1).run()
+    at.slider(key="w.thr_accept").set_value(0.8).run()
+    at.selectbox(key="w.hm_ood").set_value(1).run()
+    _assert_clean(at)
+    assert at.session_state["result"] is result
+
+
+def test_offline_github_repo_shows_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ood_core.hub
+
+    monkeypatch.setattr(ood_core.hub, "network_available", lambda *a, **k: False)
+    at = _app()
+    at.run()
+    at.radio(key="w.model_src").set_value("GitHub (torch.hub)").run()
+    at.text_input(key="w.gh_repo").input("nobody/nothing").run()
+    at.text_input(key="w.gh_entry").input("tiniest").run()
+    at.button(key="load_model").click().run()
+    assert not at.exception
+    assert any("nobody/nothing" in e for e in _errors(at)), _errors(at)
+    assert at.text_input(key="w.gh_repo").value == "nobody/nothing"  # inputs stay
+    assert at.session_state["model_entry"] == "tiniest"  # the current model is kept
+
+
+def test_wrong_shape_dataset_shows_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "rgb32.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.random((20, 3, 32, 32), dtype=np.float32),
+             labels=rng.integers(0, 10, 20))  # fmt: skip
+    at = _app()
+    at.run()
+    at.radio(key="w.data_src").set_value("Local file").run()
+    at.text_input(key="w.data_path").input(str(path)).run()
+    at.button(key="load_data").click().run()
+    assert not at.exception
+    assert any("(3, 32, 32)" in e for e in _errors(at)), _errors(at)
+    assert at.text_input(key="w.data_path").value == str(path)
+    # a missing file is an error message too
+    at.text_input(key="w.data_path").input(str(tmp_path / "nope.npz")).run()
+    at.button(key="load_data").click().run()
+    assert not at.exception
+    assert any("No such file" in e for e in _errors(at)), _errors(at)
+
+
+def test_invalid_score_parameters_show_errors_next_to_the_score() -> None:
+    at = _app(**{"w.n_cal": 10, "w.p.KNN.k": 15})
+    at.switch_page("pages/3_scores.py").run()
+    assert not at.exception
+    errors = _errors(at)
+    assert any("k=15" in e and "10 calibration" in e for e in errors), errors
+    assert at.button(key="run").disabled
+    at.number_input(key="w.p.KNN.k").set_value(3).run()
+    _assert_clean(at)
+    assert not at.button(key="run").disabled

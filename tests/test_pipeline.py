@@ -1,0 +1,64 @@
+"""Pipeline runs from a config: caching per score, scenario handling, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ood_core.eval import compute_confidence, compute_metrics, fit_scores
+from ood_core.pipeline import RunCache, RunConfig, ScenarioSpec, ScoreSpec, run
+from ood_core.scores import KNN, Softmax
+
+
+@pytest.fixture(scope="module")
+def small_config() -> RunConfig:
+    return RunConfig(
+        n_calibration=200, n_test=150,
+        scores=[ScoreSpec("Softmax"), ScoreSpec("KNN", {"k": 5}, ["1-11"])],
+        scenarios=[ScenarioSpec(kind="vertical_flip"), ScenarioSpec(dataset="mnist")],
+        metrics=["AUC()", "TPR(max_fpr=0.05)"],
+    )  # fmt: skip
+
+
+def test_run_equals_the_seed_api_on_the_same_data(small_config):
+    cache = RunCache()
+    res = run(small_config, cache)
+    assert res.ood_titles == ["Vertical flip", "MNIST digits"]
+    assert res.evals.shape == (2, 2, 2) and res.confs_ind.shape == (2, 150)
+    calib = cache.dataset("fashion_mnist", "calibration", 200, 0)
+    ind = cache.dataset("fashion_mnist", "test", 150, 1)
+    mnist = cache.dataset("mnist", "test", 150, 2)
+    net = cache.model("bundled", "tiniest")
+    pairs = ((Softmax(), []), (KNN(k=5), [(1, 11)]))
+    fitted = fit_scores(pairs, net, calib.images, calib.labels, progress=False)
+    ci, co = compute_confidence(fitted, ind=ind.images, oods=(ind.images.flip(2), mnist.images),
+                                progress=False)  # fmt: skip
+    np.testing.assert_allclose(res.confs_ind, ci.numpy())
+    np.testing.assert_allclose(res.evals, compute_metrics(ci, co, res.metrics))
+    assert 0.8 < res.accuracy <= 1.0
+
+
+def test_changing_one_score_parameter_recomputes_only_that_score(small_config):
+    cache = RunCache()
+    first = run(small_config, cache)
+    softmax_fit = first.scores_and_layers[0][0]
+    n_entries = len(softmax_fit.timer.entries)
+    cfg = RunConfig.from_toml(small_config.to_toml())
+    cfg.scores[1].params["k"] = 7
+    second = run(cfg, cache)
+    assert second.scores_and_layers[0][0] is softmax_fit  # reused, not refitted
+    assert len(softmax_fit.timer.entries) == n_entries  # and not re-scored
+    assert repr(second.scores_and_layers[1][0]) == "KNN(k=7)"
+    np.testing.assert_array_equal(second.confs_ind[0], first.confs_ind[0])
+    assert not np.array_equal(second.confs_ind[1], first.confs_ind[1])
+    assert set(second.timings["score"]) == {"KNN(k=7)"}
+
+
+def test_incompatible_data_and_empty_choices_are_explained():
+    with pytest.raises(ValueError, match="at least one score"):
+        run(RunConfig(scores=[], scenarios=[ScenarioSpec(kind="invert")]))
+    with pytest.raises(ValueError, match="at least one OoD scenario"):
+        run(RunConfig(scores=[ScoreSpec("Softmax")], scenarios=[]))
+    with pytest.raises(ValueError, match=r"reads internal activations"):
+        run(RunConfig(n_calibration=50, n_test=50, scores=[ScoreSpec("KNN", {"k": 3})],
+                      scenarios=[ScenarioSpec(kind="invert")]))  # fmt: skip
