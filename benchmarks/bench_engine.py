@@ -50,6 +50,18 @@ def workload(n: int, device: str):
     return net, calib_x, calib_y, ind, oods, pairs
 
 
+def _per_sample_grads(check_layers):
+    """Wrap GradNorm.check_layers so that it always takes the torch.func per-sample path."""
+
+    def wrapped(layers, recorder=None):
+        out = check_layers(layers, recorder)
+        check_layers.__self__.__dict__["closed_form"] = False
+        check_layers.__self__.__dict__["needs_param_grad"] = True
+        return out
+
+    return wrapped
+
+
 def child(mode: str, n: int, device: str, out: str) -> None:
     from ood_core.engine import Engine, predicted_confidence
     from ood_core.eval import compute_confidence, fit_scores
@@ -71,10 +83,8 @@ def child(mode: str, n: int, device: str, out: str) -> None:
         for score, layers in pairs:
             score.layers = tuple(layers)
             eng = Engine.for_net(net, cx)
-            score.check_layers(score.layers, eng.recorder)
             if hasattr(score, "closed_form"):  # the reference differentiates per sample
-                score.__dict__["closed_form"] = False
-                score.__dict__["needs_param_grad"] = True
+                score.check_layers = _per_sample_grads(score.check_layers)
             eng.fit([score], cx, cy)
             per_score.append([predicted_confidence(*eng.confidences([score], x)[0]).cpu().numpy()
                               for x in (ind, *oods)])  # fmt: skip

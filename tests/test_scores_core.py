@@ -337,3 +337,12 @@ def test_registry_describes_every_score():
     for name, cls in SCORES.items():
         assert cls.reference, f"{name} must cite its paper"
         assert cls.__doc__ and "conformity" in cls.__doc__.lower(), name
+
+
+def test_gram_rank_one_closed_form_and_float64_fallback():
+    a = torch.randn(3, 5, 1, 1)
+    stats = gram_stats(a, max_order=4)
+    for p in (1, 4):
+        torch.testing.assert_close(stats[:, p - 1], direct_gram_rows(a, p))
+    big = torch.randn(2, 3, 4) * 20  # |a| > 8: products in float64, still exact
+    torch.testing.assert_close(gram_stats(big, 8)[:, 7], direct_gram_rows(big, 8))

@@ -10,6 +10,8 @@ from ood_core.recorder import LayerId
 from ood_core.scores.base import BaseScore, Features
 
 EPS = 1e-6
+F32_SAFE_MAX = 8.0
+"""Largest ``|activation|`` for float32 Gram products: ``(8^16)^2 * 4096 ~ 3e32 < 3.4e38``."""
 
 
 def gram_stats(a: Tensor, max_order: int, separate_diagonal: bool = False) -> Tensor:
@@ -18,11 +20,21 @@ def gram_stats(a: Tensor, max_order: int, separate_diagonal: bool = False) -> Te
     For ``p = 1..P`` with ``F`` the activations reshaped to ``(ch, HW)``:
     ``G_p = |F^p (F^p)^T|^(1/p)`` (elementwise power and root), then the row sums of its upper
     triangle (diagonal included) -> ``S = ch`` values; with ``separate_diagonal`` the diagonal and
-    the strict upper-triangle row sums -> ``S = 2 ch``. Computed in float64.
+    the strict upper-triangle row sums -> ``S = 2 ch``. The products ``F^p (F^p)^T`` run in float32
+    when every ``|a| <= F32_SAFE_MAX`` (no overflow up to order 16; relative error ~1e-5, far below
+    the spread of the calibration quantiles) and in float64 otherwise; results are float64.
+    Rank-one activations (one value per channel) use the exact closed form ``|f_i| sum_{j>=i} |f_j|``.
     """
-    f = a.double().reshape(a.shape[0], a.shape[1], -1)
+    dtype = torch.float32 if float(a.detach().abs().max()) <= F32_SAFE_MAX else torch.float64
+    f = a.detach().to(dtype).reshape(a.shape[0], a.shape[1], -1)
     ch = f.shape[1]
-    mask = torch.ones(ch, ch, dtype=f.dtype, device=a.device).triu(1 if separate_diagonal else 0)
+    if f.shape[2] == 1 and not separate_diagonal:
+        # rank one (e.g. pooled features, logits): |f_i^p f_j^p|^(1/p) = |f_i f_j| for every p,
+        # so the row sums of the upper triangle are |f_i| * sum_{j >= i} |f_j|
+        v = f[:, :, 0].double().abs()
+        rows = v * v.flip(1).cumsum(1).flip(1)
+        return rows[:, None, :].expand(-1, max_order, -1).contiguous()
+    mask = torch.ones(ch, ch, dtype=dtype, device=a.device).triu(1 if separate_diagonal else 0)
     out = []
     fp = f
     for p in range(1, max_order + 1):
@@ -32,7 +44,7 @@ def gram_stats(a: Tensor, max_order: int, separate_diagonal: bool = False) -> Te
         rows = (g * mask).sum(2)
         if separate_diagonal:
             rows = torch.cat([g.diagonal(dim1=1, dim2=2), rows], dim=1)
-        out.append(rows)
+        out.append(rows.double())
     return torch.stack(out, dim=1)
 
 
