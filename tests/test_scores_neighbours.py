@@ -13,7 +13,8 @@ from torch import nn
 from ood_core.engine import Engine, predicted_confidence
 from ood_core.recorder import Recorder
 from ood_core.scores import SCORES
-from ood_core.scores.neighbours import JTLA, LID, DkNN, NNGuide, Trust, pool_activation
+from ood_core.scores.features import pool_features
+from ood_core.scores.neighbours import JTLA, LID, DkNN, NNGuide, Trust
 
 A, B = (1, 1), (1, 2)  # hand-built "layers" for feature-level tests
 
@@ -43,6 +44,10 @@ def one_hot_logits(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- pooling
+def pool_activation(a: torch.Tensor) -> torch.Tensor:
+    return pool_features(a, torch.float32)  # the neighbour scores' float32 features
+
+
 def test_pool_activation_means_space_and_flattens_the_rest():
     a = torch.randn(5, 3, 4, 2)
     assert torch.allclose(pool_activation(a), a.mean(dim=(2, 3)))

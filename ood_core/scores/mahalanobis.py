@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
+from ood_core.scores.features import pool_features
 from ood_core.scores.logits import fgm_step
 
 COND_MAX = 1e10
@@ -50,11 +51,16 @@ FGM_NORM = Param("fgm_norm", "float", math.inf, low=1, allow_inf=True,
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def pool_features(a: Tensor) -> Tensor:
-    """Per-sample feature vector of an activation, float64: the spatial mean of a 4-D
-    ``(N, C, H, W)`` activation -> ``(N, C)``; any other shape flattened -> ``(N, prod)``."""
-    a = a.double()
-    return a.mean(dim=(2, 3)) if a.ndim == 4 else a.flatten(1)
+def _start_conformity(score: BaseScore, logits: Tensor) -> tuple[tuple, tuple, Tensor]:
+    """The fitted ``(layers, weights)`` (checked against the score's current layers) and a zero
+    ``(n, C)`` float64 accumulator."""
+    layers, weights = score._fit_state  # noqa: SLF001
+    if tuple(score.layers) != layers:
+        raise RuntimeError(f"{score!r} was fitted on layers {list(layers)} but now reads "
+                           f"{list(score.layers)}; fit it again.")  # fmt: skip
+    total = torch.zeros(len(logits), logits.shape[1], dtype=torch.float64, device=logits.device)
+    return layers, weights, total
+
 
 
 def _key(layer: LayerId, perturbed: bool = False) -> str:
@@ -298,11 +304,7 @@ class DeepMahalanobis(_LayerWeighted):
         return out
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
-        layers, weights = self._fit_state
-        if tuple(self.layers) != layers:
-            raise RuntimeError(f"{self!r} was fitted on layers {list(layers)} but now reads "
-                               f"{list(self.layers)}; fit it again.")  # fmt: skip
-        total = torch.zeros(len(logits), logits.shape[1], dtype=torch.float64, device=logits.device)
+        layers, weights, total = _start_conformity(self, logits)
         for i, (layer, w) in enumerate(zip(layers, weights, strict=True)):
             key = _key(layer, perturbed=self.epsilon > 0)
             if key not in features:
@@ -406,11 +408,7 @@ class MultiMahalanobis(_LayerWeighted):
         self._fit_state = (tuple(self.layers), weights)
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
-        layers, weights = self._fit_state
-        if tuple(self.layers) != layers:
-            raise RuntimeError(f"{self!r} was fitted on layers {list(layers)} but now reads "
-                               f"{list(self.layers)}; fit it again.")  # fmt: skip
-        total = torch.zeros(len(logits), logits.shape[1], dtype=torch.float64, device=logits.device)
+        layers, weights, total = _start_conformity(self, logits)
         for g, layer, w in zip(self.gaussians, layers, weights, strict=True):
             m, sd = self.standardisation[layer]
             total -= w * (g.sq_distances(features[_key(layer)]) - m) / sd

@@ -2,7 +2,7 @@
 
 Every score here searches exact (flat) faiss indexes (helpers shared with :mod:`.knn`). Features:
 each layer's activations, average-pooled over space to ``(N, C)`` when 4-D with ``H*W > 1``, else
-flattened (:func:`pool_activation`); scores reading one feature space concatenate the layers.
+flattened (:func:`~ood_core.scores.features.pool_features`); scores reading one feature space concatenate the layers.
 Euclidean distances of the neighbours found by faiss are recomputed exactly in float64 from the
 stored calibration features (faiss' float32 ``|x|^2 + |y|^2 - 2 x.y`` loses small distances).
 """
@@ -19,6 +19,7 @@ from torch import Tensor
 from ood_core.params import Param
 from ood_core.recorder import LayerId
 from ood_core.scores.base import BaseScore, Features
+from ood_core.scores.features import pool_features
 from ood_core.scores.knn import INDEX_METRIC, check_k, flat_features, flat_index, to_faiss
 
 TRUST_MIN_DIST = 1e-12
@@ -27,19 +28,11 @@ _CHUNK = 1024
 
 
 # ---------------------------------------------------------------------------- helpers
-def pool_activation(a: Tensor) -> Tensor:
-    """One layer's activation -> float32 ``(N, D)``: the spatial mean ``(N, C)`` of a 4-D tensor
-    with ``H*W > 1``, otherwise the activation flattened per sample."""
-    if a.ndim == 4 and a.shape[2] * a.shape[3] > 1:
-        return a.float().mean(dim=(2, 3))
-    return a.flatten(1).float()
-
-
 def pooled_features(
     activations: dict[LayerId, Tensor], layers: tuple[LayerId, ...]
 ) -> dict[LayerId, Tensor]:
-    """``{layer: pool_activation(activations[layer])}`` for ``layers``, in order."""
-    return {layer: pool_activation(activations[layer]) for layer in layers}
+    """``{layer: pool_features(activations[layer], torch.float32)}`` for ``layers``, in order."""
+    return {layer: pool_features(activations[layer], torch.float32) for layer in layers}
 
 
 def layer_key(layer: LayerId) -> str:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
+from ood_core.scores.features import pool_features as pool_flat
 
 SKETCH_SIZE = 512
 """Values kept per calibration sample to estimate ReAct's threshold on a spatial map (see
@@ -42,14 +43,6 @@ REPRODUCTION_TOL = 1e-2
 
 
 # ---------------------------------------------------------------------------------- helpers
-def pool_flat(a: Tensor) -> Tensor:
-    """Global average pool of a 4-D map over its spatial dims, then flatten -> float64 (n, D)."""
-    a = a.double()
-    if a.ndim == 4:
-        a = a.mean(dim=(2, 3))
-    return a.flatten(1)
-
-
 def order_statistic(values: Tensor, q: float, interpolation: str) -> float:
     """Quantile ``q`` of all ``values`` without interpolation: ``higher`` takes the sorted value
     at index ``ceil(q (n - 1))``, ``lower`` at ``floor(q (n - 1))`` (as ``torch.quantile`` with
