@@ -79,6 +79,26 @@ class ImageDataset:
         )
 
 
+    def split_disjoint(self, n_a: int | None, n_b: int | None, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+        """Two disjoint random subsets of sizes ``n_a`` and ``n_b`` (None: half of the data each),
+        e.g. calibration and test samples drawn from a single file."""
+        n = len(self)
+        n_a = n // 2 if n_a is None else n_a
+        n_b = n - n_a if n_b is None else n_b
+        if n_a <= 0 or n_b <= 0 or n_a + n_b > n:
+            raise ValueError(f"Dataset '{self.name}' has {n} samples: cannot draw disjoint subsets "
+                             f"of {n_a} and {n_b}; lower the sizes.")  # fmt: skip
+        perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+        a, b = perm[:n_a].sort().values, perm[n_a : n_a + n_b].sort().values
+        return tuple(ImageDataset(self.images[i], self.labels[i], self.class_names, self.name,
+                                  dict(self.meta)) for i in (a, b))  # type: ignore[return-value]
+
+
+def is_single_source(source: str) -> bool:
+    """Whether ``source`` ignores the split argument (a local file or folder)."""
+    return source not in BUNDLED and Path(source).expanduser().exists()
+
+
 def list_bundled() -> list[dict[str, Any]]:
     """Bundled datasets: ``[{"name", "title", "splits", "help"}]``."""
     return [

@@ -256,8 +256,14 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
     metrics = config.metric_objects()
     say("Loading model and data", 0.0)
     net = cache.model(config.model_repo, config.model_entry)
-    calib = cache.dataset(config.ind_dataset, config.calibration_split, config.n_calibration, config.seed)
-    ind = cache.dataset(config.ind_dataset, config.test_split, config.n_test, config.seed + 1)
+    if config.calibration_split == config.test_split or data_mod.is_single_source(config.ind_dataset):
+        # one pool of samples: calibration and test subsets are drawn disjointly
+        full = cache.dataset(config.ind_dataset, config.test_split, None, 0)
+        calib, ind = full.split_disjoint(config.n_calibration, config.n_test, config.seed)
+    else:
+        calib = cache.dataset(config.ind_dataset, config.calibration_split, config.n_calibration,
+                              config.seed)  # fmt: skip
+        ind = cache.dataset(config.ind_dataset, config.test_split, config.n_test, config.seed + 1)
     hub.check_compatible(net, calib.sample_shape, len(calib.class_names),
                          name=f"Model '{config.model_entry}'")  # fmt: skip
     oods, titles = [], []

@@ -198,8 +198,9 @@ def data_section() -> None:
     st.markdown(f"**Current data:** {title} · images {tuple(calib.sample_shape)} · "
                 f"{len(calib.class_names)} classes · splits '{ss['cal_split']}' / '{ss['test_split']}'")
     if same:
-        st.warning("Calibration and test samples come from the same split and may overlap.",
-                   icon=":material/warning:")  # fmt: skip
+        st.info("Calibration and test samples come from the same data: a run draws them as "
+                "disjoint subsets (their sizes must add up to at most the data size).",
+                icon=":material/info:")  # fmt: skip
 
 
 def check_and_preview() -> None:

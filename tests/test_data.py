@@ -75,3 +75,12 @@ def test_hub_dataset_offline_fails_fast_with_clear_message(monkeypatch):
     with pytest.raises(data.DataUnavailableError, match="ego-thales/cifar10.*no network"):
         data.load_hub("ego-thales/cifar10", "calibration", "unique_split")
     assert time.perf_counter() - t0 < 10
+
+
+def test_split_disjoint_draws_non_overlapping_subsets(mnist):
+    a, b = mnist.subset(100, seed=0).split_disjoint(60, 30, seed=3)
+    assert len(a) == 60 and len(b) == 30
+    flat_a = {tuple(x.flatten().tolist()) for x in a.images}
+    assert not any(tuple(x.flatten().tolist()) in flat_a for x in b.images)
+    with pytest.raises(ValueError, match="cannot draw disjoint subsets of 80 and 30"):
+        mnist.subset(100, seed=0).split_disjoint(80, 30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ood_core.eval import compute_confidence, compute_metrics, fit_scores
 from ood_core.pipeline import RunCache, RunConfig, ScenarioSpec, ScoreSpec, run
@@ -62,3 +63,16 @@ def test_incompatible_data_and_empty_choices_are_explained():
     with pytest.raises(ValueError, match=r"reads internal activations"):
         run(RunConfig(n_calibration=50, n_test=50, scores=[ScoreSpec("KNN", {"k": 3})],
                       scenarios=[ScenarioSpec(kind="invert")]))  # fmt: skip
+
+
+def test_single_file_ind_data_gives_disjoint_calibration_and_test(tmp_path, fmnist_test):
+    x = (fmnist_test.images[:300, 0] * 255).round().to(torch.uint8).numpy()
+    np.savez(tmp_path / "ind.npz", images=x, labels=fmnist_test.labels[:300].numpy())
+    cfg = RunConfig(ind_dataset=str(tmp_path / "ind.npz"), n_calibration=200, n_test=100,
+                    scores=[ScoreSpec("Softmax")], scenarios=[ScenarioSpec(kind="invert")])  # fmt: skip
+    cache = RunCache()
+    res = run(cfg, cache)
+    assert len(res.ind) == 100
+    with pytest.raises(ValueError, match="cannot draw disjoint subsets of 250 and 100"):
+        cfg.n_calibration = 250
+        run(cfg, RunCache())
