@@ -346,3 +346,36 @@ def test_gram_rank_one_closed_form_and_float64_fallback():
         torch.testing.assert_close(stats[:, p - 1], direct_gram_rows(a, p))
     big = torch.randn(2, 3, 4) * 20  # |a| > 8: products in float64, still exact
     torch.testing.assert_close(gram_stats(big, 8)[:, 7], direct_gram_rows(big, 8))
+
+
+# ---------------------------------------------------------------- RankFeat
+def test_rankfeat_equals_manual_rank1_removal_and_forward(net, data):
+    import numpy as np
+
+    from ood_core.scores import RankFeat
+
+    x, y = data
+    _, conf = run(net, RankFeat(), [(1, 1)], x, y, x[:8])
+    with torch.no_grad():
+        a = net.conv(x[:8]).double()
+    expected = []
+    for i in range(8):
+        m = a[i].reshape(4, -1).numpy()
+        u, s, vt = np.linalg.svd(m, full_matrices=False)
+        rest = torch.from_numpy(m - s[0] * np.outer(u[:, 0], vt[0])).reshape(1, 4, 6, 6)
+        with torch.no_grad():
+            f = net.fc(net.flat(net.pool(net.relu(rest.float())))).double()
+        expected.append(torch.logsumexp(f, 1).item())
+    torch.testing.assert_close(conf[:, 0], torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_rankfeat_of_a_rank_one_map_leaves_only_the_bias(net):
+    from ood_core.scores.rankfeat import remove_rank1
+
+    u, v = torch.randn(2, 4, 1), torch.randn(2, 1, 9)
+    a = (u @ v).reshape(2, 4, 3, 3)
+    assert remove_rank1(a).abs().max() < 1e-5
+    from ood_core.scores import RankFeat
+
+    with pytest.raises(ValueError, match=r"RankFeat needs a feature map .* layer \(1, 5\)"):
+        RankFeat().check_layers([(1, 5)], Engine.for_net(net, torch.rand(2, 1, 6, 6)).recorder)

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from ood_core.scores import gradients, gram, knn, logits, mahalanobis, misc, neighbours, shaping
+from ood_core.scores import (
+    gradients,
+    gram,
+    knn,
+    logits,
+    mahalanobis,
+    misc,
+    neighbours,
+    rankfeat,
+    shaping,
+)
 from ood_core.scores.base import BaseScore, NotFittedError, ScoreTimer, postprocess_conformity
 from ood_core.scores.gradients import *  # noqa: F403
 from ood_core.scores.gram import Gram
@@ -19,9 +29,10 @@ from ood_core.scores.logits import BaselineClassif
 from ood_core.scores.mahalanobis import *  # noqa: F403
 from ood_core.scores.misc import *  # noqa: F403
 from ood_core.scores.neighbours import *  # noqa: F403
+from ood_core.scores.rankfeat import RankFeat
 from ood_core.scores.shaping import *  # noqa: F403
 
-_FAMILY_MODULES = (logits, gradients, gram, knn, mahalanobis, shaping, neighbours, misc)
+_FAMILY_MODULES = (logits, gradients, gram, knn, mahalanobis, shaping, rankfeat, neighbours, misc)
 SCORES: dict[str, type[BaseScore]] = {
     cls.__name__: cls
     for module in _FAMILY_MODULES
@@ -79,5 +90,6 @@ def list_scores() -> list[dict[str, Any]]:
 __all__ = [
     "SCORES", "BaseScore", "NotFittedError", "ScoreTimer", "list_scores", "make_score",
     "register_score", "get_score_class", "postprocess_conformity", "BaselineClassif", "KNN", "Gram",
+    "RankFeat",
     *SCORES,
 ]  # fmt: skip
