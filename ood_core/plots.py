@@ -30,7 +30,9 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _finite_range(arrays: Sequence[np.ndarray]) -> tuple[float, float]:
+def finite_range(arrays: Sequence[Any]) -> tuple[float, float]:
+    """``(min, max)`` over the finite values of several arrays (a unit range if none / constant)."""
+    arrays = [_np(a) for a in arrays]
     vals = np.concatenate([a[np.isfinite(a)] for a in arrays]) if arrays else np.zeros(1)
     if vals.size == 0:
         return 0.0, 1.0
@@ -52,7 +54,7 @@ def add_histograms(fig: go.Figure, series: Mapping[str, Any], row: int | None = 
     """Overlaid density histograms (one per dataset, shared bins; +/-inf values are clipped to the
     finite range and counted at its edges)."""
     arrays = {k: _np(v) for k, v in series.items()}
-    lo, hi = _finite_range(list(arrays.values()))
+    lo, hi = finite_range(list(arrays.values()))
     size = (hi - lo) / nbins
     for i, (name, a) in enumerate(arrays.items()):
         fig.add_trace(

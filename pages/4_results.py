@@ -45,12 +45,7 @@ def _index_choice(key: str, n: int, default: int = 0) -> None:
 
 
 def _finite_range(result: RunResult, i: int) -> tuple[float, float]:
-    vals = np.concatenate([np.asarray(v, dtype=float) for v in _series(result, i).values()])
-    vals = vals[np.isfinite(vals)]
-    if vals.size == 0:
-        return 0.0, 1.0
-    lo, hi = float(vals.min()), float(vals.max())
-    return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
+    return plots.finite_range(list(_series(result, i).values()))
 
 
 def thresholds(result: RunResult) -> dict[int, float]:
