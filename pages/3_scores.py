@@ -176,6 +176,7 @@ def body() -> None:
         common.guard(lambda: evaluation_section(problems))
     st.divider()
     run_section(config, problems)
+    common.replay_section()
 
 
 common.guard(body)

@@ -546,6 +546,41 @@ def execute_run(config: RunConfig) -> RunResult | None:
     return result
 
 
+def parse_uploaded_config(data: bytes) -> tuple[RunConfig | None, str | None]:
+    """A run config from an uploaded TOML file, or ``(None, message)`` saying what is wrong."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "The file is not UTF-8 text; upload the config.toml that ood-lens exported."
+    try:
+        config = RunConfig.from_toml(text)
+    except ValueError as exc:  # tomllib.TOMLDecodeError is a ValueError too
+        return None, f"Invalid run config: {exc}"
+    if not config.scores or not config.scenarios:
+        return None, "The config lists no scores or no scenarios; nothing to run."
+    return config, None
+
+
+def replay_section() -> None:
+    """Upload a run config (exported here or written for ``ood-lens run``) and run it as is."""
+    with st.expander("Replay a saved run config (TOML)", icon=":material/upload_file:"):
+        up = st.file_uploader("Run config", type=["toml"], key="replay_file",
+                              help="The config.toml of an export, or one written for `ood-lens run`.")
+        if up is None:
+            return
+        config, error = parse_uploaded_config(up.getvalue())
+        if error:
+            st.error(error, icon=":material/error:")
+            return
+        st.caption(f"{config.model_entry} from {config.model_repo} · {config.ind_dataset} · "
+                   f"{len(config.scores)} score(s) × {len(config.scenarios)} scenario(s)")
+        if st.button("Replay this config", key="replay", icon=":material/replay:"):
+            if execute_run(config) is None:
+                st.error(st.session_state["run_error"], icon=":material/error:")
+            else:
+                go_to(PAGE_RESULTS, "Results")
+
+
 # ---------------------------------------------------------------------------- exports
 def export_bundle(result: RunResult) -> dict[str, bytes]:
     """metrics.csv, confidences.parquet, report.html, config.toml of ``result`` (pipeline.export

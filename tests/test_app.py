@@ -209,3 +209,14 @@ def test_invalid_score_parameters_show_errors_next_to_the_score() -> None:
     at.number_input(key="w.p.KNN.k").set_value(3).run()
     _assert_clean(at)
     assert not at.button(key="run").disabled
+
+
+def test_uploaded_config_is_parsed_or_explained():
+    from ood_core.pipeline import example_config
+    from pages.common import parse_uploaded_config
+
+    config, error = parse_uploaded_config(example_config().to_toml().encode())
+    assert error is None and config == example_config()
+    assert parse_uploaded_config(b"[model\n")[1].startswith("Invalid run config")
+    assert "no scores" in parse_uploaded_config(b"[model]\nentry='tiniest'\n")[1]
+    assert "not UTF-8" in parse_uploaded_config(b"\xff\xfe")[1]
