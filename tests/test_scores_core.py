@@ -379,3 +379,22 @@ def test_rankfeat_of_a_rank_one_map_leaves_only_the_bias(net):
 
     with pytest.raises(ValueError, match=r"RankFeat needs a feature map .* layer \(1, 5\)"):
         RankFeat().check_layers([(1, 5)], Engine.for_net(net, torch.rand(2, 1, 6, 6)).recorder)
+
+
+def test_float64_networks_work_and_agree_with_float32(data):
+    import copy
+
+    x, y = data
+    torch.manual_seed(0)
+    net32 = TinyConv().eval()
+    net64 = copy.deepcopy(net32).double()
+
+    def make():
+        return [Softmax(), Energy(), KNN(k=3), Gram(max_gram_order=2), GradNorm()]
+
+    layers = [[], [], [(1, 3)], [(1, 1)], [(1, 5)]]
+    for s32, s64, lay in zip(make(), make(), layers, strict=True):
+        _, c32 = run(net32, s32, lay, x, y, x)
+        logits64, c64 = run(net64, s64, lay, x, y, x)
+        assert logits64.dtype == torch.float64 and c64.dtype == torch.float64
+        torch.testing.assert_close(c64, c32, rtol=1e-4, atol=1e-5, msg=repr(s64))
