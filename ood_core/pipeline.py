@@ -32,7 +32,7 @@ from ood_core.eval import compute_metrics
 from ood_core.metrics import DEFAULT_METRICS, Metric, parse_metric
 from ood_core.perturbations import make_perturbation
 from ood_core.recorder import LayerId, iter_layer_ids
-from ood_core.report import confidences_frame, layers_text, results_frame, score_label
+from ood_core.report import confidences_frame, results_frame, score_label
 from ood_core.scores import make_score
 from ood_core.scores.base import BaseScore
 
@@ -343,10 +343,6 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
         ood_images=oods, ind_predictions=pred, accuracy=acc, seconds=time.perf_counter() - t0,
     )  # fmt: skip
 
-
-def layer_choices(layers: list[str]) -> str:
-    """Human text for a list of layer ids."""
-    return layers_text(iter_layer_ids(layers)) if layers else "logits only"
 
 
 def result_figures(result: RunResult) -> list[tuple[str, Any]]:
