@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from ood_core.diagnostics import OodLensWarning
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -35,11 +38,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         def progress(stage: str, frac: float) -> None:
             bar.update(task, description=stage, completed=frac)
 
-        result = run(config, progress=progress)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OodLensWarning)  # printed below, once, with the table
+            result = run(config, progress=progress)
     summary_table(result.evals, scores_and_layers=result.scores_and_layers,
                   oods_title=result.ood_titles, metrics=result.metrics, baseline=config.baseline)  # fmt: skip
     Console().print(f"Model accuracy on {len(result.ind)} InD test samples: {result.accuracy:.2%}; "
                     f"total {result.seconds:.1f} s")  # fmt: skip
+    for message in result.warnings:
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False)
     if args.out:
         paths = export(result, args.out)
         for kind, p in paths.items():

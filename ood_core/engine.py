@@ -18,6 +18,7 @@ from math import prod
 import torch
 from torch import Tensor, nn
 
+from ood_core.diagnostics import collect, degenerate, warn_if_tied
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features, Timed
 
@@ -64,6 +65,8 @@ class Extraction:
     seconds_forward: float = 0.0
     seconds_per_score: list[float] = field(default_factory=list)
     n_forward_calls: int = 0
+    constant_layers: tuple[LayerId, ...] = ()
+    """Recorded layers whose activation was the same for every sample of the dataset."""
 
 
 class Engine:
@@ -137,6 +140,8 @@ class Engine:
         seconds = [0.0 for _ in scores]
         t_forward = 0.0
         n_calls = 0
+        first: dict[LayerId, Tensor] = {}
+        varies = dict.fromkeys(union, False)
         was_training = self.net.training
         self.net.eval()
         try:
@@ -151,6 +156,10 @@ class Engine:
                     raise ValueError("The network must return logits of shape (N, n_classes); got "
                                      f"{type(logits).__name__} {getattr(logits, 'shape', '')}.")  # fmt: skip
                 acts, inputs = dict(rec.activations), dict(rec.inputs)
+                for layer in union:
+                    if not varies[layer] and isinstance(acts.get(layer), Tensor):
+                        ref = first.setdefault(layer, acts[layer][:1])
+                        varies[layer] = bool((acts[layer] != ref).any())
                 logits = logits.detach()
                 logits_chunks.append(logits)
                 for i, s in enumerate(scores):
@@ -178,7 +187,11 @@ class Engine:
         if torch.isnan(all_logits).any():
             raise ValueError("The network produced NaN logits on this data; check the inputs' range "
                              "and normalisation.")  # fmt: skip
-        return Extraction(all_logits, [_cat(c) for c in chunks], t_forward, seconds, n_calls)
+        constant = tuple(layer for layer, v in varies.items() if not v and layer in first)
+        if len(data) < 2:
+            constant = ()
+        return Extraction(all_logits, [_cat(c) for c in chunks], t_forward, seconds, n_calls,
+                          constant)  # fmt: skip
 
     def _share(self, scores: Sequence[BaseScore], ex: Extraction) -> list[float]:
         """Each score's time: its own work plus an equal share of the shared forward passes."""
@@ -207,8 +220,13 @@ class Engine:
                                  f"{tuple(labels.shape)}.")  # fmt: skip
         shares = self._share(scores, ex)
         for s, feats, share in zip(scores, ex.features, shares, strict=True):
-            with Timed() as t:
+            with Timed() as t, collect() as messages:
+                for layer in (x for x in s.layers if x in ex.constant_layers):
+                    degenerate(s, f"the activation of layer {self.recorder.layer_name(layer)!r} is "
+                               f"the same for all {len(ex.logits):,} calibration samples, so it "
+                               "contributes nothing", "choose another layer", layer=layer)  # fmt: skip
                 s.fit_features(feats, ex.logits, labels)
+            s.fit_warnings = messages  # OodLensWarning messages of this fit (also emitted)
             s._recorder = self.recorder  # noqa: SLF001
             s.timer.add("calibration", len(ex.logits), share + t.seconds)
         return ex
@@ -220,8 +238,13 @@ class Engine:
         *,
         batch_size: int | None = None,
         progress: Progress | None = None,
+        dataset: str | None = None,
     ) -> list[tuple[Tensor, Tensor]]:
-        """``[(logits (n, C), conformity (n, C))]`` per score, from one shared pass."""
+        """``[(logits (n, C), conformity (n, C))]`` per score, from one shared pass.
+
+        ``dataset`` names the set in warnings (:class:`~ood_core.diagnostics.OodLensWarning` when
+        all of a score's predicted-class confidences on it are identical).
+        """
         ex = self.extract(scores, data, batch_size=batch_size, progress=progress)
         shares = self._share(scores, ex)
         out = []
@@ -232,6 +255,7 @@ class Engine:
                 raise ValueError(f"{s!r} produced NaN confidences on {int(torch.isnan(conf).any(1).sum())}"
                                  " samples; check its parameters and layers (e.g. a singular statistic).")
             s.timer.add("inference", len(ex.logits), share + t.seconds)
+            warn_if_tied(s, predicted_confidence(ex.logits, conf), dataset)
             out.append((ex.logits, conf))
         return out
 

@@ -150,7 +150,8 @@ def compute_confidence(
     with _Bars(progress) as bars:
         for title, data in datasets:
             update = bars.stage(f"Computing confidences: {title} ({len(data)} samples)", len(data))
-            per_score = engine.confidences(scores, data, batch_size=batch_size, progress=update)
+            per_score = engine.confidences(scores, data, batch_size=batch_size, progress=update,
+                                           dataset=title)
             confs = torch.stack([predicted_confidence(lg, c).double().cpu() for lg, c in per_score])
             results.append(confs)
     return results[0], tuple(results[1:])

@@ -27,6 +27,7 @@ from torch import nn
 
 from ood_core import data as data_mod
 from ood_core import hub
+from ood_core.diagnostics import about, collect
 from ood_core.engine import Engine, predicted_confidence
 from ood_core.eval import compute_metrics
 from ood_core.metrics import DEFAULT_METRICS, Metric, parse_metric
@@ -198,6 +199,8 @@ class RunCache:
     datasets: dict[tuple, data_mod.ImageDataset] = field(default_factory=dict)
     fitted: dict[tuple, BaseScore] = field(default_factory=dict)
     confidences: dict[tuple, np.ndarray] = field(default_factory=dict)
+    warnings: dict[tuple, list[str]] = field(default_factory=dict)
+    """OodLensWarning messages per confidences key (fit warnings live on the fitted scores)."""
 
     def model(self, repo: str, entry: str) -> nn.Module:
         key = (repo, entry)
@@ -234,6 +237,8 @@ class RunResult:
     ind_predictions: np.ndarray
     accuracy: float
     seconds: float
+    warnings: list[str] = field(default_factory=list)
+    """:class:`~ood_core.diagnostics.OodLensWarning` messages: degenerate fits and tied sets."""
 
     def confidences_frame(self) -> pd.DataFrame:
         return confidences_frame(self.confs_ind, self.confs_oods, score_names=self.score_names,
@@ -315,13 +320,15 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
             def score_progress(done: int, total: int, title: str = title) -> None:
                 say(f"Scoring {title}", done / total)
 
-            per = engine.confidences([s for _, s in missing], x, batch_size=config.batch_size,
-                                     progress=score_progress)  # fmt: skip
+            with collect() as messages:
+                per = engine.confidences([s for _, s in missing], x, batch_size=config.batch_size,
+                                         progress=score_progress, dataset=title)  # fmt: skip
             if dkey == ("__ind__",):
                 cache.confidences[(base_key, "predictions")] = per[0][0].argmax(1).cpu().numpy()
             for (i, s), (logits, conf) in zip(missing, per, strict=True):
                 cache.confidences[(base_key, config.scores[i].key(), dkey)] = (
                     predicted_confidence(logits, conf).double().cpu().numpy())
+                cache.warnings[(base_key, config.scores[i].key(), dkey)] = about(s, messages)
                 timings.append({"score": repr(s), "operation": f"inference: {title}",
                                 "seconds": s.timer.entries[-1][2]})  # fmt: skip
         confs[title] = [cache.confidences[(base_key, config.scores[i].key(), dkey)] for i in range(len(pairs))]
@@ -333,6 +340,9 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
     frame = results_frame(evals, scores_and_layers=pairs, oods_title=titles, metrics=metrics,
                           confs_ind=confs_ind, confs_oods=confs_oods, n_boot=config.n_boot,
                           seed=config.seed)  # fmt: skip
+    notes = [m for s, _ in pairs for m in s.fit_warnings] + [
+        m for dkey in (d for _, d, _ in datasets) for spec in config.scores
+        for m in cache.warnings.get((base_key, spec.key(), dkey), [])]  # fmt: skip
     pred = cache.confidences[(base_key, "predictions")]
     acc = float((pred == ind.labels.numpy()).mean())
     say("Done", 1.0)
@@ -341,6 +351,7 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
         confs_ind=confs_ind, confs_oods=confs_oods, metrics=metrics, evals=evals, frame=frame,
         timings=pd.DataFrame(timings, columns=["score", "operation", "seconds"]), ind=ind,
         ood_images=oods, ind_predictions=pred, accuracy=acc, seconds=time.perf_counter() - t0,
+        warnings=list(dict.fromkeys(notes)),
     )  # fmt: skip
 
 
@@ -379,7 +390,9 @@ def export(result: RunResult, out_dir: Any) -> dict[str, Any]:
     notes = (f"Model {cfg.model_entry} from {cfg.model_repo}; InD {cfg.ind_dataset} "
              f"({len(result.ind)} test samples, accuracy {result.accuracy:.2%}); "
              f"run time {result.seconds:.1f} s.")  # fmt: skip
-    page = html_report("ood-lens report", result_figures(result),
-                       [("Metrics", metrics_wide(result)), ("All values", result.frame)], notes)  # fmt: skip
+    tables = [("Metrics", metrics_wide(result)), ("All values", result.frame)]
+    if result.warnings:
+        tables.insert(0, ("Warnings", pd.DataFrame({"warning": result.warnings})))
+    page = html_report("ood-lens report", result_figures(result), tables, notes)
     return write_bundle(out_dir, metrics_frame=result.frame, confidences=result.confidences_frame(),
                         report_html=page, config_toml=cfg.to_toml())  # fmt: skip

@@ -53,3 +53,19 @@ def test_run_writes_bundle_and_offline_report(tmp_path, capsys):
 def test_missing_config_file_is_an_error(capsys):
     assert main(["run", "nope.toml"]) == 2
     assert "no such config file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_prints_degenerate_warnings_and_reports_them(tmp_path, capsys):
+    cfg = example_config()
+    cfg.n_calibration, cfg.n_test = 200, 100
+    cfg.scores = [ScoreSpec("Energy", {"mode": "diff"}), ScoreSpec("Softmax")]
+    cfg.scenarios = [ScenarioSpec(kind="vertical_flip")]
+    path = tmp_path / "run.toml"
+    path.write_text(cfg.to_toml())
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: Energy: all 100 confidences on") == 2  # InD and the flipped set
+    assert "Softmax" not in err
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<h2>Warnings</h2>" in html and "Energy: all 100 confidences on" in html

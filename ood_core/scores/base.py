@@ -138,6 +138,8 @@ class BaseScore:
         self.timer = ScoreTimer(self)
         self.layers: tuple[LayerId, ...] = ()
         self.fitted = False
+        self.fit_warnings: list[str] = []
+        """:class:`~ood_core.diagnostics.OodLensWarning` messages of the last fit."""
         self._recorder: Recorder | None = None
         self.n_classes: int | None = None
         self.check_params()

@@ -41,7 +41,10 @@ class GradNorm(BaseScore):
     params = (
         TEMPERATURE,
         Param("grad_norm", "float", 1.0, low=1, allow_inf=True, help="p of the gradient p-norm."),
-    )
+        Param("discard_functional_forward", "bool", False,
+              help="Accepted for the reference library's API; no effect here: the logits returned "
+                   "are always those of the network's own forward pass."),
+    )  # fmt: skip
     needs_param_grad = True  # per instance: False when the closed form applies (see check_layers)
     closed_form: bool = False
 
