@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ood_core.diagnostics import collect, degenerate, warn_if_tied
+from ood_core.inputs import check_inputs
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features, Timed
 
@@ -86,11 +87,11 @@ class Engine:
         on it), traced with the example batch ``example``."""
         if isinstance(net, Recorder):
             return cls(net)
+        check_inputs(net, example)  # declared shape / dtype / range, before tracing on it
         rec = net.__dict__.get("_ood_lens_recorder")
-        if rec is None or tuple(rec.example_shape) != tuple(example.shape[1:]):
+        if rec is None or tuple(rec.input_shape) != tuple(example.shape[1:]):
             device, dtype = _net_device_dtype(net)
             rec = Recorder(net, input_data=example[:1].to(device=device, dtype=dtype))
-            rec.example_shape = tuple(example.shape[1:])
             object.__setattr__(net, "_ood_lens_recorder", rec)  # not a submodule
         return cls(rec)
 
@@ -121,14 +122,8 @@ class Engine:
         progress: Progress | None = None,
     ) -> Extraction:
         """One pass over ``data`` ``(N, ...)``: logits and every score's per-sample features."""
-        if not isinstance(data, Tensor) or data.ndim < 2:
-            raise ValueError(f"Expected a batch tensor (N, ...) of inputs; got {type(data).__name__}"
-                             f"{tuple(data.shape) if isinstance(data, Tensor) else ''}.")  # fmt: skip
-        if len(data) == 0:
-            raise ValueError("Cannot compute scores on an empty dataset (0 samples).")
-        if data.is_floating_point() and torch.isnan(data).any():
-            raise ValueError("The input data contains NaN values; clean them before scoring.")
         rec = self.recorder
+        check_inputs(self.net, data, rec.input_shape)
         previous = rec.recording
         plain = [s for s in scores if not s.needs_own_pass]
         union = tuple(dict.fromkeys(layer for s in plain for layer in s.layers))

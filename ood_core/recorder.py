@@ -83,6 +83,9 @@ class Recorder(nn.Module):
         if input_data is None and input_size is None:
             raise ValueError("Recorder needs `input_data` (an example batch) or `input_size`.")
         self.net = net
+        example = tuple(input_data.shape) if input_data is not None else tuple(input_size or ())
+        self.input_shape: tuple[int, ...] = tuple(int(d) for d in example[1:])
+        """Per-sample shape of the example the layer table was traced with (no batch dim)."""
         was_training = net.training
         net.eval()
         try:

@@ -1,0 +1,75 @@
+"""Checks of the input batches every score sees, against what the model declares or was traced on.
+
+Images are float tensors ``(N, C, H, W)``; a bundled model declares its input in its ``ood_lens``
+attribute (``input_shape``, and a value range such as ``"inputs in [0, 1]"`` in ``normalisation``).
+A batch that does not match is refused before any forward pass, with a message saying what was
+expected, what was given and how to fix it: integer images, 0-255 floats for a [0, 1] model, the
+wrong size or number of channels would otherwise be scored silently (or end in a raw torch error).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+_RANGE = re.compile(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]")
+RANGE_TOLERANCE = 1e-3
+"""Values this far outside a declared range still pass (rounding of stored images)."""
+
+
+def declared_range(net: nn.Module) -> tuple[float, float] | None:
+    """The ``[low, high]`` input range a model declares (``ood_lens["input_range"]`` or
+    ``"... [0, 1] ..."`` in ``ood_lens["normalisation"]``), or None."""
+    meta = getattr(net, "ood_lens", None) or {}
+    if "input_range" in meta:
+        low, high = meta["input_range"]
+        return float(low), float(high)
+    match = _RANGE.search(str(meta.get("normalisation", "")))
+    return (float(match.group(1)), float(match.group(2))) if match else None
+
+
+def declared_shape(net: nn.Module) -> tuple[int, ...] | None:
+    """The per-sample input shape a model declares (``ood_lens["input_shape"]``), or None."""
+    shape = (getattr(net, "ood_lens", None) or {}).get("input_shape")
+    return tuple(int(d) for d in shape) if shape is not None else None
+
+
+def check_inputs(net: nn.Module, data: Tensor, traced_shape: tuple[int, ...] | None = None,
+                 name: str = "inputs") -> None:  # fmt: skip
+    """Raise ``ValueError`` unless ``data`` is a float batch ``(N, ...)`` of the model's declared
+    (else traced) per-sample shape, free of NaN, within its declared value range."""
+    if not isinstance(data, Tensor):
+        raise ValueError(f"The {name} must be a torch.Tensor batch (N, C, H, W); got "
+                         f"{type(data).__name__}. Convert with torch.as_tensor(...).")  # fmt: skip
+    if data.ndim < 2:
+        raise ValueError(f"The {name} must be a batch (N, ...) with a leading sample dimension; got "
+                         f"shape {tuple(data.shape)}. Add one with x.unsqueeze(0).")  # fmt: skip
+    if len(data) == 0:
+        raise ValueError(f"Cannot compute scores on empty {name} (0 samples).")
+    if not data.is_floating_point():
+        hint = " (0-255 images: x.float() / 255)" if data.dtype == torch.uint8 else ""
+        raise ValueError(f"The {name} must be float images; got dtype {data.dtype}. Convert them "
+                         f"to float in the model's input range{hint}.")  # fmt: skip
+    expected = declared_shape(net) or traced_shape
+    got = tuple(data.shape[1:])
+    if expected and got != tuple(expected):
+        source = "declares" if declared_shape(net) else "was traced with"
+        raise ValueError(
+            f"The {name} have per-sample shape {got} but the model {source} {tuple(expected)} "
+            "(C, H, W). Resize or convert them (channels, height, width) to match."
+        )
+    if torch.isnan(data).any():
+        raise ValueError(f"The {name} contain NaN values; clean them before scoring.")
+    bounds = declared_range(net)
+    if bounds is not None:
+        low, high = bounds
+        lo, hi = float(data.min()), float(data.max())
+        if lo < low - RANGE_TOLERANCE or hi > high + RANGE_TOLERANCE:
+            hint = " (0-255 images? divide by 255)" if hi > 2 * max(1.0, high) else ""
+            raise ValueError(
+                f"The {name} hold values in [{lo:.4g}, {hi:.4g}] but the model expects inputs in "
+                f"[{low:g}, {high:g}]{hint}. Rescale them (and do not normalise them yourself if "
+                "the model normalises internally)."
+            )
