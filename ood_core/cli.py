@@ -2,6 +2,7 @@
 
     ood-lens example-config > run.toml     # the bundled default (seed workload + MNIST)
     ood-lens run run.toml --out results/   # table in the terminal, files in results/
+    ood-lens run run.toml --out results/ --force   # replace an earlier run's results/
     ood-lens layers --entry tiniest        # a model's layer table with (depth, idx) ids
     ood-lens scores                        # every registered score
 """
@@ -11,44 +12,93 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from ood_core.diagnostics import OodLensWarning
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from ood_core.pipeline import RunConfig, export, run
-    from ood_core.report import summary_table
+class _Failed(Exception):
+    """A user-facing error: printed as one ``error:`` message, exit status ``code``."""
 
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _warn(message: str) -> None:
+    """One ``warning:`` line on stderr (the message is plain text: brackets are not markup)."""
+    Console(stderr=True, soft_wrap=True).print(Text.assemble(("warning:", "yellow"), " ", message),
+                                               highlight=False)  # fmt: skip
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Exit 0: done; 2: bad input (config, --out), found before any computation; 1: the run
+    failed; 130: interrupted (nothing written)."""
+    args.interrupted = "interrupted; nothing written"
     path = Path(args.config)
     if not path.exists():
-        print(f"error: no such config file: {path}", file=sys.stderr)
-        return 2
-    config = RunConfig.from_toml(path.read_text())
+        raise _Failed(f"no such config file: {path}", 2)
+    if not path.is_file():
+        raise _Failed(f"{path} is not a file; pass a run config (TOML), e.g. from "
+                      "`ood-lens example-config`", 2)  # fmt: skip
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _Failed(f"cannot read the config {path}: {exc}", 2) from None
+    if args.out:  # before importing torch: a bad --out fails in well under a second
+        from ood_core.outdir import OutputDirError, check_out_dir
+
+        try:
+            check_out_dir(args.out, force=args.force, protect=[path])
+        except OutputDirError as exc:
+            raise _Failed(str(exc), 2) from None
+    from ood_core.pipeline import ConfigError, RunConfig, export, run
+    from ood_core.report import summary_table
+
+    try:
+        config = RunConfig.from_toml(text, source=str(path))
+    except ConfigError as exc:
+        raise _Failed(str(exc), 2) from None
     quiet = args.quiet or os.environ.get("OOD_LENS_QUIET", "") not in ("", "0")
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  disable=quiet, transient=True) as bar:  # fmt: skip
-        task = bar.add_task("Starting", total=1.0)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                      disable=quiet, transient=True) as bar:  # fmt: skip
+            task = bar.add_task("Starting", total=1.0)
 
-        def progress(stage: str, frac: float) -> None:
-            bar.update(task, description=stage, completed=frac)
+            def progress(stage: str, frac: float) -> None:
+                bar.update(task, description=stage, completed=frac)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", OodLensWarning)  # printed below, once, with the table
-            result = run(config, progress=progress)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", OodLensWarning)  # printed below, once, with the table
+                result = run(config, progress=progress)
+    except ConfigError as exc:
+        raise _Failed(str(exc), 2) from None
+    except (ValueError, RuntimeError, OSError) as exc:  # data / hub / model problems
+        raise _Failed(f"the run failed: {exc}", 1) from exc
     summary_table(result.evals, scores_and_layers=result.scores_and_layers,
-                  oods_title=result.ood_titles, metrics=result.metrics, baseline=config.baseline)  # fmt: skip
+                  oods_title=result.ood_titles, metrics=result.metrics,
+                  baseline=result.config.baseline)  # fmt: skip
     Console().print(f"Model accuracy on {len(result.ind)} InD test samples: {result.accuracy:.2%}; "
                     f"total {result.seconds:.1f} s")  # fmt: skip
-    for message in result.warnings:
-        Console(stderr=True).print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False)
+    for message in [*result.notes, *result.warnings]:
+        _warn(message)
     if args.out:
-        paths = export(result, args.out)
+        from ood_core.outdir import OutputDirError
+
+        try:
+            paths = export(result, args.out, force=args.force, config_path=path)
+        except OutputDirError as exc:  # the folder changed during the run
+            raise _Failed(f"{exc} (nothing written)", 2) from None
+        except OSError as exc:
+            raise _Failed(f"could not write the results ({exc}); nothing written", 1) from exc
+        args.interrupted = f"interrupted; the results were already written to {paths['run'].parent}"
         for kind, p in paths.items():
             Console().print(f"wrote {kind}: {p}")
     return 0
@@ -89,27 +139,55 @@ def _cmd_scores(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ood-lens", description=__doc__.split("\n\n")[0])
+    """Entry point. Exit status: 0 done, 1 failure, 2 bad input, 130 interrupted."""
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="print the traceback of an error")  # fmt: skip
+    parser = argparse.ArgumentParser(prog="ood-lens", description=__doc__.split("\n\n")[0],
+                                     parents=[debug])  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run an evaluation config (TOML)")
+    p = sub.add_parser("run", help="run an evaluation config (TOML)", parents=[debug])
     p.add_argument("config")
-    p.add_argument("--out", help="folder for metrics.csv, confidences.parquet, report.html, config.toml")
+    p.add_argument("--out", help="folder for metrics.csv, confidences.parquet, report.html, "
+                   "config.toml and run.json (written last); must not exist or be empty")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out folder of an earlier run (only once the new "
+                        "results are complete)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
-    p = sub.add_parser("example-config", help="print a config for the bundled default")
+    p = sub.add_parser("example-config", help="print a config for the bundled default", parents=[debug])
     p.set_defaults(func=_cmd_example)
-    p = sub.add_parser("layers", help="print a hub model's layer table")
+    p = sub.add_parser("layers", help="print a hub model's layer table", parents=[debug])
     p.add_argument("--repo", default="bundled")
     p.add_argument("--entry", default="tiniest")
     p.add_argument("--input-shape", type=int, nargs=3, default=(1, 28, 28))
     p.set_defaults(func=_cmd_layers)
-    p = sub.add_parser("scores", help="list the registered scores")
+    p = sub.add_parser("scores", help="list the registered scores", parents=[debug])
     p.set_defaults(func=_cmd_scores)
     args = parser.parse_args(argv)
+    show_traceback = getattr(args, "debug", False)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as exc:
+    except KeyboardInterrupt:
+        if show_traceback:
+            traceback.print_exc()
+        print(getattr(args, "interrupted", "interrupted"), file=sys.stderr)
+        return 130
+    except _Failed as exc:
+        if show_traceback:
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except (ValueError, RuntimeError) as exc:
+        if show_traceback:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback behind --debug
+        if show_traceback:
+            traceback.print_exc()
+        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)  # fmt: skip
         return 1
 
 

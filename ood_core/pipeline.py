@@ -4,6 +4,10 @@ A :class:`RunConfig` names the model (hub reference + entry), the InD data (cali
 splits, sizes, seed), the scores with their parameters and layers, the OoD scenarios
 (perturbations of the InD test set and real OoD datasets) and the metrics. It round-trips through
 TOML (``to_toml`` / ``from_toml``): the dashboard exports it and ``ood-lens run`` replays it.
+Loading validates every key before anything is computed (pydantic models with unknown keys
+forbidden, then the score, perturbation and metric registries): a :class:`ConfigError` lists each
+problem as ``[section] key = value: expected ...``, with a "did you mean" for misspelt names.
+Scenario titles must be unique and differ from ``"InD"``; results are keyed by position.
 
 :func:`run` returns a :class:`RunResult` (confidences, metrics, tidy tables, timings). It reuses a
 :class:`RunCache` across calls: models and datasets are loaded once, fitted scores and their
@@ -13,16 +17,24 @@ recomputes only that score.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import platform
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import tomli_w
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from ood_core import data as data_mod
@@ -39,6 +51,26 @@ from ood_core.scores.base import BaseScore
 
 StageProgress = Callable[[str, float], None]
 """``progress(stage label, fraction done in [0, 1])``."""
+
+
+MAX_N_BOOT = 10_000
+"""Upper bound of ``[evaluation] n_boot`` (bootstrap resamples per score, set and metric)."""
+MAX_BATCH_SIZE = 65_536
+MAX_SEED = 2**31 - 1
+IND_TITLE = "InD"
+"""The in-distribution test set's label in every table; no scenario may use it as its title."""
+
+
+class ConfigError(ValueError):
+    """An invalid run config; ``problems`` lists every problem found, each with its location
+    (``[section] key = value: expected ...``)."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        body = self.problems[0] if len(self.problems) == 1 else (
+            f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
+        super().__init__(f"{source}: {body}" if source else body)
 
 
 @dataclass
@@ -63,7 +95,10 @@ class ScoreSpec:
 
 @dataclass
 class ScenarioSpec:
-    """A perturbation of the InD test images (``kind`` + params) or a real dataset (``dataset``)."""
+    """A perturbation of the InD test images (``kind`` + params) or a real dataset (``dataset``).
+
+    Results are keyed by the scenario's position, and its title (``describe()``) labels it in
+    tables and plots: titles must be unique within a run and differ from ``"InD"``."""
 
     kind: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -77,12 +112,17 @@ class ScenarioSpec:
             raise ValueError("A scenario is either a perturbation (kind=...) or a dataset (dataset=...).")
 
     def describe(self) -> str:
+        """The title: ``title`` if set, else one made from the kind and params or from the
+        dataset, its config and its split (so sets differing only by config differ)."""
         if self.title:
             return self.title
         if self.kind is not None:
             return make_perturbation(self.kind, **self.params).describe()
         if self.dataset in data_mod.BUNDLED:
-            return data_mod.BUNDLED[self.dataset]["title"]
+            title = data_mod.BUNDLED[self.dataset]["title"]
+            return title if self.split == "test" else f"{title} ({self.split})"
+        if self.config:
+            return f"{self.dataset} ({self.config}, {self.split})"
         return f"{self.dataset} ({self.split})"
 
     def key(self) -> tuple:
@@ -92,7 +132,12 @@ class ScenarioSpec:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs; see the module docstring and ``ood-lens example-config``."""
+    """Everything a run needs; see the module docstring and ``ood-lens example-config``.
+
+    :meth:`from_toml` / :meth:`from_dict` validate every key (types, ranges, registry names,
+    unknown keys) and raise :class:`ConfigError`; :meth:`validate` does the same for a config
+    built in code (:func:`run` calls it first). ``baseline`` is an index into ``scores`` or a
+    score name (resolved to an index by validation)."""
 
     model_repo: str = "bundled"
     model_entry: str = "tiniest"
@@ -105,7 +150,7 @@ class RunConfig:
     scores: list[ScoreSpec] = field(default_factory=list)
     scenarios: list[ScenarioSpec] = field(default_factory=list)
     metrics: list[str] = field(default_factory=lambda: [repr(m) for m in DEFAULT_METRICS])
-    baseline: int | None = 0
+    baseline: int | str | None = 0
     n_boot: int = 0
     batch_size: int | None = None
 
@@ -139,37 +184,390 @@ class RunConfig:
         return header + tomli_w.dumps(self.to_dict())
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        known = {"model", "data", "evaluation", "scores", "scenarios"}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Unknown section(s) {sorted(unknown)} in the config; expected {sorted(known)}.")
-        model, data, ev = d.get("model", {}), d.get("data", {}), d.get("evaluation", {})
-        try:
-            return cls(
-                model_repo=model.get("repo", "bundled"), model_entry=model.get("entry", "tiniest"),
-                ind_dataset=data.get("ind_dataset", "fashion_mnist"),
-                calibration_split=data.get("calibration_split", "calibration"),
-                test_split=data.get("test_split", "test"), n_calibration=data.get("n_calibration"),
-                n_test=data.get("n_test"), seed=data.get("seed", 0),
-                scores=[ScoreSpec(**s) for s in d.get("scores", [])],
-                scenarios=[ScenarioSpec(**s) for s in d.get("scenarios", [])],
-                metrics=ev.get("metrics", [repr(m) for m in DEFAULT_METRICS]),
-                baseline=ev.get("baseline"), n_boot=ev.get("n_boot", 0),
-                batch_size=ev.get("batch_size"),
-            )  # fmt: skip
-        except TypeError as exc:
-            raise ValueError(f"Invalid config entry: {exc}") from exc
+    def from_dict(cls, d: dict[str, Any], source: str | None = None) -> RunConfig:
+        """Validate ``d`` (the TOML layout) and build the config, or raise :class:`ConfigError`
+        listing every problem; ``source`` (a file name) prefixes the message."""
+        config, problems = _check_config_dict(d)
+        if problems:
+            raise ConfigError(problems, source)
+        return config
 
     @classmethod
-    def from_toml(cls, text: str) -> RunConfig:
-        return cls.from_dict(tomllib.loads(text))
+    def from_toml(cls, text: str, source: str | None = None) -> RunConfig:
+        try:
+            d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"not valid TOML: {exc}"], source) from None
+        return cls.from_dict(d, source)
+
+    def validate(self, source: str | None = None) -> RunConfig:
+        """A checked copy (``baseline`` resolved to an index), or :class:`ConfigError`."""
+        try:
+            d = self.to_dict()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError([f"cannot read the config: {exc}"], source) from None
+        checked = RunConfig.from_dict(d, source)
+        out = copy.deepcopy(self)
+        out.baseline = checked.baseline
+        return out
 
 
 def _toml_safe(params: dict[str, Any]) -> dict[str, Any]:
     """TOML has no null and no tuples: ``None`` -> ``"None"``, tuples -> lists."""
     return {k: "None" if v is None else (list(v) if isinstance(v, tuple) else v)
             for k, v in params.items()}  # fmt: skip
+
+
+# ---------------------------------------------------------------------- config validation
+# The TOML layout, one pydantic model per section (strict types, unknown keys forbidden). Each
+# field's description is the "expected ..." part of its error message.
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+_N_HELP = "a whole number of samples >= 1 (leave the key out to use every sample)"
+
+
+class _ModelSection(_Section):
+    repo: str = Field("bundled", min_length=1, description=(
+        "a hub reference: 'bundled', a local folder with a hubconf.py, or 'owner/repo[:ref]'"))
+    entry: str = Field("tiniest", min_length=1, description="an entry point name, e.g. 'tiniest'")
+
+
+class _DataSection(_Section):
+    ind_dataset: str = Field("fashion_mnist", min_length=1, description=(
+        "a bundled dataset name, a local .parquet/.npz file or image folder, or a Hugging Face id"))
+    calibration_split: str = Field("calibration", min_length=1, description="a split name")
+    test_split: str = Field("test", min_length=1, description="a split name")
+    n_calibration: int | None = Field(None, ge=1, description=_N_HELP)
+    n_test: int | None = Field(None, ge=1, description=_N_HELP)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description=f"a whole number in [0, {MAX_SEED}]")
+
+
+class _EvaluationSection(_Section):
+    metrics: list[str] = Field(
+        default_factory=lambda: [repr(m) for m in DEFAULT_METRICS], min_length=1,
+        description='a non-empty list of metrics, e.g. ["AUC()", "TPR(max_fpr=0.05)"]')  # fmt: skip
+    baseline: int | str | None = Field(None, description=(
+        "the index (from 0) or the name of one of the [[scores]]"))
+    n_boot: int = Field(0, ge=0, le=MAX_N_BOOT, description=(
+        f"a whole number of bootstrap resamples in [0, {MAX_N_BOOT}] (0: no intervals)"))
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE, description=(
+        f"a whole number of images per batch in [1, {MAX_BATCH_SIZE}] (leave it out: automatic)"))
+
+
+class _ScoreEntry(_Section):
+    name: str = Field(min_length=1, description="a registered score name (`ood-lens scores`)")
+    params: dict[str, Any] = Field(default_factory=dict, description=(
+        "a table of the score's parameters (`ood-lens scores` lists them)"))
+    layers: list[str | list[int]] = Field(default_factory=list, description=(
+        'a list of layer ids like ["1-11"] (`ood-lens layers` lists them)'))
+
+
+class _ScenarioEntry(_Section):
+    kind: str | None = Field(None, min_length=1, description="a perturbation kind, e.g. 'darker'")
+    params: dict[str, Any] = Field(default_factory=dict, description=(
+        "a table of the perturbation's parameters"))
+    dataset: str | None = Field(None, min_length=1, description=(
+        "a bundled dataset name, a local file or folder, or a Hugging Face id"))
+    split: str = Field("test", min_length=1, description="a split name")
+    config: str | None = Field(None, min_length=1, description="a Hugging Face dataset config name")
+    title: str | None = Field(None, min_length=1, max_length=200, description=(
+        "a non-empty label of at most 200 characters"))
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "model": _ModelSection, "data": _DataSection, "evaluation": _EvaluationSection}
+_ENTRIES: dict[str, type[_Section]] = {"scores": _ScoreEntry, "scenarios": _ScenarioEntry}
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A value as TOML would write it (strings in double quotes, true/false), shortened."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, list | tuple):
+        text = "[" + ", ".join(_show(v, limit) for v in value) + "]"
+    elif isinstance(value, dict):
+        text = "{" + ", ".join(f"{k} = {_show(v, limit)}" for k, v in value.items()) + "}"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(value: Any) -> str:
+    for types, name in ((bool, "a boolean"), (int, "an integer"), (float, "a float"),
+                        (str, "a string"), (list | tuple, "a list"), (dict, "a table")):  # fmt: skip
+        if isinstance(value, types):
+            return name
+    return f"a {type(value).__name__}"
+
+
+def _suggest(word: Any, options: Iterable[str]) -> str:
+    """``' (did you mean "x"?)'`` for the closest option (difflib), or ``""``."""
+    if not isinstance(word, str):
+        return ""
+    by_lower = {o.lower(): o for o in options}
+    match = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {_show(by_lower[match[0]])}?)" if match else ""
+
+
+def _explain(exc: ValidationError, where: str, model: type[_Section]) -> list[str]:
+    """One message per pydantic error: location, value, what is expected."""
+    fields = model.model_fields
+    out: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = err["loc"]
+        key = str(loc[0]) if loc else ""
+        path = key + "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))
+        if err["type"] == "extra_forbidden":
+            msg = (f"{where} {key}: unknown key{_suggest(key, fields)}; "
+                   f"known keys: {', '.join(fields)}")  # fmt: skip
+        elif err["type"] == "missing":
+            msg = f"{where}: missing key '{key}': expected {fields[key].description}"
+        elif key in fields:
+            value = err["input"]
+            msg = f"{where} {path} = {_show(value)} ({_kind(value)}): expected {fields[key].description}"
+        else:
+            msg = f"{where}: {err['msg']}"
+        if msg not in out:
+            out.append(msg)
+    return out
+
+
+def _layer_problems(where: str, layers: list[Any]) -> tuple[list[LayerId], list[str]]:
+    ids, problems = [], []
+    for j, layer in enumerate(layers):
+        try:
+            lid = iter_layer_ids([layer])[0]
+            if min(lid) < 0:
+                raise ValueError
+            ids.append(lid)
+        except ValueError:
+            problems.append(f"{where} layers[{j}] = {_show(layer)}: expected a layer id "
+                            '"depth-index" like "1-11" (`ood-lens layers` lists them)')  # fmt: skip
+    return ids, problems
+
+
+def _score_problems(where: str, spec: ScoreSpec) -> tuple[BaseScore | None, list[str]]:
+    """The built score (None if it cannot be built) and the problems of one [[scores]] entry."""
+    from ood_core.scores import ALIASES, SCORES, get_score_class
+
+    try:
+        cls = get_score_class(spec.name)
+    except ValueError:
+        return None, [f"{where} name = {_show(spec.name)}: unknown score"
+                      f"{_suggest(spec.name, [*SCORES, *ALIASES])}; `ood-lens scores` lists them"]
+    declared = [p.name for p in cls.all_params()]
+    problems = [f"{where} params.{k}: {cls.__name__} has no parameter {_show(k)}"
+                f"{_suggest(k, declared)}; its parameters: {', '.join(declared)}"
+                for k in spec.params if k not in declared]  # fmt: skip
+    score = None
+    if not problems:
+        try:
+            score = spec.build()
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{where} params: {exc}")
+    ids, layer_problems = _layer_problems(where, spec.layers)
+    problems += layer_problems
+    if score is not None and not layer_problems and ids and cls.layer_rule == "none":
+        problems.append(f"{where} layers = {_show(spec.layers)}: {cls.__name__} reads only the "
+                        "logits and would ignore them; remove layers")  # fmt: skip
+    elif score is not None and not layer_problems:
+        try:
+            score.check_layers(ids)
+        except ValueError as exc:
+            problems.append(f"{where} layers: {exc}")
+    return score, problems
+
+
+def _scenario_problems(where: str, e: _ScenarioEntry) -> tuple[ScenarioSpec | None, list[str]]:
+    """The scenario (None if invalid) and the problems of one [[scenarios]] entry."""
+    from ood_core.perturbations import PERTURBATIONS
+
+    if (e.kind is None) == (e.dataset is None):
+        both = "not both" if e.kind is not None else "one of them"
+        return None, [f"{where}: give either kind = \"...\" (a perturbation of the InD test "
+                      f"images) or dataset = \"...\" (a dataset of real images), {both}"]
+    problems: list[str] = []
+    if e.title is not None and not e.title.strip():
+        problems.append(f"{where} title = {_show(e.title)}: expected a non-empty label")
+    if e.kind is not None:
+        if e.kind not in PERTURBATIONS:
+            return None, problems + [
+                f"{where} kind = {_show(e.kind)}: unknown perturbation{_suggest(e.kind, PERTURBATIONS)}; "
+                f"available: {', '.join(PERTURBATIONS)}"]  # fmt: skip
+        declared = [p.name for p in PERTURBATIONS[e.kind].params] + ["seed"]
+        problems += [f"{where} params.{k}: {e.kind} has no parameter {_show(k)}"
+                     f"{_suggest(k, declared)}; its parameters: {', '.join(declared)}"
+                     for k in e.params if k not in declared]  # fmt: skip
+        if not problems:
+            try:
+                make_perturbation(e.kind, **e.params)
+            except (TypeError, ValueError) as exc:
+                problems.append(f"{where} params: {exc}")
+        if e.config is not None:
+            problems.append(f"{where} config = {_show(e.config)}: only datasets have a config; remove it")
+        if e.split != "test":
+            problems.append(f"{where} split = {_show(e.split)}: a perturbation applies to the InD "
+                            "test images; split is for datasets: remove it")  # fmt: skip
+    else:
+        if e.params:
+            problems.append(f"{where} params = {_show(e.params)}: only perturbations (kind = ...) "
+                            "take parameters; remove them")  # fmt: skip
+        bundled = data_mod.BUNDLED.get(e.dataset or "")
+        if bundled is not None:
+            if e.split not in bundled["splits"]:
+                problems.append(f"{where} split = {_show(e.split)}: bundled dataset "
+                                f"{_show(e.dataset)} has the split(s) {', '.join(bundled['splits'])}")
+            if e.config is not None:
+                problems.append(f"{where} config = {_show(e.config)}: bundled dataset "
+                                f"{_show(e.dataset)} has no configs; remove it")  # fmt: skip
+    if problems:
+        return None, problems
+    return ScenarioSpec(**e.model_dump()), []
+
+
+def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
+    """The config described by ``d`` (TOML layout) and every problem found in it."""
+    if not isinstance(d, dict):
+        return RunConfig(), [f"expected a table of sections, got {_kind(d)}"]
+    problems: list[str] = []
+    known = [*_SECTIONS, *_ENTRIES]
+    unknown = [k for k in d if k not in known]
+    if unknown:
+        hints = "".join(_suggest(u, known).replace("?)", f" for {_show(u)}?)") for u in unknown)
+        problems.append(f"Unknown section(s) {unknown} in the config{hints}; expected {sorted(known)}")
+    sections: dict[str, Any] = {}
+    for name, model in _SECTIONS.items():
+        raw = d.get(name, {})
+        if not isinstance(raw, dict):
+            problems.append(f"[{name}] must be a table ([{name}] followed by key = value lines), "
+                            f"got {_show(raw)} ({_kind(raw)})")  # fmt: skip
+            continue
+        try:
+            sections[name] = model.model_validate(raw)
+        except ValidationError as exc:
+            problems += _explain(exc, f"[{name}]", model)
+    entries: dict[str, list[Any] | None] = {}
+    for name, model in _ENTRIES.items():
+        raw = d.get(name, [])
+        if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
+            problems.append(f"{name} must be an array of tables ([[{name}]] entries), "
+                            f"got {_show(raw)} ({_kind(raw)})")  # fmt: skip
+            entries[name] = None
+            continue
+        entries[name] = []
+        for i, e in enumerate(raw):
+            label = e.get("name") if name == "scores" else (e.get("title") or e.get("kind") or e.get("dataset"))
+            label = (label if len(label) <= 40 else label[:37] + "...") if isinstance(label, str) else None
+            where = f"[[{name}]] #{i + 1}" + (f" ({label})" if label else "")
+            try:
+                entries[name].append((where, model.model_validate(e)))
+            except ValidationError as exc:
+                problems += _explain(exc, where, model)
+                entries[name].append((where, None))
+    # per-entry checks against the registries
+    scores: list[tuple[str, ScoreSpec, BaseScore | None]] = []
+    for where, e in entries["scores"] or []:
+        if e is not None:
+            spec = ScoreSpec(e.name, dict(e.params), list(e.layers))
+            score, probs = _score_problems(where, spec)
+            problems += probs
+            scores.append((where, spec, None if probs else score))
+    scenarios: list[tuple[str, ScenarioSpec | None]] = []
+    for where, e in entries["scenarios"] or []:
+        if e is not None:
+            spec, probs = _scenario_problems(where, e)
+            problems += probs
+            scenarios.append((where, spec))
+    # whole-config checks
+    if entries["scores"] == []:
+        problems.append('[[scores]]: the config lists no scores; add at least one score '
+                        '([[scores]] with name = "Softmax", say)')  # fmt: skip
+    if entries["scenarios"] == []:
+        problems.append('[[scenarios]]: the config lists no scenarios; add at least one OoD '
+                        'scenario ([[scenarios]] with kind = "vertical_flip" or dataset = "mnist")')
+    first_of: dict[tuple, str] = {}
+    for where, spec, score in scores:
+        if score is None:
+            continue
+        if spec.key() in first_of:
+            problems.append(f"{where} repeats {first_of[spec.key()]} (same name, parameters and "
+                            "layers): remove one")  # fmt: skip
+        first_of.setdefault(spec.key(), where)
+    titled: dict[str, str] = {}
+    for where, spec in scenarios:
+        if spec is None:
+            continue
+        title = spec.describe()
+        norm = title.strip().casefold()
+        if norm == IND_TITLE.casefold():
+            problems.append(f"{where}: the title {_show(title)} is the in-distribution test set's "
+                            "label; set another title = \"...\"")  # fmt: skip
+        elif norm in titled:
+            problems.append(f"{where} and {titled[norm]} are both titled {_show(title)}: results "
+                            "are reported per title, so give each a distinct title = \"...\"")
+        titled.setdefault(norm, where)
+    data, ev = sections.get("data"), sections.get("evaluation")
+    if data is not None and data.ind_dataset in data_mod.BUNDLED:
+        splits = data_mod.BUNDLED[data.ind_dataset]["splits"]
+        for key in ("calibration_split", "test_split"):
+            if getattr(data, key) not in splits:
+                problems.append(f"[data] {key} = {_show(getattr(data, key))}: bundled dataset "
+                                f"{_show(data.ind_dataset)} has the split(s) {', '.join(splits)}")
+    baseline = None
+    if ev is not None:
+        seen: dict[str, int] = {}
+        for k, text in enumerate(ev.metrics):
+            try:
+                norm = repr(parse_metric(text))
+            except ValueError as exc:
+                problems.append(f"[evaluation] metrics[{k}] = {_show(text)}: {exc}")
+                continue
+            if norm in seen:
+                problems.append(f"[evaluation] metrics[{k}] = {_show(text)}: already listed as "
+                                f"metrics[{seen[norm]}]; remove one")  # fmt: skip
+            seen.setdefault(norm, k)
+        if ev.baseline is not None and entries["scores"] and len(scores) == len(entries["scores"]):
+            baseline, problem = _resolve_baseline(ev.baseline, scores)
+            if problem:
+                problems.append(problem)
+    model = sections.get("model", _ModelSection())
+    data = data or _DataSection()
+    ev = ev or _EvaluationSection()
+    config = RunConfig(
+        model_repo=model.repo, model_entry=model.entry, ind_dataset=data.ind_dataset,
+        calibration_split=data.calibration_split, test_split=data.test_split,
+        n_calibration=data.n_calibration, n_test=data.n_test, seed=data.seed,
+        scores=[spec for _, spec, _ in scores], scenarios=[s for _, s in scenarios if s is not None],
+        metrics=list(ev.metrics), baseline=baseline, n_boot=ev.n_boot, batch_size=ev.batch_size,
+    )  # fmt: skip
+    return config, problems
+
+
+def _resolve_baseline(value: int | str, scores: list[tuple[str, ScoreSpec, BaseScore | None]]
+                      ) -> tuple[int | None, str | None]:  # fmt: skip
+    """The baseline's index: ``value`` is an index or a score name (registry name, or its label
+    with or without layers, e.g. ``"KNN(k=15)"``); the first match wins."""
+    n = len(scores)
+    expected = f"expected the index (0 to {n - 1}) or the name of one of the {n} [[scores]]"
+    if isinstance(value, int):
+        if 0 <= value < n:
+            return value, None
+        return None, f"[evaluation] baseline = {value}: {expected}"
+    from ood_core.scores import ALIASES
+
+    names: list[str] = []
+    for i, (_, spec, score) in enumerate(scores):
+        candidates = [spec.name, ALIASES.get(spec.name, spec.name)]
+        if score is not None:
+            candidates += [repr(score), score_label(score, spec.layer_ids(), multiline=False)]
+        if value in candidates:
+            return i, None
+        names += candidates
+    return None, f"[evaluation] baseline = {_show(value)}: no such score{_suggest(value, names)}; {expected}"
 
 
 def example_config() -> RunConfig:
@@ -239,6 +637,8 @@ class RunResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     """:class:`~ood_core.diagnostics.OodLensWarning` messages: degenerate fits and tied sets."""
+    notes: list[str] = field(default_factory=list)
+    """What the run adjusted, e.g. a sample size above the data's, lowered to it."""
 
     def confidences_frame(self) -> pd.DataFrame:
         return confidences_frame(self.confs_ind, self.confs_oods, score_names=self.score_names,
@@ -250,17 +650,20 @@ def _data_key(cfg: RunConfig) -> tuple:
 
 
 def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgress | None = None) -> RunResult:
-    """Load, fit, score and evaluate as ``config`` says (see the module docstring)."""
+    """Load, fit, score and evaluate as ``config`` says (see the module docstring).
+
+    ``config`` is validated first (:meth:`RunConfig.validate`, :class:`ConfigError`). Sample sizes
+    above what the data holds are lowered to it: ``RunResult.notes`` says so and
+    ``RunResult.config`` records the sizes actually used."""
     t0 = time.perf_counter()
+    config = config.validate()
     cache = cache or RunCache()
     say = progress or (lambda stage, frac: None)
-    if not config.scores:
-        raise ValueError("Choose at least one score.")
-    if not config.scenarios:
-        raise ValueError("Choose at least one OoD scenario (a perturbation or a dataset).")
     metrics = config.metric_objects()
+    notes: list[str] = []
     say("Loading model and data", 0.0)
     net = cache.model(config.model_repo, config.model_entry)
+    n_cal, n_test = config.n_calibration, config.n_test
     if config.calibration_split == config.test_split or data_mod.is_single_source(config.ind_dataset):
         # one pool of samples: calibration and test subsets are drawn disjointly
         full = cache.dataset(config.ind_dataset, config.test_split, None, 0)
@@ -269,17 +672,30 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
         calib = cache.dataset(config.ind_dataset, config.calibration_split, config.n_calibration,
                               config.seed)  # fmt: skip
         ind = cache.dataset(config.ind_dataset, config.test_split, config.n_test, config.seed + 1)
+        for key, n, got, split in (("n_calibration", n_cal, calib, config.calibration_split),
+                                   ("n_test", n_test, ind, config.test_split)):  # fmt: skip
+            if n is not None and n > len(got):
+                notes.append(f"[data] {key} = {n} is more than the {len(got)} samples of "
+                             f"{config.ind_dataset!r} split {split!r}: used all {len(got)} (the "
+                             f"exported config.toml records {key} = {len(got)})")  # fmt: skip
+        n_cal = len(calib) if n_cal is not None else None
+        n_test = len(ind) if n_test is not None else None
     hub.check_compatible(net, calib.sample_shape, len(calib.class_names),
                          name=f"Model '{config.model_entry}'")  # fmt: skip
     oods, titles = [], []
-    for sc in config.scenarios:
+    for j, sc in enumerate(config.scenarios):
         if sc.kind is not None:
             oods.append(make_perturbation(sc.kind, **sc.params)(ind.images))
         else:
-            ds = cache.dataset(sc.dataset, sc.split, config.n_test, config.seed + 2, sc.config)
+            # n_test as actually used for the InD set, so that a replay of the exported config
+            # (which records it) draws the same OoD samples
+            ds = cache.dataset(sc.dataset, sc.split, n_test, config.seed + 2, sc.config)
             if ds.sample_shape != ind.sample_shape:
                 raise ValueError(f"OoD dataset '{sc.describe()}' has images of shape {ds.sample_shape} "
                                  f"but the InD data has {ind.sample_shape}; pick a compatible set.")  # fmt: skip
+            if n_test is not None and n_test > len(ds):
+                notes.append(f"[[scenarios]] #{j + 1} ({sc.describe()}): n_test = {n_test} is "
+                             f"more than its {len(ds)} samples: used all {len(ds)}")  # fmt: skip
             oods.append(ds.images)
         titles.append(sc.describe())
     engine = Engine.for_net(net, calib.images[:1])
@@ -309,10 +725,11 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
             raise
         for s in todo_fit:
             timings.append({"score": repr(s), "operation": "calibration", "seconds": s.timer.entries[-1][2]})
-    datasets = [("InD", ("__ind__",), ind.images)] + [
+    # results are keyed by position (scenario identity), never by title
+    datasets = [(IND_TITLE, ("__ind__",), ind.images)] + [
         (t, sc.key(), x) for t, sc, x in zip(titles, config.scenarios, oods, strict=True)
     ]
-    confs: dict[str, list[np.ndarray]] = {}
+    confs: list[np.ndarray] = []
     for title, dkey, x in datasets:
         missing = [(i, s) for i, (s, _) in enumerate(pairs)
                    if (base_key, config.scores[i].key(), dkey) not in cache.confidences]  # fmt: skip
@@ -331,27 +748,28 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
                 cache.warnings[(base_key, config.scores[i].key(), dkey)] = about(s, messages)
                 timings.append({"score": repr(s), "operation": f"inference: {title}",
                                 "seconds": s.timer.entries[-1][2]})  # fmt: skip
-        confs[title] = [cache.confidences[(base_key, config.scores[i].key(), dkey)] for i in range(len(pairs))]
+        confs.append(np.stack([cache.confidences[(base_key, config.scores[i].key(), dkey)]
+                               for i in range(len(pairs))]))  # fmt: skip
     say("Computing metrics", 0.95)
     names = [score_label(s, layers, multiline=False) for s, layers in pairs]
-    confs_ind = np.stack(confs["InD"])
-    confs_oods = [np.stack(confs[t]) for t in titles]
+    confs_ind, confs_oods = confs[0], confs[1:]
     evals = compute_metrics(confs_ind, confs_oods, metrics, score_names=names)
     frame = results_frame(evals, scores_and_layers=pairs, oods_title=titles, metrics=metrics,
                           confs_ind=confs_ind, confs_oods=confs_oods, n_boot=config.n_boot,
                           seed=config.seed)  # fmt: skip
-    notes = [m for s, _ in pairs for m in s.fit_warnings] + [
+    warned = [m for s, _ in pairs for m in s.fit_warnings] + [
         m for dkey in (d for _, d, _ in datasets) for spec in config.scores
         for m in cache.warnings.get((base_key, spec.key(), dkey), [])]  # fmt: skip
     pred = cache.confidences[(base_key, "predictions")]
     acc = float((pred == ind.labels.numpy()).mean())
     say("Done", 1.0)
+    used = dataclasses.replace(config, n_calibration=n_cal, n_test=n_test)
     return RunResult(
-        config=config, scores_and_layers=pairs, score_names=names, ood_titles=titles,
+        config=used, scores_and_layers=pairs, score_names=names, ood_titles=titles,
         confs_ind=confs_ind, confs_oods=confs_oods, metrics=metrics, evals=evals, frame=frame,
         timings=pd.DataFrame(timings, columns=["score", "operation", "seconds"]), ind=ind,
         ood_images=oods, ind_predictions=pred, accuracy=acc, seconds=time.perf_counter() - t0,
-        warnings=list(dict.fromkeys(notes)),
+        warnings=list(dict.fromkeys(warned)), notes=notes,
     )  # fmt: skip
 
 
@@ -382,17 +800,48 @@ def metrics_wide(result: RunResult) -> pd.DataFrame:
     return wide.reset_index()
 
 
-def export(result: RunResult, out_dir: Any) -> dict[str, Any]:
-    """Write metrics.csv, confidences.parquet, config.toml and a self-contained report.html."""
+def export(
+    result: RunResult,
+    out_dir: Any,
+    *,
+    force: bool = False,
+    config_path: str | Path | None = None,
+) -> dict[str, Path]:
+    """Write metrics.csv, confidences.parquet, config.toml, a self-contained report.html and,
+    last, run.json (status, versions, config sha256, timings, warnings, notes) into ``out_dir``.
+
+    The files go to a new sibling folder renamed into place at the end: an existing non-empty
+    ``out_dir`` is refused unless ``force`` (:class:`~ood_core.outdir.OutputDirError`), links are
+    never written through, and ``config_path`` (the input config, hashed into run.json) is never
+    touched. See :func:`ood_core.report.write_bundle`."""
+    from ood_core import __version__
     from ood_core.report import html_report, write_bundle
 
+    t0 = time.perf_counter()
     cfg = result.config
     notes = (f"Model {cfg.model_entry} from {cfg.model_repo}; InD {cfg.ind_dataset} "
              f"({len(result.ind)} test samples, accuracy {result.accuracy:.2%}); "
              f"run time {result.seconds:.1f} s.")  # fmt: skip
     tables = [("Metrics", metrics_wide(result)), ("All values", result.frame)]
+    if result.notes:
+        tables.insert(0, ("Notes", pd.DataFrame({"note": result.notes})))
     if result.warnings:
         tables.insert(0, ("Warnings", pd.DataFrame({"warning": result.warnings})))
     page = html_report("ood-lens report", result_figures(result), tables, notes)
+    config_toml = cfg.to_toml()
+    source = Path(config_path).read_bytes() if config_path is not None else config_toml.encode()
+    run_info = {
+        "ood_lens_version": __version__, "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "config_source": str(config_path) if config_path is not None else None,
+        "config_sha256": hashlib.sha256(source).hexdigest(),
+        "timings": {"run_seconds": round(result.seconds, 3),
+                    "export_seconds": round(time.perf_counter() - t0, 3),
+                    "operations": result.timings.to_dict("records")},
+        "accuracy": result.accuracy, "n_calibration": cfg.n_calibration, "n_test": len(result.ind),
+        "warnings": result.warnings, "notes": result.notes,
+    }  # fmt: skip
+    protect = [config_path] if config_path is not None else []
     return write_bundle(out_dir, metrics_frame=result.frame, confidences=result.confidences_frame(),
-                        report_html=page, config_toml=cfg.to_toml())  # fmt: skip
+                        report_html=page, config_toml=config_toml, run_info=run_info, force=force,
+                        protect=protect)  # fmt: skip

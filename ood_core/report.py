@@ -158,16 +158,47 @@ def write_bundle(
     confidences: pd.DataFrame,
     report_html: str,
     config_toml: str | None = None,
+    run_info: dict[str, Any] | None = None,
+    force: bool = False,
+    protect: Sequence[str | Path] = (),
 ) -> dict[str, Path]:
-    """Write ``metrics.csv``, ``confidences.parquet``, ``report.html`` (and ``config.toml``)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"metrics": out / "metrics.csv", "confidences": out / "confidences.parquet",
-             "report": out / "report.html"}  # fmt: skip
-    metrics_frame.to_csv(paths["metrics"], index=False)
-    confidences.to_parquet(paths["confidences"], index=False)
-    paths["report"].write_text(report_html, encoding="utf-8")
+    """Write ``metrics.csv``, ``confidences.parquet``, ``report.html`` (and ``config.toml``), then
+    ``run.json`` last (``run_info`` plus ``status`` and each file's size and sha256), into a new
+    folder renamed to ``out_dir`` at the end (:func:`ood_core.outdir.write_atomic`).
+
+    An existing non-empty ``out_dir`` is refused unless ``force`` (then replaced once the new
+    folder is complete); links are never written through; files in ``protect`` are never
+    touched. Raises :class:`~ood_core.outdir.OutputDirError` (a ``ValueError``)."""
+    import hashlib
+    import io
+    import json
+
+    from ood_core.outdir import write_atomic
+
+    names = {"metrics": "metrics.csv", "confidences": "confidences.parquet",
+             "report": "report.html"}  # fmt: skip
     if config_toml is not None:
-        paths["config"] = out / "config.toml"
-        paths["config"].write_text(config_toml, encoding="utf-8")
-    return paths
+        names["config"] = "config.toml"
+    names["run"] = "run.json"
+
+    def files():
+        digests: dict[str, dict[str, Any]] = {}
+
+        def emit(name: str, data: bytes) -> tuple[str, bytes]:
+            digests[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            return name, data
+
+        yield emit("metrics.csv", metrics_frame.to_csv(index=False).encode("utf-8"))
+        buf = io.BytesIO()
+        confidences.to_parquet(buf, index=False)
+        yield emit("confidences.parquet", buf.getvalue())
+        yield emit("report.html", report_html.encode("utf-8"))
+        if config_toml is not None:
+            yield emit("config.toml", config_toml.encode("utf-8"))
+        info = {"status": "complete", **(run_info or {}),
+                "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "files": digests}  # fmt: skip
+        yield "run.json", (json.dumps(info, indent=2, default=str) + "\n").encode("utf-8")
+
+    out = write_atomic(out_dir, files(), force=force, protect=protect)
+    return {kind: out / name for kind, name in names.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 import pandas as pd
@@ -48,6 +50,10 @@ def test_run_writes_bundle_and_offline_report(tmp_path, capsys):
     assert "Plotly.newPlot" in html and len(html) > 3_000_000  # the plotly.js bundle is inside
     n_figures = 1 + 2 + 2  # summary + a histogram per score + a ROC per scenario
     assert len(re.findall(r'<div id="figure-\d+" class="plotly-graph-div"', html)) == n_figures
+    info = json.loads((tmp_path / "out" / "run.json").read_text())  # the completion marker
+    assert info["status"] == "complete" and info["warnings"] == [] and info["notes"] == []
+    assert info["config_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run.toml"]  # no temp folder
 
 
 def test_missing_config_file_is_an_error(capsys):
