@@ -346,6 +346,8 @@ def body() -> None:
     st.markdown(f"`{cfg.model_entry}` on {len(result.ind)} InD test samples (accuracy "
                 f"**{result.accuracy:.2%}**), {len(result.score_names)} score(s) × "
                 f"{len(result.ood_titles)} OoD scenario(s) · run time **{result.seconds:.1f} s**")
+    for message in result.notes:  # e.g. sizes lowered to what the data holds
+        st.info(message, icon=":material/info:")
     for message in result.warnings:  # degenerate fits / tied sets: the numbers they concern
         st.warning(message, icon=":material/warning:")
     thr = thresholds(result)

@@ -2,66 +2,126 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from ood_core.diagnostics import degenerate
 from ood_core.params import Param
 from ood_core.recorder import LayerId
 from ood_core.scores.base import BaseScore, Features
 
-EPS = 1e-6
-F32_SAFE_MAX = 8.0
-"""Largest ``|activation|`` for float32 Gram products: ``(8^16)^2 * 4096 ~ 3e32 < 3.4e38``."""
+PRECISIONS = {"input": None, "float64": torch.float64}
+CHUNK = 256
+"""Test samples per ``(chunk, n_classes, n_stats)`` deviation block in :meth:`Gram._conformity`."""
 
 
-def gram_stats(a: Tensor, max_order: int, separate_diagonal: bool = False) -> Tensor:
-    """Gram statistics of one layer's activations ``a`` ``(n, ch, ...)`` -> ``(n, P, S)``.
+def _rank_one_is_exact(f: Tensor, max_order: int) -> bool:
+    """Whether every nonzero product ``f_i^p f_j^p`` (``p <= max_order``) is a normal number of
+    ``f``'s dtype (neither overflow nor underflow), so that ``|f_i^p f_j^p|^(1/p) = |f_i f_j|`` up
+    to rounding."""
+    mag = f.abs()
+    nonzero = mag[mag > 0]
+    if not len(nonzero) or not bool(torch.isfinite(nonzero).all()):
+        return not len(nonzero)
+    info = torch.finfo(f.dtype)
+    top = 2 * max_order * math.log(float(nonzero.max()))
+    bottom = 2 * max_order * math.log(float(nonzero.min()))
+    return top < math.log(info.max) - 1 and bottom > math.log(info.tiny) + 1
 
-    For ``p = 1..P`` with ``F`` the activations reshaped to ``(ch, HW)``:
-    ``G_p = |F^p (F^p)^T|^(1/p)`` (elementwise power and root), then the row sums of its upper
-    triangle (diagonal included) -> ``S = ch`` values; with ``separate_diagonal`` the diagonal and
-    the strict upper-triangle row sums -> ``S = 2 ch``. The products ``F^p (F^p)^T`` run in float32
-    when every ``|a| <= F32_SAFE_MAX`` (no overflow up to order 16; relative error ~1e-5, far below
-    the spread of the calibration quantiles) and in float64 otherwise; results are float64.
-    Rank-one activations (one value per channel) use the exact closed form ``|f_i| sum_{j>=i} |f_j|``.
+
+def gram_stats(
+    a: Tensor, max_order: int, separate_diagonal: bool = False, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Gram statistics of activations ``a`` ``(n, ch, ...)`` (dim 1 = channels) -> ``(n, P, S)``.
+
+    For ``p = 1..P`` with ``F`` one sample's activations reshaped to ``(ch, L)``:
+    ``G_p = |F^p (F^p)^T|^(1/p)`` (elementwise power, absolute value and root), then the row sums of
+    its upper triangle (diagonal included): ``S = ch`` values; with ``separate_diagonal`` the
+    diagonal, then the strict upper-triangle row sums: ``S = 2 ch``.
+
+    The products run in ``dtype`` (default: ``a``'s own dtype). A coefficient that overflows it is
+    NaN (an infinite product has no usable root), and a NaN poisons its row sum; coefficients that
+    underflow are 0. One value per channel (``L = 1``) uses the closed form
+    ``|f_i| sum_{j >= i} |f_j|`` when no product can overflow or underflow (the same numbers up
+    to rounding). The result is float64.
     """
-    dtype = torch.float32 if float(a.detach().abs().max()) <= F32_SAFE_MAX else torch.float64
-    f = a.detach().to(dtype).reshape(a.shape[0], a.shape[1], -1)
-    ch = f.shape[1]
-    if f.shape[2] == 1 and not separate_diagonal:
-        # rank one (e.g. pooled features, logits): |f_i^p f_j^p|^(1/p) = |f_i f_j| for every p,
-        # so the row sums of the upper triangle are |f_i| * sum_{j >= i} |f_j|
+    dtype = a.dtype if dtype is None else dtype
+    n, ch = a.shape[0], a.shape[1]
+    f = a.detach().to(dtype).reshape(n, ch, -1)
+    if f.shape[2] == 1 and not separate_diagonal and _rank_one_is_exact(f, max_order):
+        # |f_i^p f_j^p|^(1/p) = |f_i f_j| for every p: rows are |f_i| * sum_{j >= i} |f_j|
         v = f[:, :, 0].double().abs()
         rows = v * v.flip(1).cumsum(1).flip(1)
         return rows[:, None, :].expand(-1, max_order, -1).contiguous()
-    mask = torch.ones(ch, ch, dtype=dtype, device=a.device).triu(1 if separate_diagonal else 0)
     out = []
     fp = f
     for p in range(1, max_order + 1):
         if p > 1:
             fp = fp * f  # F^p built incrementally
         g = torch.bmm(fp, fp.transpose(1, 2)).abs_().pow_(1.0 / p)
-        rows = (g * mask).sum(2)
-        if separate_diagonal:
-            rows = torch.cat([g.diagonal(dim1=1, dim2=2), rows], dim=1)
+        rows = _gram_rows(g, separate_diagonal)
+        if not bool(torch.isfinite(rows).all()):  # rare: infinite coefficients become NaN
+            rows = _gram_rows(g.masked_fill_(torch.isinf(g), math.nan), separate_diagonal)
         out.append(rows.double())
     return torch.stack(out, dim=1)
 
 
+def _gram_rows(g: Tensor, separate_diagonal: bool) -> Tensor:
+    """Upper-triangle row sums of Gram matrices ``g`` ``(n, ch, ch)``, or the diagonal then the
+    strict upper-triangle row sums."""
+    if separate_diagonal:
+        return torch.cat([g.diagonal(dim1=1, dim2=2), g.triu(1).sum(2)], dim=1)
+    return g.triu().sum(2)
+
+
 def deviation(stats: Tensor, low: Tensor, high: Tensor) -> Tensor:
-    """Relative deviation outside ``[low, high]``: ``(low - v)/|low|`` below, ``(v - high)/|high|``
-    above, 0 inside (denominators floored at 1e-6). Broadcasts; returns the input shape."""
-    below = (low - stats).clamp_min(0) / low.abs().clamp_min(EPS)
-    above = (stats - high).clamp_min(0) / high.abs().clamp_min(EPS)
-    return below + above
+    """Relative deviation outside ``[low, high]``, elementwise (broadcasts).
+
+    ``(low - v) / |low|`` below the band, ``(v - high) / |high|`` above it, 0 inside. A NaN or
+    infinite ratio (a NaN statistic or edge, an edge equal to 0, an empty band ``[inf, -inf]``)
+    counts as 0.
+    """
+    below = (low - stats) / low.abs()
+    above = (stats - high) / high.abs()
+    dev = torch.where(stats < low, below, torch.where(stats > high, above, 0.0))
+    return dev.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 class Gram(BaseScore):
-    """Gram-matrix score: per layer, Gram statistics of orders 1..P (see :func:`gram_stats`); per
-    class ``c`` the calibration quantiles ``low = q(cut_off)`` and ``high = q(1 - cut_off)`` of the
-    samples labelled ``c`` (``calib_labels``: predicted or true labels); the deviation of a sample
-    outside ``[low_c, high_c]`` (:func:`deviation`) summed per layer and divided by that layer's
-    mean calibration deviation; conformity for class ``c`` = ``-sum over layers`` (per class).
+    """Gram-matrix score (Sastry & Oore), with quantile bands as in OODEEL.
+
+    Per layer, Gram statistics of orders ``1..max_gram_order`` (:func:`gram_stats`). Channels: a
+    per-sample activation of shape ``(C, H, W)`` has ``C`` channels of ``H W`` values; a 1-D or
+    2-D one (logits, flattened features) is ONE channel of all its values (its Gram matrix is
+    ``1 x 1``: ``||f||_{2p}^2`` per order). Per class ``c``, the band ``[low_c, high_c]`` is the
+    ``(cut_off, 1 - cut_off)`` NaN-ignoring quantiles of the calibration samples grouped by
+    ``calib_labels`` (predicted or true class). A sample's deviation for class ``c`` on a layer is
+    the sum of its relative deviations outside the band (:func:`deviation`: NaN or infinite ratios
+    count as 0), divided by the layer's expected deviation (the sum over calibration samples of
+    their deviation from their own class band, over the number of calibration samples).
+    Conformity for class ``c`` = ``-`` the sum over layers, where a NaN total becomes ``-inf``
+    and an infinite one the most negative float (``torch.nan_to_num``).
+
+    Gram products run in the activations' dtype (float32 for most networks): a coefficient that
+    overflows is NaN and ignored (a NaN quantile or statistic deviates by 0), one that underflows
+    is 0. A class without calibration sample has the empty band ``[inf, -inf]``: every sample's
+    deviation from it is 0 (the most conforming value). If no calibration sample deviates on a
+    layer (expected deviation 0), every conformity is ``-inf`` (or the most negative float).
+    These situations raise :class:`~ood_core.diagnostics.OodLensWarning`.
+
+    Options of our own (the defaults reproduce scio 1.1.1.2's Gram):
+
+    * ``precision="float64"``: Gram products in float64, free of overflow (NaN, ignored) and
+      underflow (0, a band edge at 0 that drops every deviation above it) up to high orders; e.g.
+      with ``act_norm=2`` and ``max_gram_order=16`` the float32 products underflow on the
+      ``tiniest`` model's middle block, float64 avoids it.
+    * ``class_fallback="pooled"``: a class with fewer than 2 calibration samples uses the band of
+      all calibration samples instead of its own (empty or single-point) band, so that OoD
+      samples predicted as a class never seen at calibration are not maximally conforming
+      (``tiniest`` calibrated without the class MNIST digits fall in: AUROC Fashion-MNIST vs
+      MNIST 0.40 -> 0.92 on the logits).
 
     Sastry & Oore, "Detecting Out-of-Distribution Examples with Gram Matrices", ICML 2020.
     """
@@ -71,48 +131,158 @@ class Gram(BaseScore):
     layer_rule = "any"
     suggested_layers = ("last_block", "penultimate", "logits")
     params = (
-        Param("max_gram_order", "int", 8, low=1, high=16, help="Highest Gram order P."),
-        Param("cut_off", "float", 0.1, low=0, high=0.5, high_exclusive=True,
-              help="Quantile defining the per-class [low, high] band."),
-        Param("separate_diagonal", "bool", False, help="Keep the Gram diagonal as separate statistics."),
+        Param("max_gram_order", "int", 8, low=1, help="Highest Gram order P."),
+        Param("cut_off", "float", 0.1, low=0, high=0.5, low_exclusive=True, high_exclusive=True,
+              help="Quantile defining the per-class band [q(cut_off), q(1 - cut_off)]."),
+        Param("separate_diagonal", "bool", False, help="Gram diagonal as separate statistics."),
         Param("calib_labels", "choice", "pred", choices=("pred", "true"),
               help="Group calibration samples by predicted or true class."),
+        Param("precision", "choice", "input", choices=tuple(PRECISIONS),
+              help="Gram products in the activations' dtype (overflow -> ignored) or in float64."),
+        Param("class_fallback", "choice", "none", choices=("none", "pooled"),
+              help="Band of classes with < 2 calibration samples: own (none) or pooled."),
     )  # fmt: skip
 
-    def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
-        return {f"{d}-{i}": gram_stats(activations[(d, i)], self.max_gram_order,
-                                       self.separate_diagonal) for d, i in self.layers}  # fmt: skip
+    # ------------------------------------------------------------------ features
+    def _channels_view(self, a: Tensor, layer: LayerId) -> Tensor:
+        """``(n, channels, values)`` view of one layer's activations."""
+        if not 2 <= a.ndim <= 4:  # noqa: PLR2004 (1-D to 3-D per sample)
+            raise ValueError(
+                f"Gram @ {tuple(layer)}: per-sample activations must be 1-D, 2-D or 3-D, got "
+                f"{a.ndim - 1}-D {tuple(a.shape[1:])}: pick another layer."
+            )
+        return a.reshape(a.shape[0], a.shape[1] if a.ndim == 4 else 1, -1)  # noqa: PLR2004
 
+    def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
+        dtype = PRECISIONS[self.precision]
+        return {
+            f"{d}-{i}": gram_stats(self._channels_view(activations[(d, i)], (d, i)),
+                                   self.max_gram_order, self.separate_diagonal, dtype)
+            for d, i in self.layers
+        }  # fmt: skip
+
+    def _layer_of(self, key: str) -> LayerId:
+        d, i = key.split("-")
+        return int(d), int(i)
+
+    # ------------------------------------------------------------------ calibration
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         groups = logits.argmax(1) if self.calib_labels == "pred" else labels
-        n_classes = logits.shape[1]
+        n, n_classes = logits.shape
+        members = [groups == c for c in range(n_classes)]
+        counts = [int(m.sum()) for m in members]
+        self._warn_sparse_classes(counts)
+        q = torch.tensor(
+            [self.cut_off, 1 - self.cut_off], dtype=torch.float64, device=logits.device
+        )
         self.bounds: dict[str, tuple[Tensor, Tensor]] = {}
-        self.norms: dict[str, float] = {}
+        self.expected: dict[str, Tensor] = {}
         for key, stats in features.items():
-            flat = stats.flatten(1)  # (n, P*S)
-            overall_low = flat.quantile(self.cut_off, dim=0)
-            overall_high = flat.quantile(1 - self.cut_off, dim=0)
-            low = overall_low.repeat(n_classes, 1)
-            high = overall_high.repeat(n_classes, 1)
+            layer = self._layer_of(key)
+            flat = stats.flatten(1).double()  # (n, P*S)
+            self._warn_nan(flat, stats.shape[1], layer, "calibration")
+            low = torch.full(
+                (n_classes, flat.shape[1]), math.inf, dtype=flat.dtype, device=flat.device
+            )
+            high = torch.full_like(low, -math.inf)
+            pooled = flat.nanquantile(q, dim=0) if self.class_fallback == "pooled" else None
             for c in range(n_classes):
-                sel = flat[groups == c]
-                if len(sel) >= 2:  # classes never seen keep the pooled band
-                    low[c] = sel.quantile(self.cut_off, dim=0)
-                    high[c] = sel.quantile(1 - self.cut_off, dim=0)
+                if pooled is not None and counts[c] < 2:  # noqa: PLR2004
+                    low[c], high[c] = pooled
+                elif counts[c]:
+                    low[c], high[c] = flat[members[c]].nanquantile(q, dim=0)
             self.bounds[key] = (low, high)
-            own = deviation(flat, low[groups], high[groups]).sum(1)
-            mean = float(own.mean())
-            self.norms[key] = mean if mean > 0 else 1.0
+            self._warn_zero_edges(high, counts, stats.shape[1], layer)
+            # expected deviation: every calibration sample against its own class band
+            total = flat.new_zeros(())
+            for c in range(n_classes):
+                if counts[c]:
+                    total += deviation(flat[members[c]], low[c], high[c]).sum()
+            self.expected[key] = total / n
+            if total == 0:
+                degenerate(self, "no calibration sample deviates from its class band (expected "
+                           "deviation 0), so every conformity is -inf or the most negative float",
+                           "lower cut_off, use more calibration data or drop this layer",
+                           layer=layer)  # fmt: skip
 
+    def _warn_sparse_classes(self, counts: list[int]) -> None:
+        empty = [c for c, k in enumerate(counts) if k == 0]
+        single = [c for c, k in enumerate(counts) if k == 1]
+        if not empty and not single:
+            return
+        by = "predicted as" if self.calib_labels == "pred" else "labelled"
+        parts = []
+        if self.class_fallback == "pooled":
+            parts.append(f"classes {empty + single} have fewer than 2 calibration samples {by} "
+                         "them and use the band of all calibration samples")  # fmt: skip
+        else:
+            if empty:
+                parts.append(f"classes {empty} have no calibration sample {by} them: every "
+                             "sample's deviation from them is 0: maximal conformity")  # fmt: skip
+            if single:
+                parts.append(f"classes {single} have a single calibration sample {by} them: "
+                             "their band is that one point")  # fmt: skip
+        remedy = (
+            "use more calibration data"
+            + (", calib_labels='true'" if self.calib_labels == "pred" else "")
+            + ("" if self.class_fallback == "pooled" else " or class_fallback='pooled'")
+        )
+        degenerate(self, "; ".join(parts), remedy)
+
+    def _warn_nan(self, flat: Tensor, n_orders: int, layer: LayerId, where: str) -> None:
+        nan = flat.isnan()
+        if not bool(nan.any()):
+            return
+        per_order = nan.reshape(len(flat), n_orders, -1).any(2).any(0)
+        first = int(per_order.nonzero()[0]) + 1
+        samples = int(nan.any(1).sum())
+        cause = "float64" if self.precision == "float64" else "the activations' dtype"
+        remedy = "lower max_gram_order, set act_norm" + (
+            " or precision='float64'" if self.precision == "input" else ""
+        )
+        problem = (
+            f"Gram statistics of order >= {first} are NaN (overflow of {cause} or NaN "
+            f"activations) for {samples} of {len(flat)} {where} samples; they count as zero "
+            "deviation, so such samples look in-distribution"
+        )
+        degenerate(self, problem, remedy, layer=layer)
+
+    def _warn_zero_edges(
+        self, high: Tensor, counts: list[int], n_orders: int, layer: LayerId
+    ) -> None:
+        seen = torch.tensor([k > 0 for k in counts], device=high.device)
+        zero = ((high == 0) & seen[:, None]).any(0).reshape(n_orders, -1)
+        if self.separate_diagonal:  # the last channel has no strict upper triangle: always 0
+            zero[:, -1] = False
+        if not bool(zero.any()):
+            return
+        n_zero = int(zero.sum())
+        problem = (
+            f"{n_zero} of {high.shape[1]} Gram statistics have an upper band edge at 0 for some "
+            "class (a dead channel or underflow at high orders): any deviation above it is an "
+            "infinite ratio and counts as 0"
+        )
+        remedy = "a lower max_gram_order or another layer"
+        if self.precision == "input":
+            remedy = "precision='float64' (against underflow), " + remedy
+        degenerate(self, problem, remedy, layer=layer)
+
+    # ------------------------------------------------------------------ inference
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
-        total = torch.zeros(logits.shape[0], logits.shape[1], dtype=torch.float64, device=logits.device)
+        total = torch.zeros(
+            logits.shape[0], logits.shape[1], dtype=torch.float64, device=logits.device
+        )
         for key, stats in features.items():
             low, high = self.bounds[key]
-            flat = stats.flatten(1)
-            for start in range(0, len(flat), 256):  # (chunk, C, F) at a time
-                part = flat[start : start + 256, None, :]
-                total[start : start + 256] += deviation(part, low[None], high[None]).sum(2) / self.norms[key]
-        return -total
+            expected = self.expected[key]
+            flat = stats.flatten(1).double()
+            if bool(flat.isnan().any()):
+                self._warn_nan(flat, stats.shape[1], self._layer_of(key), "scored")
+            for start in range(0, len(flat), CHUNK):
+                part = flat[start : start + CHUNK, None, :]
+                dev = deviation(part, low[None], high[None]).sum(2)
+                total[start : start + CHUNK] += dev / expected
+        return -total.nan_to_num(nan=math.inf)
 
 
 SCORES = (Gram,)
