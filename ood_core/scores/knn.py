@@ -26,7 +26,9 @@ def to_faiss(x: Tensor) -> np.ndarray:
 
 def flat_index(calib: Tensor, metric: str) -> faiss.Index:
     """A faiss flat (exact) index over ``calib`` ``(n, D)``: L2 or inner product."""
-    index = faiss.IndexFlatL2(calib.shape[1]) if metric == "l2" else faiss.IndexFlatIP(calib.shape[1])
+    index = (
+        faiss.IndexFlatL2(calib.shape[1]) if metric == "l2" else faiss.IndexFlatIP(calib.shape[1])
+    )
     index.add(to_faiss(calib))
     return index
 
@@ -40,7 +42,13 @@ def check_k(owner: BaseScore, k: int, n_calib: int) -> None:
 class KNN(BaseScore):
     """Deep nearest neighbours: conformity ``-d_k(x)``, the squared L2 distance from the (by
     default L2-normalised) features of ``x`` to its k-th nearest calibration sample (per sample);
-    with ``index_metric='ip'`` the inner-product similarity to the k-th neighbour.
+    with ``index_metric='ip'`` the inner-product similarity to the k-th neighbour. Features: the
+    recorded layers flattened per sample and concatenated (faiss float32 distances, as the
+    reference library).
+
+    ``act_norm`` (default 2) is applied by the engine to each layer before concatenation; the
+    reference library normalises the concatenation instead, which only differs with several
+    layers.
 
     Sun et al., "Out-of-Distribution Detection with Deep Nearest Neighbors", ICML 2022.
     """
@@ -63,4 +71,6 @@ class KNN(BaseScore):
         dist, _ = self.index.search(to_faiss(features["x"]), self.k)
         kth = torch.from_numpy(dist[:, -1].astype(np.float64)).to(logits.device)
         return -kth if self.index_metric == "l2" else kth
+
+
 SCORES = (KNN,)
