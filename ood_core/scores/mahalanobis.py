@@ -1,21 +1,32 @@
-"""Gaussian-feature scores: Mahalanobis distances to class-conditional Gaussians and ViM.
+"""Gaussian-feature scores: Mahalanobis distances to class-conditional Gaussians, and ViM.
 
-Features of a layer are its activation spatially average-pooled to a vector when it is 4-D
-``(N, C, H, W) -> (N, C)``, else flattened (see :func:`pool_features`); all statistics are in
-float64.
+DeepMahalanobis and RelativeMahalanobis, by default (``inverse="inv"``), compute what the
+reference library computes. A layer's features are its whole activation flattened per sample
+(``pooling="flatten"``; ``pooling="mean"`` first averages a 4-D ``(N, C, H, W)`` activation over
+``H, W``, see :func:`pool_features`). Class means, the tied covariance (``torch.cov`` of the
+class-centred features, normalised by ``n - 1``) and its LU inverse (``torch.linalg.inv_ex``) are
+computed in the activations' dtype (float32 for half precision). When the inversion fails (an
+exactly zero pivot, or a non-finite inverse) the precision matrix is NaN; a class without
+calibration samples has a NaN mean. Squared distances ``(h - mu)^T P (h - mu)`` are evaluated in
+float64 with ``P`` symmetrised (the quadratic form only sees its symmetric part), weighted and
+summed over layers, and a NaN total reads as ``+inf`` (conformity ``-inf``).
 
-Covariance inversion (documented fallback). A covariance ``S`` is diagonalised
-(``torch.linalg.eigh``) and its condition number ``|lambda|_max / |lambda|_min`` recorded
-(``inf`` when singular). When that is at most ``COND_MAX = 1e10`` (and ``S`` is positive
-definite) the exact inverse is used; otherwise the pseudo-inverse that drops the eigen-directions
-with ``lambda <= lambda_max / COND_MAX``, i.e. ``torch.linalg.pinv(S, hermitian=True,
-rtol=1e-10)`` (e.g. fewer calibration samples than feature dims). Distances are computed as
-squared Euclidean distances after whitening by ``V diag(lambda^-1/2)`` (``W W^T = S^-1`` or the
-pseudo-inverse), which never yields NaN or negative values.
+A covariance with more feature dimensions than class-centred calibration samples (``D > n - K``,
+``K`` classes seen) is singular. Its rounded LU inverse is then not an error but noise: the
+conformities depend on the last bits of the activations, on the BLAS and on the thread count (on
+the bundled model, the flattened ``(80, 7, 7)`` block from 1,000 samples gives rankings that
+correlate ~0 between two thread counts). :func:`~ood_core.diagnostics.degenerate` warns; use
+``pooling="mean"``, more calibration samples, or ``inverse="pinv"``.
 
-Classes absent from the calibration labels have no mean: their distance is set, per sample, to
-the largest distance among the classes that are present (so their conformity is the sample's
-lowest finite class conformity, never ``-inf``).
+``inverse="pinv"`` (our robust fallback; also used by MultiMahalanobis with its own covariance):
+float64 statistics; the covariance ``S`` is diagonalised (``torch.linalg.eigh``) and its condition
+number ``|lambda|_max / |lambda|_min`` recorded (``inf`` when singular). When that is at most
+``COND_MAX = 1e10`` (and ``S`` is positive definite) the exact inverse is used; otherwise the
+pseudo-inverse that drops the eigen-directions with ``lambda <= lambda_max / COND_MAX``, i.e.
+``torch.linalg.pinv(S, hermitian=True, rtol=1e-10)``. Distances are squared Euclidean distances
+after whitening by ``V diag(lambda^-1/2)``, which never yields NaN or negative values. Classes
+absent from the calibration labels get, per sample, the largest distance among the classes
+present (so their conformity is the sample's lowest finite class conformity, never ``-inf``).
 """
 
 from __future__ import annotations
@@ -30,24 +41,42 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ood_core.diagnostics import degenerate
 from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.features import pool_features
-from ood_core.scores.logits import fgm_step
 
 COND_MAX = 1e10
-"""Largest condition number inverted exactly; above it the pseudo-inverse (rtol 1/COND_MAX)."""
+"""Largest condition number inverted exactly by ``inverse="pinv"``; above it the pseudo-inverse
+(rtol 1/COND_MAX)."""
+MAX_COVARIANCE_BYTES = 16 * 2**30
+"""DeepMahalanobis / RelativeMahalanobis refuse a layer whose ``(D, D)`` covariance would exceed
+this many bytes (e.g. a flattened (256, 56, 56) block: 2.3 TiB), with a clear error rather than
+running out of memory."""
+ILL_CONDITIONED = 0.1
+"""``inverse="inv"`` warns when ``condition number * eps(dtype)`` exceeds this (the LU inverse then
+has relative errors of that order; float32: condition numbers above ~8e5)."""
 
 WEIGHTS = Param("weights", "list", None, nullable=True,
                 help="One weight w_l per layer, in the layers' order (None: all 1).")  # fmt: skip
 EPSILON = Param("epsilon", "float", 0.0, low=0,
                 help="Input preprocessing step size (0: none; Lee et al. tune it in "
                      "[0, 0.005]).")  # fmt: skip
-
-
 FGM_NORM = Param("fgm_norm", "float", math.inf, low=1, allow_inf=True,
-                 help="Norm of the preprocessing gradient step (inf: its sign).")  # fmt: skip
+                 help="p of the L^p-unit preprocessing step (inf: the gradient's sign).")  # fmt: skip
+POOLING = Param("pooling", "choice", "flatten", choices=("flatten", "mean"),
+                help="Layer features. flatten: the whole activation per sample (the reference's); "
+                     "mean: a 4-D (N, C, H, W) activation averaged over H, W to (N, C) (Lee et "
+                     "al.'s choice: far fewer dims, a well-posed covariance).")  # fmt: skip
+INVERSE = Param("inverse", "choice", "inv", choices=("inv", "pinv"),
+                help="Precision matrix. inv: LU inverse of the covariance in the activations' "
+                     "dtype (the reference's: rounding noise when singular, NaN when the LU "
+                     "fails); pinv: float64 pseudo-inverse (always finite).")  # fmt: skip
+READOUT = Param("readout", "choice", "predicted", choices=("predicted", "closest"),
+                help="predicted: class c's conformity is -its own distance (the reference's; "
+                     "evaluation reads the predicted class); closest: every class gets -the "
+                     "closest class's distance, per layer (the papers' score).")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -62,9 +91,18 @@ def _start_conformity(score: BaseScore, logits: Tensor) -> tuple[tuple, tuple, T
     return layers, weights, total
 
 
-
 def _key(layer: LayerId, perturbed: bool = False) -> str:
     return f"{'perturbed ' if perturbed else ''}{layer[0]}-{layer[1]}"
+
+
+def _nan_to_inf(t: Tensor) -> Tensor:
+    return t.masked_fill(t.isnan(), math.inf)
+
+
+def work_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the reference computes statistics in: the activations' own, float32 for half
+    precision (LU inversion needs single precision at least)."""
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def whitener(cov: Tensor) -> tuple[Tensor, float]:
@@ -95,7 +133,8 @@ def sq_dists(z: Tensor, centres: Tensor) -> Tensor:
 
 @dataclass
 class Gaussians:
-    """Gaussians sharing one covariance, kept in whitened coordinates.
+    """Gaussians sharing one covariance, kept in whitened coordinates (``inverse="pinv"`` and
+    MultiMahalanobis).
 
     ``whiten`` ``(D, r)``: ``whiten @ whiten.T`` is the (pseudo-)inverse covariance; ``centres``
     ``(K, r)``: the whitened means of the ``present`` classes (``present``: ``(C,)`` bool).
@@ -124,6 +163,36 @@ class Gaussians:
         return (z - self.centres[idx]).pow(2).sum(1)
 
 
+@dataclass
+class PrecisionGaussians:
+    """Gaussians sharing one precision matrix, as the reference keeps them (``inverse="inv"``).
+
+    ``means`` ``(C, D)``: NaN rows for classes without calibration samples; ``precision``
+    ``(D, D)``: the inverse covariance computed in the activations' dtype, symmetrised, NaN when
+    the inversion failed. Both stored in float64.
+    """
+
+    means: Tensor
+    precision: Tensor
+    condition_number: float
+
+    def sq_distances(self, h: Tensor) -> Tensor:
+        """``(h - mu_c)^T P (h - mu_c)`` ``(n, C)`` in float64 (NaN where a mean or the precision
+        is NaN), expanded as ``hPh - 2 hP mu_c + mu_c P mu_c``."""
+        h = h.double()
+        hp = h @ self.precision
+        mp = self.means @ self.precision
+        return (hp * h).sum(1, keepdim=True) - 2 * hp @ self.means.T + (mp * self.means).sum(1)
+
+    def closest_sq_distance(self, h: Tensor) -> Tensor:
+        """Differentiable distance ``(n,)`` to the closest class (NaN distances never chosen)."""
+        h = h.double()
+        with torch.no_grad():
+            idx = _nan_to_inf(self.sq_distances(h)).argmin(1)
+        r = h - self.means[idx]
+        return ((r @ self.precision) * r).sum(1)
+
+
 def class_means(h: Tensor, labels: Tensor, n_classes: int) -> tuple[Tensor, Tensor]:
     """``(means (C, D), present (C,) bool)``; absent classes have a zero (unused) mean."""
     counts = torch.bincount(labels, minlength=n_classes).to(h.dtype)
@@ -137,21 +206,77 @@ def make_gaussians(cov: Tensor, means: Tensor, present: Tensor) -> Gaussians:
     return Gaussians(w, means[present] @ w, present, cond)
 
 
-def tied_gaussians(h: Tensor, labels: Tensor, n_classes: int) -> tuple[Gaussians, Tensor]:
-    """Class means and the tied within-class covariance ``sum_i (h_i - mu_{y_i})(...)^T / n``;
-    also returns the class-centred features ``(n, D)``."""
-    means, present = class_means(h, labels, n_classes)
-    centred = h - means[labels]
-    cov = centred.T @ centred / len(h)
-    return make_gaussians(cov, means, present), centred
+def covariance(residues: Tensor) -> Tensor:
+    """``torch.cov`` of centred rows ``(n, D)`` as a ``(D, D)`` matrix (normalised by ``n - 1``;
+    ``torch.cov`` also subtracts the residues' mean, ~0 here)."""
+    d = residues.shape[1]
+    return torch.cov(residues.T).reshape(d, d)
 
 
-def global_gaussian(h: Tensor) -> Gaussians:
-    """One Gaussian on all samples: global mean and its covariance ``(h - mu)^T (h - mu) / n``."""
-    mu = h.mean(0, keepdim=True)
-    centred = h - mu
-    cov = centred.T @ centred / len(h)
-    return make_gaussians(cov, mu, torch.ones(1, dtype=torch.bool, device=h.device))
+def reference_precision(
+    owner: DeepMahalanobis, residues: Tensor, n_groups: int, layer: LayerId, what: str
+) -> tuple[Tensor, float]:
+    """``(precision (D, D) float64, condition number)`` of centred ``residues`` ``(n, D)``: the
+    LU inverse of their covariance in the residues' dtype (NaN when it fails), symmetrised. The
+    condition number (float64 eigenvalues of that covariance) is ``inf`` when it is singular:
+    rank-deficient (``D > n - n_groups``) or not positive definite; warns when it is singular or
+    too ill-conditioned for the dtype."""
+    n, d = residues.shape
+    cov = covariance(residues)
+    inverse, info = torch.linalg.inv_ex(cov)
+    failed = int(info) != 0 or not bool(inverse.isfinite().all())
+    precision = torch.full_like(cov, math.nan) if failed else inverse
+    precision = precision.double()
+    precision = (precision + precision.T) / 2
+    rank = n - n_groups
+    cond = math.inf
+    if not failed and d <= rank:
+        evals = torch.linalg.eigvalsh(cov.double())
+        low, top = float(evals.min()), float(evals.abs().max())
+        cond = top / low if low > 0 else math.inf
+    eps = torch.finfo(cov.dtype).eps
+    dtype = str(cov.dtype).removeprefix("torch.")
+    remedy = ("try pooling='mean' (fewer dims) or inverse='pinv'" if owner.pooling == "flatten"
+              else "calibrate on more samples, or try inverse='pinv'")  # fmt: skip
+    where = f"{what} covariance" if what else "covariance"
+    if failed or d > rank:
+        why = [f"rank <= {max(rank, 0):,}"] if d > rank else []
+        if failed:
+            why.append(f"its {dtype} LU inversion failed")
+            effect = "every distance is NaN and every conformity -inf (as in the reference)"
+        else:
+            effect = (f"its {dtype} inverse is rounding noise, so the conformities are not "
+                      "reproducible (they change with the BLAS and the thread count)")  # fmt: skip
+        degenerate(owner, f"{d:,} feature dimensions for {n:,} samples, {where} singular "
+                   f"({'; '.join(why)}), {effect}", remedy, layer=layer, stacklevel=3)  # fmt: skip
+    elif cond * eps > ILL_CONDITIONED:
+        degenerate(owner, f"{where} ill-conditioned (condition number {cond:.3g} for {dtype} "
+                   f"arithmetic, eps {eps:.2g}), so its inverse carries large rounding errors",
+                   remedy, layer=layer, stacklevel=3)  # fmt: skip
+    return precision, cond
+
+
+def fgm_direction(grad: Tensor, p: float) -> Tensor:
+    """Per-sample direction of unit ``L^p`` norm maximising ``<grad, d>`` (the reference's FGM
+    direction): ``sign(g)`` for ``p = inf``; ``sign(g) (|g| / ||g||_q)^(q - 1)`` with ``1/p + 1/q
+    = 1`` for ``1 < p < inf``; for ``p = 1`` the unit mass split evenly over the coordinates of
+    largest ``|g|``. Components with ``|g| <= eps`` of the dtype count as 0; a zero or non-finite
+    gradient gives a zero direction."""
+    g = grad.flatten(1)
+    g = g.masked_fill(g.abs() <= torch.finfo(g.dtype).eps, 0)
+    bad = ~g.isfinite().all(1, keepdim=True)
+    g = g.masked_fill(bad, 0)
+    a = g.abs()
+    if math.isinf(p):
+        mag = torch.ones_like(g)
+    elif p > 1:
+        q = p / (p - 1)
+        norm = torch.linalg.vector_norm(a, ord=q, dim=1, keepdim=True)
+        mag = (a / norm.masked_fill(norm == 0, 1)) ** (q - 1)
+    else:
+        top = a == a.max(1, keepdim=True).values
+        mag = top.to(g.dtype) / top.sum(1, keepdim=True)
+    return (mag * g.sign()).view_as(grad)
 
 
 @contextmanager
@@ -213,51 +338,137 @@ class _LayerWeighted(BaseScore):
         self.layer_weights(layers)
         return layers
 
+    def layer_features(self, a: Tensor, layer: LayerId | None = None) -> Tensor:
+        """Per-sample feature vectors ``(N, D)`` of one layer's activation (float64 pooled)."""
+        return pool_features(a)
+
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
-        return {_key(layer): pool_features(activations[layer]) for layer in self.layers}
+        return {_key(layer): self.layer_features(activations[layer], layer)
+                for layer in self.layers}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- scores
 class DeepMahalanobis(_LayerWeighted):
-    """Deep Mahalanobis: per layer ``l`` (pooled features ``h_l``), class means ``mu_{l,c}`` of the
-    calibration samples labelled ``c`` and one tied within-class covariance ``S_l``;
+    """Deep Mahalanobis: per layer ``l`` (features ``h_l``), class means ``mu_{l,c}`` of the
+    calibration samples labelled ``c`` and one tied within-class covariance ``S_l`` (unbiased);
     ``D2_{l,c} = (h_l - mu_{l,c})^T S_l^-1 (h_l - mu_{l,c})``; conformity for class ``c`` =
-    ``-sum_l w_l D2_{l,c}`` (per class; weights default to 1). With ``epsilon > 0`` the input is
-    first moved, separately for each layer, by one fast-gradient step of size ``epsilon``
-    (:func:`~ood_core.scores.logits.fgm_step`, the gradient sign for ``fgm_norm=inf``) that
-    decreases ``min_c D2_{l,c}``, and ``D2_{l,c}`` is read on that perturbed input (calibration
-    statistics use the clean inputs). Inversion fallback and absent classes: see the module doc.
+    ``-sum_l w_l D2_{l,c}`` (weights default to 1), NaN read as ``-inf``.
+
+    Readout. With the default ``readout="predicted"`` evaluation reads each sample's distance to
+    its *predicted* class (argmax of the logits), as the reference library does; the papers score
+    the distance to the *closest* class, ``-min_c D2_{l,c}`` per layer. ``readout="closest"``
+    gives that: every class's conformity becomes ``-sum_l w_l min_c D2_{l,c}`` (the two differ
+    when the closest Gaussian is not the predicted class; ``mode="diff"/"ratio"`` then see equal
+    classes).
+
+    Features. ``pooling="flatten"`` (default, the reference's) uses the whole activation, e.g.
+    80 x 7 x 7 = 3,920 dims for a block of the bundled model: from 1,000 calibration samples its
+    covariance is singular and, with the default ``inverse="inv"``, the conformities are
+    rounding noise (not reproducible; a warning says so). ``pooling="mean"`` averages 4-D
+    activations over space first (``(N, C)``, Lee et al.'s choice), which keeps the covariance
+    well-posed. ``inverse="inv"`` (default) inverts the covariance by LU in the activations'
+    dtype exactly as the reference does (NaN, hence ``-inf`` conformities, when that fails);
+    ``inverse="pinv"`` uses float64 statistics and a pseudo-inverse that is always finite (see
+    the module doc). Classes without calibration samples have a NaN mean, hence ``-inf``
+    conformity (``pinv``: the sample's worst class distance); both are warned about.
+
+    Input preprocessing. With ``epsilon > 0`` the input is moved, separately for each layer, by
+    ``epsilon`` along the ``L^fgm_norm``-unit direction (:func:`fgm_direction`; the gradient's
+    sign for ``fgm_norm=inf``) that decreases the distance to that layer's closest class
+    (``min_c D2_{l,c}``); every class's ``D2_{l,c}`` is then read on the moved input (calibration
+    statistics use clean inputs). Samples whose gradient is not finite stay unperturbed (the
+    reference then skips the step for the whole batch), with a warning.
 
     Lee, Lee, Lee & Shin, "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
     Adversarial Attacks", NeurIPS 2018.
     """
 
     reference = "Lee, Lee, Lee & Shin, NeurIPS 2018"
-    params = (EPSILON, FGM_NORM, WEIGHTS)
+    params = (EPSILON, FGM_NORM, WEIGHTS, POOLING, INVERSE, READOUT)
     relative = False
 
     @property
     def needs_input_grad(self) -> bool:
         return self.epsilon > 0
 
+    def layer_features(self, a: Tensor, layer: LayerId | None = None) -> Tensor:
+        """The activation flattened (``pooling="flatten"``) or spatially averaged when 4-D
+        (``"mean"``), per sample; float64 for ``inverse="pinv"``, else the activations' dtype
+        (float32 for half precision). ValueError when its covariance would exceed
+        :data:`MAX_COVARIANCE_BYTES`."""
+        dtype = torch.float64 if self.inverse == "pinv" else work_dtype(a)
+        h = pool_features(a, dtype) if self.pooling == "mean" else a.flatten(1).to(dtype)
+        d = h.shape[1]
+        size = d * d * h.element_size()
+        if size > MAX_COVARIANCE_BYTES:
+            where = f" @ {tuple(layer)}" if layer is not None else ""
+            raise ValueError(f"{type(self).__name__}{where}: the activation {tuple(a.shape[1:])} "
+                             f"gives {d:,} feature dims (pooling={self.pooling!r}), whose "
+                             f"covariance would take {size / 2**30:,.0f} GiB (limit "
+                             f"MAX_COVARIANCE_BYTES = {MAX_COVARIANCE_BYTES / 2**30:g} GiB); use "
+                             "pooling='mean' or a smaller layer.")  # fmt: skip
+        return h
+
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         weights = self.layer_weights()
         n_classes = logits.shape[1]
         _check_calibration(self, labels, n_classes)
-        self.gaussians: list[Gaussians] = []
-        self.global_gaussians: list[Gaussians] = []
+        self.gaussians: list[Gaussians | PrecisionGaussians] = []
+        self.global_gaussians: list[Gaussians | PrecisionGaussians] = []
         self.condition_numbers: dict[LayerId, float] = {}
         self.global_condition_numbers: dict[LayerId, float] = {}
+        counts = torch.bincount(labels, minlength=n_classes)
+        absent = [c for c in range(n_classes) if int(counts[c]) == 0]
+        if absent:
+            fill = ("their conformity is each sample's lowest class conformity"
+                    if self.inverse == "pinv"
+                    else "their means are NaN and their conformity -inf (as in the reference)")  # fmt: skip
+            degenerate(self, f"no calibration sample of class(es) {absent}", f"{fill}; calibrate "
+                       "with samples of every class (or use readout='closest')")  # fmt: skip
+        fit_layer = self._fit_pinv if self.inverse == "pinv" else self._fit_inv
         for layer in self.layers:
-            h = features[_key(layer)].double()
-            g, _ = tied_gaussians(h, labels, n_classes)
-            self.gaussians.append(g)
-            self.condition_numbers[layer] = g.condition_number
-            if self.relative:
-                g0 = global_gaussian(h)
-                self.global_gaussians.append(g0)
-                self.global_condition_numbers[layer] = g0.condition_number
+            fit_layer(layer, features[_key(layer)], labels, n_classes)
         self._fit_state = (tuple(self.layers), weights)
+
+    def _fit_inv(self, layer: LayerId, h: Tensor, labels: Tensor, n_classes: int) -> None:
+        h = h.to(work_dtype(h))
+        counts = torch.bincount(labels, minlength=n_classes).to(h.dtype)
+        sums = h.new_zeros(n_classes, h.shape[1]).index_add_(0, labels, h)
+        means = sums / counts[:, None]  # 0 / 0 = NaN for absent classes
+        n_present = int((counts > 0).sum())
+        precision, cond = reference_precision(self, h - means[labels], n_present, layer, "")
+        self.gaussians.append(PrecisionGaussians(means.double(), precision, cond))
+        self.condition_numbers[layer] = cond
+        if self.relative:
+            mu0 = h.mean(0, keepdim=True)
+            precision0, cond0 = reference_precision(self, h - mu0, 1, layer, "global")
+            self.global_gaussians.append(PrecisionGaussians(mu0.double(), precision0, cond0))
+            self.global_condition_numbers[layer] = cond0
+
+    def _fit_pinv(self, layer: LayerId, h: Tensor, labels: Tensor, n_classes: int) -> None:
+        h = h.double()
+        means, present = class_means(h, labels, n_classes)
+        g = make_gaussians(covariance(h - means[labels]), means, present)
+        self.gaussians.append(g)
+        self.condition_numbers[layer] = g.condition_number
+        self._warn_pinv(layer, g, "")
+        if self.relative:
+            mu0 = h.mean(0, keepdim=True)
+            g0 = make_gaussians(covariance(h - mu0), mu0, torch.ones(1, dtype=torch.bool,
+                                                                     device=h.device))  # fmt: skip
+            self.global_gaussians.append(g0)
+            self.global_condition_numbers[layer] = g0.condition_number
+            self._warn_pinv(layer, g0, "global ")
+
+    def _warn_pinv(self, layer: LayerId, g: Gaussians, what: str) -> None:
+        if g.condition_number <= COND_MAX:
+            return
+        d, kept = g.whiten.shape
+        degenerate(self, f"{what}covariance singular or ill-conditioned (condition number "
+                   f"{g.condition_number:.3g} > {COND_MAX:.0e}): the pseudo-inverse ignores "
+                   f"{d - kept:,} of its {d:,} directions",
+                   ("try pooling='mean' or more calibration samples" if self.pooling == "flatten"
+                    else "calibrate on more samples"), layer=layer, stacklevel=3)  # fmt: skip
 
     def _layer_distance(self, i: int, h: Tensor) -> Tensor:
         d = self.gaussians[i].sq_distances(h)
@@ -276,16 +487,16 @@ class DeepMahalanobis(_LayerWeighted):
         return bool(self.fitted and state is not None and state[0] == tuple(self.layers))
 
     def extract_own(self, recorder: Recorder, x: Tensor) -> Features:
-        """Clean pooled features (used for calibration) and, once fitted, the pooled features of
-        each layer on the input moved by ``epsilon`` to decrease that layer's closest-class
-        distance."""
+        """Clean features (used for calibration) and, once fitted, the features of each layer on
+        the input moved by ``epsilon`` to decrease that layer's closest-class distance."""
         from ood_core.engine import normalise_activation  # the engine imports this package
 
         layers = tuple(self.layers)
         xg = x.detach().clone().requires_grad_(True)
         with _recording(recorder, layers), torch.enable_grad():
             recorder(xg)
-            feats = [pool_features(normalise_activation(recorder.activations[layer], self.act_norm))
+            feats = [self.layer_features(normalise_activation(recorder.activations[layer],
+                                                              self.act_norm), layer)
                      for layer in layers]  # fmt: skip
         out = {_key(layer): f.detach() for layer, f in zip(layers, feats, strict=True)}
         if not self._can_perturb():
@@ -296,30 +507,43 @@ class DeepMahalanobis(_LayerWeighted):
                                           allow_unused=True)  # fmt: skip
             if grad is None:
                 grad = torch.zeros_like(x)
-            x_moved = fgm_step(x.detach(), grad, self.epsilon, self.fgm_norm)
+            bad = int((~grad.flatten(1).isfinite().all(1)).sum())
+            if bad:
+                degenerate(self, f"the input gradient is not finite for {bad} of {len(x)} "
+                           "samples (NaN precision or activations)", "those samples are scored "
+                           "without the epsilon step", layer=layer)  # fmt: skip
+            x_moved = x.detach() + self.epsilon * fgm_direction(grad, self.fgm_norm)
             with _recording(recorder, (layer,)), torch.no_grad():
                 recorder(x_moved)
                 a = normalise_activation(recorder.activations[layer], self.act_norm)
-                out[_key(layer, perturbed=True)] = pool_features(a)
+                out[_key(layer, perturbed=True)] = self.layer_features(a, layer)
         return out
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
-        layers, weights, total = _start_conformity(self, logits)
-        for i, (layer, w) in enumerate(zip(layers, weights, strict=True)):
+        layers, weights, _ = _start_conformity(self, logits)
+        per_layer = []
+        for i, layer in enumerate(layers):
             key = _key(layer, perturbed=self.epsilon > 0)
             if key not in features:
                 raise RuntimeError(f"{self!r}: features {key!r} are missing (epsilon > 0 needs the "
                                    "perturbed pass of a fitted score); fit it again.")  # fmt: skip
-            total -= w * self._layer_distance(i, features[key])
-        return total
+            d = self._layer_distance(i, features[key])
+            if self.readout == "closest":
+                d = _nan_to_inf(d).min(1).values
+            per_layer.append(d)
+        w = torch.tensor(weights, dtype=torch.float64, device=logits.device)
+        total = torch.stack(per_layer, -1) @ w  # (n, C), or (n,) for the closest class
+        return -torch.nan_to_num(total, nan=math.inf)
 
 
 class RelativeMahalanobis(DeepMahalanobis):
-    """Relative Mahalanobis: as :class:`DeepMahalanobis` but each layer's class distance is
-    compared with the distance ``D2_{l,0}`` to one Gaussian fitted on all calibration samples
-    (global mean, its own covariance): conformity for class ``c`` =
-    ``-sum_l w_l (D2_{l,c} - D2_{l,0})`` (per class). ``epsilon > 0`` moves the input to decrease
-    ``min_c D2_{l,c} - D2_{l,0}`` (the relative distance of the closest class) per layer.
+    """Relative Mahalanobis: as :class:`DeepMahalanobis` (same parameters, features, inversion,
+    readout and preprocessing) but each layer's class distance is compared with the distance
+    ``D2_{l,0}`` to one Gaussian fitted on all calibration samples (global mean, its own
+    covariance): conformity for class ``c`` = ``-sum_l w_l (D2_{l,c} - D2_{l,0})``.
+    ``readout="closest"`` gives the paper's ``-min_c (D2_{l,c} - D2_{l,0})`` per layer (the
+    default reads the predicted class, as the reference). ``epsilon > 0`` moves the input to
+    decrease ``min_c D2_{l,c} - D2_{l,0}`` per layer.
 
     Ren et al., "A Simple Fix to Mahalanobis Distance for Improving Near-OOD Detection", arXiv
     2106.09022, 2021.
@@ -356,7 +580,10 @@ class MultiMahalanobis(_LayerWeighted):
     ``(1 - s) S + s tr(S)/D I`` (``s`` estimated by Ledoit-Wolf or OAS, or the given float); the
     squared distances ``D2_{l,c}`` are standardised by the mean ``m_l`` and std ``s_l`` of the
     calibration samples' distances to their own (label) class, ``z_{l,c} = (D2_{l,c} - m_l) /
-    s_l``; conformity for class ``c`` = ``-sum_l w_l z_{l,c}`` (per class).
+    s_l``; conformity for class ``c`` = ``-sum_l w_l z_{l,c}`` (per class). Evaluation reads the
+    predicted class; ``readout="closest"`` gives every class ``-sum_l w_l min_c z_{l,c}`` (the
+    closest class per layer, as Lee et al. score). Features are spatially averaged 4-D
+    activations (:func:`pool_features`), statistics in float64 (whitened, see the module doc).
 
     Ledoit & Wolf, "A well-conditioned estimator for large-dimensional covariance matrices", J.
     Multivariate Analysis 2004; Lee et al., "A Simple Unified Framework for Detecting
@@ -369,6 +596,7 @@ class MultiMahalanobis(_LayerWeighted):
                         help="Covariance shrinkage: 'ledoit_wolf', 'oas' or a fixed float in "
                              "[0, 1]."),
         WEIGHTS,
+        READOUT,
     )  # fmt: skip
 
     def shrunk_covariance(self, centred: Tensor) -> tuple[Tensor, float]:
@@ -409,9 +637,12 @@ class MultiMahalanobis(_LayerWeighted):
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
         layers, weights, total = _start_conformity(self, logits)
+        if self.readout == "closest":
+            total = total[:, 0]
         for g, layer, w in zip(self.gaussians, layers, weights, strict=True):
             m, sd = self.standardisation[layer]
-            total -= w * (g.sq_distances(features[_key(layer)]) - m) / sd
+            z = (g.sq_distances(features[_key(layer)]) - m) / sd
+            total -= w * (z.min(1).values if self.readout == "closest" else z)
         return total
 
 
