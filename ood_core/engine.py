@@ -22,6 +22,7 @@ from ood_core.diagnostics import collect, degenerate, warn_if_tied
 from ood_core.inputs import check_inputs
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features, Timed
+from ood_core.tensors import normalise_activation, predicted_confidence
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, counts in samples."""
@@ -35,14 +36,6 @@ def _net_device_dtype(net: nn.Module) -> tuple[torch.device, torch.dtype]:
         b = next(net.buffers(), None)
         return (b.device, b.dtype) if b is not None else (torch.device("cpu"), torch.float32)
     return p.device, p.dtype
-
-
-def normalise_activation(a: Tensor, p: float | None) -> Tensor:
-    """Divide each sample's activation by its p-norm over all non-batch dims (None: unchanged)."""
-    if p is None:
-        return a
-    norms = a.flatten(1).norm(p=p, dim=1).clamp_min(torch.finfo(a.dtype).tiny)
-    return a / norms.view(-1, *([1] * (a.ndim - 1)))
 
 
 class LayerActivations(dict):
@@ -161,9 +154,10 @@ class Engine:
                     if s.needs_own_pass:
                         continue
                     with Timed() as t, torch.no_grad():
-                        a = LayerActivations(
-                            (layer, normalise_activation(acts[layer], s.act_norm)) for layer in s.layers
-                        )
+                        a = LayerActivations(  # normalised per layer, or by the score after concat
+                            (layer, acts[layer] if s.normalises_concatenation
+                             else normalise_activation(acts[layer], s.act_norm)) for layer in s.layers
+                        )  # fmt: skip
                         a.inputs = {layer: inputs[layer] for layer in s.layers if layer in inputs}
                         chunks[i].append({k: v.detach() for k, v in s.extract(logits, a).items()})
                     seconds[i] += t.seconds
@@ -254,7 +248,4 @@ class Engine:
             out.append((ex.logits, conf))
         return out
 
-
-def predicted_confidence(logits: Tensor, conformity: Tensor) -> Tensor:
-    """The conformity at the predicted class: ``conformity[i, argmax(logits[i])]`` -> ``(n,)``."""
-    return conformity.gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
+__all__ = ["Engine", "Extraction", "LayerActivations", "normalise_activation", "predicted_confidence"]

@@ -37,6 +37,7 @@ class Param:
     nullable: bool = False
     required: bool = False
     allow_inf: bool = False
+    nonzero: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """Machine-readable description (name, type, default, range, help...)."""
@@ -44,6 +45,8 @@ class Param:
             "name": self.name, "type": self.type, "default": self.default, "low": self.low,
             "high": self.high, "choices": self.choices, "range": self.range_text(),
             "nullable": self.nullable, "required": self.required, "help": self.help,
+            "low_exclusive": self.low_exclusive, "high_exclusive": self.high_exclusive,
+            "allow_inf": self.allow_inf, "nonzero": self.nonzero,
         }  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -70,6 +73,8 @@ class Param:
             return f"{'>' if self.low_exclusive else '>='} {self.low:g}"
         if self.high is not None:
             return f"{'<' if self.high_exclusive else '<='} {self.high:g}"
+        if self.nonzero:
+            return "any non-zero value" if self.type == "float" else "any non-zero integer"
         return "any finite value" if self.type == "float" else "any integer"
 
     def validate(self, value: Any, owner: str) -> Any:
@@ -109,7 +114,7 @@ class Param:
             value = float(value)
             if not math.isfinite(value) and not (self.allow_inf and value == math.inf):
                 raise ValueError(f"{where} must be finite, in {self.range_text()}, got {value!r}")
-        ok = True
+        ok = not (self.nonzero and value == 0)
         if self.low is not None:
             ok &= value > self.low if self.low_exclusive else value >= self.low
         if self.high is not None:

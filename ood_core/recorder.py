@@ -192,8 +192,12 @@ class Recorder(nn.Module):
 
     # ------------------------------------------------------------------ recording
     def record(self, *layers: Any) -> Recorder:
-        """Record these layer ids from now on (replaces the previous selection); returns self."""
-        ids = tuple(dict.fromkeys(self.check_layer(layer) for layer in layers))
+        """Record these layer ids from now on (replaces the previous selection); returns self.
+
+        As in the reference library, duplicates and the order given are ignored: ``recording``
+        lists the layers in network (call) order."""
+        order = {lid: i for i, lid in enumerate(self.layer_ids)}
+        ids = tuple(sorted({self.check_layer(layer) for layer in layers}, key=order.__getitem__))
         self._remove_handles(self._handles)
         self.recording = ids
         self.activations = {}

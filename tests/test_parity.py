@@ -69,11 +69,17 @@ def parity_setup(tiniest):
     return harness.load_inputs(), harness.reference()
 
 
+NOISE_IN_REFERENCE = {"17_DeepMahalanobis"}
+"""Cases whose reference numbers are float32 rounding noise (see the test below)."""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c["key"] for c in CASES])
 def test_parity_with_reference(case, tiniest, parity_setup):
     """Spearman >= 0.999 per set and |dAUROC| <= 0.002 per OoD set, against the reference."""
     inputs, ref = parity_setup
+    if case["key"] in NOISE_IN_REFERENCE:
+        pytest.skip("the reference's numbers are rounding noise: see test_case_17_is_noise_in_the_reference_and_we_warn")
     row = harness.compare(case, harness.run_case(tiniest, case, inputs), ref)
     assert row["min_spearman"] >= harness.MIN_SPEARMAN, row
     assert row["max_abs_dauroc"] <= harness.MAX_DAUROC, row
@@ -81,3 +87,24 @@ def test_parity_with_reference(case, tiniest, parity_setup):
     for name, value in case["auroc"].items():
         key = case["key"]
         assert harness.auroc(ref[f"{key}_ind"], ref[f"{key}_{name}"]) == pytest.approx(value, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_case_17_is_noise_in_the_reference_and_we_warn(tiniest, parity_setup):
+    """DeepMahalanobis on (1, 10) + (1, 11): (1, 10) flattens to 80 x 7 x 7 = 3,920 dimensions for
+    1,000 calibration samples, so the covariance is singular (rank <= 990) and its float32
+    "inverse" is rounding noise: the reference's squared distances are negative for a large part
+    of the samples (impossible for a true precision matrix) and uncorrelated with the same score on
+    (1, 11) alone. We run the same algorithm and say so with an OodLensWarning."""
+    from ood_core.diagnostics import OodLensWarning
+
+    inputs, ref = parity_setup
+    case = next(c for c in CASES if c["key"] == "17_DeepMahalanobis")
+    for name in harness.SETS:
+        d2 = -ref[f"17_DeepMahalanobis_{name}"]  # conformity = -(sum of squared distances)
+        assert (d2 < 0).mean() > 0.2, name
+        rho = harness.spearmanr(ref[f"17_DeepMahalanobis_{name}"], ref[f"16_DeepMahalanobis_{name}"])
+        assert abs(rho.statistic) < 0.2, name
+    with pytest.warns(OodLensWarning, match=r"DeepMahalanobis @ \(1, 10\): 3,920 feature dimensions "
+                      r"for 1,000 samples, covariance singular.*pooling='mean'"):  # fmt: skip
+        harness.run_case(tiniest, case, inputs)

@@ -731,3 +731,34 @@ def test_real_model_separates_mnist(tiniest, fmnist_calib, fmnist_test, mnist):
     # label-pure "sandal" region of this model, so they are expected to be weak here (< 0.6);
     # the reference JTLA's joint p-values over all calibration samples do much better.
     assert aucs["dknn"] < 0.6 and aucs["jtla_conformal"] < 0.8, aucs
+
+
+def test_knn_lid_trust_normalise_the_concatenation_of_several_layers():
+    """As the reference's ``activations(concatenate=True)``: with several layers, ``act_norm``
+    divides the concatenated vector by its norm, not each layer by its own."""
+    from ood_core.scores import KNN
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
+    xc, xt = torch.rand(50, 6) * 3, torch.rand(20, 6) * 3
+    layers = ((1, 2), (1, 3))  # the first Linear and the Tanh after it
+
+    def concat(x):
+        h = net[1](net[0](x))
+        return torch.cat([h, torch.tanh(h)], dim=1)
+
+    def normed(z):
+        return z / z.norm(dim=1, keepdim=True)
+
+    score = KNN(k=4)  # act_norm=2 by default, as the reference
+    score.layers = layers
+    eng = Engine.for_net(net, xc)
+    eng.fit([score], xc)
+    ((logits, conf),) = eng.confidences([score], xt)
+    d2 = torch.cdist(normed(concat(xt)), normed(concat(xc))).pow(2)
+    expected = -d2.sort(dim=1).values[:, 3]
+    torch.testing.assert_close(predicted_confidence(logits, conf), expected.double(), atol=1e-5, rtol=1e-5)
+    per_layer = torch.cat([normed(net[1](net[0](xt))), normed(torch.tanh(net[1](net[0](xt))))], 1)
+    assert not torch.allclose(normed(concat(xt)), per_layer)  # the two conventions differ here
+    for cls in (LID, Trust):
+        assert cls.normalises_concatenation

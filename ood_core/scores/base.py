@@ -43,7 +43,8 @@ MODE_PARAM = Param(
     "mode", "choice", "raw", choices=("raw", "diff", "ratio"),
     help="raw: conformity as is; diff: minus the best other class; ratio: over the best other class.",
 )  # fmt: skip
-ACT_NORM_HELP = "Divide each sample's activations by their p-norm before use (None: keep them)."
+ACT_NORM_HELP = ("Divide each sample's activations by their p-norm before use (any non-zero p, inf "
+                 "included, as the reference; None: keep them).")
 
 
 class NotFittedError(RuntimeError):
@@ -120,6 +121,11 @@ class BaseScore:
     """Default layers as :meth:`Recorder.quick_picks` keys (``logits``, ``penultimate``,
     ``blocks``; ``last_block`` = the last of the blocks), used by the CLI and the dashboard."""
     default_act_norm: ClassVar[float | None] = None
+    normalises_concatenation: ClassVar[bool] = False
+    """True for scores that read their layers as one concatenated vector (as the reference's
+    ``activations(concatenate=True)``): the engine then hands them raw activations and the score
+    applies ``act_norm`` to the concatenation itself (with
+    :func:`ood_core.tensors.normalise_activation`); otherwise each layer is normalised on its own."""
 
     def __init__(self, **kwargs: Any) -> None:
         name = type(self).__name__
@@ -148,7 +154,7 @@ class BaseScore:
     @classmethod
     def all_params(cls) -> tuple[Param, ...]:
         """The score's own parameters, then ``act_norm`` and ``mode``."""
-        act = Param("act_norm", "float", cls.default_act_norm, low=0, low_exclusive=True,
+        act = Param("act_norm", "float", cls.default_act_norm, nonzero=True, allow_inf=True,
                     nullable=True, help=ACT_NORM_HELP)  # fmt: skip
         return (*cls.params, act, MODE_PARAM)
 
@@ -199,11 +205,15 @@ class BaseScore:
 
     # ------------------------------------------------------------------ layers
     def check_layers(self, layers: Sequence[LayerId], recorder: Recorder | None = None) -> tuple[LayerId, ...]:
-        """Validate the layers this score is given, with messages that say what it accepts."""
+        """Validate the layers this score is given, with messages that say what it accepts; with a
+        recorder, return them in network (call) order without duplicates, as the reference library
+        records them (per-layer parameters such as ``weights`` follow that order)."""
         name = type(self).__name__
         layers = tuple(layers)
         if recorder is not None:
-            layers = tuple(recorder.check_layer(layer) for layer in layers)
+            # As the reference library records them: duplicates dropped, network (call) order.
+            order = {lid: i for i, lid in enumerate(recorder.layer_ids)}
+            layers = tuple(sorted({recorder.check_layer(layer) for layer in layers}, key=order.__getitem__))
         if self.layer_rule == "none":
             return ()
         if not layers:

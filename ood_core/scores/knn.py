@@ -10,6 +10,7 @@ from torch import Tensor
 from ood_core.params import Param
 from ood_core.recorder import LayerId
 from ood_core.scores.base import BaseScore, Features
+from ood_core.tensors import normalise_activation
 
 INDEX_METRIC = Param("index_metric", "choice", "l2", choices=("l2", "ip"),
                      help="l2: squared Euclidean distance; ip: inner product (cosine if normed).")  # fmt: skip
@@ -60,8 +61,10 @@ class KNN(BaseScore):
     params = (Param("k", "int", 15, low=1, required=True, help="Which neighbour (k-th) is used."),
               INDEX_METRIC)  # fmt: skip
 
+    normalises_concatenation = True
+
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
-        return {"x": flat_features(activations, self.layers)}
+        return {"x": normalise_activation(flat_features(activations, self.layers), self.act_norm)}
 
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         check_k(self, self.k, len(features["x"]))

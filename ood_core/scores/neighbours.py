@@ -35,6 +35,7 @@ from ood_core.recorder import LayerId
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.features import pool_features
 from ood_core.scores.knn import INDEX_METRIC, check_k, flat_features, flat_index, to_faiss
+from ood_core.tensors import normalise_activation
 
 _CHUNK = 1024
 AGGREGATIONS = ("fisher", "geometric", "harmonic", "max", "mean", "min", "prod", "sum")
@@ -185,7 +186,11 @@ class _NeighbourScore(BaseScore):
         return layer_features(activations, self.layers, self.values.get("pooling", "mean"))
 
     def _concat(self, activations: dict[LayerId, Tensor]) -> Tensor:
-        return flat_features(self._features(activations), self.layers)
+        """The layers' features concatenated ``(N, D)``; for scores that set
+        ``normalises_concatenation`` (as the reference's ``concatenate=True``), ``act_norm``
+        divides the whole concatenated vector, not each layer."""
+        x = flat_features(self._features(activations), self.layers)
+        return normalise_activation(x, self.act_norm) if self.normalises_concatenation else x
 
     def _per_layer(self, activations: dict[LayerId, Tensor]) -> Features:
         return {layer_key(lay): v for lay, v in self._features(activations).items()}
@@ -370,6 +375,7 @@ class LID(_NeighbourScore):
     """
 
     reference = "Ma et al., ICLR 2018"
+    normalises_concatenation = True
     params = (
         Param("k", "int", 20, low=2, required=True, help=K_HELP),
         Param("duplicates", "choice", "zero_lid", choices=("zero_lid", "skip"),
@@ -434,6 +440,7 @@ class Trust(_NeighbourScore):
     """
 
     reference = "Jiang et al., NeurIPS 2018"
+    normalises_concatenation = True
     params = (
         Param("alpha", "float", 0.0, low=0, high=1, high_exclusive=True, required=True,
               help="Fraction of each class' calibration samples removed as outliers "
