@@ -6,6 +6,8 @@ per-sample ones return ``(n,)`` (repeated over classes by the base class).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -202,13 +204,27 @@ class ODIN(_LogitScore):
         return torch.softmax(z / self.temperature, dim=1)
 
 
-def fgm_step(x: Tensor, grad: Tensor, epsilon: float, norm: float) -> Tensor:
-    """Fast-gradient step ``x + epsilon * g / ||g||_norm`` per sample (sign of g when norm=inf)."""
-    if norm == float("inf"):
-        return x + epsilon * grad.sign()
+def fgm_direction(grad: Tensor, p: float) -> Tensor:
+    """Per-sample direction of unit ``L^p`` norm maximising ``<grad, d>`` (the reference's FGM
+    direction): ``sign(g)`` for ``p = inf``; ``sign(g) (|g| / ||g||_q)^(q - 1)`` with ``1/p + 1/q
+    = 1`` for ``1 < p < inf``; for ``p = 1`` the unit mass split evenly over the coordinates of
+    largest ``|g|``. Components with ``|g| <= eps`` of the dtype count as 0; a zero or non-finite
+    gradient gives a zero direction."""
     g = grad.flatten(1)
-    scale = g.norm(p=norm, dim=1).clamp_min(1e-12).view(-1, *([1] * (x.ndim - 1)))
-    return x + epsilon * grad / scale
+    g = g.masked_fill(g.abs() <= torch.finfo(g.dtype).eps, 0)
+    bad = ~g.isfinite().all(1, keepdim=True)
+    g = g.masked_fill(bad, 0)
+    a = g.abs()
+    if math.isinf(p):
+        mag = torch.ones_like(g)
+    elif p > 1:
+        q = p / (p - 1)
+        norm = torch.linalg.vector_norm(a, ord=q, dim=1, keepdim=True)
+        mag = (a / norm.masked_fill(norm == 0, 1)) ** (q - 1)
+    else:
+        top = a == a.max(1, keepdim=True).values
+        mag = top.to(g.dtype) / top.sum(1, keepdim=True)
+    return (mag * g.sign()).view_as(grad)
 
 
 def input_step_logits(net: torch.nn.Module, x: Tensor, epsilon: float, norm: float,
@@ -220,7 +236,7 @@ def input_step_logits(net: torch.nn.Module, x: Tensor, epsilon: float, norm: flo
         objective = torch.log_softmax(out / temperature, dim=1).max(1).values.sum()
         (grad,) = torch.autograd.grad(objective, xg)
     with torch.no_grad():
-        return net(fgm_step(x, grad, epsilon, norm)).detach()
+        return net(x + epsilon * fgm_direction(grad, norm)).detach()
 
 
 LOGIT_SCORES: tuple[type[BaseScore], ...] = (

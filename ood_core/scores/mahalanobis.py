@@ -46,6 +46,7 @@ from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.features import pool_features
+from ood_core.scores.logits import fgm_direction
 
 COND_MAX = 1e10
 """Largest condition number inverted exactly by ``inverse="pinv"``; above it the pseudo-inverse
@@ -254,29 +255,6 @@ def reference_precision(
                    f"arithmetic, eps {eps:.2g}), so its inverse carries large rounding errors",
                    remedy, layer=layer, stacklevel=3)  # fmt: skip
     return precision, cond
-
-
-def fgm_direction(grad: Tensor, p: float) -> Tensor:
-    """Per-sample direction of unit ``L^p`` norm maximising ``<grad, d>`` (the reference's FGM
-    direction): ``sign(g)`` for ``p = inf``; ``sign(g) (|g| / ||g||_q)^(q - 1)`` with ``1/p + 1/q
-    = 1`` for ``1 < p < inf``; for ``p = 1`` the unit mass split evenly over the coordinates of
-    largest ``|g|``. Components with ``|g| <= eps`` of the dtype count as 0; a zero or non-finite
-    gradient gives a zero direction."""
-    g = grad.flatten(1)
-    g = g.masked_fill(g.abs() <= torch.finfo(g.dtype).eps, 0)
-    bad = ~g.isfinite().all(1, keepdim=True)
-    g = g.masked_fill(bad, 0)
-    a = g.abs()
-    if math.isinf(p):
-        mag = torch.ones_like(g)
-    elif p > 1:
-        q = p / (p - 1)
-        norm = torch.linalg.vector_norm(a, ord=q, dim=1, keepdim=True)
-        mag = (a / norm.masked_fill(norm == 0, 1)) ** (q - 1)
-    else:
-        top = a == a.max(1, keepdim=True).values
-        mag = top.to(g.dtype) / top.sum(1, keepdim=True)
-    return (mag * g.sign()).view_as(grad)
 
 
 @contextmanager

@@ -2,108 +2,187 @@
 IsoMax prototypes in logit space.
 
 ``FeatureSqueezing`` and ``Odds`` run extra forward passes on modified inputs (``own_pass``);
-``IsoMax`` reads the logits only. All statistics are computed in float64.
+``IsoMax`` reads the logits only. Defaults compute what the reference library (scio) computes.
 """
 
 from __future__ import annotations
 
-import re
-from math import prod
+import contextlib
+import numbers
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ood_core.diagnostics import degenerate
 from ood_core.params import Param
 from ood_core.recorder import Recorder
 from ood_core.scores.base import BaseScore, Features
 
-MAX_BITS = 16
-SQUEEZER_FORMS = (f"'bits:B' (colour depth reduction to B bits, 1 <= B <= {MAX_BITS}) or "
-                  "'median:S' (S x S median filter per channel, S >= 1)")  # fmt: skip
-_SQUEEZER_RE = re.compile(r"^\s*(bits|median)\s*:\s*(\d+)\s*$")
+Squeezer = Callable[[Tensor], Tensor]
 
-ODDS_INPUT_ELEMENTS = 2**20
-"""Budget (input elements) of one noisy forward pass of :class:`Odds`: the noise samples of a batch
-are processed in chunks of ``max(1, budget // (batch x input size))``."""
-ISOMAX_BROADCAST_ELEMENTS = 2**24
-"""Above this many ``n x C x C`` elements, :class:`IsoMax` distances use ``torch.cdist``."""
-ODDS_MIN_SAMPLES = 3
-"""Fewest calibration samples per class for :class:`Odds` class statistics (as the reference)."""
+MAX_BITS = 31
+SQUEEZER_FORMS = (f"'bits:B' (quantisation to B bits, 1 <= B <= {MAX_BITS}), 'median:S' (S x S "
+                  "median filter per channel, S >= 1) or a callable mapping a batch to a batch "
+                  "of the same shape")  # fmt: skip
+AGGREGATIONS = ("fisher", "geometric", "harmonic", "max", "mean", "min", "prod", "sum")
+"""Named aggregations of the per-squeezer distances (or give a float: that p-norm)."""
+ISOMAX_MAX_STEPS = 100_000
 
 
 # ---------------------------------------------------------------------------------- squeezers
-def parse_squeezers(owner: str, squeezers: tuple[str, ...] | list[str]) -> list[tuple[str, int]]:
-    """``("bits:5", "median:2")`` -> ``[("bits", 5), ("median", 2)]``, or a ValueError naming
-    the accepted forms."""
-    if not squeezers:
-        raise ValueError(f"{owner}: parameter 'squeezers' is empty; give at least one of "
-                         f"{SQUEEZER_FORMS}, e.g. ['bits:5', 'median:2'].")  # fmt: skip
-    parsed = []
-    for item in squeezers:
-        m = _SQUEEZER_RE.match(item) if isinstance(item, str) else None
-        if m is None:
-            raise ValueError(f"{owner}: invalid squeezer {item!r} in parameter 'squeezers'; each "
-                             f"squeezer must be {SQUEEZER_FORMS}, e.g. 'bits:5' or 'median:2'.")  # fmt: skip
-        kind, size = m.group(1), int(m.group(2))
-        if kind == "bits" and not 1 <= size <= MAX_BITS:
-            raise ValueError(f"{owner}: squeezer {item!r} needs 1 <= B <= {MAX_BITS} bits; each "
-                             f"squeezer must be {SQUEEZER_FORMS}.")  # fmt: skip
-        if kind == "median" and size < 1:
-            raise ValueError(f"{owner}: squeezer {item!r} needs a window S >= 1; each squeezer "
-                             f"must be {SQUEEZER_FORMS}.")  # fmt: skip
-        parsed.append((kind, size))
-    return parsed
+def reduce_bit_depth(x: Tensor, bits: int, style: str = "reference") -> Tensor:
+    """Quantise ``x`` (in [0, 1)) to ``bits`` bits. ``style="reference"`` (the reference library):
+    the centre of its bin of width ``2^-bits``, ``(round(x 2^b) + 1/2) / 2^b`` (1 maps to ``1 +
+    2^-(b+1)``); ``"paper"`` (the paper's code): ``round(x (2^b - 1)) / (2^b - 1)``, which keeps 0
+    and 1. Rounding half to even."""
+    if style == "paper":
+        levels = 2**bits - 1
+        return torch.round(x * levels) / levels
+    scale = 2**bits
+    return ((x * scale).round() + 0.5) / scale
 
 
-def reduce_bit_depth(x: Tensor, bits: int) -> Tensor:
-    """Colour depth reduction ``round(x * (2^b - 1)) / (2^b - 1)`` (inputs in [0, 1]; rounding
-    half to even, as ``np.rint`` in the paper's implementation)."""
-    levels = 2**bits - 1
-    return torch.round(x * levels) / levels
-
-
-def _symmetric_index(n: int, before: int, after: int, device: torch.device) -> Tensor:
+def _reflect_index(n: int, before: int, after: int, device: torch.device) -> Tensor:
     """Indices of ``range(-before, n + after)`` reflected with the edge sample repeated
     (``d c b a | a b c d | d c b a``: numpy ``symmetric``, scipy.ndimage ``reflect``)."""
     i = torch.arange(-before, n + after, device=device) % (2 * n)
     return torch.where(i >= n, 2 * n - 1 - i, i)
 
 
-def median_smooth(x: Tensor, size: int) -> Tensor:
-    """``size x size`` median filter over the last two dims of ``x`` ``(N, C, H, W)``, per channel.
+def median_smooth(x: Tensor, size: int, style: str = "reference") -> Tensor:
+    """Median filter of window ``size`` per sample (and per channel), as the reference library
+    (``scipy.ndimage.vectorized_filter(x, np.median, size, mode='reflect')``).
 
-    Matches the paper's implementation (EvadeML-Zoo: ``scipy.ndimage.median_filter(x,
-    size=(1, s, s, 1), mode='reflect')`` and its TensorFlow twin): edge-repeating reflection,
-    for even ``s`` the extra padding row/column goes before (top/left pad ``s // 2``,
-    bottom/right pad ``(s - 1) // 2``), and for even windows the upper of the two middle values
-    (sorted index ``s*s // 2``).
+    Samples ``(N, L)`` are filtered along ``L``, ``(N, H, W)`` and ``(N, C, H, W)`` over the last
+    two dims (channels first). Edge-repeating reflection; for an even ``size`` the window spans
+    ``size // 2`` before and ``(size - 1) // 2`` after the centre, and the median is the mean of
+    the two middle values (``style="paper"``: the upper one, as ``scipy.ndimage.median_filter``
+    in the paper's code).
     """
-    if x.ndim != 4:
-        raise ValueError(f"median squeezing needs image batches (N, C, H, W); got shape "
-                         f"{tuple(x.shape)}.")  # fmt: skip
+    if not 2 <= x.ndim <= 4:
+        raise ValueError(f"median squeezing needs samples of 1, 2 or 3 dims, (N, L), (N, H, W) or "
+                         f"(N, C, H, W); got shape {tuple(x.shape)}.")  # fmt: skip
     if size == 1:
         return x
-    before, after = size // 2, (size - 1) // 2
-    h, w = x.shape[-2:]
-    rows = _symmetric_index(h, before, after, x.device)
-    cols = _symmetric_index(w, before, after, x.device)
-    xp = x.index_select(2, rows).index_select(3, cols)
-    windows = xp.unfold(2, size, 1).unfold(3, size, 1).reshape(*x.shape, size * size)
-    return windows.kthvalue(size * size // 2 + 1, dim=-1).values
+    dims = (1,) if x.ndim == 2 else (x.ndim - 2, x.ndim - 1)
+    windows = x
+    for d in dims:
+        windows = windows.index_select(
+            d, _reflect_index(x.shape[d], size // 2, (size - 1) // 2, x.device)
+        )
+    for d in dims:
+        windows = windows.unfold(d, size, 1)
+    windows = windows.reshape(*x.shape, -1)
+    k = windows.shape[-1]
+    lower = windows.kthvalue((k + 1) // 2, dim=-1).values
+    if k % 2:
+        return lower
+    if style == "paper":
+        return windows.kthvalue(k // 2 + 1, dim=-1).values
+    upper = windows.kthvalue(k // 2 + 1, dim=-1).values
+    return (lower + upper) / 2
 
 
-def squeeze(x: Tensor, kind: str, size: int) -> Tensor:
-    """Apply one parsed squeezer to the batch ``x``."""
-    return reduce_bit_depth(x, size) if kind == "bits" else median_smooth(x, size)
+def parse_squeezer(owner: str, item: Any, style: str = "reference") -> Squeezer:
+    """One squeezer as a callable: ``'bits:B'`` / ``'median:S'`` (the text after the colon is read
+    by ``int``, as the reference) or a callable kept as is; ValueError naming the accepted forms."""
+    if callable(item) and not isinstance(item, str):
+        return item
+    if not isinstance(item, str):
+        raise ValueError(f"{owner}: squeezer {item!r} in parameter 'squeezers' is neither a string "
+                         f"nor callable; each squeezer must be {SQUEEZER_FORMS}.")  # fmt: skip
+    for prefix, low, high, fn in (
+        ("bits:", 1, MAX_BITS, reduce_bit_depth),
+        ("median:", 1, None, median_smooth),
+    ):
+        if item.startswith(prefix):
+            try:
+                size = int(item[len(prefix) :].strip())
+            except ValueError:
+                size = None
+            if size is None or size < low or (high is not None and size > high):
+                raise ValueError(f"{owner}: invalid squeezer {item!r} in parameter 'squeezers'; "
+                                 f"each squeezer must be {SQUEEZER_FORMS}.")  # fmt: skip
+            return partial(fn, **{"bits" if fn is reduce_bit_depth else "size": size}, style=style)
+    raise ValueError(f"{owner}: unsupported squeezer {item!r} in parameter 'squeezers'; each "
+                     f"squeezer must be {SQUEEZER_FORMS}, e.g. 'bits:5' or 'median:2'.")  # fmt: skip
+
+
+def parse_squeezers(owner: str, squeezers: Any, style: str = "reference") -> list[Squeezer]:
+    """A squeezer or an iterable of them -> the list of callables (ValueError when empty)."""
+    items = (squeezers,) if isinstance(squeezers, str) or callable(squeezers) else tuple(squeezers)
+    if not items:
+        raise ValueError(f"{owner}: parameter 'squeezers' is empty; give at least one of "
+                         f"{SQUEEZER_FORMS}, e.g. ['bits:5', 'median:2'].")  # fmt: skip
+    return [parse_squeezer(owner, item, style) for item in items]
+
+
+class SqueezersParam(Param):
+    """``squeezers``: one squeezer (string or callable) or an iterable of them; kept as a tuple."""
+
+    def range_text(self) -> str:
+        return "a squeezer or a list of squeezers"
+
+    def validate(self, value: Any, owner: str) -> Any:
+        if not (isinstance(value, str) or callable(value) or isinstance(value, Iterable)):
+            raise ValueError(f"{owner}: parameter 'squeezers' must be a squeezer or a list of "
+                             f"squeezers, each {SQUEEZER_FORMS}; got {value!r}.")  # fmt: skip
+        items = (value,) if isinstance(value, str) or callable(value) else tuple(value)
+        parse_squeezers(owner, items)
+        return items
+
+
+class AggregationParam(Param):
+    """``aggregation``: a name of :data:`AGGREGATIONS` or a float ``p`` (the p-norm)."""
+
+    def range_text(self) -> str:
+        return f"one of {AGGREGATIONS} or a float p (p-norm)"
+
+    def validate(self, value: Any, owner: str) -> Any:
+        if isinstance(value, str) and value in AGGREGATIONS:
+            return value
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value:
+            return float(value)
+        raise ValueError(
+            f"{owner}: parameter 'aggregation' must be {self.range_text()}, got {value!r}"
+        )
+
+
+def aggregate(values: Tensor, how: str | float, dim: int) -> Tensor:
+    """Aggregate ``values`` along ``dim``: a name of :data:`AGGREGATIONS`, or a float ``p`` for the
+    p-norm (``fisher``: sum of logs; ``geometric``/``harmonic``: those means)."""
+    if not isinstance(how, str):
+        return torch.linalg.vector_norm(values, ord=how, dim=dim)
+    if how == "fisher":
+        return values.log().sum(dim)
+    if how == "geometric":
+        return values.log().mean(dim).exp()
+    if how == "harmonic":
+        return 1 / (1 / values).mean(dim)
+    return {"max": torch.amax, "min": torch.amin, "mean": torch.mean, "prod": torch.prod,
+            "sum": torch.sum}[how](values, dim)  # fmt: skip
 
 
 class FeatureSqueezing(BaseScore):
-    """Feature squeezing: conformity ``-max_s || softmax(f(x)) - softmax(f(s(x))) ||_1`` over the
-    squeezers ``s`` (per sample; 0 when no squeezer changes the prediction, more negative = more
-    OoD). Squeezers: ``'bits:B'`` reduces the colour depth to ``round(x (2^B-1)) / (2^B-1)``
-    (inputs in [0, 1]); ``'median:S'`` is an S x S per-channel median filter with the padding of
-    the paper's implementation (see :func:`median_smooth`). One extra forward pass per squeezer.
+    """Feature squeezing: for each squeezer ``s``, the distance ``|| softmax(f(x)) -
+    softmax(f(s(x))) ||_p`` (``p = dist_norm``, default 1); conformity ``-aggregation`` of these
+    distances over the squeezers (default ``max``; per sample; 0 when no squeezer changes the
+    output, more negative = more OoD). One extra forward pass per squeezer.
+
+    ``squeezers``: one squeezer or a list of them, each a callable (a batch to a batch of the same
+    shape) or a string: ``'bits:B'`` quantises inputs in [0, 1) to the centres of ``2^B`` bins,
+    ``(round(x 2^B) + 1/2) / 2^B``; ``'median:S'`` is an S x S median filter per channel (see
+    :func:`median_smooth`; samples of 1, 2 or 3 dims, channels first). Both as the reference
+    library. Extra (not in the reference): ``squeezer_style="paper"`` makes these strings follow
+    the paper's code instead: ``round(x (2^B-1)) / (2^B-1)`` (keeps 0 and 1, so an 8-bit image is
+    left unchanged by ``'bits:8'``) and the upper middle value for even median windows.
 
     Xu, Evans & Qi, "Feature Squeezing: Detecting Adversarial Examples in Deep Neural Networks",
     NDSS 2018.
@@ -115,45 +194,79 @@ class FeatureSqueezing(BaseScore):
     layer_rule = "none"
     own_pass = True
     params = (
-        Param("squeezers", "list", ("bits:5", "median:2"),
-              help="Squeezers, each 'bits:B' (colour depth B bits) or 'median:S' (S x S median)."),
+        SqueezersParam("squeezers", "list", ("bits:5", "median:2"), required=True,
+                       help="A squeezer or a list of them: 'bits:B' (B-bit quantisation), "
+                            "'median:S' (S x S median filter) or a callable."),
+        Param("dist_norm", "float", 1.0, allow_inf=True,
+              help="p of the p-norm distance between the natural and squeezed softmax outputs."),
+        AggregationParam("aggregation", "str", "max",
+                         help=f"How the squeezers' distances are combined: one of {AGGREGATIONS} "
+                              "or a float p (their p-norm)."),
+        Param("squeezer_style", "choice", "reference", choices=("reference", "paper"),
+              help="'bits:B'/'median:S' as the reference library (bin centres; mean of the middle "
+                   "values) or as the paper's code (round(x(2^B-1))/(2^B-1); upper middle value)."),
     )  # fmt: skip
 
-    def check_params(self) -> None:
-        parse_squeezers(type(self).__name__, self.squeezers)
-
     def extract_own(self, recorder: Recorder, x: Tensor) -> Features:
-        squeezers = parse_squeezers(type(self).__name__, self.squeezers)
+        name = type(self).__name__
+        out = []
         with torch.no_grad():
-            out = [recorder.net(squeeze(x, kind, size)).detach().double() for kind, size in squeezers]
+            for squeezer in parse_squeezers(name, self.squeezers, self.squeezer_style):
+                xs = squeezer(x)
+                if not isinstance(xs, Tensor) or xs.shape != x.shape:
+                    raise ValueError(f"{name}: squeezer {squeezer!r} returned "
+                                     f"{getattr(xs, 'shape', type(xs).__name__)} for inputs of "
+                                     f"shape {tuple(x.shape)}; it must keep the shape.")  # fmt: skip
+                out.append(recorder.net(xs.to(x.dtype)).detach().double())
         return {"squeezed_logits": torch.stack(out, dim=1)}
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
         p = torch.softmax(logits.double(), dim=1)
         q = torch.softmax(features["squeezed_logits"].double(), dim=2)
-        return -(p[:, None, :] - q).abs().sum(2).amax(1)
+        dist = torch.linalg.vector_norm(p[:, None, :] - q, ord=self.dist_norm, dim=2)
+        return -aggregate(dist, self.aggregation, dim=1)
 
 
 # ---------------------------------------------------------------------------------- Odds
-class Odds(BaseScore):
-    """The odds are odd: with ``y`` the predicted class and ``g_{y,z} = f_z - f_y``, the noise-
-    induced log-odds shift ``d_z = mean_eta [g_{y,z}(x + eta) - g_{y,z}(x)]`` over
-    ``noise_samples`` draws ``eta`` (``gaussian``: std ``epsilon``; ``uniform``: U[-eps, eps], the
-    reference code's default kind; ``sign``: +-eps), standardised with the calibration mean and
-    std of that shift for class ``y`` and each ``z``; conformity ``-max_{z != y} (d_z - mu_yz) /
-    sigma_yz`` (per sample; large positive shifts towards another class flag an input). With
-    ``two_sided=True`` (not in the paper): ``-max_{z != y} |(d_z - mu_yz) / sigma_yz|``, which also
-    flags inputs whose prediction the noise *strengthens* atypically (as far-OoD inputs often do;
-    e.g. MNIST under a Fashion-MNIST model, where the paper's one-sided test ranks them as InD).
+def _merge_moments(
+    acc: tuple[int, Tensor, Tensor] | None, rows: Tensor
+) -> tuple[int, Tensor, Tensor]:
+    """Chan et al.'s pairwise update of ``(count, mean, sum of squared deviations)`` per column
+    with the rows ``rows`` (float64): exact and stable, whatever the chunking."""
+    n_b, mean_b = rows.shape[0], rows.mean(0)
+    m2_b = ((rows - mean_b) ** 2).sum(0)
+    if acc is None:
+        return n_b, mean_b, m2_b
+    n_a, mean_a, m2_a = acc
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta**2 * (n_a * n_b / n)
 
-    Simplifications w.r.t. the reference code: one noise level (no separate detection noise);
-    noisy inputs are not clipped to the data range; the detector's threshold is left to the
-    evaluation (the conformity is the statistic it thresholds); no corrected prediction. As in
-    the reference, class statistics use the calibration samples whose label equals the
-    prediction (all of them when fitting on predictions) and need >= 3 of them; a class with
-    fewer uses the statistics pooled over all classes and ``z``. Stds are floored at 1e-6 x the
-    pooled std. Noise draws are the same for every sample (draw ``j`` comes from a generator
-    seeded with ``seed`` and ``j``), so results do not depend on batching or sample order.
+
+class Odds(BaseScore):
+    """The odds are odd. With ``g_{y,z}(x) = f_z(x) - f_y(x)`` (log-odds of class ``z`` against
+    ``y``) and ``x + eta`` noisy copies of ``x`` (``eta`` uniform in ``[-epsilon, epsilon]`` per
+    input element), calibration records, for every class ``y`` and over all pairs (calibration
+    sample of label ``y``, noise draw), the mean ``mu_yz`` and variance ``v_yz`` of the shift
+    ``g_{y,z}(x + eta) - g_{y,z}(x)``. At inference, ``d_yz`` is the shift of the noise-averaged
+    logits (``noise_samples`` draws per input), ``s_yz = (d_yz - mu_yz) / v_yz`` (divided by the
+    *variance*, as the reference library), and the non-conformity of class ``y`` aggregates
+    ``s_yz`` over ``z != y`` (``z_aggregation``: ``sum``, ``detect`` = max, ``rectify`` = min);
+    conformity ``-non-conformity`` per class (a NaN statistic, e.g. of a class without
+    calibration samples, gives ``-inf``).
+
+    Noise, as the reference: drawn with ``torch.rand`` from a ``torch.Generator`` on the inputs'
+    device seeded with ``rng_seed`` at every fit (``None``: torch's global generator), in the
+    inputs' dtype, ``epsilon * (1 - 2 U)``; calibration draws class by class (labels 0, 1, ...; a
+    class's samples in data order, the ``noise_samples`` draws of a sample consecutive), and every
+    later call continues the same stream (so a second call on the same inputs gives other,
+    statistically equivalent, numbers; refit to restart it). On CPU the draws do not depend on
+    ``batch_size``, so they equal the reference's exactly. The inputs are kept as features: the
+    noisy passes run at fit and scoring time, ``batch_size`` noisy inputs at a time.
+
+    Extras (not in the reference): ``noise`` (``gaussian``: std ``epsilon``; ``sign``: +-epsilon)
+    and ``two_sided`` (aggregate ``|s_yz|``, which also flags inputs whose prediction the noise
+    strengthens atypically, as far-OoD inputs often do).
 
     Roth, Kilcher & Hofmann, "The Odds are Odd: A Statistical Test for Detecting Adversarial
     Examples", ICML 2019.
@@ -165,100 +278,149 @@ class Odds(BaseScore):
     own_pass = True
     params = (
         Param("epsilon", "float", 0.1, low=0, low_exclusive=True, required=True,
-              help="Noise scale (std of the Gaussian noise; bound of the uniform/sign noise)."),
-        Param("noise_samples", "int", 256, low=1, help="Number of noise draws averaged per input."),
-        Param("noise", "choice", "gaussian", choices=("gaussian", "uniform", "sign"),
-              help="Noise distribution: gaussian (std eps), uniform U[-eps, eps], sign (+-eps)."),
-        Param("seed", "int", 0, low=0, help="Seed of the noise draws (deterministic results)."),
+              help="Noise scale: bound of the uniform noise (std of gaussian, size of sign noise)."),
+        Param("noise_samples", "int", 256, low=1, help="Number of noise draws per input."),
+        Param("z_aggregation", "choice", "sum", choices=("sum", "detect", "rectify"),
+              help="Aggregation of the standardised shifts over z != y: sum, detect (max) or "
+                   "rectify (min)."),
+        Param("rng_seed", "int", 0, nullable=True, low=-(2**63), high=2**64 - 1,
+              help="Seed of the noise generator, reset at every fit (None: torch's global RNG)."),
+        Param("batch_size", "int", None, nullable=True, low=0,
+              help="Noisy inputs per forward pass (None: automatic; 0: all at once)."),
+        Param("noise", "choice", "uniform", choices=("uniform", "gaussian", "sign"),
+              help="Noise distribution: uniform in [-eps, eps] (reference), gaussian (std eps), "
+                   "sign (+-eps)."),
         Param("two_sided", "bool", False,
-              help="False: the paper's one-sided test (-max z); True: -max |z| (also flags "
-                   "atypically negative shifts)."),
+              help="Aggregate |z| instead of z (also flags atypically negative shifts)."),
+        Param("z_scale", "choice", "var", choices=("var", "std"),
+              help="Divide the centred shifts by their calibration variance (reference) or "
+                   "standard deviation (a z-score)."),
     )  # fmt: skip
 
-    def _noise(self, j: int, shape: tuple[int, ...]) -> Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
+    _rng: torch.Generator | None = None
+    """The noise stream: seeded at every fit, continued by every later call."""
+    _noise_recorder: Recorder | None = None
+    """The network of the last extraction (the noisy passes run at fit and scoring time)."""
+
+    # ------------------------------------------------------------------ noisy passes
+    def _draw(self, n_rows: int, like: Tensor) -> Tensor:
+        """``(n_rows, *like.shape[1:])`` noise from the score's generator, in ``like``'s dtype."""
+        shape, kw = (n_rows, *like.shape[1:]), {"dtype": like.dtype, "device": like.device}
+        if self.noise == "uniform":
+            return self.epsilon * (1 - 2 * torch.rand(shape, generator=self._rng, **kw))
         if self.noise == "gaussian":
-            eta = torch.randn(shape, generator=g, dtype=torch.float64)
-        elif self.noise == "uniform":
-            eta = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
-        else:
-            eta = torch.randint(0, 2, shape, generator=g).double() * 2 - 1
-        return eta * self.epsilon
+            return self.epsilon * torch.randn(shape, generator=self._rng, **kw)
+        signs = torch.randint(0, 2, shape, generator=self._rng, device=like.device).to(like.dtype)
+        return self.epsilon * (1 - 2 * signs)
+
+    def _noisy_logits(self, x: Tensor) -> Iterable[tuple[slice, Tensor]]:
+        """Yield ``(rows of x, noisy logits (m, noise_samples, C))``, chunk by chunk in order."""
+        rec = self._noise_recorder
+        k = self.noise_samples
+        bs = self.batch_size
+        if bs is None:
+            from ood_core.engine import Engine
+
+            bs = Engine(rec).auto_batch_size((), x[0].numel())
+        per_chunk = len(x) if bs == 0 else max(1, bs // k)
+        was_training = rec.net.training
+        rec.net.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(x), per_chunk):
+                    xc = x[start : start + per_chunk]
+                    xn = xc.repeat_interleave(k, dim=0) + self._draw(len(xc) * k, xc)
+                    out = rec.net(xn).detach()
+                    yield slice(start, start + len(xc)), out.view(len(xc), k, -1)
+        finally:
+            rec.net.train(was_training)
 
     def extract_own(self, recorder: Recorder, x: Tensor) -> Features:
-        b, shape = len(x), tuple(x.shape[1:])
-        k = self.noise_samples
-        chunk = max(1, min(k, ODDS_INPUT_ELEMENTS // max(1, b * prod(shape))))
-        total: Tensor | None = None
-        with torch.no_grad():
-            for j0 in range(0, k, chunk):
-                js = range(j0, min(k, j0 + chunk))
-                eta = torch.stack([self._noise(j, shape) for j in js]).to(x.device, x.dtype)
-                xn = (x[:, None] + eta[None]).reshape(b * len(js), *shape)
-                out = recorder.net(xn).detach().double().view(b, len(js), -1).sum(1)
-                total = out if total is None else total + out
-        assert total is not None
-        return {"noisy_logits": total / k}
+        self._noise_recorder = recorder
+        return {"inputs": x.detach()}
 
-    @staticmethod
-    def _shifts(features: Features, logits: Tensor, ref: Tensor) -> Tensor:
-        """``(n, C)``: mean shift of ``g_{ref,z} = f_z - f_ref`` under noise, for every ``z``."""
-        d = features["noisy_logits"].double() - logits.double()
-        return d - d.gather(1, ref[:, None])
-
+    # ------------------------------------------------------------------ fit / score
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
-        c = logits.shape[1]
         name = type(self).__name__
+        x, c = features["inputs"], logits.shape[1]
         if c < 2:
             raise ValueError(f"{name} needs at least 2 classes (log-odds between classes).")
         if int(labels.max()) >= c or int(labels.min()) < 0:
             raise ValueError(f"{name}: calibration labels must lie in [0, {c - 1}].")
-        keep = labels == logits.argmax(1)
-        if int(keep.sum()) < ODDS_MIN_SAMPLES:
-            raise ValueError(f"{name} needs at least {ODDS_MIN_SAMPLES} calibration samples whose "
-                             f"label equals the prediction; got {int(keep.sum())}. Use more "
-                             "calibration data or fit on the predictions (calib_labels=None).")  # fmt: skip
-        y = labels[keep]
-        s = self._shifts({"noisy_logits": features["noisy_logits"][keep]}, logits[keep], y)
-        off = torch.ones_like(s, dtype=torch.bool)
-        off.scatter_(1, y[:, None], False)
-        pooled = s[off]
-        pooled_mean, pooled_std = pooled.mean(), pooled.std(correction=0)
-        mean = torch.full((c, c), float(pooled_mean), dtype=torch.float64, device=s.device)
-        std = torch.full((c, c), float(pooled_std), dtype=torch.float64, device=s.device)
-        for k in range(c):
-            sk = s[y == k]
-            if len(sk) >= ODDS_MIN_SAMPLES:
-                mean[k], std[k] = sk.mean(0), sk.std(0, correction=0)
-        floor = 1e-6 * float(pooled_std) if float(pooled_std) > 0 else 1e-12
-        self.shift_mean, self.shift_std = mean, std.clamp_min(floor)
+        seed = self.rng_seed
+        self._rng = None if seed is None else torch.Generator(x.device).manual_seed(seed)
+        mean = torch.full((c, c), float("nan"), dtype=torch.float64, device=logits.device)
+        var = mean.clone()
+        absent, single = [], []
+        for y in range(c):
+            idx = (labels == y).nonzero().squeeze(1)
+            if len(idx) == 0:
+                absent.append(y)
+                continue
+            base = logits[idx].double()
+            base = base - base[:, y : y + 1]
+            acc = None
+            for rows, noisy in self._noisy_logits(x[idx.to(x.device)]):
+                noisy = noisy.double()
+                g = noisy - noisy[..., y : y + 1] - base[rows, None, :].to(noisy.device)
+                acc = _merge_moments(acc, g.reshape(-1, c))
+            assert acc is not None
+            n, mean[y], m2 = acc
+            var[y] = m2 / (n - 1) if n > 1 else float("nan")
+            single += [y] if n == 1 else []
+        self.g_mean, self.g_var = mean, var
+        if absent:
+            degenerate(self, f"no calibration sample of class(es) {absent}",
+                       "their statistics are NaN and their conformity -inf; calibrate with "
+                       "samples of every class")  # fmt: skip
+        if single:
+            degenerate(self, f"one noisy pair only for class(es) {single} (no variance)",
+                       "their conformity is -inf; use more noise_samples or calibration data")  # fmt: skip
+        off = ~torch.eye(c, dtype=torch.bool, device=var.device)
+        zero = [y for y in range(c) if y not in absent and bool((var[y][off[y]] == 0).any())]
+        if zero:
+            degenerate(self, f"a log-odds shift with zero variance under noise for class(es) {zero}",
+                       "their standardised shifts are infinite; raise epsilon")  # fmt: skip
 
-    def standardised_shifts(self, features: Features, logits: Tensor,
-                            ref: Tensor | None = None) -> Tensor:  # fmt: skip
-        """``(n, C)`` standardised shifts ``(d_z - mu_yz) / sigma_yz`` w.r.t. ``ref`` (default:
-        the predicted class ``y``); the column ``z = y`` is ``-inf``."""
-        y = logits.argmax(1) if ref is None else ref.to(logits.device).long()
-        s = self._shifts(features, logits, y)
-        z = (s - self.shift_mean[y]) / self.shift_std[y]
-        return z.scatter(1, y[:, None], float("-inf"))
+    def standardised_shifts(self, features: Features, logits: Tensor) -> Tensor:
+        """``(n, C, C)``: ``s[i, y, z] = (d_yz - mu_yz) / v_yz`` (``z_scale="std"``: ``/ sqrt(v_yz)``)
+        for the input ``i`` (draws the next noise of the stream)."""
+        x = features["inputs"]
+        avg = torch.empty(logits.shape, dtype=torch.float64, device=logits.device)
+        for rows, noisy in self._noisy_logits(x):
+            avg[rows] = noisy.double().mean(1).to(avg.device)
+        d = avg - logits.double()
+        g = d[:, None, :] - d[:, :, None]  # g[i, y, z] = d_z - d_y
+        scale = self.g_var if self.z_scale == "var" else self.g_var.sqrt()
+        return (g - self.g_mean) / scale
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
-        z = self.standardised_shifts(features, logits)
+        s = self.standardised_shifts(features, logits)
         if self.two_sided:
-            z = z.nan_to_num(neginf=0.0).abs()  # the z = y column (-inf) -> 0, never the max
-        return -z.amax(1)
+            s = s.abs()
+        diag = torch.eye(s.shape[1], dtype=torch.bool, device=s.device)
+        if self.z_aggregation == "sum":
+            nonconf = s.masked_fill(diag, 0.0).sum(2)
+        elif self.z_aggregation == "detect":
+            nonconf = s.masked_fill(diag, float("-inf")).amax(2)
+        else:
+            nonconf = s.masked_fill(diag, float("inf")).amin(2)
+        return -nonconf.nan_to_num(nan=float("inf"))
 
 
 # ---------------------------------------------------------------------------------- IsoMax
 class IsoMax(BaseScore):
-    """Post-hoc IsoMax in logit space: prototypes ``P`` (C x C) start at the class means of the
-    calibration logits and are fitted with Adam (``lr``, ``n_steps``, full batch) to minimise the
-    cross-entropy of ``softmax(-s ||f - P_c||_p)`` against the calibration labels
-    (``s = entropic_scale``, ``p = dist_norm``); conformity ``softmax(-s ||f - P_c||_p)_c`` (per
-    class, sums to 1 over classes). The same entropic scale ``s`` is used for the score as for the
-    fit (the reference-library convention; the paper scores with scale 1, i.e. the plain softmax
-    of ``-distance``). A class absent from the calibration labels starts at the mean of all
-    calibration logits.
+    """Post-hoc IsoMax in logit space: prototypes ``P`` (C x C) start at zero (as the paper's
+    training) and are fitted with Adam (``lr``, ``eps = 1e-8``, ``1e-4`` for half precision;
+    ``n_steps`` full-batch steps) to minimise the cross-entropy of ``softmax(-s ||f - P_c||_p)``
+    against the calibration labels (``s = entropic_scale``, ``p = dist_norm``); conformity
+    ``softmax(-s ||f - P_c||_p)_c`` (per class, sums to 1 over classes). As the reference library:
+    the fit runs in the logits' dtype, and the score uses the same entropic scale as the fit (the
+    paper scores with the plain softmax of ``-distance``).
+
+    Extra (not in the reference): ``init="class_means"`` starts the prototypes at the class means
+    of the calibration logits (a class absent from the labels: the mean of all logits), which
+    needs far fewer steps (``n_steps=0`` keeps the means).
 
     Macêdo, Ren, Zanchettin, Oliveira & Ludermir, "Entropic Out-of-Distribution Detection",
     IJCNN 2021.
@@ -270,31 +432,48 @@ class IsoMax(BaseScore):
     params = (
         Param("entropic_scale", "float", 10.0, low=0, low_exclusive=True,
               help="Entropic scale s multiplying the distances (fit and score)."),
-        Param("dist_norm", "float", 2.0, low=1, help="p of the p-norm distance to prototypes."),
+        Param("dist_norm", "float", 2.0, low=1, allow_inf=True,
+              help="p of the p-norm distance to prototypes."),
         Param("lr", "float", 0.1, low=0, low_exclusive=True, help="Adam learning rate."),
-        Param("n_steps", "int", 1000, low=0, help="Adam steps (0: prototypes = class means)."),
+        Param("n_steps", "int", 1000, low=0, high=ISOMAX_MAX_STEPS,
+              help=f"Adam full-batch steps (at most {ISOMAX_MAX_STEPS:_}; each costs a pass over "
+                   "the calibration logits)."),
+        Param("init", "choice", "zeros", choices=("zeros", "class_means"),
+              help="Initial prototypes: zeros (reference) or the class means of the logits."),
     )  # fmt: skip
 
     def distances(self, logits: Tensor, prototypes: Tensor | None = None) -> Tensor:
-        """``(n, C)`` p-norm distances of the logits to the prototypes, in float64 (exact
-        differences, no ``|a|^2 + |b|^2 - 2ab`` expansion; zero distances have zero gradient)."""
+        """``(n, C)`` p-norm distances of the logits to the prototypes (exact differences, in the
+        prototypes' dtype)."""
         protos = self.prototypes if prototypes is None else prototypes
-        z = logits.double()
-        if z.shape[0] * protos.numel() <= ISOMAX_BROADCAST_ELEMENTS:  # faster for small problems
-            return torch.linalg.vector_norm(z[:, None, :] - protos[None], ord=self.dist_norm, dim=-1)
-        return torch.cdist(z, protos, p=self.dist_norm, compute_mode="donot_use_mm_for_euclid_dist")
+        return torch.linalg.vector_norm(
+            logits.to(protos.dtype)[:, None, :] - protos, ord=self.dist_norm, dim=-1
+        )
 
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
-        z = logits.double()
+        name = type(self).__name__
+        z = logits.detach()
         c = z.shape[1]
         if int(labels.max()) >= c or int(labels.min()) < 0:
-            raise ValueError(f"{type(self).__name__}: calibration labels must lie in [0, {c - 1}].")
-        counts = torch.bincount(labels, minlength=c).to(z.dtype)
-        sums = torch.zeros(c, c, dtype=z.dtype, device=z.device).index_add_(0, labels, z)
-        protos = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], z.mean(0))
+            raise ValueError(f"{name}: calibration labels must lie in [0, {c - 1}].")
+        counts = torch.bincount(labels, minlength=c)
+        absent = (counts == 0).nonzero().squeeze(1).tolist()
+        if absent:
+            degenerate(self, f"no calibration sample of class(es) {absent}",
+                       "their prototypes are only pushed away from the data and their conformity "
+                       "is meaningless; calibrate with samples of every class")  # fmt: skip
+        if self.init == "zeros":
+            protos = torch.zeros(c, c, dtype=z.dtype, device=z.device)
+        else:
+            sums = torch.zeros(c, c, dtype=z.dtype, device=z.device).index_add_(0, labels, z)
+            protos = torch.where(
+                counts[:, None] > 0, sums / counts.clamp_min(1)[:, None].to(z.dtype), z.mean(0)
+            )
         if self.n_steps > 0:
             protos = protos.clone().requires_grad_(True)
-            opt = torch.optim.Adam([protos], lr=self.lr)
+            opt = torch.optim.Adam(
+                [protos], lr=self.lr, eps=1e-4 if z.dtype == torch.half else 1e-8
+            )
             with torch.enable_grad():
                 for _ in range(self.n_steps):
                     opt.zero_grad()
@@ -307,7 +486,7 @@ class IsoMax(BaseScore):
                              "or entropic_scale.")  # fmt: skip
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
-        return torch.softmax(-self.entropic_scale * self.distances(logits), dim=1)
+        return torch.softmax(-self.entropic_scale * self.distances(logits), dim=1).double()
 
 
 SCORES = (FeatureSqueezing, Odds, IsoMax)
