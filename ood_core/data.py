@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,18 +266,41 @@ def load_hub(repo_id: str, config: str | None = None, split: str = "test",
                     {"source": f"hf://{repo_id}", "config": config, "split": split})  # fmt: skip
 
 
-def load(source: str, split: str = "test", config: str | None = None) -> ImageDataset:
-    """Load by a single string: a bundled name, a local path (.parquet/.npz/folder) or a hub id."""
+def is_local_source(source: str) -> bool:
+    """Whether :func:`load` reads ``source`` from this machine's files (a path), rather than as a
+    bundled name or a Hugging Face id: a .parquet/.npz name, an existing path, or one starting
+    with ``/``, ``~`` or ``.``."""
+    if source in BUNDLED:
+        return False
+    path = Path(source).expanduser()
+    return (path.suffix in (".parquet", ".npz") or source.startswith(("/", "~", "."))
+            or path.exists())  # fmt: skip
+
+
+def load(source: str, split: str = "test", config: str | None = None, *,
+         roots: Sequence[str | Path] | None = None) -> ImageDataset:  # fmt: skip
+    """Load by a single string: a bundled name, a local path (.parquet/.npz/folder) or a hub id.
+
+    With ``roots`` (the dashboard served on a network), a local path must resolve (symlinks and
+    ``..`` included) inside one of those folders, else ``SourceNotAllowedError``.
+    """
     if source in BUNDLED:
         return load_bundled(source, split)
     path = Path(source).expanduser()
+    local = is_local_source(source)
+    if local and roots is not None:
+        from ood_core.policy import confine_path
+
+        path = confine_path(path, roots)
     if path.suffix == ".parquet":
         return load_parquet(path)
     if path.suffix == ".npz":
         return load_npz(path)
     if path.is_dir():
         return load_image_folder(path)
-    if "/" in source and not path.exists():
+    if local and not path.exists():
+        raise DataUnavailableError(f"No such file or folder: {source}.")
+    if "/" in source and not local:
         return load_hub(source, config, split)
     raise DataUnavailableError(
         f"Don't know how to load '{source}': use a bundled name ({', '.join(BUNDLED)}), a .parquet "

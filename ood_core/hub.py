@@ -6,6 +6,12 @@ A *hub reference* is one of
 * a GitHub repository ``"owner/repo[:ref]"`` loaded through ``torch.hub.load`` (network needed,
   unless it is already in the torch.hub cache).
 
+Only the bundled repository is trusted implicitly. Any other repository (a local hub directory,
+a GitHub repository, cached or not) runs its ``hubconf.py`` and model code on this machine, so
+:func:`load_model` and :func:`list_entries` refuse it with :class:`UntrustedRepoError` unless
+called with ``trust_repo=True`` (the CLI's ``--trust-repo`` / config ``trust_repo = true``, the
+dashboard's trust checkbox).
+
 A model may carry an ``ood_lens`` dict attribute declaring ``input_shape`` ``(C, H, W)``,
 ``class_names``, ``normalisation`` and ``test_accuracy``; :func:`model_info` reads it.
 """
@@ -30,6 +36,21 @@ class HubUnavailableError(RuntimeError):
     """A hub model could not be listed or loaded (no network, unknown entry point, bad repo)."""
 
 
+class UntrustedRepoError(HubUnavailableError):
+    """A repository other than the bundled one was used without ``trust_repo=True``."""
+
+    def __init__(self, repo: str) -> None:
+        self.repo = repo
+        super().__init__(
+            f"Refusing to use the torch.hub repository '{repo}' without your trust: loading it "
+            "runs its hubconf.py and model code on this machine, with your permissions. If you "
+            "trust it, pass --trust-repo to ood-lens (or set trust_repo = true in the [model] "
+            "section of the run config), tick the trust box in the dashboard, or call "
+            "load_model(..., trust_repo=True) in Python. Only the bundled models are trusted "
+            "without asking."
+        )
+
+
 @dataclass
 class ModelInfo:
     """What a model declares about its inputs (fields are None when it declares nothing)."""
@@ -42,14 +63,34 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _resolve(repo: str | Path) -> tuple[str, str]:
-    """Return ``(repo_or_dir, source)`` for ``torch.hub``."""
+def is_bundled(repo: str | Path) -> bool:
+    """Whether ``repo`` names the bundled repository (``"bundled"`` or its folder)."""
     if str(repo) == "bundled":
+        return True
+    try:
+        return Path(repo).expanduser().resolve() == BUNDLED_HUB
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def repo_kind(repo: str | Path) -> str:
+    """``"bundled"``, ``"local"`` (a directory) or ``"github"`` (anything else; may be invalid)."""
+    if is_bundled(repo):
+        return "bundled"
+    return "local" if Path(repo).expanduser().is_dir() else "github"
+
+
+def _resolve(repo: str | Path, trust_repo: bool = False) -> tuple[str, str]:
+    """Return ``(repo_or_dir, source)`` for ``torch.hub``; untrusted non-bundled repos raise
+    :class:`UntrustedRepoError` before any of their code is imported or downloaded."""
+    if is_bundled(repo):
         return str(BUNDLED_HUB), "local"
     path = Path(repo).expanduser()
     if path.is_dir():
         if not (path / "hubconf.py").exists():
             raise HubUnavailableError(f"{path} is a directory but holds no hubconf.py.")
+        if not trust_repo:
+            raise UntrustedRepoError(str(repo))
         return str(path), "local"
     name = str(repo)
     if name.count("/") != 1 or " " in name:
@@ -57,6 +98,8 @@ def _resolve(repo: str | Path) -> tuple[str, str]:
             f"'{name}' is neither 'bundled', a local directory with a hubconf.py, nor a GitHub "
             "repository written 'owner/repo' or 'owner/repo:ref'."
         )
+    if not trust_repo:
+        raise UntrustedRepoError(name)
     return name, "github"
 
 
@@ -103,15 +146,22 @@ def _local_entries(repo_dir: str) -> dict[str, Any]:
             and obj.__module__ == module.__name__}  # fmt: skip
 
 
+# torch.hub is only called below once _resolve has accepted the repository (bundled, or trusted by
+# the caller), so passing trust_repo=True to torch never grants trust by itself and never prompts.
 def _entry_names(repo_or_dir: str, source: str) -> list[str]:
     if source == "local":
         return sorted(_local_entries(repo_or_dir))
     return torch.hub.list(repo_or_dir, trust_repo=True, verbose=False)
 
 
-def list_entries(repo: str | Path = "bundled", timeout: float = 5.0) -> list[dict[str, str]]:
-    """Entry points of a hub repository: ``[{"name", "doc"}]`` (doc = first docstring line)."""
-    repo_or_dir, source = _resolve(repo)
+def list_entries(repo: str | Path = "bundled", timeout: float = 5.0, *,
+                 trust_repo: bool = False) -> list[dict[str, str]]:  # fmt: skip
+    """Entry points of a hub repository: ``[{"name", "doc"}]`` (doc = first docstring line).
+
+    Listing imports the repository's ``hubconf.py``, so a repository other than the bundled one
+    needs ``trust_repo=True`` (else :class:`UntrustedRepoError`).
+    """
+    repo_or_dir, source = _resolve(repo, trust_repo)
     if source == "github":
         repo_or_dir, source = _github_or_cache(repo_or_dir, timeout)
     try:
@@ -129,14 +179,16 @@ def list_entries(repo: str | Path = "bundled", timeout: float = 5.0) -> list[dic
             for name, doc in docs.items()]  # fmt: skip
 
 
-def load_model(repo: str | Path = "bundled", entry: str = "tiniest", *, timeout: float = 5.0,
-               **kwargs: Any) -> nn.Module:  # fmt: skip
+def load_model(repo: str | Path = "bundled", entry: str = "tiniest", *, trust_repo: bool = False,
+               timeout: float = 5.0, **kwargs: Any) -> nn.Module:  # fmt: skip
     """Load ``entry`` from a hub repository (see module doc) in eval mode.
 
+    A repository other than the bundled one runs its code here and needs ``trust_repo=True``
+    (else :class:`UntrustedRepoError`, raised before anything is imported or downloaded).
     Offline, a GitHub repository that is not cached fails within ``timeout`` seconds with a
     :class:`HubUnavailableError` naming the repository.
     """
-    repo_or_dir, source = _resolve(repo)
+    repo_or_dir, source = _resolve(repo, trust_repo)
     if source == "github":
         repo_or_dir, source = _github_or_cache(repo_or_dir, timeout)
     try:

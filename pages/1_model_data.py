@@ -19,19 +19,26 @@ ss = st.session_state
 
 
 # ---------------------------------------------------------------------------- actions
-def _apply_model(repo: str, entry: str) -> None:
-    """Load ``entry`` from ``repo``; on success make it current, else keep the error message."""
+def _trust_key(repo: str) -> str:
+    return f"w.trust.{repo.strip()}"
+
+
+def _apply_model(repo: str, entry: str, trust: bool | None = None) -> None:
+    """Load ``entry`` from ``repo``; on success make it current, else keep the error message.
+    ``trust``: the trust checkbox of a non-bundled repo (None for the bundled one)."""
     repo, entry = repo.strip(), entry.strip()
     if not repo or not entry:
         ss["model_error"] = "Give both a repository and an entry point."
         return
     try:
-        common.load_model(repo, entry)
+        common.load_model(repo, entry, trust_repo=trust)
     except Exception as exc:  # noqa: BLE001 - callbacks must never raise into the page
         ss["model_error"] = str(exc) if isinstance(exc, common.EXPECTED_ERRORS) else (
             f"Could not load '{entry}' from '{repo}': {type(exc).__name__}: {exc}")
         return
     ss["model_error"] = None
+    if trust:
+        ss["trusted_repos"] = list(dict.fromkeys([*ss.get("trusted_repos", []), repo]))
     if (repo, entry) != (ss["model_repo"], ss["model_entry"]):
         ss["model_repo"], ss["model_entry"] = repo, entry
         _reset_layers()
@@ -63,10 +70,11 @@ def _on_load_model() -> None:
     src = ss["w.model_src"]
     if src == common.MODEL_SOURCES[0]:
         _apply_model("bundled", ss["w.bundled_entry"])
-    elif src == common.MODEL_SOURCES[1]:
-        _apply_model(ss["w.gh_repo"], ss["w.gh_entry"])
     else:
-        _apply_model(ss["w.local_dir"], ss["w.local_entry"])
+        repo_key, entry_key = (("w.gh_repo", "w.gh_entry") if src == common.MODEL_SOURCES[1]
+                               else ("w.local_dir", "w.local_entry"))  # fmt: skip
+        repo = ss[repo_key]
+        _apply_model(repo, ss[entry_key], bool(ss.get(_trust_key(repo), False)))
 
 
 def _apply_data(source: str, cal_split: str, test_split: str, config: str | None) -> None:
@@ -105,6 +113,17 @@ def _on_load_data() -> None:
 
 
 # ---------------------------------------------------------------------------- sections
+def _trust_box(repo: str) -> None:
+    """The consent checkbox of a non-bundled repo, unchecked until ticked for this very repo."""
+    repo = repo.strip()
+    if repo:
+        shown = repo.replace("`", "")
+        st.checkbox(f"I trust `{shown}`: loading it runs its code (hubconf.py and the model) on "
+                    "this machine", key=_trust_key(repo),
+                    help="Only the bundled models are trusted without asking. Tick this only "
+                         "for a repository whose code you would run yourself.")  # fmt: skip
+
+
 def model_section() -> None:
     st.subheader("Model")
     src = st.radio("Source", common.MODEL_SOURCES, key="w.model_src", horizontal=True,
@@ -129,16 +148,21 @@ def model_section() -> None:
             st.caption(doc)
         if (ss["model_repo"], ss["model_entry"]) != ("bundled", ss["w.bundled_entry"]):
             st.button("Use this model", key="load_model", on_click=_on_load_model)
+    elif (off := common.source_policy().refusal(
+            "github" if src == common.MODEL_SOURCES[1] else "local_hub")):
+        st.info(off, icon=":material/lock:")
     elif src == common.MODEL_SOURCES[1]:
         c1, c2 = st.columns([3, 2])
         c1.text_input("Repository", key="w.gh_repo", placeholder="owner/repo or owner/repo:ref",
                       help="A GitHub repository with a hubconf.py, loaded with torch.hub.")  # fmt: skip
         c2.text_input("Entry point", key="w.gh_entry", placeholder="e.g. tiniest")
+        _trust_box(ss["w.gh_repo"])
         st.button("Load model", key="load_model", on_click=_on_load_model, type="primary")
     else:
         c1, c2 = st.columns([3, 2])
         c1.text_input("Hub directory", key="w.local_dir", placeholder="/path/to/folder/with/hubconf.py")
         c2.text_input("Entry point", key="w.local_entry", placeholder="e.g. tiniest")
+        _trust_box(ss["w.local_dir"])
         st.button("Load model", key="load_model", on_click=_on_load_model, type="primary")
     if ss["model_error"]:
         st.error(ss["model_error"], icon=":material/error:")
@@ -155,6 +179,20 @@ def model_section() -> None:
     st.markdown("  \n".join(lines))
 
 
+def _local_file_inputs() -> None:
+    policy = common.source_policy()
+    if off := policy.refusal("local_files"):
+        st.info(off, icon=":material/lock:")
+        return
+    if roots := policy.load_roots():
+        st.caption(f"Served on a network: paths must lie under {', '.join(roots)}.")
+    st.text_input("File or folder", key="w.data_path",
+                  placeholder="/path/to/data.parquet, data.npz or an image folder",
+                  help="A .parquet (image + label columns), a .npz (images, labels) or a folder "
+                       "of class sub-folders. Calibration and test subsets are drawn from it.")  # fmt: skip
+    st.button("Load dataset", key="load_data", on_click=_on_load_data, type="primary")
+
+
 def data_section() -> None:
     st.subheader("In-distribution data")
     src = st.radio("Source", common.DATA_SOURCES, key="w.data_src", horizontal=True,
@@ -168,11 +206,7 @@ def data_section() -> None:
         if ss["ind_source"] != ss["w.bundled_data"]:
             st.button("Use this dataset", key="load_data", on_click=_on_load_data, type="primary")
     elif src == common.DATA_SOURCES[1]:
-        st.text_input("File or folder", key="w.data_path",
-                      placeholder="/path/to/data.parquet, data.npz or an image folder",
-                      help="A .parquet (image + label columns), a .npz (images, labels) or a folder "
-                           "of class sub-folders. Calibration and test subsets are drawn from it.")  # fmt: skip
-        st.button("Load dataset", key="load_data", on_click=_on_load_data, type="primary")
+        _local_file_inputs()
     else:
         c1, c2 = st.columns([3, 2])
         c1.text_input("Hugging Face dataset id", key="w.hf_id", placeholder="owner/name")
@@ -236,6 +270,8 @@ def check_and_preview() -> None:
 def body() -> None:
     common.header("Model & data", "Choose the classifier and its in-distribution data; the "
                   "preview shows test samples and the model's accuracy on them.")  # fmt: skip
+    if note := common.source_policy().describe():
+        st.caption(f":material/lan: {note}")
     left, right = st.columns(2, gap="large")
     with left:
         common.guard(model_section)

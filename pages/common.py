@@ -41,6 +41,7 @@ from ood_core.hub import HubUnavailableError
 from ood_core.metrics import DEFAULT_METRICS, parse_metric
 from ood_core.perturbations import PERTURBATIONS
 from ood_core.pipeline import RunCache, RunConfig, RunResult, ScenarioSpec, ScoreSpec
+from ood_core.policy import SourcePolicy
 from ood_core.scores import get_score_class
 
 LOG = logging.getLogger("ood_lens.app")
@@ -123,14 +124,40 @@ def run_cache() -> RunCache:
 
 
 # ---------------------------------------------------------------------------- cached loading
+def source_policy() -> SourcePolicy:
+    """The sources this server allows: all on loopback; in network mode (``server.address`` not
+    loopback) only those enabled by ``OOD_LENS_ALLOW``, local paths under ``OOD_LENS_DATA_ROOTS``."""
+    return SourcePolicy.from_env(st.get_option("server.address"))
+
+
+def repo_trusted(repo: str) -> bool:
+    """Bundled, or trusted with the page's checkbox earlier in this session."""
+    return hub.is_bundled(repo) or repo in st.session_state.get("trusted_repos", ())
+
+
+def load_model(repo: str, entry: str, trust_repo: bool | None = None) -> torch.nn.Module:
+    """Checked against :func:`source_policy`, then cached per (repo, entry, trust); ``trust_repo``
+    None means :func:`repo_trusted`."""
+    source_policy().check_model_repo(repo)
+    return _load_model(repo, entry, repo_trusted(repo) if trust_repo is None else trust_repo)
+
+
 @st.cache_resource(show_spinner="Loading model...", max_entries=8)
-def load_model(repo: str, entry: str) -> torch.nn.Module:
-    return hub.load_model(repo, entry)
+def _load_model(repo: str, entry: str, trust_repo: bool) -> torch.nn.Module:
+    return hub.load_model(repo, entry, trust_repo=trust_repo)
+
+
+def load_dataset(source: str, split: str, config: str | None = None) -> data_mod.ImageDataset:
+    """Checked against :func:`source_policy` (local paths confined to its data roots), cached."""
+    policy = source_policy()
+    policy.check_data_source(source)
+    return _load_dataset(source, split, config, policy.load_roots())
 
 
 @st.cache_resource(show_spinner="Loading data...", max_entries=12)
-def load_dataset(source: str, split: str, config: str | None = None) -> data_mod.ImageDataset:
-    return data_mod.load(source, split, config)
+def _load_dataset(source: str, split: str, config: str | None,
+                  roots: tuple[str, ...] | None) -> data_mod.ImageDataset:  # fmt: skip
+    return data_mod.load(source, split, config, roots=roots)
 
 
 @st.cache_data(show_spinner=False, ttl=60)

@@ -1,0 +1,453 @@
+"""Safety: torch.hub trust, the network-mode source policy and data-root confinement, the
+dashboard's loopback binding (a real server) and its trust checkbox (AppTest).
+
+Bad-input rows are table-driven: each asserts a clear refusal naming the input and the remedy,
+and that nothing was imported or read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from streamlit import config as st_config
+from streamlit.testing.v1 import AppTest
+
+from ood_core import data, hub
+from ood_core.policy import SourceNotAllowedError, SourcePolicy, confine_path, is_loopback
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = str(ROOT / "pages" / "1_model_data.py")
+TIMEOUT = 180
+
+os.environ.setdefault("OOD_LENS_QUIET", "1")
+
+HUBCONF = '''
+import pathlib
+import torch
+
+pathlib.Path(__file__).with_name("imported.marker").touch()
+
+
+def linear():
+    """A linear Fashion-MNIST-shaped classifier (untrained)."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    net.ood_lens = {"input_shape": (1, 28, 28)}
+    return net
+'''
+
+
+def _hub_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "hubconf.py").write_text(HUBCONF)
+    return path
+
+
+def _npz(path: Path, n: int = 12) -> Path:
+    rng = np.random.default_rng(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=rng.random((n, 1, 28, 28), dtype=np.float32),
+             labels=np.arange(n) % 10)  # fmt: skip
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> dict[str, Path]:
+    """A data root with a dataset, a hub dir and symlinks escaping it; files outside it."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    paths = {
+        "root": root, "outside": outside,
+        "good": _npz(root / "good.npz"), "secret": _npz(outside / "secret.npz"),
+        "hub": _hub_dir(root / "hub"), "outside_hub": _hub_dir(outside / "hub"),
+    }  # fmt: skip
+    (root / "link_file.npz").symlink_to(paths["secret"])
+    (root / "link_dir").symlink_to(outside, target_is_directory=True)
+    paths["link_file"], paths["link_dir"] = root / "link_file.npz", root / "link_dir"
+    return paths
+
+
+# ---------------------------------------------------------------------------- torch.hub trust
+def _cached_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch_hub"))
+    return _hub_dir(tmp_path / "torch_hub" / "someone_models_main")
+
+
+TRUST_ROWS = {  # id: how to build the repo reference from (tmp_path, cached repo dir)
+    "github": lambda tmp, cached: "someone/models",
+    "github_with_ref": lambda tmp, cached: "someone/models:main",
+    "github_unknown_ref": lambda tmp, cached: "someone/other:dev",
+    "local_dir": lambda tmp, cached: str(_hub_dir(tmp / "myhub")),
+    "local_dir_relative": lambda tmp, cached: os.path.relpath(_hub_dir(tmp / "rel"), Path.cwd()),
+    "local_dir_via_symlink": lambda tmp, cached: _symlinked_hub(tmp),
+    "cached_github_dir_by_path": lambda tmp, cached: str(cached),
+}
+
+
+def _symlinked_hub(tmp: Path) -> str:
+    (tmp / "linked").symlink_to(_hub_dir(tmp / "real"), target_is_directory=True)
+    return str(tmp / "linked")
+
+
+@pytest.mark.parametrize("call", ["load_model", "list_entries"])
+@pytest.mark.parametrize("row", list(TRUST_ROWS))
+def test_untrusted_repo_is_refused_naming_it_and_the_remedy(row, call, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "network_available", lambda *a, **k: pytest.fail("network tried"))
+    cached = _cached_repo(tmp_path, monkeypatch)
+    repo = TRUST_ROWS[row](tmp_path, cached)
+    with pytest.raises(hub.UntrustedRepoError) as err:
+        hub.load_model(repo, "linear") if call == "load_model" else hub.list_entries(repo)
+    msg = str(err.value)
+    assert f"'{repo}'" in msg, msg
+    assert "--trust-repo" in msg and "trust_repo = true" in msg and "trust box" in msg
+    assert isinstance(err.value, hub.HubUnavailableError)  # existing handlers still catch it
+    assert not list(tmp_path.rglob("imported.marker")), "the repo's code ran"
+
+
+def test_trusted_repo_runs_and_bundled_needs_no_trust(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "network_available", lambda *a, **k: pytest.fail("network tried"))
+    _cached_repo(tmp_path, monkeypatch)
+    net = hub.load_model("someone/models", "linear", trust_repo=True)  # the cached copy
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert (tmp_path / "torch_hub" / "someone_models_main" / "imported.marker").exists()
+    assert hub.load_model("bundled", "tiniest").training is False
+    assert hub.load_model(str(hub.BUNDLED_HUB), "tiniest").training is False
+
+
+# ---------------------------------------------------------------------------- network policy
+@pytest.mark.parametrize("address", [None, "", "0.0.0.0", "::", "192.0.2.2", "10.1.2.3",
+                                     "example.com", "127.0.0.1.example.com"])  # fmt: skip
+def test_non_loopback_addresses_mean_network_mode(address):
+    assert not is_loopback(address)
+    policy = SourcePolicy.from_env(address, {})
+    assert policy.served_on_network and policy.refusal("github")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
+def test_loopback_addresses_allow_every_source(address, tree):
+    policy = SourcePolicy.from_env(address, {})
+    assert is_loopback(address) and not policy.served_on_network
+    assert all(policy.refusal(k) is None for k in ("github", "local_hub", "local_files"))
+    policy.check_model_repo("someone/models")
+    policy.check_model_repo(str(tree["outside_hub"]))
+    policy.check_data_source(str(tree["secret"]))
+    assert policy.load_roots() is None
+
+
+ALL = "github,local_hub,local_files"
+# id: (OOD_LENS_ALLOW, roots configured?, "model" or "data", input from the tree, message part)
+POLICY_ROWS = {
+    "github_off": ("", True, "model", "someone/models", "GitHub torch.hub repositories are off"),
+    "github_ref_off": ("local_hub", True, "model", "someone/models:v2", "OOD_LENS_ALLOW=github"),
+    "local_hub_off": ("github", True, "model", "{hub}", "local hub directories are off"),
+    "local_hub_outside_roots": (ALL, True, "model", "{outside_hub}", "outside the allowed data"),
+    "local_hub_dotdot": (ALL, True, "model", "{root}/../outside/hub", "outside the allowed data"),
+    "local_hub_via_symlink": (ALL, True, "model", "{link_dir}/hub", "outside the allowed data"),
+    "local_files_off": ("github,local_hub", True, "data", "{good}", "local data files and fo"),
+    "local_files_no_roots": ("local_files", False, "data", "{good}", "no data roots are config"),
+    "file_outside_roots": (ALL, True, "data", "{secret}", "outside the allowed data roots"),
+    "file_dotdot_escape": (ALL, True, "data", "{root}/../outside/secret.npz",
+                           "resolves to .*outside the allowed"),
+    "file_symlink_escape": (ALL, True, "data", "{link_file}", "outside the allowed data roots"),
+    "dir_symlink_escape": (ALL, True, "data", "{link_dir}/secret.npz", "outside the allowed"),
+    "folder_symlink_escape": (ALL, True, "data", "{link_dir}", "outside the allowed data roots"),
+    "system_file": (ALL, True, "data", "/etc/passwd", "outside the allowed data roots"),
+    "home_file": (ALL, True, "data", "~/secret.npz", "outside the allowed data roots"),
+    "relative_escape": (ALL, True, "data", "../secret.npz", "outside the allowed data roots"),
+    "missing_file_outside": (ALL, True, "data", "/nonexistent/x.parquet", "outside the allowed"),
+    "url_as_hf_id": (ALL, True, "data", "file:///etc/passwd", "must be written 'owner/name'"),
+    "hf_id_with_dotdot": (ALL, True, "data", "owner/..", "must be written 'owner/name'"),
+    "hf_id_with_scheme": (ALL, True, "data", "hf://datasets/x/y", "must be written 'owner/name'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("row", list(POLICY_ROWS))
+def test_network_mode_refuses_sources_that_are_off_or_outside_the_roots(row, tree):
+    allow, with_roots, what, template, expected = POLICY_ROWS[row]
+    env = {"OOD_LENS_ALLOW": allow}
+    if with_roots:
+        env["OOD_LENS_DATA_ROOTS"] = str(tree["root"])
+    policy = SourcePolicy.from_env("0.0.0.0", env)
+    value = template.format(**{k: str(v) for k, v in tree.items()})
+    check = policy.check_model_repo if what == "model" else policy.check_data_source
+    with pytest.raises(SourceNotAllowedError, match=expected) as err:
+        check(value)
+    assert value in str(err.value) or "OOD_LENS_ALLOW" in str(err.value)
+    assert not list(tree["root"].parent.rglob("imported.marker"))
+
+
+@pytest.mark.parametrize("row", [r for r, v in POLICY_ROWS.items()
+                                 if v[2] == "data" and "outside the allowed" in v[4]])  # fmt: skip
+def test_data_load_confines_local_paths_itself(row, tree):
+    """The loader checks the roots too (the check the pages call is not the only guard)."""
+    template = POLICY_ROWS[row][3]
+    value = template.format(**{k: str(v) for k, v in tree.items()})
+    with pytest.raises(SourceNotAllowedError, match="outside the allowed data roots"):
+        data.load(value, roots=[str(tree["root"])])
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"OOD_LENS_ALLOW": "gitub"}, "unknown source 'gitub'.*Did you mean 'github'"),
+    ({"OOD_LENS_ALLOW": "all"}, "unknown source 'all'.*github, local_hub, local_files"),
+    ({"OOD_LENS_ALLOW": "local_files;github"}, "unknown source"),
+    ({"OOD_LENS_DATA_ROOTS": "/nonexistent/ood-lens-root"}, "OOD_LENS_DATA_ROOTS.*not an existing"),
+    ({"OOD_LENS_DATA_ROOTS": "{good}"}, "not an existing folder"),
+])  # fmt: skip
+def test_malformed_policy_settings_are_explained(env, expected, tree):
+    env = {k: v.format(good=tree["good"]) for k, v in env.items()}
+    with pytest.raises(ValueError, match=expected):
+        SourcePolicy.from_env("0.0.0.0", env)
+    assert SourcePolicy.from_env("127.0.0.1", env) == SourcePolicy()  # ignored on loopback
+
+
+def test_network_mode_allows_what_is_enabled_and_inside_the_roots(tree, monkeypatch):
+    monkeypatch.chdir(tree["root"])
+    env = {"OOD_LENS_ALLOW": " GitHub , local_hub,local_files ",
+           "OOD_LENS_DATA_ROOTS": f"{tree['outside'] / 'hub'}{os.pathsep}{tree['root']}"}  # fmt: skip
+    policy = SourcePolicy.from_env("0.0.0.0", env)
+    assert policy.allow == {"github", "local_hub", "local_files"}
+    for repo in ("bundled", str(hub.BUNDLED_HUB), "someone/models", str(tree["hub"])):
+        policy.check_model_repo(repo)
+    for source in ("fashion_mnist", "owner/hf-dataset", "ego-thales/cifar10", "uoft-cs/cifar10",
+                   "Owner_1/Name.v2", str(tree["good"]), "good.npz",
+                   "./good.npz", f"{tree['root']}/hub/../good.npz"):  # fmt: skip
+        policy.check_data_source(source)
+    loaded = data.load("good.npz", roots=policy.load_roots())
+    assert len(loaded) == 12 and loaded.meta["source"] == str(tree["good"].resolve())
+    assert confine_path(tree["hub"], policy.data_roots) == tree["hub"].resolve()
+    # bundled models and data need nothing enabled
+    closed = SourcePolicy.from_env("0.0.0.0", {})
+    closed.check_model_repo("bundled")
+    closed.check_data_source("fashion_mnist")
+    closed.check_data_source("owner/hf-dataset")  # downloads into the HF cache, reads no path
+    assert "only bundled models" in closed.describe()
+
+
+# ---------------------------------------------------------------------------- served app
+def _non_loopback_ipv4() -> str | None:
+    """An IPv4 address of one of this machine's own interfaces that is not loopback."""
+    found: list[str] = []
+    ip = shutil.which("ip")
+    if ip:
+        out = subprocess.run([ip, "-4", "-o", "addr"], capture_output=True, text=True).stdout
+        found += [line.split()[3].split("/")[0] for line in out.splitlines() if " inet " in line]
+    with contextlib.suppress(OSError):
+        found += socket.gethostbyname_ex(socket.gethostname())[2]
+    for addr in found:
+        with contextlib.suppress(ValueError):
+            if not ipaddress.ip_address(addr).is_loopback:
+                return addr
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(host: str, port: int, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/_stcore/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _served(*args: str) -> Iterator[int]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.headless", "true", *args],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not _answers("127.0.0.1", port, 0.5):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not start on 127.0.0.1:{port} (exit {proc.poll()})")
+            time.sleep(0.3)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def test_served_app_answers_on_loopback_only_unless_opted_in():
+    addr = _non_loopback_ipv4()
+    if addr is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to probe")
+    with _served() as port:  # the repo's .streamlit/config.toml
+        assert _answers("127.0.0.1", port)
+        assert not _answers(addr, port), f"the dashboard answered on {addr}:{port}"
+    with _served("--server.address", "0.0.0.0") as port:  # the documented opt-in
+        assert _answers(addr, port), "the probe itself cannot see a network-served app"
+
+
+def _fake_checkout(tmp_path: Path) -> Path:
+    """A copy of ./dev with a stub .venv whose `streamlit` prints its arguments."""
+    for name in ("dev", "pyproject.toml", "constraints.txt"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, body in (("python", "exit 0"), ("streamlit", 'echo "$@"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    import hashlib
+
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()
+                            + (ROOT / "constraints.txt").read_bytes()).hexdigest()  # fmt: skip
+    (tmp_path / ".venv" / ".setup-stamp").write_text(digest[:16] + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(("env", "args", "address", "warned"), [
+    ({}, [], "127.0.0.1", False),
+    ({"OOD_LENS_ADDRESS": "0.0.0.0"}, [], "0.0.0.0", True),
+    ({}, ["--server.address", "0.0.0.0"], "0.0.0.0", False),  # streamlit: the last one wins
+])  # fmt: skip
+def test_dev_app_binds_to_loopback_unless_asked(env, args, address, warned, tmp_path):
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    checkout = _fake_checkout(tmp_path)
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("OOD_LENS_")} | env
+    out = subprocess.run(["bash", str(checkout / "dev"), "app", *args], env=run_env,
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    argv = out.stdout.split()
+    given = [argv[i + 1] for i, a in enumerate(argv) if a == "--server.address"]
+    assert given[-1] == address and given[0] == env.get("OOD_LENS_ADDRESS", "127.0.0.1")
+    assert ("reachable from the network" in out.stderr) == warned
+
+
+def test_repo_config_binds_to_loopback():
+    import tomllib
+
+    conf = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert is_loopback(conf["server"]["address"])
+
+
+# ---------------------------------------------------------------------------- dashboard
+@contextlib.contextmanager
+def _server_address(address: str | None) -> Iterator[None]:
+    old = st_config.get_option("server.address")
+    st_config.set_option("server.address", address)
+    try:
+        yield
+    finally:
+        st_config.set_option("server.address", old)
+
+
+def _page() -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT)
+    at.run()
+    return at
+
+
+def _errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def _choose_model(at: AppTest, source: str, repo: str, entry: str = "linear") -> AppTest:
+    at.radio(key="w.model_src").set_value(source).run()
+    key = "w.gh" if source.startswith("GitHub") else "w.local"
+    at.text_input(key=f"{key}_repo" if key == "w.gh" else "w.local_dir").input(repo).run()
+    at.text_input(key=f"{key}_entry").input(entry).run()
+    return at
+
+
+@pytest.mark.parametrize("source", ["GitHub (torch.hub)", "Local hub directory"])
+def test_dashboard_refuses_an_unticked_repo_and_names_it(source, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "network_available", lambda *a, **k: pytest.fail("network tried"))
+    repo = "someone/models" if source.startswith("GitHub") else str(_hub_dir(tmp_path / "h"))
+    with _server_address("127.0.0.1"):
+        at = _choose_model(_page(), source, repo)
+        box = at.checkbox(key=f"w.trust.{repo}")
+        assert repo in box.label and "run" in box.label and box.value is False
+        at.button(key="load_model").click().run()
+    assert not at.exception
+    assert any(f"'{repo}'" in e and "trust box" in e for e in _errors(at)), _errors(at)
+    assert at.session_state["model_repo"] == "bundled"  # the current model is kept
+    assert not list(tmp_path.rglob("imported.marker"))
+
+
+def test_dashboard_loads_a_ticked_local_repo_and_trust_does_not_carry_over(tmp_path):
+    repo, other = str(_hub_dir(tmp_path / "h")), str(_hub_dir(tmp_path / "other"))
+    with _server_address("127.0.0.1"):
+        at = _choose_model(_page(), "Local hub directory", repo)
+        at.checkbox(key=f"w.trust.{repo}").check().run()
+        at.button(key="load_model").click().run()
+        assert not at.exception and not _errors(at), _errors(at)
+        assert (at.session_state["model_repo"], at.session_state["model_entry"]) == (repo, "linear")
+        assert repo in " ".join(m.value for m in at.markdown)
+        # another folder typed after ticking: its own box, unticked, so refused
+        at.text_input(key="w.local_dir").input(other).run()
+        assert at.checkbox(key=f"w.trust.{other}").value is False
+        at.button(key="load_model").click().run()
+    assert any(f"'{other}'" in e for e in _errors(at)), _errors(at)
+    assert at.session_state["model_repo"] == repo
+    assert not (Path(other) / "imported.marker").exists()
+
+
+def test_dashboard_served_on_network_turns_code_and_file_sources_off(monkeypatch):
+    monkeypatch.delenv("OOD_LENS_ALLOW", raising=False)
+    monkeypatch.delenv("OOD_LENS_DATA_ROOTS", raising=False)
+    with _server_address("0.0.0.0"):
+        at = _page()
+        assert not at.exception and not _errors(at), _errors(at)  # bundled still works
+        assert any("Served on a network" in c.value for c in at.caption)
+        for source, kind in (("GitHub (torch.hub)", "GitHub"), ("Local hub directory", "local hub")):
+            at.radio(key="w.model_src").set_value(source).run()
+            assert any(kind in i.value and "OOD_LENS_ALLOW" in i.value for i in at.info)
+            assert not [t for t in at.text_input if t.key in ("w.gh_repo", "w.local_dir")]
+        at.radio(key="w.data_src").set_value("Local file").run()
+        assert any("local data files" in i.value for i in at.info)
+        assert not [t for t in at.text_input if t.key == "w.data_path"]
+    assert not at.exception
+
+
+def test_dashboard_served_on_network_confines_local_files(tree, monkeypatch):
+    monkeypatch.setenv("OOD_LENS_ALLOW", "local_files")
+    monkeypatch.setenv("OOD_LENS_DATA_ROOTS", str(tree["root"]))
+    with _server_address("0.0.0.0"):
+        at = _page()
+        at.radio(key="w.data_src").set_value("Local file").run()
+        assert any(str(tree["root"]) in c.value for c in at.caption)
+        for bad in (tree["secret"], tree["link_file"], f"{tree['root']}/../outside/secret.npz"):
+            at.text_input(key="w.data_path").input(str(bad)).run()
+            at.button(key="load_data").click().run()
+            assert any("outside the allowed data roots" in e for e in _errors(at)), _errors(at)
+            assert at.session_state["ind_source"] == "fashion_mnist"
+        at.text_input(key="w.data_path").input(str(tree["good"])).run()
+        at.button(key="load_data").click().run()
+    assert not at.exception
+    assert at.session_state["ind_source"] == str(tree["good"]), _errors(at)
+
+
+def test_dashboard_ticked_github_repo_reaches_the_offline_check(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "network_available", lambda *a, **k: False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # nothing cached
+    with _server_address("127.0.0.1"):
+        at = _choose_model(_page(), "GitHub (torch.hub)", "nobody/nothing")
+        at.checkbox(key="w.trust.nobody/nothing").check().run()
+        at.button(key="load_model").click().run()
+    assert not at.exception
+    assert any("nobody/nothing" in e and "not reachable" in e for e in _errors(at)), _errors(at)
+    assert at.session_state["model_repo"] == "bundled"
