@@ -66,7 +66,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = RunConfig.from_toml(text, source=str(path))
     except ConfigError as exc:
         raise _Failed(str(exc), 2) from None
+    config.trust_repo = config.trust_repo or args.trust_repo
     quiet = args.quiet or os.environ.get("OOD_LENS_QUIET", "") not in ("", "0")
+    from ood_core.hub import UntrustedRepoError
+
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                       disable=quiet, transient=True) as bar:  # fmt: skip
@@ -78,7 +81,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", OodLensWarning)  # printed below, once, with the table
                 result = run(config, progress=progress)
-    except ConfigError as exc:
+    except (ConfigError, UntrustedRepoError) as exc:
         raise _Failed(str(exc), 2) from None
     except (ValueError, RuntimeError, OSError) as exc:  # data / hub / model problems
         raise _Failed(f"the run failed: {exc}", 1) from exc
@@ -117,14 +120,23 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     from ood_core.hub import load_model, model_info
     from ood_core.recorder import Recorder
 
-    net = load_model(args.repo, args.entry)
+    from ood_core.hub import UntrustedRepoError
+
+    try:
+        net = load_model(args.repo, args.entry, trust_repo=args.trust_repo)
+    except UntrustedRepoError as exc:
+        raise _Failed(str(exc), 2) from None
     shape = model_info(net).input_shape or tuple(args.input_shape)
     print(Recorder(net, input_data=torch.rand(1, *shape)))
     return 0
 
 
 def _cmd_scores(args: argparse.Namespace) -> int:
-    from ood_core.scores import list_scores
+    from ood_core.scores import list_scores, scores_markdown
+
+    if args.markdown:
+        print(scores_markdown())
+        return 0
 
     table = Table(title="Registered confidence scores (conformity: higher = more in-distribution)")
     for col in ("name", "family", "layers", "fit", "gradients", "parameters (defaults)", "reference"):
@@ -154,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="replace an existing --out folder of an earlier run (only once the new "
                         "results are complete)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--trust-repo", action="store_true",
+                   help="let a non-bundled hub repository (GitHub or local folder) run its code "
+                        "on this machine")  # fmt: skip
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("example-config", help="print a config for the bundled default", parents=[debug])
     p.set_defaults(func=_cmd_example)
@@ -161,8 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo", default="bundled")
     p.add_argument("--entry", default="tiniest")
     p.add_argument("--input-shape", type=int, nargs=3, default=(1, 28, 28))
+    p.add_argument("--trust-repo", action="store_true",
+                   help="let a non-bundled hub repository (GitHub or local folder) run its code "
+                        "on this machine")  # fmt: skip
     p.set_defaults(func=_cmd_layers)
     p = sub.add_parser("scores", help="list the registered scores", parents=[debug])
+    p.add_argument("--markdown", action="store_true", help="print README's markdown table")
     p.set_defaults(func=_cmd_scores)
     args = parser.parse_args(argv)
     show_traceback = getattr(args, "debug", False)

@@ -141,6 +141,9 @@ class RunConfig:
 
     model_repo: str = "bundled"
     model_entry: str = "tiniest"
+    trust_repo: bool = False
+    """Run the code of a non-bundled hub repository (its ``hubconf.py``); never exported, so a
+    shared config does not hand over this consent."""
     ind_dataset: str = "fashion_mnist"
     calibration_split: str = "calibration"
     test_split: str = "test"
@@ -232,6 +235,8 @@ class _ModelSection(_Section):
     repo: str = Field("bundled", min_length=1, description=(
         "a hub reference: 'bundled', a local folder with a hubconf.py, or 'owner/repo[:ref]'"))
     entry: str = Field("tiniest", min_length=1, description="an entry point name, e.g. 'tiniest'")
+    trust_repo: bool = Field(False, description=(
+        "true or false: whether the repository's code may run on this machine (bundled: always)"))
 
 
 class _DataSection(_Section):
@@ -538,7 +543,8 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
     data = data or _DataSection()
     ev = ev or _EvaluationSection()
     config = RunConfig(
-        model_repo=model.repo, model_entry=model.entry, ind_dataset=data.ind_dataset,
+        model_repo=model.repo, model_entry=model.entry, trust_repo=model.trust_repo,
+        ind_dataset=data.ind_dataset,
         calibration_split=data.calibration_split, test_split=data.test_split,
         n_calibration=data.n_calibration, n_test=data.n_test, seed=data.seed,
         scores=[spec for _, spec, _ in scores], scenarios=[s for _, s in scenarios if s is not None],
@@ -600,10 +606,10 @@ class RunCache:
     warnings: dict[tuple, list[str]] = field(default_factory=dict)
     """OodLensWarning messages per confidences key (fit warnings live on the fitted scores)."""
 
-    def model(self, repo: str, entry: str) -> nn.Module:
+    def model(self, repo: str, entry: str, trust_repo: bool = False) -> nn.Module:
         key = (repo, entry)
         if key not in self.models:
-            self.models[key] = hub.load_model(repo, entry)
+            self.models[key] = hub.load_model(repo, entry, trust_repo=trust_repo)
         return self.models[key]
 
     def dataset(self, source: str, split: str, n: int | None, seed: int, config: str | None = None) -> data_mod.ImageDataset:
@@ -662,7 +668,7 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
     metrics = config.metric_objects()
     notes: list[str] = []
     say("Loading model and data", 0.0)
-    net = cache.model(config.model_repo, config.model_entry)
+    net = cache.model(config.model_repo, config.model_entry, config.trust_repo)
     n_cal, n_test = config.n_calibration, config.n_test
     if config.calibration_split == config.test_split or data_mod.is_single_source(config.ind_dataset):
         # one pool of samples: calibration and test subsets are drawn disjointly

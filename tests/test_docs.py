@@ -69,3 +69,9 @@ def test_readme_headless_api_examples_run(capsys):
     assert "Evaluation of 4 scores against 3 OoD sets and 2 metrics" in out
     assert ns["evals"].shape == (4, 3, 2) and ns["conformity"].shape == (1000, 10)
     assert ns["evals"][3, 2, 0] > 0.2  # KNN vs MNIST, AUC(max_fpr=0.2): chance is 0.1
+
+
+def test_readme_score_table_is_the_registry():
+    from ood_core.scores import scores_markdown
+
+    assert scores_markdown() in README, "regenerate with `ood-lens scores --markdown`"

@@ -80,7 +80,11 @@ def test_parity_with_reference(case, tiniest, parity_setup):
     inputs, ref = parity_setup
     if case["key"] in NOISE_IN_REFERENCE:
         pytest.skip("the reference's numbers are rounding noise: see test_case_17_is_noise_in_the_reference_and_we_warn")
-    row = harness.compare(case, harness.run_case(tiniest, case, inputs), ref)
+    # Odds runs 64 noisy passes per sample (~100 s for the four sets on 2 cores): the suite checks
+    # the calibration and the first two sets of its seeded noise stream; `python
+    # tests/parity/harness.py 24_` checks all four (equal too: see README).
+    sets = harness.SETS[:2] if case["score"] == "Odds" else harness.SETS
+    row = harness.compare(case, harness.run_case(tiniest, case, inputs, sets), ref)
     assert row["min_spearman"] >= harness.MIN_SPEARMAN, row
     assert row["max_abs_dauroc"] <= harness.MAX_DAUROC, row
     # The reference's own AUROCs recorded in cases.json agree with its conformities.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -398,3 +399,23 @@ def test_float64_networks_work_and_agree_with_float32(data):
         logits64, c64 = run(net64, s64, lay, x, y, x)
         assert logits64.dtype == torch.float64 and c64.dtype == torch.float64
         torch.testing.assert_close(c64, c32, rtol=1e-4, atol=1e-5, msg=repr(s64))
+
+
+def test_kl_matching_closest_readout_is_the_papers_min_over_templates(net, data):
+    x, y = data
+    logits, conf = run(net, KLMatching(), [], x, y, x)
+    _, closest = run(net, KLMatching(readout="closest"), [], x, y, x)
+    torch.testing.assert_close(predicted_confidence(logits, closest), conf.amax(1))
+    assert (predicted_confidence(logits, closest) >= predicted_confidence(logits, conf)).all()
+
+
+def test_kl_matching_warns_about_a_class_never_predicted(net, data):
+    from ood_core.diagnostics import OodLensWarning
+
+    x, y = data
+    with torch.no_grad():
+        counts = torch.bincount(net(x).argmax(1), minlength=3)
+    missing = [k for k in range(3) if counts[k] == 0]
+    assert missing  # this untrained net predicts some classes never
+    with pytest.warns(OodLensWarning, match=rf"KLMatching: class\(es\) {re.escape(str(missing))} are never"):
+        run(net, KLMatching(), [], x, y, x)

@@ -451,3 +451,50 @@ def test_dashboard_ticked_github_repo_reaches_the_offline_check(tmp_path, monkey
     assert not at.exception
     assert any("nobody/nothing" in e and "not reachable" in e for e in _errors(at)), _errors(at)
     assert at.session_state["model_repo"] == "bundled"
+
+
+def _hub_dir(tmp_path):
+    hub_dir = tmp_path / "myhub"
+    hub_dir.mkdir()
+    (hub_dir / "hubconf.py").write_text(
+        "import torch\n"
+        "def tiny():\n"
+        "    '''A tiny classifier.'''\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))\n"
+    )
+    return hub_dir
+
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_cli_runs_a_local_repo_only_with_explicit_trust(tmp_path, capsys, how):
+    from ood_core.cli import main
+    from ood_core.pipeline import RunConfig, ScenarioSpec, ScoreSpec, example_config
+
+    cfg = example_config()
+    cfg.model_repo, cfg.model_entry = str(_hub_dir(tmp_path)), "tiny"
+    cfg.n_calibration, cfg.n_test = 50, 30
+    cfg.scores = [ScoreSpec("Softmax")]
+    cfg.scenarios = [ScenarioSpec(kind="vertical_flip")]
+    path = tmp_path / "run.toml"
+    path.write_text(cfg.to_toml())
+    assert main(["run", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "myhub" in err and "--trust-repo" in err and "Traceback" not in err
+    if how == "flag":
+        assert main(["run", str(path), "--quiet", "--trust-repo"]) == 0
+    else:
+        path.write_text(cfg.to_toml().replace('entry = "tiny"', 'entry = "tiny"\ntrust_repo = true'))
+        assert RunConfig.from_toml(path.read_text()).trust_repo
+        assert main(["run", str(path), "--quiet"]) == 0
+    assert "Evaluation of 1 scores" in capsys.readouterr().out
+    assert "trust_repo" not in RunConfig.from_toml(path.read_text()).to_toml()  # never exported
+
+
+def test_cli_layers_needs_trust_for_a_local_repo(tmp_path, capsys):
+    from ood_core.cli import main
+
+    hub_dir = _hub_dir(tmp_path)
+    assert main(["layers", "--repo", str(hub_dir), "--entry", "tiny"]) == 2
+    assert "--trust-repo" in capsys.readouterr().err
+    assert main(["layers", "--repo", str(hub_dir), "--entry", "tiny", "--trust-repo"]) == 0
+    assert "Linear" in capsys.readouterr().out

@@ -87,9 +87,42 @@ def list_scores() -> list[dict[str, Any]]:
     return rows
 
 
+_LAYER_TEXT = {"none": "logits only", "params": "layers with parameters", "any": "any layers"}
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, tuple):
+        return repr(value)
+    return repr(value) if not isinstance(value, float) or value != float("inf") else "inf"
+
+
+def scores_markdown() -> str:
+    """README's score table (``ood-lens scores --markdown``), built from the registry: one row
+    per score with its family, layers, gradients, parameters (``*``: required, the value shown is
+    then a suggestion; ``act_norm`` and ``mode`` are common to all) and paper."""
+    lines = ["| score | family | layers | gradients | parameters (defaults; * = required) | paper |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in list_scores():
+        layers = _LAYER_TEXT[row["layers"]]
+        if row["max_layers"] is not None and row["layers"] == "any":
+            layers += f" (max {row['max_layers']})"
+        params = [p for p in row["params"] if p["name"] not in ("act_norm", "mode")]
+        text = ", ".join(f"`{p['name']}={_default_text(p['default'])}`" + ("*" if p["required"] else "")
+                         for p in params) or "—"  # fmt: skip
+        act = next(p for p in row["params"] if p["name"] == "act_norm")["default"]
+        if act is not None:
+            text += f", `act_norm={act!r}`"
+        lines.append(f"| `{row['name']}` | {row['family']} | {layers} | {row['gradients']} | {text} "
+                     f"| {row['reference']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 __all__ = [
     "SCORES", "BaseScore", "NotFittedError", "ScoreTimer", "list_scores", "make_score",
-    "register_score", "get_score_class", "postprocess_conformity", "BaselineClassif", "KNN", "Gram",
+    "register_score", "get_score_class", "postprocess_conformity", "scores_markdown",
+    "BaselineClassif", "KNN", "Gram",
     "RankFeat",
     *SCORES,
 ]  # fmt: skip

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ood_core.diagnostics import degenerate
 from ood_core.params import Param
 from ood_core.recorder import Recorder
 from ood_core.scores.base import BaseScore, Features
@@ -144,22 +145,37 @@ class TemperatureScaling(_LogitScore):
 
 class KLMatching(_LogitScore):
     """KL matching: conformity ``-KL(p(x) || d_k)`` where ``d_k`` is the mean calibration softmax of
-    samples predicted as class ``k`` (per class ``k``).
+    samples predicted as class ``k`` (per class ``k``). Evaluation reads the predicted class's
+    template; the paper scores the closest template, ``-min_k KL(p(x) || d_k)``
+    (``readout="closest"``).
 
     Hendrycks et al., "Scaling Out-of-Distribution Detection for Real-World Settings", ICML 2022.
     """
 
     reference = "Hendrycks et al., ICML 2022"
     needs_fit = True
+    params = (
+        Param("readout", "choice", "predicted", choices=("predicted", "closest"),
+              help="predicted: class k's conformity is -KL to its own template (evaluation reads "
+                   "the predicted class, as the reference library does); closest: every class "
+                   "gets -min_k KL (the paper's score)."),
+    )  # fmt: skip
 
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         p = torch.softmax(logits.double(), dim=1)
         pred = p.argmax(1)
         c = p.shape[1]
         templates = torch.full((c, c), 1.0 / c, dtype=torch.float64, device=p.device)
+        empty = []
         for k in range(c):
             if (pred == k).any():
                 templates[k] = p[pred == k].mean(0)
+            else:
+                empty.append(k)
+        if empty:
+            degenerate(self, f"class(es) {empty} are never predicted on the calibration data, so "
+                       "their template is the uniform distribution",
+                       "use more (or more varied) calibration data")  # fmt: skip
         self.templates = templates.clamp_min(1e-12)
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
@@ -168,7 +184,10 @@ class KLMatching(_LogitScore):
         # KL(p || d_k) = sum_j p_j (log p_j - log d_kj) for every k -> (n, C)
         neg_entropy = (p * logp).sum(1, keepdim=True)
         cross = p @ self.templates.log().T
-        return -(neg_entropy - cross)
+        conformity = -(neg_entropy - cross)
+        if self.readout == "closest":
+            return conformity.amax(1)
+        return conformity
 
 
 class ODIN(_LogitScore):
