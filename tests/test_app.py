@@ -172,9 +172,10 @@ def test_offline_github_repo_shows_an_error(monkeypatch: pytest.MonkeyPatch) -> 
     at.radio(key="w.model_src").set_value("GitHub (torch.hub)").run()
     at.text_input(key="w.gh_repo").input("nobody/nothing").run()
     at.text_input(key="w.gh_entry").input("tiniest").run()
+    at.checkbox(key="w.trust.nobody/nothing").check().run()  # trusted: the offline error shows
     at.button(key="load_model").click().run()
     assert not at.exception
-    assert any("nobody/nothing" in e for e in _errors(at)), _errors(at)
+    assert any("nobody/nothing" in e and "not reachable" in e for e in _errors(at)), _errors(at)
     assert at.text_input(key="w.gh_repo").value == "nobody/nothing"  # inputs stay
     assert at.session_state["model_entry"] == "tiniest"  # the current model is kept
 

@@ -106,7 +106,7 @@ def test_case_17_is_noise_in_the_reference_and_we_warn(tiniest, parity_setup):
     case = next(c for c in CASES if c["key"] == "17_DeepMahalanobis")
     for name in harness.SETS:
         d2 = -ref[f"17_DeepMahalanobis_{name}"]  # conformity = -(sum of squared distances)
-        assert (d2 < 0).mean() > 0.2, name
+        assert (d2 < 0).mean() > 0.25, name  # 29 % to 55 % of them
         rho = harness.spearmanr(ref[f"17_DeepMahalanobis_{name}"], ref[f"16_DeepMahalanobis_{name}"])
         assert abs(rho.statistic) < 0.2, name
     with pytest.warns(OodLensWarning, match=r"DeepMahalanobis @ \(1, 10\): 3,920 feature dimensions "
