@@ -117,10 +117,8 @@ def _cmd_example(args: argparse.Namespace) -> int:
 def _cmd_layers(args: argparse.Namespace) -> int:
     import torch
 
-    from ood_core.hub import load_model, model_info
+    from ood_core.hub import UntrustedRepoError, load_model, model_info
     from ood_core.recorder import Recorder
-
-    from ood_core.hub import UntrustedRepoError
 
     try:
         net = load_model(args.repo, args.entry, trust_repo=args.trust_repo)

@@ -1,31 +1,41 @@
-"""The single-pass engine: one batched forward pass per dataset feeds every score.
+"""The executor: batched passes over a dataset that turn it into every score's features.
 
 The reference library runs a full forward pass per score per dataset. Here, for a list of scores
 (each with its ``layers``), the engine records the union of the layers that all gradient-free
 scores need and runs **one** batched ``torch.no_grad`` forward pass per dataset; in that pass each
 score turns the batch's activations into small per-sample features (``score.extract``). Scores
-that need gradients (``score.needs_grad``) run their own batched passes (``extract_own``).
-Memory therefore grows with batch x layer size plus the per-sample features, never with
-dataset x raw activation size.
+that need gradients or modified inputs (``score.needs_own_pass``) run their own batched passes
+(``extract_own``). Memory therefore grows with batch x layer size plus the per-sample features,
+never with dataset x raw activation size -- unless an :class:`ActivationCache` is given, which
+keeps the recorded activations of a dataset (within a byte budget) so that a later extraction on
+the same (model, dataset, layers) runs no forward pass at all.
+
+Orchestration (binding, fitting, confidences, warnings, timings) lives in
+:mod:`ood_core.evaluation`; this module only runs passes, so another executor (e.g. a distributed
+batch engine) could replace it behind the same ``extract`` contract. Scores are typed by the
+:class:`ScoreLike` protocol: the engine imports no score.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from math import prod
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from ood_core.diagnostics import collect, degenerate, warn_if_tied
+from ood_core.core import (
+    Features,
+    LayerId,
+    Progress,
+    Timed,
+    normalise_activation,
+    predicted_confidence,
+)
 from ood_core.inputs import check_inputs
-from ood_core.recorder import LayerId, Recorder
-from ood_core.scores.base import BaseScore, Features, Timed
-from ood_core.tensors import normalise_activation, predicted_confidence
-
-Progress = Callable[[int, int], None]
-"""``progress(done, total)``, counts in samples."""
+from ood_core.recorder import Recorder
 
 CPU_BATCH_BYTES = 256 * 2**20
 
@@ -42,6 +52,63 @@ class LayerActivations(dict):
     """``{layer_id: output}`` of one batch, with ``.inputs``: ``{layer_id: input}``."""
 
     inputs: dict[LayerId, Tensor]
+
+
+class ScoreLike(Protocol):
+    """What the engine needs of a score (see :class:`ood_core.scores.base.BaseScore`)."""
+
+    layers: tuple[LayerId, ...]
+    act_norm: float | None
+    normalises_concatenation: bool
+
+    @property
+    def needs_own_pass(self) -> bool: ...
+
+    def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features: ...
+
+    def extract_own(self, recorder: Recorder, x: Tensor) -> Features: ...
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """Identity of cached activations: the model, the dataset (any hashable the caller chooses,
+    e.g. a bundled set's name, split, size and seed, plus a perturbation), the layer (``None``:
+    the logits) and the activation transform (``"raw"``: as the network produced them; scores
+    apply ``act_norm`` when they read them)."""
+
+    model: Hashable
+    dataset: Hashable
+    layer: LayerId | None
+    transform: str = "raw"
+
+
+class ActivationCache:
+    """Recorded activations (outputs, and inputs where the hook saw them) and logits per
+    :class:`FeatureKey`, on the CPU, within ``max_bytes`` (default 2 GiB): a layer too large for
+    what is left is simply not cached (it is recomputed, never dropped silently from results)."""
+
+    def __init__(self, max_bytes: int = 2 * 2**30) -> None:
+        self.max_bytes = int(max_bytes)
+        self.entries: dict[FeatureKey, tuple[Tensor, Tensor | None]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + (i.nbytes if i is not None else 0) for a, i in self.entries.values())
+
+    def get(self, key: FeatureKey) -> tuple[Tensor, Tensor | None] | None:
+        return self.entries.get(key)
+
+    def put(self, key: FeatureKey, output: Tensor, inputs: Tensor | None) -> bool:
+        size = output.nbytes + (inputs.nbytes if inputs is not None else 0)
+        if self.nbytes + size > self.max_bytes:
+            return False
+        self.entries[key] = (output, inputs)
+        return True
+
+    def clear(self) -> None:
+        self.entries.clear()
 
 
 def _cat(chunks: list[Features]) -> Features:
@@ -64,7 +131,7 @@ class Extraction:
 
 
 class Engine:
-    """Runs several scores over datasets with shared forward passes.
+    """Runs the passes that turn datasets into several scores' features, sharing one forward pass.
 
     Args:
         recorder: a :class:`Recorder` on the network (one per network; see :meth:`for_net`).
@@ -93,10 +160,8 @@ class Engine:
         """Batch size keeping one batch's recorded activations within a memory budget
         (256 MiB on CPU, a quarter of the free memory on CUDA), in [16, 1024]."""
         device, dtype = _net_device_dtype(self.net)
-        infos = self.recorder._infos  # noqa: SLF001
-        numel = sample_numel + sum(
-            prod(infos[layer].output_size[1:]) if infos[layer].output_size else 0 for layer in layers
-        )
+        sizes = [self.recorder.info(layer).output_size for layer in layers]
+        numel = sample_numel + sum(prod(size[1:]) if size else 0 for size in sizes)
         per_sample = max(1, 4 * numel * dtype.itemsize)  # x4: activations, copies, autograd slack
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -108,23 +173,42 @@ class Engine:
     # ------------------------------------------------------------------ the pass
     def extract(
         self,
-        scores: Sequence[BaseScore],
+        scores: Sequence[ScoreLike],
         data: Tensor,
         *,
         batch_size: int | None = None,
         progress: Progress | None = None,
+        cache: ActivationCache | None = None,
+        model_key: Hashable | None = None,
+        data_key: Hashable | None = None,
     ) -> Extraction:
-        """One pass over ``data`` ``(N, ...)``: logits and every score's per-sample features."""
+        """One pass over ``data`` ``(N, ...)``: logits and every score's per-sample features.
+
+        With a ``cache`` and both keys, the recorded activations and logits are read from the
+        cache when it holds them all (no forward pass; ``n_forward_calls == 0``), and stored in it
+        after a pass otherwise. Scores with their own passes always run them on ``data``.
+        """
         rec = self.recorder
         check_inputs(self.net, data, rec.input_shape)
-        previous = rec.recording
         plain = [s for s in scores if not s.needs_own_pass]
-        union = tuple(dict.fromkeys(layer for s in plain for layer in s.layers))
-        rec.record(*union)
+        union = tuple(l for l in rec.layer_ids if any(l in s.layers for s in plain))  # noqa: E741
+        use_cache = cache is not None and model_key is not None and data_key is not None
+        keys = {layer: FeatureKey(model_key, data_key, layer) for layer in (None, *union)}
+        stored = {layer: cache.get(k) for layer, k in keys.items()} if use_cache else {}
+        from_cache = use_cache and all(v is not None for v in stored.values())
+        if use_cache:
+            cache.hits += from_cache
+            cache.misses += not from_cache
+        previous = rec.recording
+        if not from_cache:
+            rec.record(*union)
         device, dtype = _net_device_dtype(self.net)
         bs = batch_size or self.auto_batch_size(union, prod(data.shape[1:]))
         chunks: list[list[Features]] = [[] for _ in scores]
         logits_chunks: list[Tensor] = []
+        keep: dict[LayerId, tuple[list[Tensor], list[Tensor]]] = {}
+        if use_cache and not from_cache:
+            keep = {layer: ([], []) for layer in union}
         seconds = [0.0 for _ in scores]
         t_forward = 0.0
         n_calls = 0
@@ -135,15 +219,26 @@ class Engine:
         try:
             n = len(data)
             for start in range(0, n, bs):
-                xb = data[start : start + bs].to(device=device, dtype=dtype)
-                with Timed() as t, torch.no_grad():
-                    logits = rec(xb)
-                t_forward += t.seconds
-                n_calls += 1
-                if not isinstance(logits, Tensor) or logits.ndim != 2:
-                    raise ValueError("The network must return logits of shape (N, n_classes); got "
-                                     f"{type(logits).__name__} {getattr(logits, 'shape', '')}.")  # fmt: skip
-                acts, inputs = dict(rec.activations), dict(rec.inputs)
+                stop = min(start + bs, n)
+                xb = data[start:stop].to(device=device, dtype=dtype)
+                if from_cache:
+                    logits = stored[None][0][start:stop].to(device)
+                    acts = {layer: stored[layer][0][start:stop].to(device) for layer in union}
+                    inputs = {layer: stored[layer][1][start:stop].to(device) for layer in union
+                              if stored[layer][1] is not None}  # fmt: skip
+                else:
+                    with Timed() as t, torch.no_grad():
+                        logits = rec(xb)
+                    t_forward += t.seconds
+                    n_calls += 1
+                    if not isinstance(logits, Tensor) or logits.ndim != 2:
+                        raise ValueError("The network must return logits of shape (N, n_classes); got "
+                                         f"{type(logits).__name__} {getattr(logits, 'shape', '')}.")  # fmt: skip
+                    acts, inputs = dict(rec.activations), dict(rec.inputs)
+                    for layer, (outs, ins) in keep.items():
+                        outs.append(acts[layer].detach().cpu())
+                        if layer in inputs:
+                            ins.append(inputs[layer].detach().cpu())
                 for layer in union:
                     if not varies[layer] and isinstance(acts.get(layer), Tensor):
                         ref = first.setdefault(layer, acts[layer][:1])
@@ -168,84 +263,27 @@ class Engine:
                         chunks[i].append({k: v.detach() for k, v in s.extract_own(rec, xb).items()})
                     seconds[i] += t.seconds
                 if progress is not None:
-                    progress(min(start + bs, n), n)
+                    progress(stop, n)
         finally:
             self.net.train(was_training)
-            rec.record(*previous)
+            if not from_cache:
+                rec.record(*previous)
         all_logits = torch.cat(logits_chunks)
         if torch.isnan(all_logits).any():
             raise ValueError("The network produced NaN logits on this data; check the inputs' range "
                              "and normalisation.")  # fmt: skip
+        if keep:
+            cache.put(keys[None], all_logits.cpu(), None)
+            for layer, (outs, ins) in keep.items():
+                cache.put(keys[layer], torch.cat(outs), torch.cat(ins) if len(ins) == len(outs) else None)
         constant = tuple(layer for layer, v in varies.items() if not v and layer in first)
         if len(data) < 2:
             constant = ()
         return Extraction(all_logits, [_cat(c) for c in chunks], t_forward, seconds, n_calls,
                           constant)  # fmt: skip
 
-    def _share(self, scores: Sequence[BaseScore], ex: Extraction) -> list[float]:
-        """Each score's time: its own work plus an equal share of the shared forward passes."""
-        n_plain = max(1, sum(not s.needs_own_pass for s in scores))
-        return [sec + (0.0 if s.needs_own_pass else ex.seconds_forward / n_plain)
-                for s, sec in zip(scores, ex.seconds_per_score, strict=True)]  # fmt: skip
 
-    def fit(
-        self,
-        scores: Sequence[BaseScore],
-        data: Tensor,
-        labels: Tensor | None = None,
-        *,
-        batch_size: int | None = None,
-        progress: Progress | None = None,
-        extraction: Extraction | None = None,
-    ) -> Extraction:
-        """Calibrate every score on ``data`` (labels default to the network's predictions)."""
-        for s in scores:
-            s.layers = s.check_layers(s.layers, self.recorder)
-        ex = extraction or self.extract(scores, data, batch_size=batch_size, progress=progress)
-        if labels is not None:
-            labels = torch.as_tensor(labels)
-            if labels.ndim != 1 or len(labels) != len(ex.logits):
-                raise ValueError(f"calib_labels must have shape ({len(ex.logits)},); got "
-                                 f"{tuple(labels.shape)}.")  # fmt: skip
-        shares = self._share(scores, ex)
-        for s, feats, share in zip(scores, ex.features, shares, strict=True):
-            with Timed() as t, collect() as messages:
-                for layer in (x for x in s.layers if x in ex.constant_layers):
-                    degenerate(s, f"the activation of layer {self.recorder.layer_name(layer)!r} is "
-                               f"the same for all {len(ex.logits):,} calibration samples, so it "
-                               "contributes nothing", "choose another layer", layer=layer)  # fmt: skip
-                s.fit_features(feats, ex.logits, labels)
-            s.fit_warnings = messages  # OodLensWarning messages of this fit (also emitted)
-            s._recorder = self.recorder  # noqa: SLF001
-            s.timer.add("calibration", len(ex.logits), share + t.seconds)
-        return ex
-
-    def confidences(
-        self,
-        scores: Sequence[BaseScore],
-        data: Tensor,
-        *,
-        batch_size: int | None = None,
-        progress: Progress | None = None,
-        dataset: str | None = None,
-    ) -> list[tuple[Tensor, Tensor]]:
-        """``[(logits (n, C), conformity (n, C))]`` per score, from one shared pass.
-
-        ``dataset`` names the set in warnings (:class:`~ood_core.diagnostics.OodLensWarning` when
-        all of a score's predicted-class confidences on it are identical).
-        """
-        ex = self.extract(scores, data, batch_size=batch_size, progress=progress)
-        shares = self._share(scores, ex)
-        out = []
-        for s, feats, share in zip(scores, ex.features, shares, strict=True):
-            with Timed() as t:
-                conf = s.conformity_from_features(feats, ex.logits)
-            if torch.isnan(conf).any():
-                raise ValueError(f"{s!r} produced NaN confidences on {int(torch.isnan(conf).any(1).sum())}"
-                                 " samples; check its parameters and layers (e.g. a singular statistic).")
-            s.timer.add("inference", len(ex.logits), share + t.seconds)
-            warn_if_tied(s, predicted_confidence(ex.logits, conf), dataset)
-            out.append((ex.logits, conf))
-        return out
-
-__all__ = ["Engine", "Extraction", "LayerActivations", "normalise_activation", "predicted_confidence"]
+__all__ = [
+    "ActivationCache", "Engine", "Extraction", "FeatureKey", "LayerActivations", "ScoreLike",
+    "normalise_activation", "predicted_confidence",
+]  # fmt: skip

@@ -24,7 +24,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
-from ood_core.engine import Engine, predicted_confidence
+from ood_core.core import StageProgress
+from ood_core.evaluation import Evaluation
 from ood_core.metrics import AUC, AUPR, MCC, TNR, TPR, DetectionError, Metric, compute
 from ood_core.plots import summary_plot
 from ood_core.recorder import LayerId, iter_layer_ids
@@ -32,8 +33,6 @@ from ood_core.report import results_frame, score_label, summary_table
 from ood_core.scores.base import BaseScore
 
 ScoresAndLayers = Sequence[tuple[BaseScore, Sequence[LayerId]]]
-StageProgress = Callable[[str, int, int], None]
-"""``progress(stage, done, total)``: a stage label, then counts in samples."""
 
 __all__ = [
     "AUC", "AUPR", "MCC", "TNR", "TPR", "DetectionError", "FittedScores", "compute_confidence",
@@ -43,9 +42,10 @@ __all__ = [
 
 
 class FittedScores(tuple):
-    """The fitted ``(score, layers)`` pairs, plus the engine that runs them (``.engine``)."""
+    """The fitted ``(score, layers)`` pairs, plus the evaluation that runs them
+    (``.evaluation``)."""
 
-    engine: Engine
+    evaluation: Evaluation
 
 
 def _quiet() -> bool:
@@ -106,15 +106,14 @@ def fit_scores(
     pairs = _pairs(scores_and_layers)
     if not pairs:
         raise ValueError("fit_scores needs at least one (score, layers) pair.")
-    engine = Engine.for_net(net, calib_data[:1])
-    for score, layers in pairs:
-        score.layers = score.check_layers(layers, engine.recorder)
+    evaluation = Evaluation.for_net(net, calib_data[:1])
     scores = [s for s, _ in pairs]
+    evaluation.bind(scores, [layers for _, layers in pairs])
     with _Bars(progress) as bars:
         update = bars.stage(f"Fitting {len(scores)} scores... ({len(calib_data)} samples)", len(calib_data))
-        engine.fit(scores, calib_data, calib_labels, batch_size=batch_size, progress=update)
-    out = FittedScores(pairs)
-    out.engine = engine
+        evaluation.fit(scores, calib_data, calib_labels, batch_size=batch_size, progress=update)
+    out = FittedScores((s, s.layers) for s in scores)
+    out.evaluation = evaluation
     return out
 
 
@@ -134,13 +133,13 @@ def compute_confidence(
     """
     pairs = _pairs(scores_fit)
     scores = [s for s, _ in pairs]
-    engine = getattr(scores_fit, "engine", None)
-    if engine is None:
-        recorders = {id(s._recorder) for s in scores}  # noqa: SLF001
-        if None in {s._recorder for s in scores} or len(recorders) != 1:  # noqa: SLF001
+    evaluation = getattr(scores_fit, "evaluation", None)
+    if evaluation is None:
+        recorders = {id(s.recorder_) for s in scores}
+        if any(s.recorder_ is None for s in scores) or len(recorders) != 1:
             raise ValueError("compute_confidence needs scores fitted on one network: pass the "
                              "output of fit_scores().")  # fmt: skip
-        engine = Engine(scores[0]._recorder)  # noqa: SLF001
+        evaluation = Evaluation(scores[0].recorder_)
     oods = tuple(oods)
     titles = list(oods_title) if oods_title is not None else [f"OoD {i + 1}" for i in range(len(oods))]
     if len(titles) != len(oods):
@@ -150,9 +149,8 @@ def compute_confidence(
     with _Bars(progress) as bars:
         for title, data in datasets:
             update = bars.stage(f"Computing confidences: {title} ({len(data)} samples)", len(data))
-            per_score = engine.confidences(scores, data, batch_size=batch_size, progress=update,
-                                           dataset=title)
-            confs = torch.stack([predicted_confidence(lg, c).double().cpu() for lg, c in per_score])
+            _, confs = evaluation.predicted(scores, data, batch_size=batch_size, progress=update,
+                                            dataset=title)  # fmt: skip
             results.append(confs)
     return results[0], tuple(results[1:])
 

@@ -39,9 +39,11 @@ from torch import nn
 
 from ood_core import data as data_mod
 from ood_core import hub
+from ood_core.core import predicted_confidence
 from ood_core.diagnostics import about, collect
-from ood_core.engine import Engine, predicted_confidence
+from ood_core.engine import ActivationCache
 from ood_core.eval import compute_metrics
+from ood_core.evaluation import Evaluation
 from ood_core.metrics import DEFAULT_METRICS, Metric, parse_metric
 from ood_core.perturbations import make_perturbation
 from ood_core.recorder import LayerId, iter_layer_ids
@@ -605,6 +607,9 @@ class RunCache:
     confidences: dict[tuple, np.ndarray] = field(default_factory=dict)
     warnings: dict[tuple, list[str]] = field(default_factory=dict)
     """OodLensWarning messages per confidences key (fit warnings live on the fitted scores)."""
+    activations: ActivationCache = field(default_factory=ActivationCache)
+    """Recorded activations per (model, dataset, layer): a changed or added score is fitted and
+    scored from them without any forward pass."""
 
     def model(self, repo: str, entry: str, trust_repo: bool = False) -> nn.Module:
         key = (repo, entry)
@@ -704,8 +709,9 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
                              f"more than its {len(ds)} samples: used all {len(ds)}")  # fmt: skip
             oods.append(ds.images)
         titles.append(sc.describe())
-    engine = Engine.for_net(net, calib.images[:1])
     model_key = (config.model_repo, config.model_entry)
+    evaluation = Evaluation.for_net(net, calib.images[:1], cache=cache.activations,
+                                    model_key=model_key)  # fmt: skip
     base_key = (model_key, _data_key(config))
     pairs: list[tuple[BaseScore, tuple[LayerId, ...]]] = []
     todo_fit: list[BaseScore] = []
@@ -714,7 +720,7 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
         score = cache.fitted.get(key)
         if score is None:
             score = spec.build()
-            score.layers = score.check_layers(spec.layer_ids(), engine.recorder)
+            score.bind(evaluation.recorder, spec.layer_ids())
             todo_fit.append(score)
             cache.fitted[key] = score
         pairs.append((score, score.layers))
@@ -724,7 +730,8 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
             say(f"Extracting + fitting {len(todo_fit)} score(s) on calibration data", done / total)
 
         try:
-            engine.fit(todo_fit, calib.images, calib.labels, batch_size=config.batch_size, progress=fit_progress)
+            evaluation.fit(todo_fit, calib.images, calib.labels, batch_size=config.batch_size,
+                           progress=fit_progress, data_key=(_data_key(config), "__calibration__"))  # fmt: skip
         except Exception:
             for spec in config.scores:
                 cache.fitted.pop((base_key, spec.key()), None)
@@ -744,8 +751,9 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
                 say(f"Scoring {title}", done / total)
 
             with collect() as messages:
-                per = engine.confidences([s for _, s in missing], x, batch_size=config.batch_size,
-                                         progress=score_progress, dataset=title)  # fmt: skip
+                per = evaluation.confidences([s for _, s in missing], x, batch_size=config.batch_size,
+                                             progress=score_progress, dataset=title,
+                                             data_key=(_data_key(config), dkey))  # fmt: skip
             if dkey == ("__ind__",):
                 cache.confidences[(base_key, "predictions")] = per[0][0].argmax(1).cpu().numpy()
             for (i, s), (logits, conf) in zip(missing, per, strict=True):

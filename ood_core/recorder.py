@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -26,6 +27,20 @@ from torch import nn
 LayerId = tuple[int, int]
 Progress = Callable[[int, int], None]
 """A progress callback ``progress(done, total)``, counts in samples."""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of the layer table: ``output_size`` includes the batch dimension of the traced
+    example; ``n_calls`` counts the ids of the module (a module called twice has two ids)."""
+
+    id: LayerId
+    name: str
+    module: nn.Module
+    type: str
+    input_size: tuple
+    output_size: tuple
+    n_calls: int
 
 
 def _as_layer_id(layer: Any) -> LayerId:
@@ -129,6 +144,28 @@ class Recorder(nn.Module):
         """All layer ids of the network in table order, ``(0, 1)`` first."""
         return list(self._infos)
 
+    def info(self, layer: Any) -> LayerInfo:
+        """What the layer table knows of one layer (module, name, shapes, how often its module is
+        called per forward pass)."""
+        lid = self.check_layer(layer)
+        li = self._infos[lid]
+        return LayerInfo(
+            id=lid, name=self._names[lid], module=li.module, type=li.class_name,
+            input_size=tuple(li.input_size or ()), output_size=tuple(li.output_size or ()),
+            n_calls=len(self._ids_of_module[id(li.module)]),
+        )  # fmt: skip
+
+    def head(self) -> LayerId | None:
+        """The classifier head: the last ``nn.Linear`` (below the network itself) whose output has
+        the network's per-sample output shape; None if there is none. The one head rule of the
+        package (quick picks, activation shaping, GradNorm's closed form)."""
+        out = tuple(self._infos[(0, 1)].output_size or ())[1:]
+        for lid in reversed(self.layer_ids[1:]):
+            li = self._infos[lid]
+            if isinstance(li.module, nn.Linear) and tuple(li.output_size or ())[1:] == out:
+                return lid
+        return None
+
     def layer_name(self, layer: LayerId) -> str:
         """Dotted module name of a layer (``""`` for the whole network)."""
         return self._names[self.check_layer(layer)]
@@ -176,10 +213,8 @@ class Recorder(nn.Module):
         ``penultimate`` (the layer feeding it, skipping Flatten/Dropout/Identity), ``blocks``
         (depth-1 layers with at least two sub-layers, e.g. residual blocks)."""
         ids = self.layer_ids
-        out_size = self._infos[(0, 1)].output_size
-        head = [lid for lid in ids if lid[0] > 0 and isinstance(self._infos[lid].module, nn.Linear)
-                and self._infos[lid].output_size == out_size]  # fmt: skip
-        picks: dict[str, list[LayerId]] = {"logits": head[-1:], "penultimate": [], "blocks": []}
+        head = [lid for lid in [self.head()] if lid is not None]
+        picks: dict[str, list[LayerId]] = {"logits": head, "penultimate": [], "blocks": []}
         if head:
             depth = head[-1][0]
             skip = (nn.Flatten, nn.Dropout, nn.Identity)

@@ -38,7 +38,7 @@ def _code_block_after(heading: str) -> str:
 def test_readme_custom_score_example_runs_and_registers(tmp_path):
     import torch
 
-    from ood_core.engine import Engine
+    from ood_core.evaluation import Evaluation
     from ood_core.scores import SCORES
 
     ns: dict = {}
@@ -49,7 +49,7 @@ def test_readme_custom_score_example_runs_and_registers(tmp_path):
         x = torch.rand(20, 1, 2, 2)
         score = ns["MeanActivation"](scale=2.0)
         score.layers = ((1, 1),)
-        eng = Engine.for_net(net, x)
+        eng = Evaluation.for_net(net, x)
         eng.fit([score], x)
         ((_, conf),) = eng.confidences([score], x)
         m = x.flatten(1).mean(1).double()

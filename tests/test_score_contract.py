@@ -13,7 +13,8 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from ood_core.engine import Engine, predicted_confidence
+from ood_core.core import predicted_confidence
+from ood_core.evaluation import Evaluation
 from ood_core.params import Param
 from ood_core.scores import SCORES, make_score
 
@@ -68,7 +69,7 @@ def build(cls, **override):
 
 def fit_and_score(score, net, data):
     x_fit, y_fit, x = data
-    engine = Engine.for_net(net, x_fit)
+    engine = Evaluation.for_net(net, x_fit)
     score.layers = score.check_layers(score.suggest_layers(engine.recorder), engine.recorder)
     engine.fit([score], x_fit, y_fit)
     ((logits, conf),) = engine.confidences([score], x)
@@ -219,7 +220,7 @@ def test_a_layer_that_contributes_nothing_warns_naming_score_and_layer():
     torch.manual_seed(0)
     net = DeadBranch().eval()
     x = torch.rand(40, 1, 2, 2)
-    engine = Engine.for_net(net, x)
+    engine = Evaluation.for_net(net, x)
     dead = next(lid for lid in engine.recorder.layer_ids if engine.recorder.layer_name(lid) == "dead")
     score = KNN(k=3)
     score.layers = (dead,)
@@ -241,7 +242,7 @@ def test_tied_confidences_on_a_set_warn_naming_score_and_set(net, data):
 
     score = Energy(mode="diff")  # one value per sample: "diff" is always 0
     x_fit, y_fit, x = data
-    engine = Engine.for_net(net, x_fit)
+    engine = Evaluation.for_net(net, x_fit)
     engine.fit([score], x_fit, y_fit)
     with pytest.warns(OodLensWarning, match=r"Energy: all 60 confidences on 'my set' are identical"):
         engine.confidences([score], x, dataset="my set")

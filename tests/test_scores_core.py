@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ood_core.engine import Engine, predicted_confidence
+from ood_core.core import predicted_confidence
+from ood_core.evaluation import Evaluation
 from ood_core.recorder import Recorder
 from ood_core.scores import (
     GEN,
@@ -68,7 +69,7 @@ def data():
 
 def run(net, score, layers, x_fit, y_fit, x):
     score.layers = tuple(layers)
-    eng = Engine.for_net(net, x_fit)
+    eng = Evaluation.for_net(net, x_fit)
     eng.fit([score], x_fit, y_fit)
     ((logits, conf),) = eng.confidences([score], x)
     return logits, conf
@@ -266,7 +267,7 @@ def test_gradnorm_closed_form_and_vmap_equal_a_naive_loop(net, data, p):
     torch.testing.assert_close(conf[:, 0], expected, rtol=1e-5, atol=1e-7)
     general = GradNorm(grad_norm=p, temperature=2.0)
     general.layers = ((1, 5),)
-    eng = Engine.for_net(net, x)
+    eng = Evaluation.for_net(net, x)
     general.check_layers(general.layers, eng.recorder)
     general.__dict__["closed_form"] = False
     general.__dict__["needs_param_grad"] = True  # force the torch.func path
@@ -292,7 +293,7 @@ def test_engine_one_forward_per_batch_and_same_results_as_alone(net, data):
     together = make()
     for s, lay in zip(together, layers, strict=True):
         s.layers = tuple(lay)
-    eng = Engine.for_net(net, x)
+    eng = Evaluation.for_net(net, x)
     eng.fit(together, x, y, batch_size=16)
     net.calls = 0
     res = eng.confidences(together, x, batch_size=16)
@@ -304,7 +305,7 @@ def test_engine_one_forward_per_batch_and_same_results_as_alone(net, data):
 
 def test_engine_rejects_nan_inputs_and_bad_labels(net, data):
     x, y = data
-    eng = Engine.for_net(net, x)
+    eng = Evaluation.for_net(net, x)
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
@@ -379,7 +380,7 @@ def test_rankfeat_of_a_rank_one_map_leaves_only_the_bias(net):
     from ood_core.scores import RankFeat
 
     with pytest.raises(ValueError, match=r"RankFeat needs a feature map .* layer \(1, 5\)"):
-        RankFeat().check_layers([(1, 5)], Engine.for_net(net, torch.rand(2, 1, 6, 6)).recorder)
+        RankFeat().check_layers([(1, 5)], Evaluation.for_net(net, torch.rand(2, 1, 6, 6)).recorder)
 
 
 def test_float64_networks_work_and_agree_with_float32(data):

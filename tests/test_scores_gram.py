@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ood_core.diagnostics import OodLensWarning
-from ood_core.engine import Engine
+from ood_core.evaluation import Evaluation
 from ood_core.scores import Gram
 from ood_core.scores.gram import deviation, gram_stats
 
@@ -47,7 +47,7 @@ def data():
 
 def fit_score(net, score, layers, x, y):
     score.layers = tuple(layers)
-    eng = Engine.for_net(net, x)
+    eng = Evaluation.for_net(net, x)
     eng.fit([score], x, y)
     return eng
 

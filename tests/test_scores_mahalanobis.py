@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from ood_core.core import predicted_confidence
 from ood_core.diagnostics import OodLensWarning
-from ood_core.engine import Engine, predicted_confidence
+from ood_core.evaluation import Evaluation
 from ood_core.hub import BUNDLED_HUB
 from ood_core.recorder import Recorder
 from ood_core.scores.mahalanobis import (
@@ -183,7 +184,7 @@ def test_pooling_flatten_default_and_mean_opt_in(conv_net):
                        r"56\) gives 802,816 feature dims.*use pooling='mean'"):  # fmt: skip
         DeepMahalanobis().layer_features(huge, (1, 3))
     assert DeepMahalanobis(pooling="mean").layer_features(huge).shape == (1, 256)
-    eng = Engine.for_net(conv_net, x)
+    eng = Evaluation.for_net(conv_net, x)
     flat, mean = DeepMahalanobis(), DeepMahalanobis(pooling="mean", inverse="pinv")
     flat.layers = mean.layers = ((1, 2),)  # ReLU output (4, 6, 6): 144 flattened dims
     with pytest.warns(
@@ -210,7 +211,7 @@ def test_deep_mahalanobis_engine_and_seed_style(conv_net):
     rec = Recorder(conv_net, input_data=x[:1])
     assert list(rec.layer_table()["type"][1:]) == ["Conv2d", "ReLU", "AdaptiveAvgPool2d", "Flatten",
                                                    "Linear"]  # fmt: skip
-    eng = Engine(rec)
+    eng = Evaluation(rec)
     score = DeepMahalanobis(pooling="mean", inverse="pinv")
     score.layers = ((1, 2), (1, 5))
     eng.fit([score], x, y, batch_size=32)
@@ -387,7 +388,7 @@ def test_weights_validation_messages(conv_net):
     score = DeepMahalanobis(weights=[1.0])
     score.layers = ((1, 2), (1, 5))
     with pytest.raises(ValueError, match=r"'weights' has 1 value\(s\) but the score reads 2 layer"):
-        Engine.for_net(conv_net, x).fit([score], x, y)
+        Evaluation.for_net(conv_net, x).fit([score], x, y)
     score = MultiMahalanobis(weights=[1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="one weight per layer"):
         two = {"1-1": np.ones((4, 2)), "1-2": np.ones((4, 2))}
@@ -426,7 +427,7 @@ def test_fgm_direction_matches_the_lp_dual_maximiser():
 def test_epsilon_matches_manual_perturbation_and_helps_ind(conv_net):
     x, y = conv_data(90, seed=3)
     xt, _ = conv_data(30, seed=4)
-    eng = Engine.for_net(conv_net, x)
+    eng = Evaluation.for_net(conv_net, x)
     clean = DeepMahalanobis(pooling="mean", inverse="pinv")
     pert = DeepMahalanobis(pooling="mean", inverse="pinv", epsilon=0.02)
     assert pert.needs_input_grad and not clean.needs_input_grad
@@ -472,7 +473,7 @@ def test_epsilon_matches_manual_perturbation_and_helps_ind(conv_net):
 
 def test_epsilon_with_failed_inversion_warns_and_stays_unperturbed(conv_net):
     x, y = conv_data(3, seed=3)  # one sample per class: NaN precision, NaN gradients
-    eng = Engine.for_net(conv_net, x)
+    eng = Evaluation.for_net(conv_net, x)
     score = DeepMahalanobis(epsilon=0.02, pooling="mean")
     score.layers = ((1, 2),)
     with pytest.warns(OodLensWarning, match="LU inversion failed"):
@@ -553,7 +554,7 @@ def np_vim(w, b, h_cal, f_cal, h, f, dim):
 def test_vim_matches_numpy_and_residual(mlp):
     g = torch.Generator().manual_seed(0)
     x, xt = torch.randn(80, 5, generator=g), 2 * torch.randn(25, 5, generator=g)
-    eng = Engine.for_net(mlp, x)
+    eng = Evaluation.for_net(mlp, x)
     score = ViM()
     score.layers = ((1, 3),)
     eng.fit([score], x)
@@ -576,7 +577,7 @@ def test_vim_matches_numpy_and_residual(mlp):
 
 def test_vim_validation(mlp):
     x = torch.randn(20, 5)
-    eng = Engine.for_net(mlp, x)
+    eng = Evaluation.for_net(mlp, x)
     score = ViM()
     score.layers = ((1, 2),)
     with pytest.raises(ValueError, match=r"ViM needs the final nn.Linear layer.*is a Tanh"):
@@ -604,7 +605,7 @@ def test_real_fashion_mnist_vs_mnist(tiniest, fmnist_calib, fmnist_test, mnist):
 
     calib, ind, ood = (fmnist_calib.subset(500, seed=0), fmnist_test.subset(500, seed=0),
                        mnist.subset(500, seed=0))  # fmt: skip
-    eng = Engine.for_net(tiniest, calib.images)
+    eng = Evaluation.for_net(tiniest, calib.images)
     # pooled features: flattened, the (80, 7, 7) block has 3,920 dims for 500 samples (singular)
     scores = [
         DeepMahalanobis(pooling="mean"),

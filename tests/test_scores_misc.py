@@ -11,8 +11,9 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from ood_core.core import predicted_confidence
 from ood_core.diagnostics import OodLensWarning
-from ood_core.engine import Engine, predicted_confidence
+from ood_core.evaluation import Evaluation
 from ood_core.recorder import Recorder
 from ood_core.scores import SCORES, make_score
 from ood_core.scores.misc import (
@@ -228,7 +229,7 @@ def test_squeezing_8bit_grid_is_exactly_zero(conv_net: nn.Module) -> None:
         / 255
     )
     score = FeatureSqueezing(squeezers=["bits:8"], squeezer_style="paper")
-    eng = Engine.for_net(conv_net, x)
+    eng = Evaluation.for_net(conv_net, x)
     eng.fit([score], x)
     with pytest.warns(OodLensWarning, match="identical"):  # all tied at 0
         ((logits, conf),) = eng.confidences([score], x)
@@ -582,7 +583,7 @@ def test_isomax_singleton_and_absent_classes() -> None:
 
 def test_isomax_engine_and_seed_style(conv_net: nn.Module, images: torch.Tensor) -> None:
     score = IsoMax(n_steps=10)
-    eng = Engine.for_net(conv_net, images)
+    eng = Evaluation.for_net(conv_net, images)
     labels = torch.arange(40) % 3
     eng.fit([score], images, labels)
     ((logits, conf),) = eng.confidences([score], images)
@@ -607,7 +608,7 @@ def test_real_model_auroc(tiniest, fmnist_calib, fmnist_test, mnist) -> None:
     scores = [FeatureSqueezing(squeezers=["median:2"]), IsoMax(),
               Odds(epsilon=0.05, noise_samples=1, noise="gaussian", z_aggregation="detect",
                    two_sided=True, z_scale="std")]  # fmt: skip
-    eng = Engine.for_net(tiniest, calib.images)
+    eng = Evaluation.for_net(tiniest, calib.images)
     eng.fit(scores, calib.images, calib.labels)
     res_in = eng.confidences(scores, ind.images)
     res_out = eng.confidences(scores, ood.images)

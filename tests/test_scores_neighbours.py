@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
+from ood_core.core import predicted_confidence
 from ood_core.diagnostics import OodLensWarning
-from ood_core.engine import Engine, predicted_confidence
+from ood_core.evaluation import Evaluation
 from ood_core.recorder import Recorder
 from ood_core.scores import SCORES
 from ood_core.scores.features import pool_features
@@ -682,7 +683,7 @@ def test_engine_and_seed_style_agree_and_give_n_by_c():
     scores = [m() for m in make]
     for s in scores:
         s.layers = layers
-    eng = Engine.for_net(net, x_calib)
+    eng = Evaluation.for_net(net, x_calib)
     eng.fit(scores, x_calib, y_calib)
     results = eng.confidences(scores, x_test)
     rnet = Recorder(net, input_data=x_calib[:1])
@@ -715,7 +716,7 @@ def test_real_model_separates_mnist(tiniest, fmnist_calib, fmnist_test, mnist):
                                       act_norm=None, pooling="mean"), blocks, None)}  # fmt: skip
     for s, layers, _ in scores.values():
         s.layers = layers
-    eng = Engine.for_net(tiniest, calib.images)
+    eng = Evaluation.for_net(tiniest, calib.images)
     eng.fit([v[0] for v in scores.values()], calib.images, calib.labels)
     res_ind = eng.confidences([v[0] for v in scores.values()], ind.images)
     res_ood = eng.confidences([v[0] for v in scores.values()], ood.images)
@@ -752,7 +753,7 @@ def test_knn_lid_trust_normalise_the_concatenation_of_several_layers():
 
     score = KNN(k=4)  # act_norm=2 by default, as the reference
     score.layers = layers
-    eng = Engine.for_net(net, xc)
+    eng = Evaluation.for_net(net, xc)
     eng.fit([score], xc)
     ((logits, conf),) = eng.confidences([score], xt)
     d2 = torch.cdist(normed(concat(xt)), normed(concat(xc))).pow(2)

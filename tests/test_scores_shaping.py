@@ -10,7 +10,8 @@ import torch
 from scipy.special import logsumexp
 from torch import nn
 
-from ood_core.engine import Engine, predicted_confidence
+from ood_core.core import predicted_confidence
+from ood_core.evaluation import Evaluation
 from ood_core.recorder import Recorder
 from ood_core.scores import ASH, DICE, SCALE, ReAct, fDBD, make_score
 from ood_core.scores.shaping import order_statistic, quantile_sketch
@@ -63,7 +64,7 @@ def layer_values(net: nn.Sequential, x: torch.Tensor, layer: tuple[int, int]) ->
 def run(score, layer, net, x_calib, x_test):
     """Fit ``score`` on ``layer`` with the engine, return ``(logits, conformity)`` on ``x_test``."""
     score.layers = (layer,)
-    eng = Engine.for_net(net, x_calib)
+    eng = Evaluation.for_net(net, x_calib)
     eng.fit([score], x_calib)
     (logits, conf), = eng.confidences([score], x_test)
     return logits, conf
@@ -157,7 +158,7 @@ def test_react_act_norm_normalises_the_head_input(net, data) -> None:
 
 def test_react_spatial_features_extracted_before_fit_are_refused(net, data) -> None:
     x, _ = data
-    eng = Engine.for_net(net, x)
+    eng = Evaluation.for_net(net, x)
     score = ReAct()
     score.layers = score.check_layers((MAP,), eng.recorder)
     ex = eng.extract([score], x)
@@ -281,7 +282,7 @@ def test_fdbd_matches_direct_computation(net, data, layer) -> None:
 # ------------------------------------------------------------------------------------- layers
 def test_incompatible_layer_is_refused_with_a_clear_message(net, data) -> None:
     x, _ = data
-    eng = Engine.for_net(net, x)
+    eng = Evaluation.for_net(net, x)
     score = ReAct()
     score.layers = (CONV1_RELU,)
     with pytest.raises(ValueError, match=r"ReAct: layer \(1, 2\) \(1, ReLU, output \(4, 4, 4\)\) "
@@ -304,7 +305,7 @@ def test_network_without_linear_head_is_refused(data) -> None:
     score = fDBD()
     score.layers = ((1, 1),)
     with pytest.raises(ValueError, match=r"fDBD recomputes the logits .* has no nn.Linear layer"):
-        Engine.for_net(net, x).fit([score], x)
+        Evaluation.for_net(net, x).fit([score], x)
 
 
 # ------------------------------------------------------------------------------------- real model
@@ -322,7 +323,7 @@ def test_shaping_scores_on_tiniest(tiniest, fmnist_calib, fmnist_test, mnist) ->
     layers = [(1, 11), (1, 10), (1, 12), (1, 12), (1, 12), (1, 12)]
     for s, layer in zip(scores, layers, strict=True):
         s.layers = (layer,)
-    eng = Engine.for_net(tiniest, calib.images)
+    eng = Evaluation.for_net(tiniest, calib.images)
     eng.fit(scores, calib.images, calib.labels)
     res_ind = eng.confidences(scores, ind)
     res_ood = eng.confidences(scores, ood)

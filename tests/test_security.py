@@ -29,7 +29,7 @@ from ood_core import data, hub
 from ood_core.policy import SourceNotAllowedError, SourcePolicy, confine_path, is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = str(ROOT / "pages" / "1_model_data.py")
+PAGE = str(ROOT / "views" / "model_data.py")
 TIMEOUT = 180
 
 os.environ.setdefault("OOD_LENS_QUIET", "1")
@@ -453,7 +453,7 @@ def test_dashboard_ticked_github_repo_reaches_the_offline_check(tmp_path, monkey
     assert at.session_state["model_repo"] == "bundled"
 
 
-def _hub_dir(tmp_path):
+def _tiny_hub_dir(tmp_path):
     hub_dir = tmp_path / "myhub"
     hub_dir.mkdir()
     (hub_dir / "hubconf.py").write_text(
@@ -471,7 +471,7 @@ def test_cli_runs_a_local_repo_only_with_explicit_trust(tmp_path, capsys, how):
     from ood_core.pipeline import RunConfig, ScenarioSpec, ScoreSpec, example_config
 
     cfg = example_config()
-    cfg.model_repo, cfg.model_entry = str(_hub_dir(tmp_path)), "tiny"
+    cfg.model_repo, cfg.model_entry = str(_tiny_hub_dir(tmp_path)), "tiny"
     cfg.n_calibration, cfg.n_test = 50, 30
     cfg.scores = [ScoreSpec("Softmax")]
     cfg.scenarios = [ScenarioSpec(kind="vertical_flip")]
@@ -493,7 +493,7 @@ def test_cli_runs_a_local_repo_only_with_explicit_trust(tmp_path, capsys, how):
 def test_cli_layers_needs_trust_for_a_local_repo(tmp_path, capsys):
     from ood_core.cli import main
 
-    hub_dir = _hub_dir(tmp_path)
+    hub_dir = _tiny_hub_dir(tmp_path)
     assert main(["layers", "--repo", str(hub_dir), "--entry", "tiny"]) == 2
     assert "--trust-repo" in capsys.readouterr().err
     assert main(["layers", "--repo", str(hub_dir), "--entry", "tiny", "--trust-repo"]) == 0

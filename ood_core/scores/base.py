@@ -25,7 +25,6 @@ How a score plugs into the single-pass engine (:mod:`ood_core.engine`)
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -34,10 +33,10 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
+from ood_core.core import Features, LayerId, Timed
+from ood_core.evaluation import Evaluation
 from ood_core.params import Param, fmt_value
-from ood_core.recorder import LayerId, Recorder
-
-Features = dict[str, Tensor]
+from ood_core.recorder import Recorder
 
 MODE_PARAM = Param(
     "mode", "choice", "raw", choices=("raw", "diff", "ratio"),
@@ -125,7 +124,7 @@ class BaseScore:
     """True for scores that read their layers as one concatenated vector (as the reference's
     ``activations(concatenate=True)``): the engine then hands them raw activations and the score
     applies ``act_norm`` to the concatenation itself (with
-    :func:`ood_core.tensors.normalise_activation`); otherwise each layer is normalised on its own."""
+    :func:`ood_core.core.normalise_activation`); otherwise each layer is normalised on its own."""
 
     def __init__(self, **kwargs: Any) -> None:
         name = type(self).__name__
@@ -146,7 +145,8 @@ class BaseScore:
         self.fitted = False
         self.fit_warnings: list[str] = []
         """:class:`~ood_core.diagnostics.OodLensWarning` messages of the last fit."""
-        self._recorder: Recorder | None = None
+        self.recorder_: Recorder | None = None
+        """The network's Recorder this score is bound to (by :meth:`bind`), None before."""
         self.n_classes: int | None = None
         self.check_params()
 
@@ -223,7 +223,7 @@ class BaseScore:
             raise ValueError(f"{name} takes at most {self.max_layers} layer(s); got {len(layers)}.")
         if self.layer_rule == "params" and recorder is not None:
             for layer in layers:
-                module = recorder._infos[layer].module  # noqa: SLF001
+                module = recorder.info(layer).module
                 if not any(p.requires_grad for p in module.parameters()):
                     raise ValueError(f"{name} needs layers holding parameters; {layer} "
                                      f"({recorder.layer_name(layer)}) has none.")
@@ -292,6 +292,13 @@ class BaseScore:
         self._fit(features, logits, labels)
         self.fitted = True
 
+    def bind(self, recorder: Recorder, layers: Sequence[LayerId]) -> None:
+        """Bind the score to a network: validate ``layers`` (:meth:`check_layers`, which also
+        derives per-network state such as head weights) and remember the recorder. Called once
+        per fit by :class:`~ood_core.evaluation.Evaluation`."""
+        self.layers = self.check_layers(layers, recorder)
+        self.recorder_ = recorder
+
     # ------------------------------------------------------------------ seed-style API
     def fit(
         self,
@@ -305,26 +312,20 @@ class BaseScore:
     ) -> BaseScore:
         """Calibrate on in-distribution data. ``rnet``: a :class:`Recorder` whose recorded
         layers this score reads (as in the reference library), or a plain net with ``layers``."""
-        from ood_core.engine import Engine
-
-        engine = Engine.for_net(rnet, calib_data[:1])
+        evaluation = Evaluation.for_net(rnet, calib_data[:1])
         if layers is None:
             layers = rnet.recording if isinstance(rnet, Recorder) else ()
-        self.layers = self.check_layers(layers, engine.recorder)
-        engine.fit([self], calib_data, calib_labels, batch_size=batch_size, progress=progress)
-        self._recorder = engine.recorder
+        self.layers = tuple(layers)
+        evaluation.fit([self], calib_data, calib_labels, batch_size=batch_size, progress=progress)
         return self
 
     def __call__(self, x: Tensor, *, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
         """``(logits (n, C), conformity (n, C))`` for inputs ``x`` (needs a prior :meth:`fit`)."""
-        from ood_core.engine import Engine
-
-        if self._recorder is None:
+        if self.recorder_ is None:
             if self.needs_fit or self.layers:
                 raise NotFittedError(f"{self!r} is not fitted: call fit(rnet, calib_data) first.")
             raise NotFittedError(f"{self!r} has no network: call fit(net, calib_data) first.")
-        engine = Engine(self._recorder)
-        (logits, conf), = engine.confidences([self], x, batch_size=batch_size)
+        ((logits, conf),) = Evaluation(self.recorder_).confidences([self], x, batch_size=batch_size)
         return logits, conf
 
 
@@ -344,12 +345,4 @@ def _repr_value(value: Any) -> str:
     return fmt_value(value)
 
 
-class Timed:
-    """Context manager measuring wall time in seconds (``.seconds``)."""
-
-    def __enter__(self) -> Timed:
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.t0
+__all__ = ["BaseScore", "Features", "NotFittedError", "ScoreTimer", "Timed", "postprocess_conformity"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from ood_core.params import Param
@@ -53,11 +53,9 @@ class GradNorm(BaseScore):
         self.__dict__["closed_form"] = False
         self.__dict__["needs_param_grad"] = True
         if recorder is not None and len(layers) == 1:
-            info = recorder._infos[layers[0]]  # noqa: SLF001
-            root = recorder._infos[(0, 1)]  # noqa: SLF001
-            called_once = len(recorder._ids_of_module[id(info.module)]) == 1  # noqa: SLF001
-            if (isinstance(info.module, nn.Linear) and called_once
-                    and info.output_size == root.output_size and layers[0] == recorder.layer_ids[-1]):
+            info = recorder.info(layers[0])
+            if (layers[0] == recorder.head() and info.n_calls == 1
+                    and layers[0] == recorder.layer_ids[-1]):
                 self.__dict__["closed_form"] = True
                 self.__dict__["needs_param_grad"] = False
                 self.__dict__["_has_bias"] = info.module.bias is not None

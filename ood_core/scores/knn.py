@@ -7,10 +7,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ood_core.core import normalise_activation
 from ood_core.params import Param
 from ood_core.recorder import LayerId
 from ood_core.scores.base import BaseScore, Features
-from ood_core.tensors import normalise_activation
 
 INDEX_METRIC = Param("index_metric", "choice", "l2", choices=("l2", "ip"),
                      help="l2: squared Euclidean distance; ip: inner product (cosine if normed).")  # fmt: skip

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ood_core.core import normalise_activation
 from ood_core.diagnostics import degenerate
 from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
@@ -467,8 +468,6 @@ class DeepMahalanobis(_LayerWeighted):
     def extract_own(self, recorder: Recorder, x: Tensor) -> Features:
         """Clean features (used for calibration) and, once fitted, the features of each layer on
         the input moved by ``epsilon`` to decrease that layer's closest-class distance."""
-        from ood_core.engine import normalise_activation  # the engine imports this package
-
         layers = tuple(self.layers)
         xg = x.detach().clone().requires_grad_(True)
         with _recording(recorder, layers), torch.enable_grad():
@@ -671,7 +670,7 @@ class ViM(BaseScore):
         self._check_act_norm()
         if recorder is not None:
             (layer,) = layers
-            module = recorder._infos[layer].module  # noqa: SLF001
+            module = recorder.info(layer).module
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"ViM needs the final nn.Linear layer (the one producing the "
                                  f"logits from the penultimate features); {layer} "

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ood_core.diagnostics import degenerate
+from ood_core.engine import Engine
 from ood_core.params import Param
 from ood_core.recorder import Recorder
 from ood_core.scores.base import BaseScore, Features
@@ -319,8 +320,6 @@ class Odds(BaseScore):
         k = self.noise_samples
         bs = self.batch_size
         if bs is None:
-            from ood_core.engine import Engine
-
             bs = Engine(rec).auto_batch_size((), x[0].numel())
         per_chunk = len(x) if bs == 0 else max(1, bs // k)
         was_training = rec.net.training

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from scipy.stats import chi2
 from torch import Tensor
 
+from ood_core.core import normalise_activation
 from ood_core.diagnostics import degenerate
 from ood_core.params import Param
 from ood_core.recorder import LayerId
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.features import pool_features
 from ood_core.scores.knn import INDEX_METRIC, check_k, flat_features, flat_index, to_faiss
-from ood_core.tensors import normalise_activation
 
 _CHUNK = 1024
 AGGREGATIONS = ("fisher", "geometric", "harmonic", "max", "mean", "min", "prod", "sum")

@@ -43,8 +43,8 @@ class RankFeat(BaseScore):
         layers = super().check_layers(layers, recorder)
         if recorder is not None:
             for layer in layers:
-                info = recorder._infos[layer]  # noqa: SLF001
-                if len(recorder._ids_of_module[id(info.module)]) != 1:  # noqa: SLF001
+                info = recorder.info(layer)
+                if info.n_calls != 1:
                     raise ValueError(f"RankFeat: layer {layer} ({recorder.layer_name(layer)}) is "
                                      "called more than once per forward pass; pick another.")  # fmt: skip
                 if not info.output_size or len(info.output_size) < 3:
@@ -58,7 +58,7 @@ class RankFeat(BaseScore):
         energies = []
         t = self.temperature
         for layer in self.layers:
-            module = recorder._infos[layer].module  # noqa: SLF001
+            module = recorder.info(layer).module
             handle = module.register_forward_hook(lambda m, args, out: remove_rank1(out))
             try:
                 with torch.no_grad():

@@ -27,8 +27,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ood_core.core import normalise_activation
 from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
@@ -117,26 +118,6 @@ def energy(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits.double(), dim=1)
 
 
-def _normalise(a: Tensor, p: float | None) -> Tensor:
-    """Per-sample p-norm normalisation (as the engine applies ``act_norm`` to layer outputs)."""
-    if p is None:
-        return a
-    norms = a.flatten(1).norm(p=p, dim=1).clamp_min(torch.finfo(a.dtype).tiny)
-    return a / norms.view(-1, *([1] * (a.ndim - 1)))
-
-
-def find_head(recorder: Recorder) -> LayerId | None:
-    """Layer id of the network's final ``nn.Linear`` head: the last ``nn.Linear`` of the layer
-    table whose output has the network's output shape (None if there is none)."""
-    infos = recorder._infos  # noqa: SLF001
-    out = list(infos[(0, 1)].output_size or [])[1:]
-    for lid in reversed(recorder.layer_ids[1:]):
-        info = infos[lid]
-        if isinstance(info.module, nn.Linear) and list(info.output_size or [])[1:] == out:
-            return lid
-    return None
-
-
 # ---------------------------------------------------------------------------------- base class
 class _ShapingScore(BaseScore):
     """Shared machinery: locate the head, read ``L``'s activations, recompute logits."""
@@ -156,19 +137,18 @@ class _ShapingScore(BaseScore):
             return layers
         name = type(self).__name__
         net_name = type(recorder.net).__name__
-        head_id = find_head(recorder)
-        infos = recorder._infos  # noqa: SLF001
+        head_id = recorder.head()
         if head_id is None:
             raise ValueError(
                 f"{name} recomputes the logits through the network's final nn.Linear head, but "
                 f"{net_name} has no nn.Linear layer producing its output (shape "
-                f"{tuple(infos[(0, 1)].output_size or ())}); it needs a classifier ending with a "
+                f"{recorder.info((0, 1)).output_size}); it needs a classifier ending with a "
                 "Linear layer.")  # fmt: skip
-        head = infos[head_id].module
+        head = recorder.info(head_id).module
         d = head.in_features
         (layer,) = layers
-        info = infos[layer]
-        out = list(info.output_size or [])
+        info = recorder.info(layer)
+        out = list(info.output_size)
         use_input = info.module is head
         spatial = False
         if not use_input:
@@ -180,7 +160,7 @@ class _ShapingScore(BaseScore):
             if size != d:
                 raise ValueError(
                     f"{name}: layer {layer} ({recorder.layer_name(layer) or net_name}, "
-                    f"{info.class_name}, output {tuple(out[1:])}) cannot feed the final Linear head "
+                    f"{info.type}, output {tuple(out[1:])}) cannot feed the final Linear head "
                     f"{head_id} ({recorder.layer_name(head_id)}, in_features={d}). {name} "
                     "recomputes the logits as W @ avgpool(shaped output) + b, so it needs the head "
                     f"itself {head_id} (its input, the penultimate features, is shaped) or a layer "
@@ -211,7 +191,7 @@ class _ShapingScore(BaseScore):
         applied to ``z`` reproduces the network's logits."""
         (layer,) = self.layers
         if self._use_input:
-            a = _normalise(activations.inputs[layer], self.act_norm)  # type: ignore[attr-defined]
+            a = normalise_activation(activations.inputs[layer], self.act_norm)  # type: ignore[attr-defined]
         else:
             a = activations[layer]
         z = pool_flat(a)

@@ -1,4 +1,5 @@
-"""Small tensor helpers shared by the engine and the scores (imports nothing from ``ood_core``).
+"""The base layer: types and small helpers shared by the recorder, the engine, the scores and the
+evaluation (imports nothing from ``ood_core``).
 
 Conventions: a batch is ``(n, ...)``; a conformity is ``(n, n_classes)``, higher = more
 in-distribution; ``act_norm`` p-norms are taken per sample over all non-batch dims.
@@ -6,11 +7,36 @@ in-distribution; ``act_norm`` p-norms are taken per sample over all non-batch di
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 LayerId = tuple[int, int]
 """torchinfo's ``(depth, depth_index)`` of a layer; ``(0, 1)`` is the whole network."""
+
+Features = dict[str, Tensor]
+"""A score's per-sample features of a batch or a dataset: ``{name: tensor (n, ...)}``."""
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``, counts in samples."""
+
+StageProgress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``: a stage label, then counts in samples."""
+
+
+class Timed:
+    """Context manager measuring wall time in seconds (``.seconds``)."""
+
+    seconds: float = 0.0
+
+    def __enter__(self) -> Timed:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.t0
 
 
 def normalise_activation(a: Tensor, p: float | None) -> Tensor:

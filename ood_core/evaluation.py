@@ -1,0 +1,150 @@
+"""The one orchestration path from inputs to numbers: bind scores to a network, fit them on
+calibration data, compute their confidences on datasets.
+
+``Evaluation(net, example)`` (or :meth:`Evaluation.for_net`) is what the seed API
+(:mod:`ood_core.eval`), a score's own ``fit`` / ``__call__`` and the CLI / dashboard pipeline
+(:mod:`ood_core.pipeline`) all call. It runs the passes through an executor
+(:class:`~ood_core.engine.Engine`), emits and records the warnings of degenerate fits and tied
+confidences (:mod:`ood_core.diagnostics`), and times everything (each score's
+:class:`~ood_core.scores.base.ScoreTimer`).
+
+With an :class:`~ood_core.engine.ActivationCache` and keys naming the model and each dataset,
+recorded activations are reused: changing a score's parameter refits that score from cached
+activations with no forward pass, and adding a score on already recorded layers costs no forward
+pass either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from ood_core.core import LayerId, Progress, Timed, predicted_confidence
+from ood_core.diagnostics import collect, degenerate, warn_if_tied
+from ood_core.engine import ActivationCache, Engine, Extraction
+from ood_core.recorder import Recorder
+
+if TYPE_CHECKING:  # the scores import this module; the evaluation only calls their hooks
+    from ood_core.scores.base import BaseScore
+
+
+class Evaluation:
+    """Fit and run several scores on one network, one shared forward pass per dataset.
+
+    Args:
+        recorder: a :class:`Recorder` on the network (see :meth:`for_net` for a plain network).
+        cache: optional activation cache; used when ``model_key`` and a dataset key are given.
+        model_key: identity of the network in the cache (e.g. ``(repo, entry)``).
+    """
+
+    def __init__(self, recorder: Recorder, cache: ActivationCache | None = None,
+                 model_key: Hashable | None = None) -> None:  # fmt: skip
+        self.engine = Engine(recorder)
+        self.recorder = recorder
+        self.cache = cache
+        self.model_key = model_key
+
+    @classmethod
+    def for_net(cls, net: Recorder | nn.Module, example: Tensor, **kwargs) -> Evaluation:
+        """An evaluation of ``net`` (a Recorder, or a network whose Recorder is built once and
+        kept on it), traced with the example batch ``example``."""
+        return cls(Engine.for_net(net, example).recorder, **kwargs)
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, scores: Sequence[BaseScore], layers: Sequence[Sequence[LayerId]] | None = None) -> None:
+        """Bind each score to this network (validated layers in network order, head weights...),
+        with ``layers[i]`` for score ``i`` or, when None, the layers it holds."""
+        for i, s in enumerate(scores):
+            s.bind(self.recorder, s.layers if layers is None else layers[i])
+
+    # ------------------------------------------------------------------ passes
+    def extract(self, scores: Sequence[BaseScore], data: Tensor, *, batch_size: int | None = None,
+                progress: Progress | None = None, data_key: Hashable | None = None) -> Extraction:  # fmt: skip
+        """Every score's features on ``data`` (cached activations reused when keyed)."""
+        return self.engine.extract(scores, data, batch_size=batch_size, progress=progress,
+                                   cache=self.cache, model_key=self.model_key, data_key=data_key)  # fmt: skip
+
+    @staticmethod
+    def _share(scores: Sequence[BaseScore], ex: Extraction) -> list[float]:
+        """Each score's time: its own work plus an equal share of the shared forward passes."""
+        n_plain = max(1, sum(not s.needs_own_pass for s in scores))
+        return [sec + (0.0 if s.needs_own_pass else ex.seconds_forward / n_plain)
+                for s, sec in zip(scores, ex.seconds_per_score, strict=True)]  # fmt: skip
+
+    def fit(
+        self,
+        scores: Sequence[BaseScore],
+        data: Tensor,
+        labels: Tensor | None = None,
+        *,
+        batch_size: int | None = None,
+        progress: Progress | None = None,
+        data_key: Hashable | None = None,
+    ) -> Extraction:
+        """Bind and calibrate every score on ``data`` (labels default to the network's
+        predictions). Each score's :class:`~ood_core.diagnostics.OodLensWarning` messages are
+        emitted and kept in ``score.fit_warnings``."""
+        self.bind(scores)
+        ex = self.extract(scores, data, batch_size=batch_size, progress=progress, data_key=data_key)
+        if labels is not None:
+            labels = torch.as_tensor(labels)
+            if labels.ndim != 1 or len(labels) != len(ex.logits):
+                raise ValueError(f"calib_labels must have shape ({len(ex.logits)},); got "
+                                 f"{tuple(labels.shape)}.")  # fmt: skip
+        shares = self._share(scores, ex)
+        for s, feats, share in zip(scores, ex.features, shares, strict=True):
+            with Timed() as t, collect() as messages:
+                for layer in (x for x in s.layers if x in ex.constant_layers):
+                    degenerate(s, f"the activation of layer {self.recorder.layer_name(layer)!r} is "
+                               f"the same for all {len(ex.logits):,} calibration samples, so it "
+                               "contributes nothing", "choose another layer", layer=layer)  # fmt: skip
+                s.fit_features(feats, ex.logits, labels)
+            s.fit_warnings = messages
+            s.timer.add("calibration", len(ex.logits), share + t.seconds)
+        return ex
+
+    def confidences(
+        self,
+        scores: Sequence[BaseScore],
+        data: Tensor,
+        *,
+        batch_size: int | None = None,
+        progress: Progress | None = None,
+        dataset: str | None = None,
+        data_key: Hashable | None = None,
+    ) -> list[tuple[Tensor, Tensor]]:
+        """``[(logits (n, C), conformity (n, C))]`` per score, from one shared pass.
+
+        ``dataset`` names the set in warnings (an :class:`~ood_core.diagnostics.OodLensWarning`
+        when all of a score's predicted-class confidences on it are identical).
+        """
+        for s in scores:
+            if s.recorder_ is not self.recorder:
+                s.bind(self.recorder, s.layers)
+        ex = self.extract(scores, data, batch_size=batch_size, progress=progress, data_key=data_key)
+        shares = self._share(scores, ex)
+        out = []
+        for s, feats, share in zip(scores, ex.features, shares, strict=True):
+            with Timed() as t:
+                conf = s.conformity_from_features(feats, ex.logits)
+            if torch.isnan(conf).any():
+                raise ValueError(f"{s!r} produced NaN confidences on {int(torch.isnan(conf).any(1).sum())}"
+                                 " samples; check its parameters and layers (e.g. a singular statistic).")
+            s.timer.add("inference", len(ex.logits), share + t.seconds)
+            warn_if_tied(s, predicted_confidence(ex.logits, conf), dataset)
+            out.append((ex.logits, conf))
+        return out
+
+    def predicted(self, scores: Sequence[BaseScore], data: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+        """``(logits (n, C), confidences (n_scores, n))``: each score's conformity at the predicted
+        class, float64 on the CPU (keyword arguments as :meth:`confidences`)."""
+        per_score = self.confidences(scores, data, **kwargs)
+        confs = torch.stack([predicted_confidence(lg, c).double().cpu() for lg, c in per_score])
+        logits = per_score[0][0] if per_score else torch.empty(0)
+        return logits, confs
+
+
+__all__ = ["Evaluation"]
