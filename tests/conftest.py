@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -38,3 +39,26 @@ def tiniest():
     from ood_core.hub import load_model
 
     return load_model("bundled", "tiniest")
+
+
+class TinyConv(nn.Module):
+    """The shared small network of the score tests: conv(1->4) -> relu -> avgpool -> flatten ->
+    linear(4->3); ids: 1-1 conv, 1-2 relu, 1-3 pool, 1-4 flatten, 1-5 fc. ``calls`` counts
+    forward passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(4, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(self.flat(self.pool(self.relu(self.conv(x)))))
+
+    def relu_features(self, x):
+        """The pooled ReLU features ``(n, 4)`` in float64 (what the fc layer reads)."""
+        return self.relu(self.conv(x)).mean((2, 3)).double()

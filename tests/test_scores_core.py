@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from conftest import TinyConv
 
 from ood_core.core import predicted_confidence
 from ood_core.evaluation import Evaluation
@@ -33,24 +33,6 @@ from ood_core.scores import (
     postprocess_conformity,
 )
 from ood_core.scores.gram import deviation, gram_stats
-
-
-class TinyConv(nn.Module):
-    """conv(1->4) -> relu -> avgpool -> flatten -> linear(4->3); ids: 1-1 conv, 1-2 relu,
-    1-3 pool, 1-4 flatten, 1-5 fc."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.relu = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flat = nn.Flatten()
-        self.fc = nn.Linear(4, 3)
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.fc(self.flat(self.pool(self.relu(self.conv(x)))))
 
 
 @pytest.fixture()
@@ -285,35 +267,6 @@ def test_gradnorm_on_a_conv_layer_uses_vmap_and_rejects_parameterless_layers(net
 
 
 # ---------------------------------------------------------------- engine
-def test_engine_one_forward_per_batch_and_same_results_as_alone(net, data):
-    x, y = data
-    def make():  # noqa: E306
-        return [Softmax(), Energy(), KNN(k=3), Gram(max_gram_order=2), GradNorm()]
-    layers = [[], [], [(1, 3)], [(1, 1), (1, 3)], [(1, 5)]]
-    together = make()
-    for s, lay in zip(together, layers, strict=True):
-        s.layers = tuple(lay)
-    eng = Evaluation.for_net(net, x)
-    eng.fit(together, x, y, batch_size=16)
-    net.calls = 0
-    res = eng.confidences(together, x, batch_size=16)
-    assert net.calls == math.ceil(60 / 16)  # one forward per batch for all five scores
-    for s, lay, (_, conf) in zip(make(), layers, res, strict=True):
-        _, alone = run(net, s, lay, x, y, x)
-        torch.testing.assert_close(conf, alone, msg=repr(s))
-
-
-def test_engine_rejects_nan_inputs_and_bad_labels(net, data):
-    x, y = data
-    eng = Evaluation.for_net(net, x)
-    bad = x.clone()
-    bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        eng.fit([Softmax()], bad)
-    with pytest.raises(ValueError, match=r"calib_labels must have shape \(60,\)"):
-        eng.fit([Softmax()], x, y[:10])
-
-
 def test_seed_style_fit_and_call(net, data):
     x, y = data
     rnet = Recorder(net, input_data=x[:1])

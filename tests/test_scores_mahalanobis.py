@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import TinyConv
 from torch import nn
 
 from ood_core.core import predicted_confidence
@@ -101,24 +102,6 @@ def fit_quietly(score, feats: dict, y: np.ndarray, n_classes: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- tiny networks
-class TinyConv(nn.Module):
-    """(1,1) conv -> (1,2) relu -> (1,3) avgpool -> (1,4) flatten -> (1,5) linear (3 classes)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.act = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flat = nn.Flatten()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(self.flat(self.pool(self.act(self.conv(x)))))
-
-    def relu_features(self, x):
-        return self.act(self.conv(x)).mean((2, 3)).double()
-
-
 def conv_data(n, seed):
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 3

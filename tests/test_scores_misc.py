@@ -27,7 +27,9 @@ from ood_core.scores.misc import (
 WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "hub" / "weights" / "tiniest.pt"
 
 
-class TinyConv(nn.Module):
+class PooledConv(nn.Module):
+    """conv(1->4) -> relu -> 2x2 avgpool -> linear(16->3), head weights scaled by 8."""
+
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
@@ -43,7 +45,7 @@ class TinyConv(nn.Module):
 
 @pytest.fixture()
 def conv_net() -> nn.Module:
-    return TinyConv().eval()
+    return PooledConv().eval()
 
 
 @pytest.fixture()
