@@ -759,3 +759,92 @@ def paired_bootstrap_test(
     low, high = _interval(stats, level)
     p_value = (1.0 + float(np.count_nonzero(stats <= 0.0))) / (n_boot + 1.0)
     return PairedTestResult(delta=float(delta), low=low, high=high, p_value=p_value)
+
+
+# --------------------------------------------------------------------------- thresholds
+# One threshold rule for every view (dashboard explorer, ROC operating points): a sample is
+# rejected (flagged OoD) when ``confidence <= threshold`` and accepted otherwise.
+
+
+def threshold_for_acceptance(conf_ind: Confidences, acceptance: float) -> float:
+    """The largest threshold that still accepts at least ``acceptance`` of the InD samples.
+
+    Samples with ``confidence <= threshold`` are rejected, so the returned ``t`` rejects at most
+    ``floor((1 - acceptance) * n)`` InD samples; tied values are rejected together, so with ties
+    the attained acceptance can be above the target (never below). ``acceptance=1`` returns a
+    value just below the smallest confidence (nothing rejected). NaNs are ignored.
+    """
+    if not 0.0 <= float(acceptance) <= 1.0:
+        raise ValueError(f"acceptance must be in [0, 1], got {acceptance!r}")
+    c = _as_float_array(conf_ind).ravel()
+    c = np.sort(c[~np.isnan(c)])
+    if c.size == 0:
+        raise ValueError("threshold_for_acceptance needs at least one InD confidence (got none "
+                         "that is not NaN).")  # fmt: skip
+    allowed = math.floor((1.0 - float(acceptance)) * c.size + 1e-9)
+    below = float(np.nextafter(c[0], -np.inf)) if np.isfinite(c[0]) else -np.inf
+    if allowed <= 0:
+        return below
+    uniq = np.unique(c)
+    rejected = np.searchsorted(c, uniq, side="right")  # count(conf <= u)
+    ok = uniq[rejected <= allowed]
+    return float(ok[-1]) if ok.size else below
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """Counts at one threshold: InD / OoD samples accepted (conf > t) or rejected (conf <= t)."""
+
+    threshold: float
+    ind_accepted: int
+    ind_rejected: int
+    ood_accepted: int
+    ood_rejected: int
+
+    @property
+    def ind_acceptance(self) -> float:
+        """Fraction of InD samples accepted (1 - FPR)."""
+        n = self.ind_accepted + self.ind_rejected
+        return self.ind_accepted / n if n else float("nan")
+
+    @property
+    def ood_rejection(self) -> float:
+        """Fraction of OoD samples rejected (TPR, OoD being the positive class)."""
+        n = self.ood_accepted + self.ood_rejected
+        return self.ood_rejected / n if n else float("nan")
+
+    @property
+    def fpr(self) -> float:
+        return 1.0 - self.ind_acceptance
+
+    @property
+    def tpr(self) -> float:
+        return self.ood_rejection
+
+    def matrix(self) -> Any:
+        """2 x 2 counts as a ``pandas.DataFrame``: rows true InD / OoD, columns accepted (as InD)
+        / rejected (as OoD)."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [[self.ind_accepted, self.ind_rejected], [self.ood_accepted, self.ood_rejected]],
+            index=["InD", "OoD"], columns=["accepted", "rejected"],
+        )  # fmt: skip
+
+
+def confusion(conf_ind: Confidences, conf_ood: Confidences, threshold: float) -> Confusion:
+    """Accepted / rejected counts of InD and OoD confidences at ``threshold`` (NaN = rejected)."""
+    ind, ood = _as_float_array(conf_ind).ravel(), _as_float_array(conf_ood).ravel()
+    ind_acc = int(np.sum(ind > threshold))
+    ood_acc = int(np.sum(ood > threshold))
+    return Confusion(float(threshold), ind_acc, int(ind.size - ind_acc), ood_acc,
+                     int(ood.size - ood_acc))  # fmt: skip
+
+
+def operating_point(conf_ind: Confidences, conf_ood: Confidences, threshold: float) -> tuple[float, float]:
+    """``(FPR, TPR)`` of the rule "reject when confidence <= threshold" (a point on the ROC)."""
+    c = confusion(conf_ind, conf_ood, threshold)
+    return c.fpr, c.tpr
+
+
+__all__ += ["Confusion", "confusion", "operating_point", "threshold_for_acceptance"]

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ood_core.core import Registry
 from ood_core.params import Param
 from ood_core.params import fmt_value as _fmt
 
@@ -150,24 +151,18 @@ class Perturbation:
         return hash((type(self), tuple(self.config().items())))
 
 
-PERTURBATIONS: dict[str, type[Perturbation]] = {}
+PERTURBATIONS: Registry = Registry("perturbation kind")
+"""Perturbation key -> class, filled by :func:`register_perturbation`."""
 
 
 def register_perturbation(cls: type[Perturbation]) -> type[Perturbation]:
     """Class decorator adding ``cls`` to :data:`PERTURBATIONS` under ``cls.key``."""
-    if not cls.key or cls.key in PERTURBATIONS:
-        raise ValueError(f"cannot register {cls.__name__}: key {cls.key!r} is empty or taken")
-    PERTURBATIONS[cls.key] = cls
-    return cls
+    return PERTURBATIONS.register(cls)
 
 
 def make_perturbation(kind: str, **params: Any) -> Perturbation:
     """Build the perturbation registered as ``kind`` with the given params (and ``seed``)."""
-    if kind not in PERTURBATIONS:
-        raise ValueError(
-            f"unknown perturbation kind {kind!r}; available: {', '.join(PERTURBATIONS)}"
-        )
-    return PERTURBATIONS[kind](**params)
+    return PERTURBATIONS.get_class(kind)(**params)
 
 
 def list_perturbations() -> list[dict[str, Any]]:

@@ -182,3 +182,25 @@ def image_grid_figure(images: Any, captions: Sequence[str], n_cols: int = 8, tit
     fig.update_annotations(font_size=10)
     fig.update_layout(title=title, height=max(200, 130 * n_rows + 60), margin={"l": 10, "r": 10, "t": 60, "b": 10})
     return fig
+
+
+def histogram_bins(arrays: Sequence[Any], nbins: int = 60) -> tuple[float, float, float]:
+    """``(lo, hi, size)`` of the shared bins :func:`add_histograms` draws: the finite range of
+    all arrays (:func:`finite_range`; +/-inf values are clipped to its edges) cut in ``nbins``."""
+    lo, hi = finite_range(arrays)
+    return lo, hi, (hi - lo) / nbins
+
+
+def histogram_bin_members(arrays: Sequence[Any], x: float, nbins: int = 60) -> list[np.ndarray]:
+    """Per array, the indices of the values in the histogram bar containing ``x`` (bins of
+    :func:`histogram_bins`; values clipped to the range, NaN counted at its low edge; the last
+    bar includes the maximum)."""
+    lo, hi, size = histogram_bins(arrays, nbins)
+    k = min(nbins - 1, max(0, int(np.floor((float(x) - lo) / size)))) if size > 0 else 0
+    left = lo + k * size
+    out = []
+    for a in arrays:
+        c = np.clip(np.nan_to_num(_np(a).ravel(), nan=lo), lo, hi)
+        hit = (c >= left) & (c < left + size) if k < nbins - 1 else (c >= left)
+        out.append(np.flatnonzero(hit))
+    return out

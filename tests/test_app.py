@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-PAGES = ["pages/1_model_data.py", "pages/2_layers.py", "pages/3_scores.py", "pages/4_results.py"]
+PAGES = ["views/model_data.py", "views/layers.py", "views/scores.py", "views/results.py"]
 TIMEOUT = 180
 
 os.environ.setdefault("OOD_LENS_QUIET", "1")
@@ -56,20 +56,20 @@ def test_app_shows_navigation_sidebar_and_model_page() -> None:
 def test_layer_selection_is_seen_on_the_scores_page() -> None:
     at = _app()
     at.run()
-    at.switch_page("pages/2_layers.py").run()
+    at.switch_page("views/layers.py").run()
     _assert_clean(at)
     at.button(key="pick_Each block").click().run()
     blocks = at.session_state["layers"]
     assert blocks == ["1-3", "1-4", "1-5", "1-8", "1-9", "1-10"]
     assert at.multiselect(key="layers_ms").value == blocks
-    at.switch_page("pages/3_scores.py").run()
+    at.switch_page("views/scores.py").run()
     _assert_clean(at)
     assert at.multiselect(key="w.L.KNN").value == blocks  # rule "any": the whole selection
     assert at.multiselect(key="w.L.GradNorm").value == blocks  # blocks hold parameters
     # a per-score change sticks until the Layers page selection changes again
     at.multiselect(key="w.L.KNN").set_value(["1-11"]).run()
-    at.switch_page("pages/4_results.py").run()
-    at.switch_page("pages/3_scores.py").run()
+    at.switch_page("views/results.py").run()
+    at.switch_page("views/scores.py").run()
     assert at.multiselect(key="w.L.KNN").value == ["1-11"]
 
 
@@ -90,7 +90,7 @@ def test_run_matches_ood_core_eval_directly() -> None:
 
     at = _app(**_small_run_state())
     at.run()
-    at.switch_page("pages/3_scores.py").run()
+    at.switch_page("views/scores.py").run()
     _assert_clean(at)
     at.button(key="run").click().run()
     _assert_clean(at)
@@ -119,7 +119,7 @@ def test_run_matches_ood_core_eval_directly() -> None:
 
     # view options recompute nothing: same result object, same fitted scores
     # (AppTest reruns the page it was told, not the one st.switch_page went to: go there)
-    at.switch_page("pages/4_results.py").run()
+    at.switch_page("views/results.py").run()
     cache = at.session_state["run_cache"]
     n_fitted = len(cache.fitted)
     at.radio(key="w.thr_mode").set_value("Raw threshold").run()
@@ -128,7 +128,7 @@ def test_run_matches_ood_core_eval_directly() -> None:
     assert at.session_state["result"] is result and len(cache.fitted) == n_fitted
 
     # changing one score's parameter refits only that score
-    at.switch_page("pages/3_scores.py").run()
+    at.switch_page("views/scores.py").run()
     at.number_input(key="w.p.KNN.k").set_value(7).run()
     at.button(key="run").click().run()
     _assert_clean(at)
@@ -142,7 +142,7 @@ def test_run_matches_ood_core_eval_directly() -> None:
 def test_results_tabs_render_with_a_result() -> None:
     state = _small_run_state() | {"w.L.KNN": ["1-8", "1-11"], "w.sweep.KNN": True, "w.n_boot": 20}
     at = _app(**state)
-    at.switch_page("pages/4_results.py").run()
+    at.switch_page("views/results.py").run()
     _assert_clean(at)
     at.button(key="run_default").click().run()
     _assert_clean(at)
@@ -202,7 +202,7 @@ def test_wrong_shape_dataset_shows_an_error(tmp_path: Path) -> None:
 
 def test_invalid_score_parameters_show_errors_next_to_the_score() -> None:
     at = _app(**{"w.n_cal": 10, "w.p.KNN.k": 15})
-    at.switch_page("pages/3_scores.py").run()
+    at.switch_page("views/scores.py").run()
     assert not at.exception
     errors = _errors(at)
     assert any("k=15" in e and "10 calibration" in e for e in errors), errors
@@ -214,7 +214,7 @@ def test_invalid_score_parameters_show_errors_next_to_the_score() -> None:
 
 def test_uploaded_config_is_parsed_or_explained():
     from ood_core.pipeline import example_config
-    from pages.common import parse_uploaded_config
+    from ood_lens_app.runs import parse_uploaded_config
 
     config, error = parse_uploaded_config(example_config().to_toml().encode())
     assert error is None and config == example_config()

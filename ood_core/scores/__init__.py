@@ -9,51 +9,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from ood_core.scores import (
-    gradients,
-    gram,
-    knn,
-    logits,
-    mahalanobis,
-    misc,
-    neighbours,
-    rankfeat,
-    shaping,
-)
+# Importing the family modules registers their scores, in this order (README's table order).
 from ood_core.scores.base import BaseScore, NotFittedError, ScoreTimer, postprocess_conformity
-from ood_core.scores.gradients import *  # noqa: F403
+from ood_core.scores.gradients import GradNorm  # noqa: I001 (registration order)
 from ood_core.scores.gram import Gram
+from ood_core.scores.input_perturbation import FeatureSqueezing, Odds
 from ood_core.scores.knn import KNN
-from ood_core.scores.logits import *  # noqa: F403
-from ood_core.scores.logits import BaselineClassif
-from ood_core.scores.mahalanobis import *  # noqa: F403
-from ood_core.scores.misc import *  # noqa: F403
-from ood_core.scores.neighbours import *  # noqa: F403
+from ood_core.scores.logits import (
+    GEN,
+    ODIN,
+    BaselineClassif,
+    Energy,
+    Entropy,
+    IsoMax,
+    JointEnergy,
+    KLMatching,
+    Logit,
+    Softmax,
+    TemperatureScaling,
+)  # fmt: skip
+from ood_core.scores.mahalanobis import DeepMahalanobis, MultiMahalanobis, RelativeMahalanobis, ViM
+from ood_core.scores.neighbours import JTLA, LID, DkNN, NNGuide, Trust
 from ood_core.scores.rankfeat import RankFeat
-from ood_core.scores.shaping import *  # noqa: F403
+from ood_core.scores.registry import SCORES, register_score
+from ood_core.scores.shaping import ASH, DICE, SCALE, ReAct, fDBD
 
-_FAMILY_MODULES = (logits, gradients, gram, knn, mahalanobis, shaping, rankfeat, neighbours, misc)
-SCORES: dict[str, type[BaseScore]] = {
-    cls.__name__: cls
-    for module in _FAMILY_MODULES
-    for cls in getattr(module, "SCORES", ())
-}
 ALIASES = {"BaselineClassif": "Softmax", "MaxLogit": "Logit"}
 
 
-def register_score(cls: type[BaseScore]) -> type[BaseScore]:
-    """Class decorator adding a user-defined score to the registry (and so to the dashboard)."""
-    if not (isinstance(cls, type) and issubclass(cls, BaseScore)):
-        raise TypeError(f"{cls!r} is not a BaseScore subclass")
-    SCORES[cls.__name__] = cls
-    return cls
-
-
 def get_score_class(name: str) -> type[BaseScore]:
-    name = ALIASES.get(name, name)
-    if name not in SCORES:
-        raise ValueError(f"Unknown score '{name}'; available: {', '.join(sorted(SCORES))}.")
-    return SCORES[name]
+    """The registered class of ``name`` (or of an alias such as ``BaselineClassif``)."""
+    return SCORES.get_class(ALIASES.get(name, name))
 
 
 def make_score(name: str, **params: Any) -> BaseScore:
@@ -120,9 +106,10 @@ def scores_markdown() -> str:
 
 
 __all__ = [
-    "SCORES", "BaseScore", "NotFittedError", "ScoreTimer", "list_scores", "make_score",
-    "register_score", "get_score_class", "postprocess_conformity", "scores_markdown",
-    "BaselineClassif", "KNN", "Gram",
-    "RankFeat",
-    *SCORES,
+    "ALIASES", "SCORES", "BaseScore", "NotFittedError", "ScoreTimer", "get_score_class",
+    "list_scores", "make_score", "postprocess_conformity", "register_score", "scores_markdown",
+    "BaselineClassif", "Softmax", "Logit", "Energy", "JointEnergy", "Entropy", "GEN",
+    "TemperatureScaling", "KLMatching", "ODIN", "IsoMax", "GradNorm", "Gram", "KNN",
+    "DeepMahalanobis", "RelativeMahalanobis", "MultiMahalanobis", "ViM", "ReAct", "ASH", "SCALE",
+    "DICE", "fDBD", "RankFeat", "DkNN", "LID", "Trust", "NNGuide", "JTLA", "FeatureSqueezing", "Odds",
 ]  # fmt: skip

@@ -12,6 +12,7 @@ from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.logits import TEMPERATURE
+from ood_core.scores.registry import register_score
 
 
 def _pnorm_pow(x: Tensor, p: float) -> Tensor:
@@ -19,6 +20,7 @@ def _pnorm_pow(x: Tensor, p: float) -> Tensor:
     return x.abs().amax(1) if math.isinf(p) else x.abs().pow(p).sum(1)
 
 
+@register_score
 class GradNorm(BaseScore):
     """GradNorm: conformity ``|| d/dθ_L [-mean_c log_softmax(f(x)/T)_c] ||_p`` per sample, the
     p-norm (``grad_norm``) of the gradient w.r.t. the parameters θ_L of the chosen layers of the
@@ -102,5 +104,4 @@ class GradNorm(BaseScore):
         return features["grad_norm"].double()
 
 
-SCORES = (GradNorm,)
 __all__ = ["GradNorm"]

@@ -11,6 +11,7 @@ from ood_core.diagnostics import degenerate
 from ood_core.params import Param
 from ood_core.recorder import LayerId
 from ood_core.scores.base import BaseScore, Features
+from ood_core.scores.registry import register_score
 
 PRECISIONS = {"input": None, "float64": torch.float64}
 CHUNK = 256
@@ -89,6 +90,7 @@ def deviation(stats: Tensor, low: Tensor, high: Tensor) -> Tensor:
     return dev.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+@register_score
 class Gram(BaseScore):
     """Gram-matrix score (Sastry & Oore), with quantile bands as in OODEEL.
 
@@ -285,5 +287,4 @@ class Gram(BaseScore):
         return -total.nan_to_num(nan=math.inf)
 
 
-SCORES = (Gram,)
 __all__ = ["Gram"]

@@ -11,6 +11,7 @@ from ood_core.core import normalise_activation
 from ood_core.params import Param
 from ood_core.recorder import LayerId
 from ood_core.scores.base import BaseScore, Features
+from ood_core.scores.registry import register_score
 
 INDEX_METRIC = Param("index_metric", "choice", "l2", choices=("l2", "ip"),
                      help="l2: squared Euclidean distance; ip: inner product (cosine if normed).")  # fmt: skip
@@ -40,6 +41,7 @@ def check_k(owner: BaseScore, k: int, n_calib: int) -> None:
                          f"use k <= {n_calib} or more calibration data.")  # fmt: skip
 
 
+@register_score
 class KNN(BaseScore):
     """Deep nearest neighbours: conformity ``-d_k(x)``, the squared L2 distance from the (by
     default L2-normalised) features of ``x`` to its k-th nearest calibration sample (per sample);
@@ -75,5 +77,4 @@ class KNN(BaseScore):
         kth = torch.from_numpy(dist[:, -1].astype(np.float64)).to(logits.device)
         return -kth if self.index_metric == "l2" else kth
 
-
-SCORES = (KNN,)
+__all__ = ["KNN"]

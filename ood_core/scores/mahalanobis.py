@@ -48,6 +48,7 @@ from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.features import pool_features
 from ood_core.scores.logits import fgm_direction
+from ood_core.scores.registry import register_score
 
 COND_MAX = 1e10
 """Largest condition number inverted exactly by ``inverse="pinv"``; above it the pseudo-inverse
@@ -327,6 +328,7 @@ class _LayerWeighted(BaseScore):
 
 
 # ---------------------------------------------------------------------------------------- scores
+@register_score
 class DeepMahalanobis(_LayerWeighted):
     """Deep Mahalanobis: per layer ``l`` (features ``h_l``), class means ``mu_{l,c}`` of the
     calibration samples labelled ``c`` and one tied within-class covariance ``S_l`` (unbiased);
@@ -513,6 +515,7 @@ class DeepMahalanobis(_LayerWeighted):
         return -torch.nan_to_num(total, nan=math.inf)
 
 
+@register_score
 class RelativeMahalanobis(DeepMahalanobis):
     """Relative Mahalanobis: as :class:`DeepMahalanobis` (same parameters, features, inversion,
     readout and preprocessing) but each layer's class distance is compared with the distance
@@ -551,6 +554,7 @@ class _ShrinkageParam(Param):
         return float(value)
 
 
+@register_score
 class MultiMahalanobis(_LayerWeighted):
     """Multi-layer Mahalanobis with shrunk covariances: per layer ``l``, class means and one
     covariance of the class-centred calibration features shrunk toward the scaled identity
@@ -633,6 +637,7 @@ def vim_default_dim(n_features: int) -> int:
     return max(1, n_features // 2)
 
 
+@register_score
 class ViM(BaseScore):
     """Virtual-logit Matching on the final ``nn.Linear`` layer (give its id; ViM reads its input
     ``h``, its output logits ``f`` and its weight ``W``/bias ``b``): origin ``o = -pinv(W) b``;
@@ -732,5 +737,4 @@ class ViM(BaseScore):
         return torch.logsumexp(f, dim=1) - self.alpha * self.residual(features["h"])
 
 
-SCORES = (DeepMahalanobis, RelativeMahalanobis, MultiMahalanobis, ViM)
 __all__ = ["DeepMahalanobis", "RelativeMahalanobis", "MultiMahalanobis", "ViM"]

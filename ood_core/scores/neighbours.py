@@ -16,7 +16,6 @@ calibration features (faiss' float32 ``|x|^2 + |y|^2 - 2 x.y`` loses small dista
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
 import numbers
 from collections.abc import Mapping
@@ -33,13 +32,13 @@ from ood_core.core import normalise_activation
 from ood_core.diagnostics import degenerate
 from ood_core.params import Param
 from ood_core.recorder import LayerId
+from ood_core.scores.aggregation import AGGREGATIONS, AggregationParam, aggregate
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.features import pool_features
 from ood_core.scores.knn import INDEX_METRIC, check_k, flat_features, flat_index, to_faiss
+from ood_core.scores.registry import register_score
 
 _CHUNK = 1024
-AGGREGATIONS = ("fisher", "geometric", "harmonic", "max", "mean", "min", "prod", "sum")
-"""Named 1-D aggregations (``fisher``: sum of logs); a float ``p`` gives the p-norm instead."""
 
 POOLING = Param(
     "pooling", "choice", "flatten", choices=("flatten", "mean"),
@@ -122,41 +121,6 @@ def label_counts(labels: Tensor, idx: Tensor, n_classes: int) -> Tensor:
     return F.one_hot(labels[idx], n_classes).sum(1).double()
 
 
-def aggregate(values: Tensor, how: str | float, dim: int) -> Tensor:
-    """Aggregate ``values`` along ``dim``: a name of :data:`AGGREGATIONS` (``fisher``: sum of
-    logs; ``geometric`` / ``harmonic``: those means) or a float ``p`` (the p-norm)."""
-    if not isinstance(how, str):
-        return torch.linalg.vector_norm(values, ord=how, dim=dim)
-    if how == "fisher":
-        return values.log().sum(dim)
-    if how == "geometric":
-        return values.log().mean(dim).exp()
-    if how == "harmonic":
-        return 1 / (1 / values).mean(dim)
-    return {"max": torch.amax, "min": torch.amin, "mean": torch.mean, "prod": torch.prod,
-            "sum": torch.sum}[how](values, dim)  # fmt: skip
-
-
-class AggregationParam(Param):
-    """A name of :data:`AGGREGATIONS` or a float ``p`` (p-norm; numeric strings are read as
-    floats)."""
-
-    def range_text(self) -> str:
-        return f"one of {AGGREGATIONS} or a float p (p-norm)"
-
-    def validate(self, value: Any, owner: str) -> Any:
-        if isinstance(value, str):
-            name = value.strip().lower()
-            if name in AGGREGATIONS:
-                return name
-            with contextlib.suppress(ValueError):
-                value = float(name)
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value:
-            return float(value)
-        raise ValueError(f"{owner}: parameter {self.name!r} must be {self.range_text()}, "
-                         f"got {value!r}")  # fmt: skip
-
-
 def class_counts(labels: Tensor, n_classes: int) -> Tensor:
     return torch.bincount(labels, minlength=n_classes)
 
@@ -200,6 +164,7 @@ K_HELP = "Number k of nearest calibration neighbours."
 
 
 # ---------------------------------------------------------------------------- DkNN
+@register_score
 class DkNN(_NeighbourScore):
     """Deep k-nearest neighbours (per class), as the reference library computes it. One index per
     layer; ``n_l(x, c)`` = how many of the k nearest calibration samples of ``x`` in layer ``l``
@@ -358,6 +323,7 @@ class DkNN(_NeighbourScore):
 
 
 # ---------------------------------------------------------------------------- LID
+@register_score
 class LID(_NeighbourScore):
     """Local intrinsic dimensionality: with ``d_1 <= ... <= d_k`` the Euclidean distances from the
     features of ``x`` (all layers concatenated) to its k nearest calibration samples, the MLE
@@ -420,6 +386,7 @@ def lid_mle(d: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- Trust
+@register_score
 class Trust(_NeighbourScore):
     """Trust score (per class): per class ``c``, the calibration samples labelled ``c`` minus the
     ``floor(alpha * n_c)`` of them with the largest k-NN radius (Euclidean distance to their k-th
@@ -508,6 +475,7 @@ def trust_ratio(d: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- NNGuide
+@register_score
 class NNGuide(_NeighbourScore):
     """Nearest-neighbour guidance (per sample): the guide bank holds the L2-normalised calibration
     features (layers concatenated, 4-D activations average-pooled over space; usually the
@@ -762,6 +730,7 @@ def joint_tail_counts(calib: Tensor, query: Tensor, tuples: list[Tensor]) -> Ten
     return torch.cat(out, dim=1)
 
 
+@register_score
 class JTLA(_NeighbourScore):
     """Joint statistical Testing across Layers for Anomalies (per class), as the reference library
     computes it (multinomial tests on neighbour label counts).
@@ -1052,5 +1021,4 @@ class JTLA(_NeighbourScore):
         return agg[:, : logits.shape[1]].to(logits.device)
 
 
-SCORES = (DkNN, LID, Trust, NNGuide, JTLA)
 __all__ = ["DkNN", "JTLA", "LID", "NNGuide", "Trust"]

@@ -8,6 +8,7 @@ from torch import Tensor
 from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
+from ood_core.scores.registry import register_score
 
 
 def remove_rank1(a: Tensor) -> Tensor:
@@ -19,6 +20,7 @@ def remove_rank1(a: Tensor) -> Tensor:
     return (x - top).reshape(a.shape).to(a.dtype)
 
 
+@register_score
 class RankFeat(BaseScore):
     """RankFeat: at each chosen layer (a feature map ``(N, C, H, W)`` or ``(N, C, L)``), remove the
     rank-1 component of every sample's ``(C, H*W)`` matrix, run the rest of the network on it
@@ -72,5 +74,4 @@ class RankFeat(BaseScore):
         return features["energy"]
 
 
-SCORES = (RankFeat,)
 __all__ = ["RankFeat"]

@@ -34,6 +34,7 @@ from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.features import pool_features as pool_flat
+from ood_core.scores.registry import register_score
 
 SKETCH_SIZE = 512
 """Values kept per calibration sample to estimate ReAct's threshold on a spatial map (see
@@ -209,6 +210,7 @@ class _ShapingScore(BaseScore):
 
 
 # ---------------------------------------------------------------------------------- ReAct
+@register_score
 class ReAct(_ShapingScore):
     """ReAct: clip the activations of the layer ``L`` above ``c_high``, the ``percentile``-th
     percentile of all calibration activations of ``L`` (and below ``c_low``, the
@@ -284,6 +286,7 @@ class ReAct(_ShapingScore):
 
 
 # ---------------------------------------------------------------------------------- ASH / SCALE
+@register_score
 class ASH(_ShapingScore):
     """ASH: per sample, keep the ``k = n - round(n percentile / 100)`` (at least 1) largest of
     the ``n`` activations of ``L`` and zero the others (``p``); ``b`` sets the kept ones to
@@ -316,6 +319,7 @@ class ASH(_ShapingScore):
         return energy(self.head(features["z_shaped"]))
 
 
+@register_score
 class SCALE(_ShapingScore):
     """SCALE: per sample, multiply all the activations of ``L`` by ``exp(sum / sum of the top
     k)``, the top ``k = n - round(n percentile / 100)`` values (no pruning), then conformity
@@ -342,6 +346,7 @@ class SCALE(_ShapingScore):
 
 
 # ---------------------------------------------------------------------------------- DICE
+@register_score
 class DICE(_ShapingScore):
     """DICE: with ``m`` the mean calibration penultimate features (``L`` pooled and flattened, or
     the head's input), the contribution matrix ``V = W ⊙ m`` (``V_cj = W_cj m_j``); the head
@@ -380,6 +385,7 @@ class DICE(_ShapingScore):
 
 
 # ---------------------------------------------------------------------------------- fDBD
+@register_score
 class fDBD(_ShapingScore):  # noqa: N801 (the paper's name)
     """fDBD: with ``z`` the penultimate features (``L`` pooled and flattened, or the head's input),
     ``f = W z + b`` and ``c = argmax f``, conformity
@@ -414,5 +420,4 @@ class fDBD(_ShapingScore):  # noqa: N801 (the paper's name)
         return dist.sum(1) / n_other / spread
 
 
-SCORES = (ReAct, ASH, SCALE, DICE, fDBD)
 __all__ = ["ReAct", "ASH", "SCALE", "DICE", "fDBD"]

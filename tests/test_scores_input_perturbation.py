@@ -1,4 +1,4 @@
-"""Tests of ood_core.scores.misc: FeatureSqueezing, Odds, IsoMax."""
+"""Tests of ood_core.scores.input_perturbation (FeatureSqueezing, Odds) and of IsoMax."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from ood_core.diagnostics import OodLensWarning
 from ood_core.evaluation import Evaluation
 from ood_core.recorder import Recorder
 from ood_core.scores import SCORES, make_score
-from ood_core.scores.misc import (
+from ood_core.scores.input_perturbation import (
     FeatureSqueezing,
-    IsoMax,
     Odds,
     median_smooth,
     reduce_bit_depth,
 )
+from ood_core.scores.logits import IsoMax
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "hub" / "weights" / "tiniest.pt"
 

@@ -1,27 +1,24 @@
-"""Scores that fit no other family: input squeezing, noise-induced log-odds shifts, and post-hoc
-IsoMax prototypes in logit space.
-
-``FeatureSqueezing`` and ``Odds`` run extra forward passes on modified inputs (``own_pass``);
-``IsoMax`` reads the logits only. Defaults compute what the reference library (scio) computes.
+"""Input-perturbation scores: how the prediction moves when the input is squeezed
+(``FeatureSqueezing``) or noised (``Odds``). Both run extra forward passes on modified inputs
+(``own_pass``). Defaults compute what the reference library (scio) computes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import numbers
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ood_core.diagnostics import degenerate
 from ood_core.engine import Engine
 from ood_core.params import Param
 from ood_core.recorder import Recorder
+from ood_core.scores.aggregation import AGGREGATIONS, AggregationParam, aggregate
 from ood_core.scores.base import BaseScore, Features
+from ood_core.scores.registry import register_score
 
 Squeezer = Callable[[Tensor], Tensor]
 
@@ -29,9 +26,6 @@ MAX_BITS = 31
 SQUEEZER_FORMS = (f"'bits:B' (quantisation to B bits, 1 <= B <= {MAX_BITS}), 'median:S' (S x S "
                   "median filter per channel, S >= 1) or a callable mapping a batch to a batch "
                   "of the same shape")  # fmt: skip
-AGGREGATIONS = ("fisher", "geometric", "harmonic", "max", "mean", "min", "prod", "sum")
-"""Named aggregations of the per-squeezer distances (or give a float: that p-norm)."""
-ISOMAX_MAX_STEPS = 100_000
 
 
 # ---------------------------------------------------------------------------------- squeezers
@@ -137,40 +131,7 @@ class SqueezersParam(Param):
         return items
 
 
-class AggregationParam(Param):
-    """``aggregation``: a name of :data:`AGGREGATIONS` or a float ``p`` (the p-norm)."""
-
-    def range_text(self) -> str:
-        return f"one of {AGGREGATIONS} or a float p (p-norm)"
-
-    def validate(self, value: Any, owner: str) -> Any:
-        if isinstance(value, str) and value in AGGREGATIONS:
-            return value
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value:
-            return float(value)
-        raise ValueError(
-            f"{owner}: parameter 'aggregation' must be {self.range_text()}, got {value!r}"
-        )
-
-
-def aggregate(values: Tensor, how: str | float, dim: int) -> Tensor:
-    """Aggregate ``values`` along ``dim``: a name of :data:`AGGREGATIONS`, or a float ``p`` for the
-    p-norm (``fisher``: sum of logs; ``geometric``/``harmonic``: those means)."""
-    if not isinstance(how, str):
-        return torch.linalg.vector_norm(values, ord=how, dim=dim)
-    if how == "fisher":
-        return values.log().sum(dim)
-    if how == "geometric":
-        return values.log().mean(dim).exp()
-    if how == "harmonic":
-        return 1 / (1 / values).mean(dim)
-    return {"max": torch.amax, "min": torch.amin, "mean": torch.mean, "prod": torch.prod,
-            "sum": torch.sum}[how](values, dim)  # fmt: skip
-
-
+@register_score
 class FeatureSqueezing(BaseScore):
     """Feature squeezing: for each squeezer ``s``, the distance ``|| softmax(f(x)) -
     softmax(f(s(x))) ||_p`` (``p = dist_norm``, default 1); conformity ``-aggregation`` of these
@@ -244,6 +205,7 @@ def _merge_moments(
     return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta**2 * (n_a * n_b / n)
 
 
+@register_score
 class Odds(BaseScore):
     """The odds are odd. With ``g_{y,z}(x) = f_z(x) - f_y(x)`` (log-odds of class ``z`` against
     ``y``) and ``x + eta`` noisy copies of ``x`` (``eta`` uniform in ``[-epsilon, epsilon]`` per
@@ -408,85 +370,4 @@ class Odds(BaseScore):
 
 
 # ---------------------------------------------------------------------------------- IsoMax
-class IsoMax(BaseScore):
-    """Post-hoc IsoMax in logit space: prototypes ``P`` (C x C) start at zero (as the paper's
-    training) and are fitted with Adam (``lr``, ``eps = 1e-8``, ``1e-4`` for half precision;
-    ``n_steps`` full-batch steps) to minimise the cross-entropy of ``softmax(-s ||f - P_c||_p)``
-    against the calibration labels (``s = entropic_scale``, ``p = dist_norm``); conformity
-    ``softmax(-s ||f - P_c||_p)_c`` (per class, sums to 1 over classes). As the reference library:
-    the fit runs in the logits' dtype, and the score uses the same entropic scale as the fit (the
-    paper scores with the plain softmax of ``-distance``).
-
-    Extra (not in the reference): ``init="class_means"`` starts the prototypes at the class means
-    of the calibration logits (a class absent from the labels: the mean of all logits), which
-    needs far fewer steps (``n_steps=0`` keeps the means).
-
-    Macêdo, Ren, Zanchettin, Oliveira & Ludermir, "Entropic Out-of-Distribution Detection",
-    IJCNN 2021.
-    """
-
-    family = "logits"
-    reference = "Macêdo et al., IJCNN 2021"
-    layer_rule = "none"
-    params = (
-        Param("entropic_scale", "float", 10.0, low=0, low_exclusive=True,
-              help="Entropic scale s multiplying the distances (fit and score)."),
-        Param("dist_norm", "float", 2.0, low=1, allow_inf=True,
-              help="p of the p-norm distance to prototypes."),
-        Param("lr", "float", 0.1, low=0, low_exclusive=True, help="Adam learning rate."),
-        Param("n_steps", "int", 1000, low=0, high=ISOMAX_MAX_STEPS,
-              help=f"Adam full-batch steps (at most {ISOMAX_MAX_STEPS:_}; each costs a pass over "
-                   "the calibration logits)."),
-        Param("init", "choice", "zeros", choices=("zeros", "class_means"),
-              help="Initial prototypes: zeros (reference) or the class means of the logits."),
-    )  # fmt: skip
-
-    def distances(self, logits: Tensor, prototypes: Tensor | None = None) -> Tensor:
-        """``(n, C)`` p-norm distances of the logits to the prototypes (exact differences, in the
-        prototypes' dtype)."""
-        protos = self.prototypes if prototypes is None else prototypes
-        return torch.linalg.vector_norm(
-            logits.to(protos.dtype)[:, None, :] - protos, ord=self.dist_norm, dim=-1
-        )
-
-    def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
-        name = type(self).__name__
-        z = logits.detach()
-        c = z.shape[1]
-        if int(labels.max()) >= c or int(labels.min()) < 0:
-            raise ValueError(f"{name}: calibration labels must lie in [0, {c - 1}].")
-        counts = torch.bincount(labels, minlength=c)
-        absent = (counts == 0).nonzero().squeeze(1).tolist()
-        if absent:
-            degenerate(self, f"no calibration sample of class(es) {absent}",
-                       "their prototypes are only pushed away from the data and their conformity "
-                       "is meaningless; calibrate with samples of every class")  # fmt: skip
-        if self.init == "zeros":
-            protos = torch.zeros(c, c, dtype=z.dtype, device=z.device)
-        else:
-            sums = torch.zeros(c, c, dtype=z.dtype, device=z.device).index_add_(0, labels, z)
-            protos = torch.where(
-                counts[:, None] > 0, sums / counts.clamp_min(1)[:, None].to(z.dtype), z.mean(0)
-            )
-        if self.n_steps > 0:
-            protos = protos.clone().requires_grad_(True)
-            opt = torch.optim.Adam(
-                [protos], lr=self.lr, eps=1e-4 if z.dtype == torch.half else 1e-8
-            )
-            with torch.enable_grad():
-                for _ in range(self.n_steps):
-                    opt.zero_grad()
-                    loss = F.cross_entropy(-self.entropic_scale * self.distances(z, protos), labels)
-                    loss.backward()
-                    opt.step()
-        self.prototypes = protos.detach()
-        if not torch.isfinite(self.prototypes).all():
-            raise ValueError(f"{self!r}: the prototype fit diverged (non-finite values); lower lr "
-                             "or entropic_scale.")  # fmt: skip
-
-    def _conformity(self, features: Features, logits: Tensor) -> Tensor:
-        return torch.softmax(-self.entropic_scale * self.distances(logits), dim=1).double()
-
-
-SCORES = (FeatureSqueezing, Odds, IsoMax)
-__all__ = ["FeatureSqueezing", "Odds", "IsoMax"]
+__all__ = ["FeatureSqueezing", "Odds"]

@@ -1,0 +1,156 @@
+"""Layer choices: the network's layer table and quick picks (from :class:`ood_core.recorder.
+Recorder`, the package's one head rule), what a score may read, per-score defaults derived from
+the Layers page selection, and that selection's state changes."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ood_core.recorder import Recorder
+from ood_lens_app.state import score_layer_key
+
+TABLE_COLUMNS = ["id", "name", "type", "input_shape", "output_shape", "params", "params_pct"]
+"""Columns of the layer table the Layers page shows."""
+
+
+@dataclass(frozen=True)
+class LayerChoices:
+    """A network's layer table (``Recorder.layer_table``: ``id`` is ``"d-i"``) and its quick
+    picks as ``"d-i"`` ids: ``logits``, ``penultimate`` and ``blocks`` (``Recorder.quick_picks``)."""
+
+    table: pd.DataFrame
+    picks: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(i) for i in self.table["id"]]
+
+    def names(self) -> dict[str, str]:
+        """``{id: module name}``."""
+        return dict(zip(self.ids, self.table["name"].astype(str), strict=True))
+
+    def pick(self, key: str) -> list[str]:
+        return list(self.picks.get(key, []))
+
+
+def layer_id_text(lid: Sequence[int]) -> str:
+    """``(1, 11)`` -> ``"1-11"``."""
+    return f"{int(lid[0])}-{int(lid[1])}"
+
+
+def layer_choices(net: nn.Module, example: torch.Tensor) -> LayerChoices:
+    """Trace ``net`` on ``example`` (a batch of one) once: its layer table and quick picks."""
+    recorder = Recorder(net, input_data=example)
+    try:
+        picks = {k: [layer_id_text(lid) for lid in v] for k, v in recorder.quick_picks().items()}
+        return LayerChoices(recorder.layer_table(), picks)
+    finally:
+        recorder.close()
+
+
+def default_selection(choices: LayerChoices) -> list[str]:
+    """The selection after a model or data change: penultimate features and logits."""
+    return list(dict.fromkeys(choices.pick("penultimate") + choices.pick("logits")))
+
+
+def layer_options(table: pd.DataFrame, rule: str) -> list[str]:
+    """Layer ids a score with ``layer_rule`` ``rule`` may use: none for ``"none"``; layers
+    holding parameters (their own or their children's, what gradients can be taken of) for
+    ``"params"``; every layer but the whole network for ``"any"``."""
+    if rule == "none":
+        return []
+    rows = table[table["depth"] > 0]
+    if rule == "params":
+        rows = rows[rows["params"] > 0]
+    return [str(i) for i in rows["id"]]
+
+
+def default_layers(
+    selected: Sequence[str], choices: LayerChoices, rule: str, max_layers: int | None = None
+) -> list[str]:
+    """The Layers page selection filtered for a score: allowed by its rule, at most
+    ``max_layers`` (keeping the last ones, the deepest features). If nothing is left, the first
+    quick pick (penultimate features, then logits; logits only for ``"params"``) the rule allows."""
+    allowed = layer_options(choices.table, rule)
+    if not allowed:
+        return []
+    keep = [lid for lid in selected if lid in allowed]
+    if not keep:
+        fallback = ([] if rule == "params" else choices.pick("penultimate")) + choices.pick(
+            "logits"
+        )
+        keep = [lid for lid in fallback if lid in allowed][:1]
+    if max_layers is not None:
+        keep = keep[-max_layers:]
+    return keep
+
+
+def sync_score_layers(
+    state: MutableMapping[str, Any],
+    name: str,
+    rule: str,
+    max_layers: int | None,
+    choices: LayerChoices,
+) -> list[str]:
+    """Keep score ``name``'s layer choice in step with the Layers page: when the selection
+    changed since the score's layers were set (or they are invalid for this network), reset them
+    to the selection filtered by the score's rule. Returns the layers the score may use."""
+    options = layer_options(choices.table, rule)
+    key = score_layer_key(name)
+    src = state.setdefault("score_layers_src", {})
+    current = tuple(state["layers"])
+    stored = state.get(key)
+    invalid = stored is None or any(lid not in options for lid in stored)
+    if src.get(name) != current or invalid:
+        state[key] = default_layers(state["layers"], choices, rule, max_layers)
+        src[name] = current
+    return options
+
+
+# ---------------------------------------------------------------------------- the selection
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The Layers page's table: :data:`TABLE_COLUMNS`, names indented by depth."""
+    shown = table[TABLE_COLUMNS].copy()
+    indent = table["depth"].clip(lower=0).map(lambda d: "\u2003" * max(0, d - 1))
+    shown["name"] = indent + shown["name"]
+    return shown
+
+
+def table_key(state: MutableMapping[str, Any]) -> str:
+    """Widget key of the layer table; a new key rebuilds the table with a new selection."""
+    return f"layer_table_{state['layers_version']}"
+
+
+def set_selection(state: MutableMapping[str, Any], layers: Sequence[str]) -> None:
+    """A selection made in code (quick picks, a new model): stored, and the table rebuilt."""
+    state["layers"] = list(dict.fromkeys(layers))
+    state["layers_version"] += 1
+    state["layers_ms"] = list(state["layers"])
+
+
+def select_rows(state: MutableMapping[str, Any], ids: Sequence[str]) -> None:
+    """The table's row selection (its widget state) became the selection, in table order."""
+    widget = state.get(table_key(state))
+    rows = list(widget["selection"]["rows"]) if widget else []
+    state["layers"] = [ids[r] for r in sorted(rows) if 0 <= r < len(ids)]
+    state["layers_ms"] = list(state["layers"])
+
+
+def select_from_multiselect(state: MutableMapping[str, Any]) -> None:
+    """The multiselect's value became the selection; the table is rebuilt to show it."""
+    state["layers"] = list(state["layers_ms"])
+    state["layers_version"] += 1
+
+
+def keep_known(state: MutableMapping[str, Any], ids: Sequence[str]) -> list[str]:
+    """Drop selected ids this network does not have; returns the selection."""
+    stored = [lid for lid in state["layers"] if lid in ids]
+    if stored != state["layers"]:
+        state["layers"] = stored
+    return stored

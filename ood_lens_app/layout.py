@@ -1,0 +1,110 @@
+"""Page registry and shared layout: the error guard, page header, links between pages, the
+sidebar (current setup, last run, help)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import streamlit as st
+
+from ood_core import data as data_mod
+from ood_lens_app.errors import is_expected, page_message
+
+LOG = logging.getLogger("ood_lens.app")
+
+
+@dataclass(frozen=True)
+class Page:
+    """A page file (relative to ``app.py``), its navigation title and icon."""
+
+    path: str
+    title: str
+    icon: str
+
+
+PAGE_MODEL = Page("views/model_data.py", "Model & data", ":material/model_training:")
+PAGE_LAYERS = Page("views/layers.py", "Layers", ":material/layers:")
+PAGE_SCORES = Page("views/scores.py", "Scores & scenarios", ":material/tune:")
+PAGE_RESULTS = Page("views/results.py", "Results", ":material/insights:")
+PAGES = [PAGE_MODEL, PAGE_LAYERS, PAGE_SCORES, PAGE_RESULTS]
+"""In navigation order; the first is the default page."""
+
+HELP = (
+    "1. **Model & data**: classifier and in-distribution (InD) data.\n"
+    "2. **Layers**: click rows to pick the layers scores read.\n"
+    "3. **Scores & scenarios**: detectors, their parameters, OoD sets; **Run**.\n"
+    "4. **Results**: histograms, ROC, metrics, thresholds, images, export.\n\n"
+    "Confidence: higher = more in-distribution. A sample is flagged OoD when its "
+    "confidence ≤ threshold; OoD is the positive class of every metric."
+)
+
+
+def guard(body: Callable[[], None]) -> None:
+    """Run a page body; an error becomes ``st.error`` (:func:`~ood_lens_app.errors.page_message`),
+    the traceback of an unexpected one goes to the server log."""
+    try:
+        body()
+    except Exception as exc:  # noqa: BLE001 - pages must never show raw tracebacks
+        if not is_expected(exc):
+            LOG.error("Unexpected error in a page:\n%s", traceback.format_exc())
+        st.error(page_message(exc), icon=":material/error:")
+
+
+def header(title: str, help_text: str) -> None:
+    st.title(title)
+    st.caption(help_text)
+
+
+def go_to(page: Page) -> None:
+    """Switch page (when running under st.navigation) or say where to go."""
+    try:
+        st.switch_page(page.path)
+    except st.errors.StreamlitAPIException:
+        st.info(f"Open **{page.title}** from the sidebar.")
+
+
+def next_link(page: Page, label: str) -> None:
+    """A link to the next page (nothing when the page runs outside st.navigation)."""
+    with contextlib.suppress(st.errors.StreamlitAPIException):
+        st.page_link(page.path, label=label, icon=":material/arrow_forward:")
+
+
+def fmt_layers(layers: list[str]) -> str:
+    return ", ".join(layers) if layers else "none"
+
+
+def sidebar_lines(state: Mapping[str, Any]) -> list[str]:
+    """The sidebar's "Current setup" as markdown paragraphs."""
+    repo = state["model_repo"]
+    title = data_mod.BUNDLED.get(state["ind_source"], {}).get("title", state["ind_source"])
+    n_cal, n_test = (state[k] if state[k] is not None else "all" for k in ("w.n_cal", "w.n_test"))
+    lines = [
+        f"**Model:** `{state['model_entry']}` ({'bundled hub' if repo == 'bundled' else repo})",
+        f"**InD data:** {title}  \n{n_cal} calibration / {n_test} test",
+        f"**Layers:** {fmt_layers(state['layers'])}",
+    ]
+    last = state.get("last_run")
+    if last:
+        lines.append(
+            f"**Last run:** {last['when']} · {last['seconds']:.1f} s  \n"
+            f"accuracy {last['accuracy']:.1%} · {last['n_scores']} scores × "
+            f"{last['n_oods']} OoD sets"
+        )
+    else:
+        lines.append("**Last run:** none yet")
+    return lines
+
+
+def sidebar() -> None:
+    """Current model / data / layers / run status, and short help (shown on every page)."""
+    with st.sidebar:
+        st.markdown("### Current setup")
+        for line in sidebar_lines(st.session_state):
+            st.markdown(line)
+        with st.expander("Help", icon=":material/help:"):
+            st.markdown(HELP)

@@ -1,1 +1,0 @@
-"""Dashboard pages (run through ``app.py``); ``common`` holds their shared logic."""

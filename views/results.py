@@ -1,0 +1,422 @@
+"""Page "Results": histograms, ROC curves, metric table, threshold explorer, gallery, export.
+
+Everything here reads the RunResult stored in session state: changing a view option recomputes
+nothing (only the figures are redrawn).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from ood_core import plots
+from ood_core.pipeline import IND_TITLE, RunResult
+from ood_lens_app import form, layout, loaders, result_views, runs, state
+from ood_lens_app.result_views import ALL_METRICS, THRESHOLD_MODES, index_choice
+
+state.init_state()
+ss = st.session_state
+
+BEST = "background-color: #c8e6c9; font-weight: bold"
+BASELINE = "background-color: #fff3e0; font-style: italic"
+LEGEND_BELOW = {"orientation": "h", "x": 0, "font": {"size": 11}}
+
+
+def _chart(fig: Any, key: str, **kwargs: Any) -> Any:
+    return st.plotly_chart(fig, key=key, config={"displaylogo": False}, **kwargs)
+
+
+def _histogram(result: RunResult, i: int, height: int = 360) -> Any:
+    """plots.histogram_figure of score ``i`` (InD first, scenario colours), legend below."""
+    fig = plots.histogram_figure(result_views.series(result, i), title=result.score_names[i])
+    fig.update_layout(
+        height=height,
+        margin={"t": 40, "b": 10, "l": 50, "r": 10},
+        title_font_size=14,
+        legend_title_text="",
+        legend=LEGEND_BELOW | {"y": -0.25},
+    )
+    fig.update_xaxes(title_text="confidence (higher = more InD)", title_font_size=12)
+    return fig
+
+
+# ---------------------------------------------------------------------------- sections
+def metric_table(result: RunResult) -> None:
+    st.subheader("Metrics")
+    options = [ALL_METRICS, *(repr(m) for m in result.metrics)]
+    if ss.setdefault("w.tbl_metric", ALL_METRICS) not in options:
+        ss["w.tbl_metric"] = ALL_METRICS
+    c1, c2 = st.columns([2, 5])
+    choice = c1.selectbox(
+        "Show",
+        options,
+        key="w.tbl_metric",
+        help="All (OoD set | metric) columns, or one metric per OoD set.",
+    )
+    table = result_views.metric_table(result, choice)
+    styler = (
+        table.frame.style.apply(
+            lambda row: [BASELINE if row.name == table.baseline_label else ""] * len(row), axis=1
+        )
+        .highlight_max(subset=table.value_columns, props=BEST)
+        .format("{:.3f}", subset=table.value_columns)
+    )
+    st.dataframe(styler, key="metric_table", width="stretch")
+    note = "Best value per column in **green**"
+    if table.baseline_label is not None:
+        note += f"; baseline *{table.baseline_label}* in orange"
+    if table.has_intervals:
+        note += f"; CI = {result.config.n_boot}-resample percentile bootstrap 95% intervals"
+    c2.caption(note + ". OoD = positive class; higher is better.")
+
+
+def histograms(result: RunResult, thr: dict[int, float]) -> None:
+    st.subheader("Confidence distributions")
+    st.caption(
+        "One histogram per score, InD in green; the dashed line is the threshold "
+        "explorer's threshold (samples left of it are flagged OoD)."
+    )
+    cols = st.columns(2)
+    for i in range(len(result.score_names)):
+        fig = _histogram(result, i)
+        if i in thr and np.isfinite(thr[i]):
+            fig.add_vline(x=thr[i], line_dash="dash", line_color="black")
+        with cols[i % 2]:
+            _chart(fig, key=f"hist_{i}")
+
+
+def rocs(result: RunResult, thr: dict[int, float]) -> None:
+    st.subheader("ROC curves")
+    st.caption(
+        "One plot per OoD scenario (OoD = positive class); × marks each score's operating "
+        "point at the threshold explorer's threshold."
+    )
+    cols = st.columns(2)
+    for j, (title, ood) in enumerate(zip(result.ood_titles, result.confs_oods, strict=True)):
+        curves = {n: (result.confs_ind[i], ood[i]) for i, n in enumerate(result.score_names)}
+        fig = plots.roc_figure(
+            curves,
+            title=f"InD vs {title}",
+            operating_points=result_views.operating_points(result, j, thr),
+        )
+        for trace in fig.data:  # one legend entry per score: the × markers share its colour
+            if str(trace.name).endswith("@ threshold"):
+                trace.showlegend = False
+        fig.update_layout(
+            height=420,
+            margin={"t": 40, "b": 10, "l": 50, "r": 10},
+            title_font_size=14,
+            legend_title_text="",
+            legend=LEGEND_BELOW | {"y": -0.2},
+        )
+        with cols[j % 2]:
+            _chart(fig, key=f"roc_{j}")
+
+
+def explorer(result: RunResult, thr: dict[int, float]) -> None:
+    st.subheader("Threshold explorer")
+    st.caption(
+        "A sample is rejected (flagged OoD) when its confidence ≤ threshold. Choose the "
+        "threshold by the fraction of InD test samples to accept, or directly."
+    )
+    c1, c2, c3 = st.columns([2, 2, 3])
+    c1.selectbox(
+        "Score",
+        list(range(len(result.score_names))),
+        key="w.thr_score",
+        format_func=lambda i: result.score_names[i],
+    )
+    c2.radio("Threshold from", THRESHOLD_MODES, key="w.thr_mode")
+    i = ss["w.thr_score"]
+    if ss["w.thr_mode"] == THRESHOLD_MODES[0]:
+        c3.slider(
+            "InD acceptance (TPR on InD)",
+            0.5,
+            1.0,
+            step=0.005,
+            key="w.thr_accept",
+            help="Fraction of InD test samples accepted; the threshold is the matching "
+            "quantile of the InD confidences.",
+        )
+    else:
+        lo, hi = plots.finite_range(list(result_views.series(result, i).values()))
+        c3.slider("Threshold", lo, hi, step=(hi - lo) / 500 or None, key="w.thr_raw", format="%.4g")
+    t = thr.get(i, next(iter(thr.values())))
+    st.markdown(f"**Threshold** for {result.score_names[i]}: `{t:.6g}`")
+    rows = result_views.confusion_rows(result, i, t)
+    cols = st.columns(2, gap="large")
+    for j, (title, cm) in enumerate(zip(result.ood_titles, rows, strict=True)):
+        with cols[j % 2]:
+            st.markdown(f"**InD vs {title}**")
+            c1, c2 = st.columns([1, 1])
+            c1.dataframe(cm.matrix(), key=f"cm_{j}", width="stretch")
+            c2.metric("InD accepted", f"{cm.ind_acceptance:.1%}", help="1 - FPR")
+            c2.metric("OoD rejected", f"{cm.ood_rejection:.1%}", help="TPR (OoD = positive)")
+    st.markdown("**All scenarios at this threshold**")
+    st.dataframe(
+        result_views.confusion_summary(result.ood_titles, rows),
+        hide_index=True,
+        key="thr_summary",
+        column_config={
+            k: st.column_config.NumberColumn(k, format="%.1f %%")
+            for k in ("InD accepted", "OoD rejected (TPR)", "FPR")
+        },
+    )
+
+
+def _grid(
+    images: Any,
+    conf: np.ndarray,
+    idx: np.ndarray,
+    title: str,
+    result: RunResult,
+    ind: bool,
+    n_cols: int = 4,
+) -> None:
+    if len(idx) == 0:
+        st.caption(f"{title}: no samples.")
+        return
+    caps = result_views.confidence_captions(
+        conf, idx, result.ind.labels.tolist() if ind else None, result.ind.class_names
+    )
+    fig = plots.image_grid_figure(images[np.asarray(idx)], caps, n_cols=n_cols, title=title)
+    st.plotly_chart(fig, key=f"grid_{title}", config={"displayModeBar": False})
+
+
+def gallery(result: RunResult) -> None:
+    st.subheader("Gallery")
+    n = len(result.score_names)
+    index_choice(ss, "w.gal_score", n)
+    index_choice(ss, "w.gal_ood", len(result.ood_titles))
+    ss.setdefault("w.gal_k", 8)
+    c1, c2, c3 = st.columns([3, 3, 2])
+    c1.selectbox(
+        "Score", list(range(n)), key="w.gal_score", format_func=lambda i: result.score_names[i]
+    )
+    c2.selectbox(
+        "OoD scenario",
+        list(range(len(result.ood_titles))),
+        key="w.gal_ood",
+        format_func=lambda j: result.ood_titles[j],
+    )
+    c3.slider("Images per grid", 4, 24, step=4, key="w.gal_k")
+    i, j, k = ss["w.gal_score"], ss["w.gal_ood"], int(ss["w.gal_k"])
+    ind_conf, ood_conf = np.asarray(result.confs_ind[i]), np.asarray(result.confs_oods[j][i])
+    extreme = result_views.extreme_indices
+    left, right = st.columns(2, gap="large")
+    with left:
+        st.markdown("**InD test samples**")
+        _grid(
+            result.ind.images,
+            ind_conf,
+            extreme(ind_conf, k, most=True),
+            "InD: most confident",
+            result,
+            ind=True,
+        )
+        _grid(
+            result.ind.images,
+            ind_conf,
+            extreme(ind_conf, k, most=False),
+            "InD: least confident",
+            result,
+            ind=True,
+        )
+    with right:
+        st.markdown(f"**{result.ood_titles[j]}**")
+        imgs = result.ood_images[j]
+        _grid(
+            imgs,
+            ood_conf,
+            extreme(ood_conf, k, most=True),
+            "OoD: most confident (missed)",
+            result,
+            ind=False,
+        )
+        _grid(
+            imgs,
+            ood_conf,
+            extreme(ood_conf, k, most=False),
+            "OoD: least confident",
+            result,
+            ind=False,
+        )
+    st.markdown(
+        "**Select bars or drag a box** in this histogram to see the samples behind them "
+        "(double-click the plot to clear)."
+    )
+    series = result_views.series(result, i)
+    fig = _histogram(result, i, height=380)
+    fig.update_layout(dragmode="select")
+    event = _chart(fig, key=f"sel_hist_{i}", on_select="rerun", selection_mode=("points", "box"))
+    selection = event.get("selection") if hasattr(event, "get") else None
+    picked = result_views.selection_to_indices(selection, series)
+    if not picked:
+        st.caption("Nothing selected yet.")
+        return
+    images = {IND_TITLE: result.ind.images} | dict(
+        zip(result.ood_titles, result.ood_images, strict=True)
+    )
+    for name, idx in picked.items():
+        st.markdown(
+            f"{name}: {len(idx)} selected sample(s)" + (", showing 24" if len(idx) > 24 else "")
+        )
+        _grid(
+            images[name],
+            np.asarray(series[name]),
+            idx[:24],
+            f"Selected: {name}",
+            result,
+            ind=(name == IND_TITLE),
+            n_cols=8,
+        )
+
+
+def layers_and_timings(result: RunResult) -> None:
+    st.subheader("Layer × score heatmap")
+    metrics = [repr(m) for m in result.metrics]
+    oods = ["mean over OoD sets", *result.ood_titles]
+    index_choice(ss, "w.hm_metric", len(metrics))
+    index_choice(ss, "w.hm_ood", len(oods))
+    c1, c2 = st.columns(2)
+    c1.selectbox(
+        "Metric", list(range(len(metrics))), key="w.hm_metric", format_func=lambda k: metrics[k]
+    )
+    c2.selectbox("OoD set", list(range(len(oods))), key="w.hm_ood", format_func=lambda k: oods[k])
+    metric = metrics[ss["w.hm_metric"]]
+    ood = None if ss["w.hm_ood"] == 0 else result.ood_titles[ss["w.hm_ood"] - 1]
+    frame = result_views.heatmap_frame(result.frame, metric, ood)
+    if frame.empty:
+        st.info(
+            "No score ran on several layer sets. On the Scores page, tick *Evaluate each "
+            "layer separately* for a score with several layers to compare layers here.",
+            icon=":material/info:",
+        )
+    else:
+        _chart(
+            plots.heatmap_figure(frame, title=f"{metric} · {oods[ss['w.hm_ood']]}"), key="heatmap"
+        )
+    st.subheader("Timings")
+    if result.timings.empty:
+        st.info(
+            "Everything came from the cache in this run: no score was fitted or evaluated.",
+            icon=":material/info:",
+        )
+    else:
+        fig = plots.timings_figure(result.timings)
+        fig.update_layout(height=max(300, 60 * result.timings["score"].nunique() + 120))
+        _chart(fig, key="timings")
+        st.caption(f"Scores computed in this run; total run time {result.seconds:.1f} s.")
+
+
+def export(result: RunResult) -> None:
+    st.subheader("Export")
+    st.caption(
+        "The config replays this run without a browser: `ood-lens run config.toml --out DIR`."
+    )
+    c1, c2, c3, c4 = st.columns(4)
+    c1.download_button(
+        "Metrics (CSV)",
+        result.frame.to_csv(index=False),
+        "metrics.csv",
+        mime="text/csv",
+        key="dl_csv",
+        icon=":material/table:",
+        on_click="ignore",
+    )
+    c2.download_button(
+        "Confidences (parquet)",
+        runs.parquet_bytes(result.confidences_frame()),
+        "confidences.parquet",
+        mime="application/octet-stream",
+        key="dl_parquet",
+        icon=":material/database:",
+        on_click="ignore",
+    )
+    c3.download_button(
+        "Report (HTML)",
+        lambda: runs.export_bundle(result)["report"],
+        "report.html",
+        mime="text/html",
+        key="dl_html",
+        icon=":material/description:",
+        on_click="ignore",
+        help="A self-contained HTML page (figures and tables, works offline); "
+        "built when you click.",
+    )
+    toml, problem = runs.config_toml(result)
+    c4.download_button(
+        "Run config (TOML)",
+        toml or "",
+        "config.toml",
+        mime="application/toml",
+        key="dl_toml",
+        icon=":material/settings:",
+        disabled=toml is None,
+        on_click="ignore",
+    )
+    if problem:
+        st.warning(problem, icon=":material/warning:")
+
+
+def no_result() -> None:
+    st.info(
+        "No results yet. Run the default evaluation (or set one up on the previous pages).",
+        icon=":material/info:",
+    )
+    if st.button(
+        "Run the default evaluation",
+        key="run_default",
+        type="primary",
+        icon=":material/play_arrow:",
+    ):
+        config, problems = form.build_config(ss, loaders.current_layer_choices())
+        if config is None:
+            for where, msgs in problems.items():
+                for msg in msgs:
+                    st.error(f"{where}: {msg}", icon=":material/error:")
+            return
+        if runs.execute_run(config) is None:
+            st.error(ss["run_error"], icon=":material/error:")
+            return
+        st.rerun()
+
+
+def body() -> None:
+    layout.header(
+        "Results",
+        "Distributions, ROC curves, metrics, thresholds and images of the "
+        "last run; view options here recompute nothing.",
+    )
+    result: RunResult | None = ss.get("result")
+    if result is None:
+        no_result()
+        return
+    st.markdown(
+        f"`{result.config.model_entry}` on {len(result.ind)} InD test samples (accuracy "
+        f"**{result.accuracy:.2%}**), {len(result.score_names)} score(s) × "
+        f"{len(result.ood_titles)} OoD scenario(s) · run time **{result.seconds:.1f} s**"
+    )
+    for message in result.notes:  # e.g. sizes lowered to what the data holds
+        st.info(message, icon=":material/info:")
+    for message in result.warnings:  # degenerate fits / tied sets: the numbers they concern
+        st.warning(message, icon=":material/warning:")
+    thr = result_views.explorer_thresholds(result, ss)
+    tabs = st.tabs(["Overview", "Threshold explorer", "Gallery", "Layers & timings", "Export"])
+    with tabs[0]:
+        layout.guard(lambda: metric_table(result))
+        layout.guard(lambda: histograms(result, thr))
+        layout.guard(lambda: rocs(result, thr))
+    with tabs[1]:
+        layout.guard(lambda: explorer(result, thr))
+    with tabs[2]:
+        layout.guard(lambda: gallery(result))
+    with tabs[3]:
+        layout.guard(lambda: layers_and_timings(result))
+    with tabs[4]:
+        layout.guard(lambda: export(result))
+
+
+layout.guard(body)
