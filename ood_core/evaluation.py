@@ -88,6 +88,11 @@ class Evaluation:
         predictions). Each score's :class:`~ood_core.diagnostics.OodLensWarning` messages are
         emitted and kept in ``score.fit_warnings``."""
         self.bind(scores)
+        counts = None
+        if labels is not None and torch.as_tensor(labels).ndim == 1 and len(labels):
+            counts = torch.bincount(torch.as_tensor(labels).long().clamp_min(0)).tolist()
+        for s in scores:  # before any forward pass: fail fast
+            s.check_calibration(len(data), counts)
         ex = self.extract(scores, data, batch_size=batch_size, progress=progress, data_key=data_key)
         if labels is not None:
             labels = torch.as_tensor(labels)

@@ -30,6 +30,8 @@ from typing import Any, ClassVar, Literal, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from ood_core.registry import Registry
+
 __all__ = [
     "AUC",
     "AUPR",
@@ -330,6 +332,10 @@ def _hull_area(x: _FArray, y: _FArray, a: float, b: float) -> float:
 # --------------------------------------------------------------------------- metrics
 
 
+METRICS: Registry = Registry("metric")
+"""Metric class name -> class, filled by ``@METRICS.register``."""
+
+
 @dataclass(frozen=True, repr=False)
 class Metric(ABC):
     """A discriminative-power metric: value in [0, 1], higher is better, OoD = positive class.
@@ -373,6 +379,7 @@ _STEP_TIES = (
 )
 
 
+@METRICS.register
 @dataclass(frozen=True, repr=False)
 class AUC(Metric):
     """Area under the ROC curve on the FPR window [min_fpr, max_fpr], divided by its width.
@@ -413,6 +420,7 @@ class AUC(Metric):
         return _clip01(area / (b - a))
 
 
+@METRICS.register
 @dataclass(frozen=True, repr=False)
 class TPR(Metric):
     """Best TPR (fraction of OoD flagged) attainable with FPR <= max_fpr.
@@ -447,6 +455,7 @@ class TPR(Metric):
         return _clip01(_hull_tpr_at(roc.hull_fpr, roc.hull_tpr, f))
 
 
+@METRICS.register
 @dataclass(frozen=True, repr=False)
 class TNR(Metric):
     """Best TNR (fraction of InD kept) attainable with TPR >= min_tpr.
@@ -481,6 +490,7 @@ class TNR(Metric):
         return _clip01(1.0 - _hull_fpr_at(roc.hull_fpr, roc.hull_tpr, t))
 
 
+@METRICS.register
 @dataclass(frozen=True, repr=False)
 class MCC(Metric):
     """Best Matthews correlation coefficient over attainable thresholds, clipped below at 0.
@@ -502,6 +512,7 @@ class MCC(Metric):
         return _clip01(float(mcc.max()))
 
 
+@METRICS.register
 @dataclass(frozen=True, repr=False)
 class AUPR(Metric):
     """Average precision with ``positive`` ("ood" or "ind") as the positive class.
@@ -529,6 +540,7 @@ class AUPR(Metric):
         return _clip01(float(np.sum(pos * (tp / (tp + fp)))) / n_pos)
 
 
+@METRICS.register
 @dataclass(frozen=True, repr=False)
 class DetectionError(Metric):
     """``1 - min_t 0.5 * (FPR + FNR)`` over attainable thresholds, so that higher is better.
@@ -544,9 +556,6 @@ class DetectionError(Metric):
         return _clip01(0.5 * (1.0 + float(np.max(roc.tpr - roc.fpr))))
 
 
-METRICS: dict[str, type[Metric]] = {
-    cls.__name__: cls for cls in (AUC, TPR, TNR, MCC, AUPR, DetectionError)
-}
 
 DEFAULT_METRICS: tuple[Metric, ...] = (
     AUC(max_fpr=0.2),

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ood_core.core import Registry
 from ood_core.params import Param
 from ood_core.params import fmt_value as _fmt
+from ood_core.registry import Registry
 
 __all__ = [
     "PERTURBATIONS",

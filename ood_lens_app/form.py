@@ -123,13 +123,13 @@ def check_score(
     """Problems with a score specification, as messages (empty list: fine).
 
     Builds the score (its own parameter validation), then checks the layers against the score's
-    rule (``allowed_layers``: what :func:`ood_lens_app.layers.layer_options` gives) and that
-    neighbour counts (``k``) do not exceed the calibration size.
+    rule (``allowed_layers``: what :func:`ood_lens_app.layers.layer_options` gives) and the
+    calibration size against the score's own :meth:`~ood_core.scores.base.BaseScore.check_calibration`.
     """
     problems: list[str] = []
     try:
         cls = get_score_class(name)
-        make_score(name, **params)
+        score = make_score(name, **params)
     except (ValueError, TypeError) as exc:
         return [str(exc)]
     if cls.layer_rule != "none":
@@ -143,12 +143,10 @@ def check_score(
                 what = "layers holding parameters" if cls.layer_rule == "params" else "known layers"
                 problems.append(f"{name} needs {what}; not allowed: {', '.join(bad)}.")
     if n_calibration is not None:
-        k = params.get("k")
-        if isinstance(k, int) and k > n_calibration:
-            problems.append(
-                f"{name}: k={k} neighbours but only {n_calibration} calibration "
-                "samples; lower k or use more calibration data."
-            )
+        try:  # the score's own rule (e.g. k <= the calibration size)
+            score.check_calibration(n_calibration)
+        except ValueError as exc:
+            problems.append(str(exc))
     return problems
 
 

@@ -246,3 +246,46 @@ def test_tied_confidences_on_a_set_warn_naming_score_and_set(net, data):
     engine.fit([score], x_fit, y_fit)
     with pytest.warns(OodLensWarning, match=r"Energy: all 60 confidences on 'my set' are identical"):
         engine.confidences([score], x, dataset="my set")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_signature_lists_the_declared_parameters(name):
+    import inspect
+
+    cls = SCORES[name]
+    sig = inspect.signature(cls)
+    assert list(sig.parameters) == [p.name for p in cls.all_params()]
+    for p in cls.all_params():
+        expected = inspect.Parameter.empty if p.required else p.default
+        assert sig.parameters[p.name].default == expected, (name, p.name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_layers_are_allowed_and_fit(name, net, data):
+    cls = SCORES[name]
+    rec = Evaluation.for_net(net, data[0]).recorder
+    allowed = cls.allowed_layers(rec)
+    defaults = cls.default_layers(rec)
+    assert set(defaults) <= set(allowed)
+    if cls.layer_rule == "none":
+        assert allowed == [] and defaults == ()
+    else:
+        assert defaults, f"{name} proposes no layer on a network with a head and a block"
+        assert (0, 1) not in allowed
+
+
+def test_calibration_too_small_for_k_fails_before_any_forward_pass(data):
+    from ood_core.scores import JTLA, KNN
+
+    torch.manual_seed(0)
+    counting = BlockNet().eval()
+    calls = []
+    counting.register_forward_hook(lambda *a: calls.append(1))
+    ev = Evaluation.for_net(counting, data[0])
+    calls.clear()
+    for score in (KNN(k=500), JTLA(test={"type": "multinomial", "mode": "mle", "k": 400})):
+        score.layers = ((1, 2),)
+        with pytest.raises(ValueError, match=rf"{type(score).__name__}.*k=\d+ neighbours but only "
+                                             r"180 calibration samples"):  # fmt: skip
+            ev.fit([score], data[0], data[1])
+    assert calls == []

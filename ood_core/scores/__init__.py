@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-# Importing the family modules registers their scores, in this order (README's table order).
+# Importing the family modules registers their scores (module order, then definition order).
 from ood_core.scores.base import BaseScore, NotFittedError, ScoreTimer, postprocess_conformity
-from ood_core.scores.gradients import GradNorm  # noqa: I001 (registration order)
+from ood_core.scores.gradients import GradNorm
 from ood_core.scores.gram import Gram
 from ood_core.scores.input_perturbation import FeatureSqueezing, Odds
 from ood_core.scores.knn import KNN

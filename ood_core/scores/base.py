@@ -25,6 +25,7 @@ How a score plugs into the single-pass engine (:mod:`ood_core.engine`)
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -163,6 +164,15 @@ class BaseScore:
         """Machine-readable parameter list (name, type, default, range, help...) for UIs."""
         return [p.as_dict() for p in cls.all_params()]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # help(), IDEs and inspect.signature see the declared parameters, not **kwargs
+        cls.__signature__ = inspect.Signature([
+            inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY,
+                              default=inspect.Parameter.empty if p.required else p.default)
+            for p in cls.all_params()
+        ])  # fmt: skip
+
     def check_params(self) -> None:
         """Cross-parameter validation hook (raise ValueError with a clear message)."""
 
@@ -230,14 +240,48 @@ class BaseScore:
         return layers
 
     @classmethod
-    def suggest_layers(cls, recorder: Recorder) -> tuple[LayerId, ...]:
-        """Sensible default layers for this score on ``recorder``'s network."""
+    def default_layers(cls, recorder: Recorder) -> tuple[LayerId, ...]:
+        """Sensible default layers for this score on ``recorder``'s network: its
+        ``suggested_layers`` quick picks, in network order (empty for logits-only scores)."""
         if cls.layer_rule == "none":
             return ()
         picks = recorder.quick_picks()
         picks["last_block"] = picks["blocks"][-1:]
-        out = [lid for key in cls.suggested_layers for lid in picks.get(key, [])]
-        return tuple(dict.fromkeys(out))
+        out = {lid for key in cls.suggested_layers for lid in picks.get(key, [])}
+        return tuple(lid for lid in recorder.layer_ids if lid in out)
+
+    suggest_layers = default_layers  # the former name
+
+    @classmethod
+    def allowed_layers(cls, recorder: Recorder) -> list[LayerId]:
+        """The layers of ``recorder``'s network this score can read (one at a time): none for
+        logits-only scores; layers holding trainable parameters for ``layer_rule="params"``;
+        otherwise every layer below the network that the score's own :meth:`check_layers`
+        accepts (e.g. only layers that feed the classifier head, for activation shaping)."""
+        if cls.layer_rule == "none":
+            return []
+        probe = cls(**{p.name: p.default for p in cls.all_params() if p.required})
+        allowed = []
+        for lid in recorder.layer_ids[1:]:
+            try:
+                probe.check_layers((lid,), recorder)
+            except ValueError:
+                continue
+            allowed.append(lid)
+        return allowed
+
+    def check_calibration(self, n_samples: int, class_counts: Sequence[int] | None = None) -> None:
+        """Raise ``ValueError`` (naming the score, the parameter and the remedy) when
+        ``n_samples`` calibration samples (``class_counts`` per class, when known) cannot fit
+        this score; called before any forward pass. Default: neighbour scores need ``k`` (their
+        ``k`` or JTLA's ``test["k"]``) <= ``n_samples``."""
+        k = self.values.get("k")
+        test = self.values.get("test")
+        if k is None and isinstance(test, dict):
+            k = test.get("k")
+        if isinstance(k, int) and k > n_samples:
+            raise ValueError(f"{self!r}: k={k} neighbours but only {n_samples} calibration samples; "
+                             f"use k <= {n_samples} or more calibration data.")  # fmt: skip
 
     # ------------------------------------------------------------------ engine hooks
     @property

@@ -3,7 +3,7 @@ yours) is listed, documented and offered by the CLI and the dashboard."""
 
 from __future__ import annotations
 
-from ood_core.core import Registry
+from ood_core.registry import Registry
 
 SCORES: Registry = Registry("score")
 """Score name -> class, in registration order (module import order, then definition order)."""
