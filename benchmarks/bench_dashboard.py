@@ -58,12 +58,18 @@ def main() -> None:
         print(json.dumps(figures))
         return
     print(f"first Run (4 scores, 3 scenarios, 1000/1000): {first:6.2f} s")
-    print(f"after changing KNN's k:                       {one_param:6.2f} s "
-          f"({figures['one_param_pct_of_first']} % of the first)")  # fmt: skip
-    print(f"after adding Energy:                          {add_score:6.2f} s "
-          f"({figures['add_score_pct_of_first']} % of the first)")  # fmt: skip
+    print(
+        f"after changing KNN's k:                       {one_param:6.2f} s "
+        f"({figures['one_param_pct_of_first']} % of the first)"
+    )
+    print(
+        f"after adding Energy:                          {add_score:6.2f} s "
+        f"({figures['add_score_pct_of_first']} % of the first)"
+    )
     print(f"nothing changed (all cached):                 {cached:6.2f} s")
-    print(f"forward passes after the first Run:           {figures['forward_passes_after_first_run']}")
+    print(
+        f"forward passes after the first Run:           {figures['forward_passes_after_first_run']}"
+    )
 
 
 if __name__ == "__main__":

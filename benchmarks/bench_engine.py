@@ -45,8 +45,12 @@ def workload(n: int, device: str):
     ind = test.images.repeat(reps, 1, 1, 1)[:n].to(device)
     g = torch.Generator().manual_seed(0)
     oods = (ind.flip(2), ind * 0.5, torch.rand(ind.shape, generator=g).to(device))
-    pairs = ((Softmax(), []), (GradNorm(), [(1, 12)]), (Gram(), [(1, 5), (1, 11), (1, 12)]),
-             (KNN(k=int(n**0.4)), [(1, 11)]))  # fmt: skip
+    pairs = (
+        (Softmax(), []),
+        (GradNorm(), [(1, 12)]),
+        (Gram(), [(1, 5), (1, 11), (1, 12)]),
+        (KNN(k=int(n**0.4)), [(1, 11)]),
+    )
     return net, calib_x, calib_y, ind, oods, pairs
 
 
@@ -86,8 +90,12 @@ def child(mode: str, n: int, device: str, out: str) -> None:
             if hasattr(score, "closed_form"):  # the reference differentiates per sample
                 score.check_layers = _per_sample_grads(score.check_layers)
             eng.fit([score], cx, cy)
-            per_score.append([predicted_confidence(*eng.confidences([score], x)[0]).cpu().numpy()
-                              for x in (ind, *oods)])  # fmt: skip
+            per_score.append(
+                [
+                    predicted_confidence(*eng.confidences([score], x)[0]).cpu().numpy()
+                    for x in (ind, *oods)
+                ]
+            )
         confs = [np.stack([s[d] for s in per_score]) for d in range(4)]
     sync()
     seconds = time.perf_counter() - t0
@@ -111,9 +119,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("shared", "separate"):
             out = str(Path(tmp) / f"{mode}.npz")
-            proc = subprocess.run([sys.executable, __file__, "--child", mode, "--n", str(args.n),
-                                   "--device", args.device, "--out", out],
-                                  capture_output=True, text=True, check=True)  # fmt: skip
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    "--n",
+                    str(args.n),
+                    "--device",
+                    args.device,
+                    "--out",
+                    out,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
             with np.load(out) as f:
                 confs[mode] = [f[k] for k in sorted(f.files, key=lambda s: int(s.split("_")[1]))]
@@ -121,15 +143,23 @@ def main() -> None:
     abs_diff = max(float(np.max(np.abs(a - b))) for a, b in pairs)
     rel_diff = max(float(np.max(np.abs(a - b) / np.maximum(1.0, np.abs(b)))) for a, b in pairs)
     s, r = results["shared"], results["separate"]
-    print(f"workload: Softmax, GradNorm@(1,12), Gram@(1,5),(1,11),(1,12), KNN@(1,11); "
-          f"n={args.n} calibration + {args.n} InD + 3 OoD sets; device={args.device}; "
-          f"torch threads={torch.get_num_threads()}")
-    print(f"shared engine : {s['seconds']:7.2f} s   max RSS {s['max_rss_mib']:7.0f} MiB"
-          + (f"   peak GPU {s['peak_gpu_mib']:.0f} MiB" if s["peak_gpu_mib"] else ""))
-    print(f"separate      : {r['seconds']:7.2f} s   max RSS {r['max_rss_mib']:7.0f} MiB"
-          + (f"   peak GPU {r['peak_gpu_mib']:.0f} MiB" if r["peak_gpu_mib"] else ""))
-    print(f"speed-up      : {r['seconds'] / s['seconds']:.2f}x   confidences: max |diff| "
-          f"{abs_diff:.2e}, max |diff| / max(1, |value|) {rel_diff:.2e}")
+    print(
+        f"workload: Softmax, GradNorm@(1,12), Gram@(1,5),(1,11),(1,12), KNN@(1,11); "
+        f"n={args.n} calibration + {args.n} InD + 3 OoD sets; device={args.device}; "
+        f"torch threads={torch.get_num_threads()}"
+    )
+    print(
+        f"shared engine : {s['seconds']:7.2f} s   max RSS {s['max_rss_mib']:7.0f} MiB"
+        + (f"   peak GPU {s['peak_gpu_mib']:.0f} MiB" if s["peak_gpu_mib"] else "")
+    )
+    print(
+        f"separate      : {r['seconds']:7.2f} s   max RSS {r['max_rss_mib']:7.0f} MiB"
+        + (f"   peak GPU {r['peak_gpu_mib']:.0f} MiB" if r["peak_gpu_mib"] else "")
+    )
+    print(
+        f"speed-up      : {r['seconds'] / s['seconds']:.2f}x   confidences: max |diff| "
+        f"{abs_diff:.2e}, max |diff| / max(1, |value|) {rel_diff:.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -48,13 +48,19 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     metrics = (AUC(), TNR(min_tpr=0.95))
     evals = compute_metrics(ci, co, metrics, score_names=[repr(s) for s, _ in pairs])
-    print(f"{args.entry}: {args.n} calibration, {args.n} Fashion-MNIST test vs {args.n} MNIST / "
-          f"vertical flip; {len(pairs)} scores in {seconds:.1f} s\n")
-    print("| score | family | layers | AUROC vs MNIST | FPR@95TPR vs MNIST | AUROC vs vertical flip |")
+    print(
+        f"{args.entry}: {args.n} calibration, {args.n} Fashion-MNIST test vs {args.n} MNIST / "
+        f"vertical flip; {len(pairs)} scores in {seconds:.1f} s\n"
+    )
+    print(
+        "| score | family | layers | AUROC vs MNIST | FPR@95TPR vs MNIST | AUROC vs vertical flip |"
+    )
     print("|---|---|---|---|---|---|")
     for (score, layers), e in zip(pairs, evals, strict=True):
-        print(f"| `{score!r}` | {type(score).family} | {layers_text(layers) or 'logits'} | "
-              f"{e[0, 0]:.3f} | {1 - e[0, 1]:.3f} | {e[1, 0]:.3f} |")
+        print(
+            f"| `{score!r}` | {type(score).family} | {layers_text(layers) or 'logits'} | "
+            f"{e[0, 0]:.3f} | {1 - e[0, 1]:.3f} | {e[1, 0]:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ from ood_core.hub import load_model
 calib_set = load_bundled("fashion_mnist", "calibration").subset(1000, seed=0)
 calib_data, calib_labels = calib_set.images, calib_set.labels  # already floats in [0, 1]
 sample_shape = calib_data.shape[1:]
-net = load_model("bundled", "tiniest")  # was: torch.hub.load("ThalesGroup/scio:hub", "tiniest", ...)
+net = load_model(
+    "bundled", "tiniest"
+)  # was: torch.hub.load("ThalesGroup/scio:hub", "tiniest", ...)
 net = net.to(calib_data)
 
 # 1. Configure algorithms to compare

@@ -1,10 +1,10 @@
 """``ood-lens`` command line: replay a run config without a browser.
 
-    ood-lens example-config > run.toml     # the bundled default (seed workload + MNIST)
-    ood-lens run run.toml --out results/   # table in the terminal, files in results/
-    ood-lens run run.toml --out results/ --force   # replace an earlier run's results/
-    ood-lens layers --entry tiniest        # a model's layer table with (depth, idx) ids
-    ood-lens scores                        # every registered score
+ood-lens example-config > run.toml     # the bundled default (seed workload + MNIST)
+ood-lens run run.toml --out results/   # table in the terminal, files in results/
+ood-lens run run.toml --out results/ --force   # replace an earlier run's results/
+ood-lens layers --entry tiniest        # a model's layer table with (depth, idx) ids
+ood-lens scores                        # every registered score
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ class _Failed(Exception):
 
 def _warn(message: str) -> None:
     """One ``warning:`` line on stderr (the message is plain text: brackets are not markup)."""
-    Console(stderr=True, soft_wrap=True).print(Text.assemble(("warning:", "yellow"), " ", message),
-                                               highlight=False)  # fmt: skip
+    Console(stderr=True, soft_wrap=True).print(
+        Text.assemble(("warning:", "yellow"), " ", message), highlight=False
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -46,8 +47,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not path.exists():
         raise _Failed(f"no such config file: {path}", 2)
     if not path.is_file():
-        raise _Failed(f"{path} is not a file; pass a run config (TOML), e.g. from "
-                      "`ood-lens example-config`", 2)  # fmt: skip
+        raise _Failed(
+            f"{path} is not a file; pass a run config (TOML), e.g. from `ood-lens example-config`",
+            2,
+        )
     try:
         text = path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -71,25 +74,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ood_core.hub import UntrustedRepoError
 
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                      disable=quiet, transient=True) as bar:  # fmt: skip
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            disable=quiet,
+            transient=True,
+        ) as bar:
             task = bar.add_task("Starting", total=1.0)
 
             def progress(stage: str, frac: float) -> None:
                 bar.update(task, description=stage, completed=frac)
 
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", OodLensWarning)  # printed below, once, with the table
+                warnings.simplefilter(
+                    "ignore", OodLensWarning
+                )  # printed below, once, with the table
                 result = run(config, progress=progress)
     except (ConfigError, UntrustedRepoError) as exc:
         raise _Failed(str(exc), 2) from None
     except (ValueError, RuntimeError, OSError) as exc:  # data / hub / model problems
         raise _Failed(f"the run failed: {exc}", 1) from exc
-    summary_table(result.evals, scores_and_layers=result.scores_and_layers,
-                  oods_title=result.ood_titles, metrics=result.metrics,
-                  baseline=result.config.baseline)  # fmt: skip
-    Console().print(f"Model accuracy on {len(result.ind)} InD test samples: {result.accuracy:.2%}; "
-                    f"total {result.seconds:.1f} s")  # fmt: skip
+    summary_table(
+        result.evals,
+        scores_and_layers=result.scores_and_layers,
+        oods_title=result.ood_titles,
+        metrics=result.metrics,
+        baseline=result.config.baseline,
+    )
+    Console().print(
+        f"Model accuracy on {len(result.ind)} InD test samples: {result.accuracy:.2%}; "
+        f"total {result.seconds:.1f} s"
+    )
     for message in [*result.notes, *result.warnings]:
         _warn(message)
     if args.out:
@@ -137,13 +153,29 @@ def _cmd_scores(args: argparse.Namespace) -> int:
         return 0
 
     table = Table(title="Registered confidence scores (conformity: higher = more in-distribution)")
-    for col in ("name", "family", "layers", "fit", "gradients", "parameters (defaults)", "reference"):
+    for col in (
+        "name",
+        "family",
+        "layers",
+        "fit",
+        "gradients",
+        "parameters (defaults)",
+        "reference",
+    ):
         table.add_column(col)
     for row in list_scores():
-        params = ", ".join(f"{p['name']}={p['default']!r}" + ("*" if p["required"] else "")
-                           for p in row["params"])  # fmt: skip
-        table.add_row(row["name"], row["family"], row["layers"], "yes" if row["needs_fit"] else "no",
-                      row["gradients"], params, row["reference"])  # fmt: skip
+        params = ", ".join(
+            f"{p['name']}={p['default']!r}" + ("*" if p["required"] else "") for p in row["params"]
+        )
+        table.add_row(
+            row["name"],
+            row["family"],
+            row["layers"],
+            "yes" if row["needs_fit"] else "no",
+            row["gradients"],
+            params,
+            row["reference"],
+        )
     Console(width=200).print(table)
     return 0
 
@@ -151,32 +183,51 @@ def _cmd_scores(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Exit status: 0 done, 1 failure, 2 bad input, 130 interrupted."""
     debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="print the traceback of an error")  # fmt: skip
-    parser = argparse.ArgumentParser(prog="ood-lens", description=__doc__.split("\n\n")[0],
-                                     parents=[debug])  # fmt: skip
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the traceback of an error",
+    )
+    parser = argparse.ArgumentParser(
+        prog="ood-lens", description=__doc__.split("\n\n")[0], parents=[debug]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run an evaluation config (TOML)", parents=[debug])
     p.add_argument("config")
-    p.add_argument("--out", help="folder for metrics.csv, confidences.parquet, report.html, "
-                   "config.toml and run.json (written last); must not exist or be empty")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing --out folder of an earlier run (only once the new "
-                        "results are complete)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        help="folder for metrics.csv, confidences.parquet, report.html, "
+        "config.toml and run.json (written last); must not exist or be empty",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out folder of an earlier run (only once the new "
+        "results are complete)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--trust-repo", action="store_true",
-                   help="let a non-bundled hub repository (GitHub or local folder) run its code "
-                        "on this machine")  # fmt: skip
+    p.add_argument(
+        "--trust-repo",
+        action="store_true",
+        help="let a non-bundled hub repository (GitHub or local folder) run its code "
+        "on this machine",
+    )
     p.set_defaults(func=_cmd_run)
-    p = sub.add_parser("example-config", help="print a config for the bundled default", parents=[debug])
+    p = sub.add_parser(
+        "example-config", help="print a config for the bundled default", parents=[debug]
+    )
     p.set_defaults(func=_cmd_example)
     p = sub.add_parser("layers", help="print a hub model's layer table", parents=[debug])
     p.add_argument("--repo", default="bundled")
     p.add_argument("--entry", default="tiniest")
     p.add_argument("--input-shape", type=int, nargs=3, default=(1, 28, 28))
-    p.add_argument("--trust-repo", action="store_true",
-                   help="let a non-bundled hub repository (GitHub or local folder) run its code "
-                        "on this machine")  # fmt: skip
+    p.add_argument(
+        "--trust-repo",
+        action="store_true",
+        help="let a non-bundled hub repository (GitHub or local folder) run its code "
+        "on this machine",
+    )
     p.set_defaults(func=_cmd_layers)
     p = sub.add_parser("scores", help="list the registered scores", parents=[debug])
     p.add_argument("--markdown", action="store_true", help="print README's markdown table")
@@ -203,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback behind --debug
         if show_traceback:
             traceback.print_exc()
-        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

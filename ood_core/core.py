@@ -51,4 +51,3 @@ def normalise_activation(a: Tensor, p: float | None) -> Tensor:
 def predicted_confidence(logits: Tensor, conformity: Tensor) -> Tensor:
     """The conformity at the predicted class: ``conformity[i, argmax(logits[i])]`` -> ``(n,)``."""
     return conformity.gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
-

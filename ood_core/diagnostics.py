@@ -19,7 +19,9 @@ class OodLensWarning(UserWarning):
     """A number was computed from a degenerate fit or set; the message says what and the remedy."""
 
 
-def degenerate(score: Any, problem: str, remedy: str, *, layer: Any = None, stacklevel: int = 2) -> str:
+def degenerate(
+    score: Any, problem: str, remedy: str, *, layer: Any = None, stacklevel: int = 2
+) -> str:
     """Emit an :class:`OodLensWarning` ``"<score> @ <layer>: <problem>: <remedy>"``; return it.
 
     ``score``: a score instance or a name; ``layer``: a layer id (or None when it concerns the

@@ -224,16 +224,21 @@ class Engine:
                 if from_cache:
                     logits = stored[None][0][start:stop].to(device)
                     acts = {layer: stored[layer][0][start:stop].to(device) for layer in union}
-                    inputs = {layer: stored[layer][1][start:stop].to(device) for layer in union
-                              if stored[layer][1] is not None}  # fmt: skip
+                    inputs = {
+                        layer: stored[layer][1][start:stop].to(device)
+                        for layer in union
+                        if stored[layer][1] is not None
+                    }
                 else:
                     with Timed() as t, torch.no_grad():
                         logits = rec(xb)
                     t_forward += t.seconds
                     n_calls += 1
                     if not isinstance(logits, Tensor) or logits.ndim != 2:
-                        raise ValueError("The network must return logits of shape (N, n_classes); got "
-                                         f"{type(logits).__name__} {getattr(logits, 'shape', '')}.")  # fmt: skip
+                        raise ValueError(
+                            "The network must return logits of shape (N, n_classes); got "
+                            f"{type(logits).__name__} {getattr(logits, 'shape', '')}."
+                        )
                     acts, inputs = dict(rec.activations), dict(rec.inputs)
                     for layer, (outs, ins) in keep.items():
                         outs.append(acts[layer].detach().cpu())
@@ -250,9 +255,14 @@ class Engine:
                         continue
                     with Timed() as t, torch.no_grad():
                         a = LayerActivations(  # normalised per layer, or by the score after concat
-                            (layer, acts[layer] if s.normalises_concatenation
-                             else normalise_activation(acts[layer], s.act_norm)) for layer in s.layers
-                        )  # fmt: skip
+                            (
+                                layer,
+                                acts[layer]
+                                if s.normalises_concatenation
+                                else normalise_activation(acts[layer], s.act_norm),
+                            )
+                            for layer in s.layers
+                        )
                         a.inputs = {layer: inputs[layer] for layer in s.layers if layer in inputs}
                         chunks[i].append({k: v.detach() for k, v in s.extract(logits, a).items()})
                     seconds[i] += t.seconds
@@ -270,20 +280,31 @@ class Engine:
                 rec.record(*previous)
         all_logits = torch.cat(logits_chunks)
         if torch.isnan(all_logits).any():
-            raise ValueError("The network produced NaN logits on this data; check the inputs' range "
-                             "and normalisation.")  # fmt: skip
+            raise ValueError(
+                "The network produced NaN logits on this data; check the inputs' range "
+                "and normalisation."
+            )
         if keep:
             cache.put(keys[None], all_logits.cpu(), None)
             for layer, (outs, ins) in keep.items():
-                cache.put(keys[layer], torch.cat(outs), torch.cat(ins) if len(ins) == len(outs) else None)
+                cache.put(
+                    keys[layer], torch.cat(outs), torch.cat(ins) if len(ins) == len(outs) else None
+                )
         constant = tuple(layer for layer, v in varies.items() if not v and layer in first)
         if len(data) < 2:
             constant = ()
-        return Extraction(all_logits, [_cat(c) for c in chunks], t_forward, seconds, n_calls,
-                          constant)  # fmt: skip
+        return Extraction(
+            all_logits, [_cat(c) for c in chunks], t_forward, seconds, n_calls, constant
+        )
 
 
 __all__ = [
-    "ActivationCache", "Engine", "Extraction", "FeatureKey", "LayerActivations", "ScoreLike",
-    "normalise_activation", "predicted_confidence",
-]  # fmt: skip
+    "ActivationCache",
+    "Engine",
+    "Extraction",
+    "FeatureKey",
+    "LayerActivations",
+    "ScoreLike",
+    "normalise_activation",
+    "predicted_confidence",
+]

@@ -35,10 +35,22 @@ from ood_core.scores.base import BaseScore
 ScoresAndLayers = Sequence[tuple[BaseScore, Sequence[LayerId]]]
 
 __all__ = [
-    "AUC", "AUPR", "MCC", "TNR", "TPR", "DetectionError", "FittedScores", "compute_confidence",
-    "compute_metrics", "fit_scores", "results_frame", "score_label", "summary", "summary_plot",
+    "AUC",
+    "AUPR",
+    "MCC",
+    "TNR",
+    "TPR",
+    "DetectionError",
+    "FittedScores",
+    "compute_confidence",
+    "compute_metrics",
+    "fit_scores",
+    "results_frame",
+    "score_label",
+    "summary",
+    "summary_plot",
     "summary_table",
-]  # fmt: skip
+]
 
 
 class FittedScores(tuple):
@@ -58,9 +70,12 @@ class _Bars:
     def __init__(self, progress: bool | StageProgress) -> None:
         self.callback = progress if callable(progress) else None
         self.rich = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
             disable=(progress is False or self.callback is not None or _quiet()),
-        )  # fmt: skip
+        )
 
     def __enter__(self) -> _Bars:
         self.rich.__enter__()
@@ -84,8 +99,10 @@ def _pairs(scores_and_layers: ScoresAndLayers) -> list[tuple[BaseScore, tuple[La
     pairs = []
     for item in scores_and_layers:
         if not (isinstance(item, Sequence) and len(item) == 2 and isinstance(item[0], BaseScore)):
-            raise ValueError("scores_and_layers must hold (score, layers) pairs such as "
-                             f"(KNN(k=15), [(1, 11)]); got {item!r}.")  # fmt: skip
+            raise ValueError(
+                "scores_and_layers must hold (score, layers) pairs such as "
+                f"(KNN(k=15), [(1, 11)]); got {item!r}."
+            )
         pairs.append((item[0], tuple(iter_layer_ids(item[1]))))
     return pairs
 
@@ -110,7 +127,9 @@ def fit_scores(
     scores = [s for s, _ in pairs]
     evaluation.bind(scores, [layers for _, layers in pairs])
     with _Bars(progress) as bars:
-        update = bars.stage(f"Fitting {len(scores)} scores... ({len(calib_data)} samples)", len(calib_data))
+        update = bars.stage(
+            f"Fitting {len(scores)} scores... ({len(calib_data)} samples)", len(calib_data)
+        )
         evaluation.fit(scores, calib_data, calib_labels, batch_size=batch_size, progress=update)
     out = FittedScores((s, s.layers) for s in scores)
     out.evaluation = evaluation
@@ -137,11 +156,15 @@ def compute_confidence(
     if evaluation is None:
         recorders = {id(s.recorder_) for s in scores}
         if any(s.recorder_ is None for s in scores) or len(recorders) != 1:
-            raise ValueError("compute_confidence needs scores fitted on one network: pass the "
-                             "output of fit_scores().")  # fmt: skip
+            raise ValueError(
+                "compute_confidence needs scores fitted on one network: pass the "
+                "output of fit_scores()."
+            )
         evaluation = Evaluation(scores[0].recorder_)
     oods = tuple(oods)
-    titles = list(oods_title) if oods_title is not None else [f"OoD {i + 1}" for i in range(len(oods))]
+    titles = (
+        list(oods_title) if oods_title is not None else [f"OoD {i + 1}" for i in range(len(oods))]
+    )
     if len(titles) != len(oods):
         raise ValueError(f"{len(oods)} OoD sets but {len(titles)} titles in oods_title.")
     datasets = [("InD", ind), *zip(titles, oods, strict=True)]
@@ -149,8 +172,9 @@ def compute_confidence(
     with _Bars(progress) as bars:
         for title, data in datasets:
             update = bars.stage(f"Computing confidences: {title} ({len(data)} samples)", len(data))
-            _, confs = evaluation.predicted(scores, data, batch_size=batch_size, progress=update,
-                                            dataset=title)  # fmt: skip
+            _, confs = evaluation.predicted(
+                scores, data, batch_size=batch_size, progress=update, dataset=title
+            )
             results.append(confs)
     return results[0], tuple(results[1:])
 
@@ -166,7 +190,9 @@ def compute_metrics(
     ind = np.asarray(confs_ind, dtype=np.float64)
     if ind.ndim != 2:
         raise ValueError(f"confs_ind must be (n_scores, n_ind); got shape {ind.shape}.")
-    names = list(score_names) if score_names is not None else [f"score {i}" for i in range(len(ind))]
+    names = (
+        list(score_names) if score_names is not None else [f"score {i}" for i in range(len(ind))]
+    )
     out = np.empty((len(ind), len(confs_oods), len(metrics)))
     for j, ood in enumerate(confs_oods):
         ood = np.asarray(ood, dtype=np.float64)
@@ -200,9 +226,19 @@ def summary(
         keep = sorted(set(order[:topk].tolist()) | ({baseline} if baseline is not None else set()))
     sub = [pairs[i] for i in keep]
     base = keep.index(baseline) if baseline is not None and baseline in keep else None
-    table = summary_table(evals[keep], scores_and_layers=sub, oods_title=oods_title,
-                          metrics=metrics, baseline=base, show=show)  # fmt: skip
-    fig = summary_plot(torch.as_tensor(np.asarray(confs_ind))[keep],
-                       [torch.as_tensor(np.asarray(c))[keep] for c in confs_oods],
-                       scores_and_layers=sub, oods_title=oods_title, convex_hull=convex_hull)  # fmt: skip
+    table = summary_table(
+        evals[keep],
+        scores_and_layers=sub,
+        oods_title=oods_title,
+        metrics=metrics,
+        baseline=base,
+        show=show,
+    )
+    fig = summary_plot(
+        torch.as_tensor(np.asarray(confs_ind))[keep],
+        [torch.as_tensor(np.asarray(c))[keep] for c in confs_oods],
+        scores_and_layers=sub,
+        oods_title=oods_title,
+        convex_hull=convex_hull,
+    )
     return {"evals": evals, "table": table, "figure": fig}

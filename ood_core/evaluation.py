@@ -40,8 +40,12 @@ class Evaluation:
         model_key: identity of the network in the cache (e.g. ``(repo, entry)``).
     """
 
-    def __init__(self, recorder: Recorder, cache: ActivationCache | None = None,
-                 model_key: Hashable | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        recorder: Recorder,
+        cache: ActivationCache | None = None,
+        model_key: Hashable | None = None,
+    ) -> None:
         self.engine = Engine(recorder)
         self.recorder = recorder
         self.cache = cache
@@ -54,25 +58,43 @@ class Evaluation:
         return cls(Engine.for_net(net, example).recorder, **kwargs)
 
     # ------------------------------------------------------------------ binding
-    def bind(self, scores: Sequence[BaseScore], layers: Sequence[Sequence[LayerId]] | None = None) -> None:
+    def bind(
+        self, scores: Sequence[BaseScore], layers: Sequence[Sequence[LayerId]] | None = None
+    ) -> None:
         """Bind each score to this network (validated layers in network order, head weights...),
         with ``layers[i]`` for score ``i`` or, when None, the layers it holds."""
         for i, s in enumerate(scores):
             s.bind(self.recorder, s.layers if layers is None else layers[i])
 
     # ------------------------------------------------------------------ passes
-    def extract(self, scores: Sequence[BaseScore], data: Tensor, *, batch_size: int | None = None,
-                progress: Progress | None = None, data_key: Hashable | None = None) -> Extraction:  # fmt: skip
+    def extract(
+        self,
+        scores: Sequence[BaseScore],
+        data: Tensor,
+        *,
+        batch_size: int | None = None,
+        progress: Progress | None = None,
+        data_key: Hashable | None = None,
+    ) -> Extraction:
         """Every score's features on ``data`` (cached activations reused when keyed)."""
-        return self.engine.extract(scores, data, batch_size=batch_size, progress=progress,
-                                   cache=self.cache, model_key=self.model_key, data_key=data_key)  # fmt: skip
+        return self.engine.extract(
+            scores,
+            data,
+            batch_size=batch_size,
+            progress=progress,
+            cache=self.cache,
+            model_key=self.model_key,
+            data_key=data_key,
+        )
 
     @staticmethod
     def _share(scores: Sequence[BaseScore], ex: Extraction) -> list[float]:
         """Each score's time: its own work plus an equal share of the shared forward passes."""
         n_plain = max(1, sum(not s.needs_own_pass for s in scores))
-        return [sec + (0.0 if s.needs_own_pass else ex.seconds_forward / n_plain)
-                for s, sec in zip(scores, ex.seconds_per_score, strict=True)]  # fmt: skip
+        return [
+            sec + (0.0 if s.needs_own_pass else ex.seconds_forward / n_plain)
+            for s, sec in zip(scores, ex.seconds_per_score, strict=True)
+        ]
 
     def fit(
         self,
@@ -97,15 +119,21 @@ class Evaluation:
         if labels is not None:
             labels = torch.as_tensor(labels)
             if labels.ndim != 1 or len(labels) != len(ex.logits):
-                raise ValueError(f"calib_labels must have shape ({len(ex.logits)},); got "
-                                 f"{tuple(labels.shape)}.")  # fmt: skip
+                raise ValueError(
+                    f"calib_labels must have shape ({len(ex.logits)},); got {tuple(labels.shape)}."
+                )
         shares = self._share(scores, ex)
         for s, feats, share in zip(scores, ex.features, shares, strict=True):
             with Timed() as t, collect() as messages:
                 for layer in (x for x in s.layers if x in ex.constant_layers):
-                    degenerate(s, f"the activation of layer {self.recorder.layer_name(layer)!r} is "
-                               f"the same for all {len(ex.logits):,} calibration samples, so it "
-                               "contributes nothing", "choose another layer", layer=layer)  # fmt: skip
+                    degenerate(
+                        s,
+                        f"the activation of layer {self.recorder.layer_name(layer)!r} is "
+                        f"the same for all {len(ex.logits):,} calibration samples, so it "
+                        "contributes nothing",
+                        "choose another layer",
+                        layer=layer,
+                    )
                 s.fit_features(feats, ex.logits, labels)
             s.fit_warnings = messages
             s.timer.add("calibration", len(ex.logits), share + t.seconds)
@@ -136,14 +164,18 @@ class Evaluation:
             with Timed() as t:
                 conf = s.conformity_from_features(feats, ex.logits)
             if torch.isnan(conf).any():
-                raise ValueError(f"{s!r} produced NaN confidences on {int(torch.isnan(conf).any(1).sum())}"
-                                 " samples; check its parameters and layers (e.g. a singular statistic).")
+                raise ValueError(
+                    f"{s!r} produced NaN confidences on {int(torch.isnan(conf).any(1).sum())}"
+                    " samples; check its parameters and layers (e.g. a singular statistic)."
+                )
             s.timer.add("inference", len(ex.logits), share + t.seconds)
             warn_if_tied(s, predicted_confidence(ex.logits, conf), dataset)
             out.append((ex.logits, conf))
         return out
 
-    def predicted(self, scores: Sequence[BaseScore], data: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+    def predicted(
+        self, scores: Sequence[BaseScore], data: Tensor, **kwargs
+    ) -> tuple[Tensor, Tensor]:
         """``(logits (n, C), confidences (n_scores, n))``: each score's conformity at the predicted
         class, float64 on the CPU (keyword arguments as :meth:`confidences`)."""
         per_score = self.confidences(scores, data, **kwargs)

@@ -141,9 +141,14 @@ def _local_entries(repo_dir: str) -> dict[str, Any]:
         raise HubUnavailableError(f"Importing {path} failed: {exc}") from exc
     finally:
         sys.path.remove(repo_dir)
-    return {name: obj for name, obj in vars(module).items()
-            if callable(obj) and not name.startswith("_") and inspect.isfunction(obj)
-            and obj.__module__ == module.__name__}  # fmt: skip
+    return {
+        name: obj
+        for name, obj in vars(module).items()
+        if callable(obj)
+        and not name.startswith("_")
+        and inspect.isfunction(obj)
+        and obj.__module__ == module.__name__
+    }
 
 
 # torch.hub is only called below once _resolve has accepted the repository (bundled, or trusted by
@@ -154,8 +159,9 @@ def _entry_names(repo_or_dir: str, source: str) -> list[str]:
     return torch.hub.list(repo_or_dir, trust_repo=True, verbose=False)
 
 
-def list_entries(repo: str | Path = "bundled", timeout: float = 5.0, *,
-                 trust_repo: bool = False) -> list[dict[str, str]]:  # fmt: skip
+def list_entries(
+    repo: str | Path = "bundled", timeout: float = 5.0, *, trust_repo: bool = False
+) -> list[dict[str, str]]:
     """Entry points of a hub repository: ``[{"name", "doc"}]`` (doc = first docstring line).
 
     Listing imports the repository's ``hubconf.py``, so a repository other than the bundled one
@@ -169,18 +175,28 @@ def list_entries(repo: str | Path = "bundled", timeout: float = 5.0, *,
             funcs = _local_entries(repo_or_dir)
             docs = {name: f.__doc__ or "" for name, f in funcs.items()}
         else:
-            docs = {name: torch.hub.help(repo_or_dir, name, trust_repo=True) or ""
-                    for name in torch.hub.list(repo_or_dir, trust_repo=True, verbose=False)}  # fmt: skip
+            docs = {
+                name: torch.hub.help(repo_or_dir, name, trust_repo=True) or ""
+                for name in torch.hub.list(repo_or_dir, trust_repo=True, verbose=False)
+            }
     except HubUnavailableError:
         raise
     except Exception as exc:
         raise HubUnavailableError(f"Could not list the entry points of '{repo}': {exc}") from exc
-    return [{"name": name, "doc": inspect.cleandoc(doc).split("\n")[0] if doc else ""}
-            for name, doc in docs.items()]  # fmt: skip
+    return [
+        {"name": name, "doc": inspect.cleandoc(doc).split("\n")[0] if doc else ""}
+        for name, doc in docs.items()
+    ]
 
 
-def load_model(repo: str | Path = "bundled", entry: str = "tiniest", *, trust_repo: bool = False,
-               timeout: float = 5.0, **kwargs: Any) -> nn.Module:  # fmt: skip
+def load_model(
+    repo: str | Path = "bundled",
+    entry: str = "tiniest",
+    *,
+    trust_repo: bool = False,
+    timeout: float = 5.0,
+    **kwargs: Any,
+) -> nn.Module:
     """Load ``entry`` from a hub repository (see module doc) in eval mode.
 
     A repository other than the bundled one runs its code here and needs ``trust_repo=True``
@@ -200,10 +216,14 @@ def load_model(repo: str | Path = "bundled", entry: str = "tiniest", *, trust_re
             known = _entry_names(repo_or_dir, source)
         except Exception:
             known = []
-        hint = f" Available entry points: {', '.join(known)}." if known and entry not in known else ""
+        hint = (
+            f" Available entry points: {', '.join(known)}." if known and entry not in known else ""
+        )
         raise HubUnavailableError(f"Could not load '{entry}' from '{repo}': {exc}.{hint}") from exc
     if not isinstance(net, nn.Module):
-        raise HubUnavailableError(f"'{entry}' from '{repo}' returned {type(net).__name__}, not a model.")
+        raise HubUnavailableError(
+            f"'{entry}' from '{repo}' returned {type(net).__name__}, not a model."
+        )
     return net.eval()
 
 
@@ -226,8 +246,9 @@ def bundled_records() -> dict[str, dict[str, Any]]:
     return json.loads((BUNDLED_HUB / "models.json").read_text())
 
 
-def check_compatible(net: nn.Module, sample_shape: tuple[int, ...], n_classes: int | None = None,
-                     name: str = "model") -> None:  # fmt: skip
+def check_compatible(
+    net: nn.Module, sample_shape: tuple[int, ...], n_classes: int | None = None, name: str = "model"
+) -> None:
     """Raise ``ValueError`` with an actionable message if ``net`` can't take ``sample_shape`` inputs
     (one forward pass on a zero batch) or predicts a different number of classes."""
     info = model_info(net, name)
@@ -237,8 +258,12 @@ def check_compatible(net: nn.Module, sample_shape: tuple[int, ...], n_classes: i
             f"images are {tuple(sample_shape)}. Pick data with matching channels and size."
         )
     param = next(net.parameters(), None)
-    x = torch.zeros(1, *sample_shape, device=param.device if param is not None else "cpu",
-                    dtype=param.dtype if param is not None else torch.float32)  # fmt: skip
+    x = torch.zeros(
+        1,
+        *sample_shape,
+        device=param.device if param is not None else "cpu",
+        dtype=param.dtype if param is not None else torch.float32,
+    )
     try:
         with torch.no_grad():
             out = net(x)

@@ -36,22 +36,29 @@ def declared_shape(net: nn.Module) -> tuple[int, ...] | None:
     return tuple(int(d) for d in shape) if shape is not None else None
 
 
-def check_inputs(net: nn.Module, data: Tensor, traced_shape: tuple[int, ...] | None = None,
-                 name: str = "inputs") -> None:  # fmt: skip
+def check_inputs(
+    net: nn.Module, data: Tensor, traced_shape: tuple[int, ...] | None = None, name: str = "inputs"
+) -> None:
     """Raise ``ValueError`` unless ``data`` is a float batch ``(N, ...)`` of the model's declared
     (else traced) per-sample shape, free of NaN, within its declared value range."""
     if not isinstance(data, Tensor):
-        raise ValueError(f"The {name} must be a torch.Tensor batch (N, C, H, W); got "
-                         f"{type(data).__name__}. Convert with torch.as_tensor(...).")  # fmt: skip
+        raise ValueError(
+            f"The {name} must be a torch.Tensor batch (N, C, H, W); got "
+            f"{type(data).__name__}. Convert with torch.as_tensor(...)."
+        )
     if data.ndim < 2:
-        raise ValueError(f"The {name} must be a batch (N, ...) with a leading sample dimension; got "
-                         f"shape {tuple(data.shape)}. Add one with x.unsqueeze(0).")  # fmt: skip
+        raise ValueError(
+            f"The {name} must be a batch (N, ...) with a leading sample dimension; got "
+            f"shape {tuple(data.shape)}. Add one with x.unsqueeze(0)."
+        )
     if len(data) == 0:
         raise ValueError(f"Cannot compute scores on empty {name} (0 samples).")
     if not data.is_floating_point():
         hint = " (0-255 images: x.float() / 255)" if data.dtype == torch.uint8 else ""
-        raise ValueError(f"The {name} must be float images; got dtype {data.dtype}. Convert them "
-                         f"to float in the model's input range{hint}.")  # fmt: skip
+        raise ValueError(
+            f"The {name} must be float images; got dtype {data.dtype}. Convert them "
+            f"to float in the model's input range{hint}."
+        )
     expected = declared_shape(net) or traced_shape
     got = tuple(data.shape[1:])
     if expected and got != tuple(expected):

@@ -556,7 +556,6 @@ class DetectionError(Metric):
         return _clip01(0.5 * (1.0 + float(np.max(roc.tpr - roc.fpr))))
 
 
-
 DEFAULT_METRICS: tuple[Metric, ...] = (
     AUC(max_fpr=0.2),
     TPR(max_fpr=0.05),
@@ -788,8 +787,9 @@ def threshold_for_acceptance(conf_ind: Confidences, acceptance: float) -> float:
     c = _as_float_array(conf_ind).ravel()
     c = np.sort(c[~np.isnan(c)])
     if c.size == 0:
-        raise ValueError("threshold_for_acceptance needs at least one InD confidence (got none "
-                         "that is not NaN).")  # fmt: skip
+        raise ValueError(
+            "threshold_for_acceptance needs at least one InD confidence (got none that is not NaN)."
+        )
     allowed = math.floor((1.0 - float(acceptance)) * c.size + 1e-9)
     below = float(np.nextafter(c[0], -np.inf)) if np.isfinite(c[0]) else -np.inf
     if allowed <= 0:
@@ -837,8 +837,9 @@ class Confusion:
 
         return pd.DataFrame(
             [[self.ind_accepted, self.ind_rejected], [self.ood_accepted, self.ood_rejected]],
-            index=["InD", "OoD"], columns=["accepted", "rejected"],
-        )  # fmt: skip
+            index=["InD", "OoD"],
+            columns=["accepted", "rejected"],
+        )
 
 
 def confusion(conf_ind: Confidences, conf_ood: Confidences, threshold: float) -> Confusion:
@@ -846,11 +847,14 @@ def confusion(conf_ind: Confidences, conf_ood: Confidences, threshold: float) ->
     ind, ood = _as_float_array(conf_ind).ravel(), _as_float_array(conf_ood).ravel()
     ind_acc = int(np.sum(ind > threshold))
     ood_acc = int(np.sum(ood > threshold))
-    return Confusion(float(threshold), ind_acc, int(ind.size - ind_acc), ood_acc,
-                     int(ood.size - ood_acc))  # fmt: skip
+    return Confusion(
+        float(threshold), ind_acc, int(ind.size - ind_acc), ood_acc, int(ood.size - ood_acc)
+    )
 
 
-def operating_point(conf_ind: Confidences, conf_ood: Confidences, threshold: float) -> tuple[float, float]:
+def operating_point(
+    conf_ind: Confidences, conf_ood: Confidences, threshold: float
+) -> tuple[float, float]:
     """``(FPR, TPR)`` of the rule "reject when confidence <= threshold" (a point on the ROC)."""
     c = confusion(conf_ind, conf_ood, threshold)
     return c.fpr, c.tpr

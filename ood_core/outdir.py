@@ -50,7 +50,9 @@ def check_out_dir(
     """
     out = _abs(out_dir)
     if out == Path(out.anchor):
-        raise OutputDirError(f"--out {out} is the filesystem root; choose a folder for the results.")
+        raise OutputDirError(
+            f"--out {out} is the filesystem root; choose a folder for the results."
+        )
     if os.path.islink(out):
         raise OutputDirError(
             f"--out {out} is a symbolic link (to {os.path.realpath(out)}); ood-lens never writes "

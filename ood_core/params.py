@@ -42,12 +42,21 @@ class Param:
     def as_dict(self) -> dict[str, Any]:
         """Machine-readable description (name, type, default, range, help...)."""
         return {
-            "name": self.name, "type": self.type, "default": self.default, "low": self.low,
-            "high": self.high, "choices": self.choices, "range": self.range_text(),
-            "nullable": self.nullable, "required": self.required, "help": self.help,
-            "low_exclusive": self.low_exclusive, "high_exclusive": self.high_exclusive,
-            "allow_inf": self.allow_inf, "nonzero": self.nonzero,
-        }  # fmt: skip
+            "name": self.name,
+            "type": self.type,
+            "default": self.default,
+            "low": self.low,
+            "high": self.high,
+            "choices": self.choices,
+            "range": self.range_text(),
+            "nullable": self.nullable,
+            "required": self.required,
+            "help": self.help,
+            "low_exclusive": self.low_exclusive,
+            "high_exclusive": self.high_exclusive,
+            "allow_inf": self.allow_inf,
+            "nonzero": self.nonzero,
+        }
 
     def __post_init__(self) -> None:
         if self.type not in _PARAM_TYPES:
@@ -126,5 +135,3 @@ class Param:
 
 def fmt_value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-

@@ -58,6 +58,7 @@ __all__ = [
     "register_perturbation",
 ]
 
+
 class Perturbation:
     """Base class: a deterministic map from a batch of images to a perturbed batch.
 

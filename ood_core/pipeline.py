@@ -70,8 +70,13 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str], source: str | None = None) -> None:
         self.problems = list(problems)
         self.source = source
-        body = self.problems[0] if len(self.problems) == 1 else (
-            f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
+        body = (
+            self.problems[0]
+            if len(self.problems) == 1
+            else (
+                f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+            )
+        )
         super().__init__(f"{source}: {body}" if source else body)
 
 
@@ -92,7 +97,11 @@ class ScoreSpec:
         return tuple(iter_layer_ids(self.layers))
 
     def key(self) -> tuple:
-        return (self.name, tuple(sorted((k, repr(v)) for k, v in self.params.items())), self.layer_ids())
+        return (
+            self.name,
+            tuple(sorted((k, repr(v)) for k, v in self.params.items())),
+            self.layer_ids(),
+        )
 
 
 @dataclass
@@ -111,7 +120,9 @@ class ScenarioSpec:
 
     def __post_init__(self) -> None:
         if (self.kind is None) == (self.dataset is None):
-            raise ValueError("A scenario is either a perturbation (kind=...) or a dataset (dataset=...).")
+            raise ValueError(
+                "A scenario is either a perturbation (kind=...) or a dataset (dataset=...)."
+            )
 
     def describe(self) -> str:
         """The title: ``title`` if set, else one made from the kind and params or from the
@@ -128,8 +139,13 @@ class ScenarioSpec:
         return f"{self.dataset} ({self.split})"
 
     def key(self) -> tuple:
-        return (self.kind, tuple(sorted((k, repr(v)) for k, v in self.params.items())),
-                self.dataset, self.split, self.config)  # fmt: skip
+        return (
+            self.kind,
+            tuple(sorted((k, repr(v)) for k, v in self.params.items())),
+            self.dataset,
+            self.split,
+            self.config,
+        )
 
 
 @dataclass
@@ -169,11 +185,15 @@ class RunConfig:
             "model": {"repo": d["model_repo"], "entry": d["model_entry"]},
             "data": {k: d[k] for k in ("ind_dataset", "calibration_split", "test_split", "seed")},
             "evaluation": {"metrics": d["metrics"], "n_boot": d["n_boot"]},
-            "scores": [{k: v for k, v in s.items() if v not in ({}, [])}
-                       | {"layers": s["layers"], "params": _toml_safe(s["params"])}
-                       for s in d["scores"]],
-            "scenarios": [{k: v for k, v in s.items() if v not in (None, {})} for s in d["scenarios"]],
-        }  # fmt: skip
+            "scores": [
+                {k: v for k, v in s.items() if v not in ({}, [])}
+                | {"layers": s["layers"], "params": _toml_safe(s["params"])}
+                for s in d["scores"]
+            ],
+            "scenarios": [
+                {k: v for k, v in s.items() if v not in (None, {})} for s in d["scenarios"]
+            ],
+        }
         for key in ("n_calibration", "n_test"):
             if d[key] is not None:
                 out["data"][key] = d[key]
@@ -184,8 +204,10 @@ class RunConfig:
         return out
 
     def to_toml(self) -> str:
-        header = ("# ood-lens run configuration: replay with `ood-lens run THIS_FILE --out DIR`.\n"
-                  "# Layer ids are torchinfo's depth-index ('1-11' = depth 1, index 11).\n\n")  # fmt: skip
+        header = (
+            "# ood-lens run configuration: replay with `ood-lens run THIS_FILE --out DIR`.\n"
+            "# Layer ids are torchinfo's depth-index ('1-11' = depth 1, index 11).\n\n"
+        )
         return header + tomli_w.dumps(self.to_dict())
 
     @classmethod
@@ -219,8 +241,10 @@ class RunConfig:
 
 def _toml_safe(params: dict[str, Any]) -> dict[str, Any]:
     """TOML has no null and no tuples: ``None`` -> ``"None"``, tuples -> lists."""
-    return {k: "None" if v is None else (list(v) if isinstance(v, tuple) else v)
-            for k, v in params.items()}  # fmt: skip
+    return {
+        k: "None" if v is None else (list(v) if isinstance(v, tuple) else v)
+        for k, v in params.items()
+    }
 
 
 # ---------------------------------------------------------------------- config validation
@@ -234,16 +258,30 @@ _N_HELP = "a whole number of samples >= 1 (leave the key out to use every sample
 
 
 class _ModelSection(_Section):
-    repo: str = Field("bundled", min_length=1, description=(
-        "a hub reference: 'bundled', a local folder with a hubconf.py, or 'owner/repo[:ref]'"))
+    repo: str = Field(
+        "bundled",
+        min_length=1,
+        description=(
+            "a hub reference: 'bundled', a local folder with a hubconf.py, or 'owner/repo[:ref]'"
+        ),
+    )
     entry: str = Field("tiniest", min_length=1, description="an entry point name, e.g. 'tiniest'")
-    trust_repo: bool = Field(False, description=(
-        "true or false: whether the repository's code may run on this machine (bundled: always)"))
+    trust_repo: bool = Field(
+        False,
+        description=(
+            "true or false: whether the repository's code may run on this machine (bundled: always)"
+        ),
+    )
 
 
 class _DataSection(_Section):
-    ind_dataset: str = Field("fashion_mnist", min_length=1, description=(
-        "a bundled dataset name, a local .parquet/.npz file or image folder, or a Hugging Face id"))
+    ind_dataset: str = Field(
+        "fashion_mnist",
+        min_length=1,
+        description=(
+            "a bundled dataset name, a local .parquet/.npz file or image folder, or a Hugging Face id"
+        ),
+    )
     calibration_split: str = Field("calibration", min_length=1, description="a split name")
     test_split: str = Field("test", min_length=1, description="a split name")
     n_calibration: int | None = Field(None, ge=1, description=_N_HELP)
@@ -253,38 +291,68 @@ class _DataSection(_Section):
 
 class _EvaluationSection(_Section):
     metrics: list[str] = Field(
-        default_factory=lambda: [repr(m) for m in DEFAULT_METRICS], min_length=1,
-        description='a non-empty list of metrics, e.g. ["AUC()", "TPR(max_fpr=0.05)"]')  # fmt: skip
-    baseline: int | str | None = Field(None, description=(
-        "the index (from 0) or the name of one of the [[scores]]"))
-    n_boot: int = Field(0, ge=0, le=MAX_N_BOOT, description=(
-        f"a whole number of bootstrap resamples in [0, {MAX_N_BOOT}] (0: no intervals)"))
-    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE, description=(
-        f"a whole number of images per batch in [1, {MAX_BATCH_SIZE}] (leave it out: automatic)"))
+        default_factory=lambda: [repr(m) for m in DEFAULT_METRICS],
+        min_length=1,
+        description='a non-empty list of metrics, e.g. ["AUC()", "TPR(max_fpr=0.05)"]',
+    )
+    baseline: int | str | None = Field(
+        None, description=("the index (from 0) or the name of one of the [[scores]]")
+    )
+    n_boot: int = Field(
+        0,
+        ge=0,
+        le=MAX_N_BOOT,
+        description=(
+            f"a whole number of bootstrap resamples in [0, {MAX_N_BOOT}] (0: no intervals)"
+        ),
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_BATCH_SIZE,
+        description=(
+            f"a whole number of images per batch in [1, {MAX_BATCH_SIZE}] (leave it out: automatic)"
+        ),
+    )
 
 
 class _ScoreEntry(_Section):
     name: str = Field(min_length=1, description="a registered score name (`ood-lens scores`)")
-    params: dict[str, Any] = Field(default_factory=dict, description=(
-        "a table of the score's parameters (`ood-lens scores` lists them)"))
-    layers: list[str | list[int]] = Field(default_factory=list, description=(
-        'a list of layer ids like ["1-11"] (`ood-lens layers` lists them)'))
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description=("a table of the score's parameters (`ood-lens scores` lists them)"),
+    )
+    layers: list[str | list[int]] = Field(
+        default_factory=list,
+        description=('a list of layer ids like ["1-11"] (`ood-lens layers` lists them)'),
+    )
 
 
 class _ScenarioEntry(_Section):
     kind: str | None = Field(None, min_length=1, description="a perturbation kind, e.g. 'darker'")
-    params: dict[str, Any] = Field(default_factory=dict, description=(
-        "a table of the perturbation's parameters"))
-    dataset: str | None = Field(None, min_length=1, description=(
-        "a bundled dataset name, a local file or folder, or a Hugging Face id"))
+    params: dict[str, Any] = Field(
+        default_factory=dict, description=("a table of the perturbation's parameters")
+    )
+    dataset: str | None = Field(
+        None,
+        min_length=1,
+        description=("a bundled dataset name, a local file or folder, or a Hugging Face id"),
+    )
     split: str = Field("test", min_length=1, description="a split name")
     config: str | None = Field(None, min_length=1, description="a Hugging Face dataset config name")
-    title: str | None = Field(None, min_length=1, max_length=200, description=(
-        "a non-empty label of at most 200 characters"))
+    title: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description=("a non-empty label of at most 200 characters"),
+    )
 
 
 _SECTIONS: dict[str, type[_Section]] = {
-    "model": _ModelSection, "data": _DataSection, "evaluation": _EvaluationSection}
+    "model": _ModelSection,
+    "data": _DataSection,
+    "evaluation": _EvaluationSection,
+}
 _ENTRIES: dict[str, type[_Section]] = {"scores": _ScoreEntry, "scenarios": _ScenarioEntry}
 
 
@@ -304,8 +372,14 @@ def _show(value: Any, limit: int = 80) -> str:
 
 
 def _kind(value: Any) -> str:
-    for types, name in ((bool, "a boolean"), (int, "an integer"), (float, "a float"),
-                        (str, "a string"), (list | tuple, "a list"), (dict, "a table")):  # fmt: skip
+    for types, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list | tuple, "a list"),
+        (dict, "a table"),
+    ):
         if isinstance(value, types):
             return name
     return f"a {type(value).__name__}"
@@ -329,8 +403,10 @@ def _explain(exc: ValidationError, where: str, model: type[_Section]) -> list[st
         key = str(loc[0]) if loc else ""
         path = key + "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))
         if err["type"] == "extra_forbidden":
-            msg = (f"{where} {key}: unknown key{_suggest(key, fields)}; "
-                   f"known keys: {', '.join(fields)}")  # fmt: skip
+            msg = (
+                f"{where} {key}: unknown key{_suggest(key, fields)}; "
+                f"known keys: {', '.join(fields)}"
+            )
         elif err["type"] == "missing":
             msg = f"{where}: missing key '{key}': expected {fields[key].description}"
         elif key in fields:
@@ -352,8 +428,10 @@ def _layer_problems(where: str, layers: list[Any]) -> tuple[list[LayerId], list[
                 raise ValueError
             ids.append(lid)
         except ValueError:
-            problems.append(f"{where} layers[{j}] = {_show(layer)}: expected a layer id "
-                            '"depth-index" like "1-11" (`ood-lens layers` lists them)')  # fmt: skip
+            problems.append(
+                f"{where} layers[{j}] = {_show(layer)}: expected a layer id "
+                '"depth-index" like "1-11" (`ood-lens layers` lists them)'
+            )
     return ids, problems
 
 
@@ -364,12 +442,17 @@ def _score_problems(where: str, spec: ScoreSpec) -> tuple[BaseScore | None, list
     try:
         cls = get_score_class(spec.name)
     except ValueError:
-        return None, [f"{where} name = {_show(spec.name)}: unknown score"
-                      f"{_suggest(spec.name, [*SCORES, *ALIASES])}; `ood-lens scores` lists them"]
+        return None, [
+            f"{where} name = {_show(spec.name)}: unknown score"
+            f"{_suggest(spec.name, [*SCORES, *ALIASES])}; `ood-lens scores` lists them"
+        ]
     declared = [p.name for p in cls.all_params()]
-    problems = [f"{where} params.{k}: {cls.__name__} has no parameter {_show(k)}"
-                f"{_suggest(k, declared)}; its parameters: {', '.join(declared)}"
-                for k in spec.params if k not in declared]  # fmt: skip
+    problems = [
+        f"{where} params.{k}: {cls.__name__} has no parameter {_show(k)}"
+        f"{_suggest(k, declared)}; its parameters: {', '.join(declared)}"
+        for k in spec.params
+        if k not in declared
+    ]
     score = None
     if not problems:
         try:
@@ -379,8 +462,10 @@ def _score_problems(where: str, spec: ScoreSpec) -> tuple[BaseScore | None, list
     ids, layer_problems = _layer_problems(where, spec.layers)
     problems += layer_problems
     if score is not None and not layer_problems and ids and cls.layer_rule == "none":
-        problems.append(f"{where} layers = {_show(spec.layers)}: {cls.__name__} reads only the "
-                        "logits and would ignore them; remove layers")  # fmt: skip
+        problems.append(
+            f"{where} layers = {_show(spec.layers)}: {cls.__name__} reads only the "
+            "logits and would ignore them; remove layers"
+        )
     elif score is not None and not layer_problems:
         try:
             score.check_layers(ids)
@@ -395,8 +480,10 @@ def _scenario_problems(where: str, e: _ScenarioEntry) -> tuple[ScenarioSpec | No
 
     if (e.kind is None) == (e.dataset is None):
         both = "not both" if e.kind is not None else "one of them"
-        return None, [f"{where}: give either kind = \"...\" (a perturbation of the InD test "
-                      f"images) or dataset = \"...\" (a dataset of real images), {both}"]
+        return None, [
+            f'{where}: give either kind = "..." (a perturbation of the InD test '
+            f'images) or dataset = "..." (a dataset of real images), {both}'
+        ]
     problems: list[str] = []
     if e.title is not None and not e.title.strip():
         problems.append(f"{where} title = {_show(e.title)}: expected a non-empty label")
@@ -404,33 +491,47 @@ def _scenario_problems(where: str, e: _ScenarioEntry) -> tuple[ScenarioSpec | No
         if e.kind not in PERTURBATIONS:
             return None, problems + [
                 f"{where} kind = {_show(e.kind)}: unknown perturbation{_suggest(e.kind, PERTURBATIONS)}; "
-                f"available: {', '.join(PERTURBATIONS)}"]  # fmt: skip
+                f"available: {', '.join(PERTURBATIONS)}"
+            ]
         declared = [p.name for p in PERTURBATIONS[e.kind].params] + ["seed"]
-        problems += [f"{where} params.{k}: {e.kind} has no parameter {_show(k)}"
-                     f"{_suggest(k, declared)}; its parameters: {', '.join(declared)}"
-                     for k in e.params if k not in declared]  # fmt: skip
+        problems += [
+            f"{where} params.{k}: {e.kind} has no parameter {_show(k)}"
+            f"{_suggest(k, declared)}; its parameters: {', '.join(declared)}"
+            for k in e.params
+            if k not in declared
+        ]
         if not problems:
             try:
                 make_perturbation(e.kind, **e.params)
             except (TypeError, ValueError) as exc:
                 problems.append(f"{where} params: {exc}")
         if e.config is not None:
-            problems.append(f"{where} config = {_show(e.config)}: only datasets have a config; remove it")
+            problems.append(
+                f"{where} config = {_show(e.config)}: only datasets have a config; remove it"
+            )
         if e.split != "test":
-            problems.append(f"{where} split = {_show(e.split)}: a perturbation applies to the InD "
-                            "test images; split is for datasets: remove it")  # fmt: skip
+            problems.append(
+                f"{where} split = {_show(e.split)}: a perturbation applies to the InD "
+                "test images; split is for datasets: remove it"
+            )
     else:
         if e.params:
-            problems.append(f"{where} params = {_show(e.params)}: only perturbations (kind = ...) "
-                            "take parameters; remove them")  # fmt: skip
+            problems.append(
+                f"{where} params = {_show(e.params)}: only perturbations (kind = ...) "
+                "take parameters; remove them"
+            )
         bundled = data_mod.BUNDLED.get(e.dataset or "")
         if bundled is not None:
             if e.split not in bundled["splits"]:
-                problems.append(f"{where} split = {_show(e.split)}: bundled dataset "
-                                f"{_show(e.dataset)} has the split(s) {', '.join(bundled['splits'])}")
+                problems.append(
+                    f"{where} split = {_show(e.split)}: bundled dataset "
+                    f"{_show(e.dataset)} has the split(s) {', '.join(bundled['splits'])}"
+                )
             if e.config is not None:
-                problems.append(f"{where} config = {_show(e.config)}: bundled dataset "
-                                f"{_show(e.dataset)} has no configs; remove it")  # fmt: skip
+                problems.append(
+                    f"{where} config = {_show(e.config)}: bundled dataset "
+                    f"{_show(e.dataset)} has no configs; remove it"
+                )
     if problems:
         return None, problems
     return ScenarioSpec(**e.model_dump()), []
@@ -445,13 +546,17 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
     unknown = [k for k in d if k not in known]
     if unknown:
         hints = "".join(_suggest(u, known).replace("?)", f" for {_show(u)}?)") for u in unknown)
-        problems.append(f"Unknown section(s) {unknown} in the config{hints}; expected {sorted(known)}")
+        problems.append(
+            f"Unknown section(s) {unknown} in the config{hints}; expected {sorted(known)}"
+        )
     sections: dict[str, Any] = {}
     for name, model in _SECTIONS.items():
         raw = d.get(name, {})
         if not isinstance(raw, dict):
-            problems.append(f"[{name}] must be a table ([{name}] followed by key = value lines), "
-                            f"got {_show(raw)} ({_kind(raw)})")  # fmt: skip
+            problems.append(
+                f"[{name}] must be a table ([{name}] followed by key = value lines), "
+                f"got {_show(raw)} ({_kind(raw)})"
+            )
             continue
         try:
             sections[name] = model.model_validate(raw)
@@ -461,14 +566,24 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
     for name, model in _ENTRIES.items():
         raw = d.get(name, [])
         if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
-            problems.append(f"{name} must be an array of tables ([[{name}]] entries), "
-                            f"got {_show(raw)} ({_kind(raw)})")  # fmt: skip
+            problems.append(
+                f"{name} must be an array of tables ([[{name}]] entries), "
+                f"got {_show(raw)} ({_kind(raw)})"
+            )
             entries[name] = None
             continue
         entries[name] = []
         for i, e in enumerate(raw):
-            label = e.get("name") if name == "scores" else (e.get("title") or e.get("kind") or e.get("dataset"))
-            label = (label if len(label) <= 40 else label[:37] + "...") if isinstance(label, str) else None
+            label = (
+                e.get("name")
+                if name == "scores"
+                else (e.get("title") or e.get("kind") or e.get("dataset"))
+            )
+            label = (
+                (label if len(label) <= 40 else label[:37] + "...")
+                if isinstance(label, str)
+                else None
+            )
             where = f"[[{name}]] #{i + 1}" + (f" ({label})" if label else "")
             try:
                 entries[name].append((where, model.model_validate(e)))
@@ -491,18 +606,24 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
             scenarios.append((where, spec))
     # whole-config checks
     if entries["scores"] == []:
-        problems.append('[[scores]]: the config lists no scores; add at least one score '
-                        '([[scores]] with name = "Softmax", say)')  # fmt: skip
+        problems.append(
+            "[[scores]]: the config lists no scores; add at least one score "
+            '([[scores]] with name = "Softmax", say)'
+        )
     if entries["scenarios"] == []:
-        problems.append('[[scenarios]]: the config lists no scenarios; add at least one OoD '
-                        'scenario ([[scenarios]] with kind = "vertical_flip" or dataset = "mnist")')
+        problems.append(
+            "[[scenarios]]: the config lists no scenarios; add at least one OoD "
+            'scenario ([[scenarios]] with kind = "vertical_flip" or dataset = "mnist")'
+        )
     first_of: dict[tuple, str] = {}
     for where, spec, score in scores:
         if score is None:
             continue
         if spec.key() in first_of:
-            problems.append(f"{where} repeats {first_of[spec.key()]} (same name, parameters and "
-                            "layers): remove one")  # fmt: skip
+            problems.append(
+                f"{where} repeats {first_of[spec.key()]} (same name, parameters and "
+                "layers): remove one"
+            )
         first_of.setdefault(spec.key(), where)
     titled: dict[str, str] = {}
     for where, spec in scenarios:
@@ -511,19 +632,25 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
         title = spec.describe()
         norm = title.strip().casefold()
         if norm == IND_TITLE.casefold():
-            problems.append(f"{where}: the title {_show(title)} is the in-distribution test set's "
-                            "label; set another title = \"...\"")  # fmt: skip
+            problems.append(
+                f"{where}: the title {_show(title)} is the in-distribution test set's "
+                'label; set another title = "..."'
+            )
         elif norm in titled:
-            problems.append(f"{where} and {titled[norm]} are both titled {_show(title)}: results "
-                            "are reported per title, so give each a distinct title = \"...\"")
+            problems.append(
+                f"{where} and {titled[norm]} are both titled {_show(title)}: results "
+                'are reported per title, so give each a distinct title = "..."'
+            )
         titled.setdefault(norm, where)
     data, ev = sections.get("data"), sections.get("evaluation")
     if data is not None and data.ind_dataset in data_mod.BUNDLED:
         splits = data_mod.BUNDLED[data.ind_dataset]["splits"]
         for key in ("calibration_split", "test_split"):
             if getattr(data, key) not in splits:
-                problems.append(f"[data] {key} = {_show(getattr(data, key))}: bundled dataset "
-                                f"{_show(data.ind_dataset)} has the split(s) {', '.join(splits)}")
+                problems.append(
+                    f"[data] {key} = {_show(getattr(data, key))}: bundled dataset "
+                    f"{_show(data.ind_dataset)} has the split(s) {', '.join(splits)}"
+                )
     baseline = None
     if ev is not None:
         seen: dict[str, int] = {}
@@ -534,8 +661,10 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
                 problems.append(f"[evaluation] metrics[{k}] = {_show(text)}: {exc}")
                 continue
             if norm in seen:
-                problems.append(f"[evaluation] metrics[{k}] = {_show(text)}: already listed as "
-                                f"metrics[{seen[norm]}]; remove one")  # fmt: skip
+                problems.append(
+                    f"[evaluation] metrics[{k}] = {_show(text)}: already listed as "
+                    f"metrics[{seen[norm]}]; remove one"
+                )
             seen.setdefault(norm, k)
         if ev.baseline is not None and entries["scores"] and len(scores) == len(entries["scores"]):
             baseline, problem = _resolve_baseline(ev.baseline, scores)
@@ -545,18 +674,28 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
     data = data or _DataSection()
     ev = ev or _EvaluationSection()
     config = RunConfig(
-        model_repo=model.repo, model_entry=model.entry, trust_repo=model.trust_repo,
+        model_repo=model.repo,
+        model_entry=model.entry,
+        trust_repo=model.trust_repo,
         ind_dataset=data.ind_dataset,
-        calibration_split=data.calibration_split, test_split=data.test_split,
-        n_calibration=data.n_calibration, n_test=data.n_test, seed=data.seed,
-        scores=[spec for _, spec, _ in scores], scenarios=[s for _, s in scenarios if s is not None],
-        metrics=list(ev.metrics), baseline=baseline, n_boot=ev.n_boot, batch_size=ev.batch_size,
-    )  # fmt: skip
+        calibration_split=data.calibration_split,
+        test_split=data.test_split,
+        n_calibration=data.n_calibration,
+        n_test=data.n_test,
+        seed=data.seed,
+        scores=[spec for _, spec, _ in scores],
+        scenarios=[s for _, s in scenarios if s is not None],
+        metrics=list(ev.metrics),
+        baseline=baseline,
+        n_boot=ev.n_boot,
+        batch_size=ev.batch_size,
+    )
     return config, problems
 
 
-def _resolve_baseline(value: int | str, scores: list[tuple[str, ScoreSpec, BaseScore | None]]
-                      ) -> tuple[int | None, str | None]:  # fmt: skip
+def _resolve_baseline(
+    value: int | str, scores: list[tuple[str, ScoreSpec, BaseScore | None]]
+) -> tuple[int | None, str | None]:
     """The baseline's index: ``value`` is an index or a score name (registry name, or its label
     with or without layers, e.g. ``"KNN(k=15)"``); the first match wins."""
     n = len(scores)
@@ -575,7 +714,10 @@ def _resolve_baseline(value: int | str, scores: list[tuple[str, ScoreSpec, BaseS
         if value in candidates:
             return i, None
         names += candidates
-    return None, f"[evaluation] baseline = {_show(value)}: no such score{_suggest(value, names)}; {expected}"
+    return (
+        None,
+        f"[evaluation] baseline = {_show(value)}: no such score{_suggest(value, names)}; {expected}",
+    )
 
 
 def example_config() -> RunConfig:
@@ -617,7 +759,9 @@ class RunCache:
             self.models[key] = hub.load_model(repo, entry, trust_repo=trust_repo)
         return self.models[key]
 
-    def dataset(self, source: str, split: str, n: int | None, seed: int, config: str | None = None) -> data_mod.ImageDataset:
+    def dataset(
+        self, source: str, split: str, n: int | None, seed: int, config: str | None = None
+    ) -> data_mod.ImageDataset:
         key = (source, split, n, seed, config)
         if key not in self.datasets:
             full_key = (source, split, None, 0, config)
@@ -652,15 +796,28 @@ class RunResult:
     """What the run adjusted, e.g. a sample size above the data's, lowered to it."""
 
     def confidences_frame(self) -> pd.DataFrame:
-        return confidences_frame(self.confs_ind, self.confs_oods, score_names=self.score_names,
-                                 oods_title=self.ood_titles)  # fmt: skip
+        return confidences_frame(
+            self.confs_ind,
+            self.confs_oods,
+            score_names=self.score_names,
+            oods_title=self.ood_titles,
+        )
 
 
 def _data_key(cfg: RunConfig) -> tuple:
-    return (cfg.ind_dataset, cfg.calibration_split, cfg.test_split, cfg.n_calibration, cfg.n_test, cfg.seed)
+    return (
+        cfg.ind_dataset,
+        cfg.calibration_split,
+        cfg.test_split,
+        cfg.n_calibration,
+        cfg.n_test,
+        cfg.seed,
+    )
 
 
-def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgress | None = None) -> RunResult:
+def run(
+    config: RunConfig, cache: RunCache | None = None, progress: StageProgress | None = None
+) -> RunResult:
     """Load, fit, score and evaluate as ``config`` says (see the module docstring).
 
     ``config`` is validated first (:meth:`RunConfig.validate`, :class:`ConfigError`). Sample sizes
@@ -675,24 +832,32 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
     say("Loading model and data", 0.0)
     net = cache.model(config.model_repo, config.model_entry, config.trust_repo)
     n_cal, n_test = config.n_calibration, config.n_test
-    if config.calibration_split == config.test_split or data_mod.is_single_source(config.ind_dataset):
+    if config.calibration_split == config.test_split or data_mod.is_single_source(
+        config.ind_dataset
+    ):
         # one pool of samples: calibration and test subsets are drawn disjointly
         full = cache.dataset(config.ind_dataset, config.test_split, None, 0)
         calib, ind = full.split_disjoint(config.n_calibration, config.n_test, config.seed)
     else:
-        calib = cache.dataset(config.ind_dataset, config.calibration_split, config.n_calibration,
-                              config.seed)  # fmt: skip
+        calib = cache.dataset(
+            config.ind_dataset, config.calibration_split, config.n_calibration, config.seed
+        )
         ind = cache.dataset(config.ind_dataset, config.test_split, config.n_test, config.seed + 1)
-        for key, n, got, split in (("n_calibration", n_cal, calib, config.calibration_split),
-                                   ("n_test", n_test, ind, config.test_split)):  # fmt: skip
+        for key, n, got, split in (
+            ("n_calibration", n_cal, calib, config.calibration_split),
+            ("n_test", n_test, ind, config.test_split),
+        ):
             if n is not None and n > len(got):
-                notes.append(f"[data] {key} = {n} is more than the {len(got)} samples of "
-                             f"{config.ind_dataset!r} split {split!r}: used all {len(got)} (the "
-                             f"exported config.toml records {key} = {len(got)})")  # fmt: skip
+                notes.append(
+                    f"[data] {key} = {n} is more than the {len(got)} samples of "
+                    f"{config.ind_dataset!r} split {split!r}: used all {len(got)} (the "
+                    f"exported config.toml records {key} = {len(got)})"
+                )
         n_cal = len(calib) if n_cal is not None else None
         n_test = len(ind) if n_test is not None else None
-    hub.check_compatible(net, calib.sample_shape, len(calib.class_names),
-                         name=f"Model '{config.model_entry}'")  # fmt: skip
+    hub.check_compatible(
+        net, calib.sample_shape, len(calib.class_names), name=f"Model '{config.model_entry}'"
+    )
     oods, titles = [], []
     for j, sc in enumerate(config.scenarios):
         if sc.kind is not None:
@@ -702,16 +867,21 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
             # (which records it) draws the same OoD samples
             ds = cache.dataset(sc.dataset, sc.split, n_test, config.seed + 2, sc.config)
             if ds.sample_shape != ind.sample_shape:
-                raise ValueError(f"OoD dataset '{sc.describe()}' has images of shape {ds.sample_shape} "
-                                 f"but the InD data has {ind.sample_shape}; pick a compatible set.")  # fmt: skip
+                raise ValueError(
+                    f"OoD dataset '{sc.describe()}' has images of shape {ds.sample_shape} "
+                    f"but the InD data has {ind.sample_shape}; pick a compatible set."
+                )
             if n_test is not None and n_test > len(ds):
-                notes.append(f"[[scenarios]] #{j + 1} ({sc.describe()}): n_test = {n_test} is "
-                             f"more than its {len(ds)} samples: used all {len(ds)}")  # fmt: skip
+                notes.append(
+                    f"[[scenarios]] #{j + 1} ({sc.describe()}): n_test = {n_test} is "
+                    f"more than its {len(ds)} samples: used all {len(ds)}"
+                )
             oods.append(ds.images)
         titles.append(sc.describe())
     model_key = (config.model_repo, config.model_entry)
-    evaluation = Evaluation.for_net(net, calib.images[:1], cache=cache.activations,
-                                    model_key=model_key)  # fmt: skip
+    evaluation = Evaluation.for_net(
+        net, calib.images[:1], cache=cache.activations, model_key=model_key
+    )
     base_key = (model_key, _data_key(config))
     pairs: list[tuple[BaseScore, tuple[LayerId, ...]]] = []
     todo_fit: list[BaseScore] = []
@@ -726,78 +896,138 @@ def run(config: RunConfig, cache: RunCache | None = None, progress: StageProgres
         pairs.append((score, score.layers))
     timings = []
     if todo_fit:
+
         def fit_progress(done: int, total: int) -> None:
             say(f"Extracting + fitting {len(todo_fit)} score(s) on calibration data", done / total)
 
         try:
-            evaluation.fit(todo_fit, calib.images, calib.labels, batch_size=config.batch_size,
-                           progress=fit_progress, data_key=(_data_key(config), "__calibration__"))  # fmt: skip
+            evaluation.fit(
+                todo_fit,
+                calib.images,
+                calib.labels,
+                batch_size=config.batch_size,
+                progress=fit_progress,
+                data_key=(_data_key(config), "__calibration__"),
+            )
         except Exception:
             for spec in config.scores:
                 cache.fitted.pop((base_key, spec.key()), None)
             raise
         for s in todo_fit:
-            timings.append({"score": repr(s), "operation": "calibration", "seconds": s.timer.entries[-1][2]})
+            timings.append(
+                {"score": repr(s), "operation": "calibration", "seconds": s.timer.entries[-1][2]}
+            )
     # results are keyed by position (scenario identity), never by title
     datasets = [(IND_TITLE, ("__ind__",), ind.images)] + [
         (t, sc.key(), x) for t, sc, x in zip(titles, config.scenarios, oods, strict=True)
     ]
     confs: list[np.ndarray] = []
     for title, dkey, x in datasets:
-        missing = [(i, s) for i, (s, _) in enumerate(pairs)
-                   if (base_key, config.scores[i].key(), dkey) not in cache.confidences]  # fmt: skip
+        missing = [
+            (i, s)
+            for i, (s, _) in enumerate(pairs)
+            if (base_key, config.scores[i].key(), dkey) not in cache.confidences
+        ]
         if missing:
+
             def score_progress(done: int, total: int, title: str = title) -> None:
                 say(f"Scoring {title}", done / total)
 
             with collect() as messages:
-                per = evaluation.confidences([s for _, s in missing], x, batch_size=config.batch_size,
-                                             progress=score_progress, dataset=title,
-                                             data_key=(_data_key(config), dkey))  # fmt: skip
+                per = evaluation.confidences(
+                    [s for _, s in missing],
+                    x,
+                    batch_size=config.batch_size,
+                    progress=score_progress,
+                    dataset=title,
+                    data_key=(_data_key(config), dkey),
+                )
             if dkey == ("__ind__",):
                 cache.confidences[(base_key, "predictions")] = per[0][0].argmax(1).cpu().numpy()
             for (i, s), (logits, conf) in zip(missing, per, strict=True):
                 cache.confidences[(base_key, config.scores[i].key(), dkey)] = (
-                    predicted_confidence(logits, conf).double().cpu().numpy())
+                    predicted_confidence(logits, conf).double().cpu().numpy()
+                )
                 cache.warnings[(base_key, config.scores[i].key(), dkey)] = about(s, messages)
-                timings.append({"score": repr(s), "operation": f"inference: {title}",
-                                "seconds": s.timer.entries[-1][2]})  # fmt: skip
-        confs.append(np.stack([cache.confidences[(base_key, config.scores[i].key(), dkey)]
-                               for i in range(len(pairs))]))  # fmt: skip
+                timings.append(
+                    {
+                        "score": repr(s),
+                        "operation": f"inference: {title}",
+                        "seconds": s.timer.entries[-1][2],
+                    }
+                )
+        confs.append(
+            np.stack(
+                [
+                    cache.confidences[(base_key, config.scores[i].key(), dkey)]
+                    for i in range(len(pairs))
+                ]
+            )
+        )
     say("Computing metrics", 0.95)
     names = [score_label(s, layers, multiline=False) for s, layers in pairs]
     confs_ind, confs_oods = confs[0], confs[1:]
     evals = compute_metrics(confs_ind, confs_oods, metrics, score_names=names)
-    frame = results_frame(evals, scores_and_layers=pairs, oods_title=titles, metrics=metrics,
-                          confs_ind=confs_ind, confs_oods=confs_oods, n_boot=config.n_boot,
-                          seed=config.seed)  # fmt: skip
+    frame = results_frame(
+        evals,
+        scores_and_layers=pairs,
+        oods_title=titles,
+        metrics=metrics,
+        confs_ind=confs_ind,
+        confs_oods=confs_oods,
+        n_boot=config.n_boot,
+        seed=config.seed,
+    )
     warned = [m for s, _ in pairs for m in s.fit_warnings] + [
-        m for dkey in (d for _, d, _ in datasets) for spec in config.scores
-        for m in cache.warnings.get((base_key, spec.key(), dkey), [])]  # fmt: skip
+        m
+        for dkey in (d for _, d, _ in datasets)
+        for spec in config.scores
+        for m in cache.warnings.get((base_key, spec.key(), dkey), [])
+    ]
     pred = cache.confidences[(base_key, "predictions")]
     acc = float((pred == ind.labels.numpy()).mean())
     say("Done", 1.0)
     used = dataclasses.replace(config, n_calibration=n_cal, n_test=n_test)
     return RunResult(
-        config=used, scores_and_layers=pairs, score_names=names, ood_titles=titles,
-        confs_ind=confs_ind, confs_oods=confs_oods, metrics=metrics, evals=evals, frame=frame,
-        timings=pd.DataFrame(timings, columns=["score", "operation", "seconds"]), ind=ind,
-        ood_images=oods, ind_predictions=pred, accuracy=acc, seconds=time.perf_counter() - t0,
-        warnings=list(dict.fromkeys(warned)), notes=notes,
-    )  # fmt: skip
-
+        config=used,
+        scores_and_layers=pairs,
+        score_names=names,
+        ood_titles=titles,
+        confs_ind=confs_ind,
+        confs_oods=confs_oods,
+        metrics=metrics,
+        evals=evals,
+        frame=frame,
+        timings=pd.DataFrame(timings, columns=["score", "operation", "seconds"]),
+        ind=ind,
+        ood_images=oods,
+        ind_predictions=pred,
+        accuracy=acc,
+        seconds=time.perf_counter() - t0,
+        warnings=list(dict.fromkeys(warned)),
+        notes=notes,
+    )
 
 
 def result_figures(result: RunResult) -> list[tuple[str, Any]]:
     """The report's figures: summary grid, one histogram per score, one ROC per scenario."""
     from ood_core import plots
 
-    figs = [("Summary", plots.summary_plot(result.confs_ind, result.confs_oods,
-                                           scores_and_layers=result.scores_and_layers,
-                                           oods_title=result.ood_titles))]  # fmt: skip
+    figs = [
+        (
+            "Summary",
+            plots.summary_plot(
+                result.confs_ind,
+                result.confs_oods,
+                scores_and_layers=result.scores_and_layers,
+                oods_title=result.ood_titles,
+            ),
+        )
+    ]
     for i, name in enumerate(result.score_names):
         series = {"InD": result.confs_ind[i]} | {
-            t: c[i] for t, c in zip(result.ood_titles, result.confs_oods, strict=True)}
+            t: c[i] for t, c in zip(result.ood_titles, result.confs_oods, strict=True)
+        }
         figs.append((f"Confidences: {name}", plots.histogram_figure(series, title=name)))
     for t, c in zip(result.ood_titles, result.confs_oods, strict=True):
         curves = {n: (result.confs_ind[i], c[i]) for i, n in enumerate(result.score_names)}
@@ -807,9 +1037,9 @@ def result_figures(result: RunResult) -> list[tuple[str, Any]]:
 
 def metrics_wide(result: RunResult) -> pd.DataFrame:
     """Wide metric table: a row per score, a column per (OoD set, metric)."""
-    wide = result.frame.assign(score=result.frame["score"] + result.frame["layers"].map(
-        lambda s: f" @ {s}" if s else "")).pivot_table(index="score", columns=["ood", "metric"],
-                                                       values="value", sort=False)  # fmt: skip
+    wide = result.frame.assign(
+        score=result.frame["score"] + result.frame["layers"].map(lambda s: f" @ {s}" if s else "")
+    ).pivot_table(index="score", columns=["ood", "metric"], values="value", sort=False)
     wide.columns = [f"{o} | {m}" for o, m in wide.columns]
     return wide.reset_index()
 
@@ -833,9 +1063,11 @@ def export(
 
     t0 = time.perf_counter()
     cfg = result.config
-    notes = (f"Model {cfg.model_entry} from {cfg.model_repo}; InD {cfg.ind_dataset} "
-             f"({len(result.ind)} test samples, accuracy {result.accuracy:.2%}); "
-             f"run time {result.seconds:.1f} s.")  # fmt: skip
+    notes = (
+        f"Model {cfg.model_entry} from {cfg.model_repo}; InD {cfg.ind_dataset} "
+        f"({len(result.ind)} test samples, accuracy {result.accuracy:.2%}); "
+        f"run time {result.seconds:.1f} s."
+    )
     tables = [("Metrics", metrics_wide(result)), ("All values", result.frame)]
     if result.notes:
         tables.insert(0, ("Notes", pd.DataFrame({"note": result.notes})))
@@ -845,17 +1077,30 @@ def export(
     config_toml = cfg.to_toml()
     source = Path(config_path).read_bytes() if config_path is not None else config_toml.encode()
     run_info = {
-        "ood_lens_version": __version__, "torch_version": torch.__version__,
+        "ood_lens_version": __version__,
+        "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "config_source": str(config_path) if config_path is not None else None,
         "config_sha256": hashlib.sha256(source).hexdigest(),
-        "timings": {"run_seconds": round(result.seconds, 3),
-                    "export_seconds": round(time.perf_counter() - t0, 3),
-                    "operations": result.timings.to_dict("records")},
-        "accuracy": result.accuracy, "n_calibration": cfg.n_calibration, "n_test": len(result.ind),
-        "warnings": result.warnings, "notes": result.notes,
-    }  # fmt: skip
+        "timings": {
+            "run_seconds": round(result.seconds, 3),
+            "export_seconds": round(time.perf_counter() - t0, 3),
+            "operations": result.timings.to_dict("records"),
+        },
+        "accuracy": result.accuracy,
+        "n_calibration": cfg.n_calibration,
+        "n_test": len(result.ind),
+        "warnings": result.warnings,
+        "notes": result.notes,
+    }
     protect = [config_path] if config_path is not None else []
-    return write_bundle(out_dir, metrics_frame=result.frame, confidences=result.confidences_frame(),
-                        report_html=page, config_toml=config_toml, run_info=run_info, force=force,
-                        protect=protect)  # fmt: skip
+    return write_bundle(
+        out_dir,
+        metrics_frame=result.frame,
+        confidences=result.confidences_frame(),
+        report_html=page,
+        config_toml=config_toml,
+        run_info=run_info,
+        force=force,
+        protect=protect,
+    )

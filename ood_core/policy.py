@@ -93,8 +93,10 @@ def _parse_roots(text: str) -> tuple[str, ...]:
             continue
         root = Path(part).expanduser().resolve()
         if not root.is_dir():
-            raise ValueError(f"{ROOTS_ENV}: '{part}' is not an existing folder; list existing "
-                             f"folders separated by '{os.pathsep}'.")  # fmt: skip
+            raise ValueError(
+                f"{ROOTS_ENV}: '{part}' is not an existing folder; list existing "
+                f"folders separated by '{os.pathsep}'."
+            )
         roots.append(str(root))
     return tuple(roots)
 
@@ -108,24 +110,27 @@ class SourcePolicy:
     data_roots: tuple[str, ...] = ()
 
     @classmethod
-    def from_env(cls, server_address: str | None,
-                 environ: Mapping[str, str] | None = None) -> SourcePolicy:  # fmt: skip
+    def from_env(
+        cls, server_address: str | None, environ: Mapping[str, str] | None = None
+    ) -> SourcePolicy:
         """The policy for a server bound to ``server_address``, from ``OOD_LENS_ALLOW`` and
         ``OOD_LENS_DATA_ROOTS`` (``ValueError`` naming the variable when they are malformed)."""
         env = os.environ if environ is None else environ
         if is_loopback(server_address):
             return cls()
-        return cls(True, _parse_allow(env.get(ALLOW_ENV, "")),
-                   _parse_roots(env.get(ROOTS_ENV, "")))  # fmt: skip
+        return cls(True, _parse_allow(env.get(ALLOW_ENV, "")), _parse_roots(env.get(ROOTS_ENV, "")))
 
     def refusal(self, kind: str) -> str | None:
         """Why source ``kind`` (a key of ``SOURCE_KINDS``) is off, or None when it is on."""
         if not self.served_on_network or kind in self.allow:
             return None
-        return (f"The dashboard is served on a network, so {SOURCE_KINDS[kind]} are off (they "
-                "run code or read files on the server). The server's operator can enable them "
-                f"with {ALLOW_ENV}={kind}" + ("" if kind == "github" else f" and {ROOTS_ENV}")
-                + "; see the README's Safety section.")  # fmt: skip
+        return (
+            f"The dashboard is served on a network, so {SOURCE_KINDS[kind]} are off (they "
+            "run code or read files on the server). The server's operator can enable them "
+            f"with {ALLOW_ENV}={kind}"
+            + ("" if kind == "github" else f" and {ROOTS_ENV}")
+            + "; see the README's Safety section."
+        )
 
     def load_roots(self) -> tuple[str, ...] | None:
         """Roots that local paths must lie under, or None when paths are not confined."""
@@ -171,6 +176,16 @@ class SourcePolicy:
         if not self.served_on_network:
             return None
         on = [SOURCE_KINDS[k] for k in SOURCE_KINDS if k in self.allow]
-        roots = f"; local paths must lie under {', '.join(self.data_roots)}" if self.data_roots else ""
-        return ("Served on a network: " + ("enabled: " + ", ".join(on) if on else
-                "only bundled models, bundled data and Hugging Face datasets") + roots + ".")
+        roots = (
+            f"; local paths must lie under {', '.join(self.data_roots)}" if self.data_roots else ""
+        )
+        return (
+            "Served on a network: "
+            + (
+                "enabled: " + ", ".join(on)
+                if on
+                else "only bundled models, bundled data and Hugging Face datasets"
+            )
+            + roots
+            + "."
+        )

@@ -150,10 +150,14 @@ class Recorder(nn.Module):
         lid = self.check_layer(layer)
         li = self._infos[lid]
         return LayerInfo(
-            id=lid, name=self._names[lid], module=li.module, type=li.class_name,
-            input_size=tuple(li.input_size or ()), output_size=tuple(li.output_size or ()),
+            id=lid,
+            name=self._names[lid],
+            module=li.module,
+            type=li.class_name,
+            input_size=tuple(li.input_size or ()),
+            output_size=tuple(li.output_size or ()),
             n_calls=len(self._ids_of_module[id(li.module)]),
-        )  # fmt: skip
+        )
 
     def head(self) -> LayerId | None:
         """The classifier head: the last ``nn.Linear`` (below the network itself) whose output has
@@ -218,11 +222,15 @@ class Recorder(nn.Module):
         if head:
             depth = head[-1][0]
             skip = (nn.Flatten, nn.Dropout, nn.Identity)
-            before = [lid for lid in ids[: ids.index(head[-1])]
-                      if lid[0] == depth and not isinstance(self._infos[lid].module, skip)]  # fmt: skip
+            before = [
+                lid
+                for lid in ids[: ids.index(head[-1])]
+                if lid[0] == depth and not isinstance(self._infos[lid].module, skip)
+            ]
             picks["penultimate"] = before[-1:]
-        picks["blocks"] = [lid for lid in ids if lid[0] == 1
-                           and len(list(self._infos[lid].module.children())) >= 2]  # fmt: skip
+        picks["blocks"] = [
+            lid for lid in ids if lid[0] == 1 and len(list(self._infos[lid].module.children())) >= 2
+        ]
         return picks
 
     # ------------------------------------------------------------------ recording

@@ -21,8 +21,10 @@ class Registry(dict):
         if not isinstance(name, str) or not name:
             raise ValueError(f"cannot register {cls.__name__} as a {self.kind}: empty name")
         if self.get(name, cls) is not cls:
-            raise ValueError(f"cannot register {cls.__name__}: the {self.kind} name {name!r} is "
-                             f"taken by {self[name].__module__}.{self[name].__name__}")  # fmt: skip
+            raise ValueError(
+                f"cannot register {cls.__name__}: the {self.kind} name {name!r} is "
+                f"taken by {self[name].__module__}.{self[name].__name__}"
+            )
         self[name] = cls
         return cls
 

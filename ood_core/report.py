@@ -27,7 +27,9 @@ def score_label(score: Any, layers: Sequence[Any], multiline: bool = True) -> st
     """``'KNN(k=15)'`` plus its layers: ``'\\n↳ (1, 11)'`` (or ``' @ (1, 11)'`` on one line)."""
     if not layers:
         return repr(score)
-    return f"{score!r}\n↳ {layers_text(layers)}" if multiline else f"{score!r} @ {layers_text(layers)}"
+    return (
+        f"{score!r}\n↳ {layers_text(layers)}" if multiline else f"{score!r} @ {layers_text(layers)}"
+    )
 
 
 def summary_table(
@@ -49,8 +51,9 @@ def summary_table(
     table = Table(
         title=f"Evaluation of {n_scores} scores against {n_oods} OoD sets and {n_metrics} metrics:\n"
         + " / ".join(repr(m) for m in metrics),
-        box=box.HEAVY_HEAD, show_lines=True,
-    )  # fmt: skip
+        box=box.HEAVY_HEAD,
+        show_lines=True,
+    )
     table.add_column("Scores\n↳ Recorded layers")
     for j, t in enumerate(titles):
         table.add_column(f"OoD {j + 1}:\n{t}", justify="center")
@@ -90,33 +93,63 @@ def results_frame(
     """Tidy table: one row per (score, layers, OoD set, metric) with ``value`` and, when
     ``n_boot > 0`` and confidences are given, percentile-bootstrap ``ci_low`` / ``ci_high``."""
     evals = np.asarray(evals)
-    titles = list(oods_title) if oods_title is not None else [f"OoD {j + 1}" for j in range(evals.shape[1])]
+    titles = (
+        list(oods_title)
+        if oods_title is not None
+        else [f"OoD {j + 1}" for j in range(evals.shape[1])]
+    )
     rows = []
     for i, (score, layers) in enumerate(scores_and_layers):
         for j, title in enumerate(titles):
             for k, metric in enumerate(metrics):
                 lo = hi = np.nan
                 if n_boot > 0 and confs_ind is not None and confs_oods is not None:
-                    res = bootstrap(metric, np.asarray(confs_ind)[i], np.asarray(confs_oods[j])[i],
-                                    n_boot=n_boot, level=level, seed=seed, name=repr(score))  # fmt: skip
+                    res = bootstrap(
+                        metric,
+                        np.asarray(confs_ind)[i],
+                        np.asarray(confs_oods[j])[i],
+                        n_boot=n_boot,
+                        level=level,
+                        seed=seed,
+                        name=repr(score),
+                    )
                     lo, hi = res.low, res.high
-                rows.append({"score": repr(score), "layers": layers_text(layers), "ood": title,
-                             "metric": repr(metric), "value": float(evals[i, j, k]),
-                             "ci_low": lo, "ci_high": hi})  # fmt: skip
+                rows.append(
+                    {
+                        "score": repr(score),
+                        "layers": layers_text(layers),
+                        "ood": title,
+                        "metric": repr(metric),
+                        "value": float(evals[i, j, k]),
+                        "ci_low": lo,
+                        "ci_high": hi,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
 def confidences_frame(
-    confs_ind: Any, confs_oods: Sequence[Any], *, score_names: Sequence[str],
+    confs_ind: Any,
+    confs_oods: Sequence[Any],
+    *,
+    score_names: Sequence[str],
     oods_title: Sequence[str],
-) -> pd.DataFrame:  # fmt: skip
+) -> pd.DataFrame:
     """Long table of raw confidences: score, dataset ("InD" or an OoD title), sample, confidence."""
     frames = []
     for dataset, confs in [("InD", confs_ind), *zip(oods_title, confs_oods, strict=True)]:
         arr = np.asarray(confs, dtype=np.float64)
         for i, name in enumerate(score_names):
-            frames.append(pd.DataFrame({"score": name, "dataset": dataset,
-                                        "sample": np.arange(arr.shape[1]), "confidence": arr[i]}))  # fmt: skip
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "score": name,
+                        "dataset": dataset,
+                        "sample": np.arange(arr.shape[1]),
+                        "confidence": arr[i],
+                    }
+                )
+            )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -145,8 +178,15 @@ def html_report(
         parts.append(frame.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep=""))
     for k, (name, fig) in enumerate(figures):
         parts.append(f"<h2>{html.escape(name)}</h2>")
-        parts.append(pio.to_html(fig, include_plotlyjs=(k == 0), full_html=False,
-                                 include_mathjax=False, div_id=f"figure-{k}"))  # fmt: skip
+        parts.append(
+            pio.to_html(
+                fig,
+                include_plotlyjs=(k == 0),
+                full_html=False,
+                include_mathjax=False,
+                div_id=f"figure-{k}",
+            )
+        )
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -175,8 +215,11 @@ def write_bundle(
 
     from ood_core.outdir import write_atomic
 
-    names = {"metrics": "metrics.csv", "confidences": "confidences.parquet",
-             "report": "report.html"}  # fmt: skip
+    names = {
+        "metrics": "metrics.csv",
+        "confidences": "confidences.parquet",
+        "report": "report.html",
+    }
     if config_toml is not None:
         names["config"] = "config.toml"
     names["run"] = "run.json"
@@ -195,9 +238,12 @@ def write_bundle(
         yield emit("report.html", report_html.encode("utf-8"))
         if config_toml is not None:
             yield emit("config.toml", config_toml.encode("utf-8"))
-        info = {"status": "complete", **(run_info or {}),
-                "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "files": digests}  # fmt: skip
+        info = {
+            "status": "complete",
+            **(run_info or {}),
+            "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "files": digests,
+        }
         yield "run.json", (json.dumps(info, indent=2, default=str) + "\n").encode("utf-8")
 
     out = write_atomic(out_dir, files(), force=force, protect=protect)

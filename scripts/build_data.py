@@ -36,9 +36,17 @@ SEED = 0
 N_CALIB = 5_000
 N_TEST = 5_000
 FMNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 MNIST_CLASSES = [str(i) for i in range(10)]
 
 

@@ -24,8 +24,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("OOD_LENS_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 VIEWPORT = {"width": 1280, "height": 800}
 
 
@@ -36,17 +42,34 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(n_default: int | None = None, port: int | None = None, timeout: float = 60.0,
-          log_path: Path | None = None) -> Iterator[str]:  # fmt: skip
+def serve(
+    n_default: int | None = None,
+    port: int | None = None,
+    timeout: float = 60.0,
+    log_path: Path | None = None,
+) -> Iterator[str]:
     """Run ``streamlit run app.py`` on a free local port; yield its URL; always stop it."""
     port = port or free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OOD_LENS_QUIET="1")
     if n_default is not None:
         env["OOD_LENS_DEFAULT_N"] = str(n_default)
-    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
-           "--server.port", str(port), "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-           "--server.fileWatcherType", "none"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(ROOT / "app.py"),
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--server.address",
+        "127.0.0.1",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+    ]
     log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -93,10 +116,12 @@ class Dashboard:
         """Wait until the script run triggered by the last action has finished."""
         page = self.page
         with contextlib.suppress(Exception):
-            page.wait_for_selector('[data-testid="stApp"][data-test-script-state="running"]',
-                                   timeout=700)  # fmt: skip
-        page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]',
-                               timeout=timeout)  # fmt: skip
+            page.wait_for_selector(
+                '[data-testid="stApp"][data-test-script-state="running"]', timeout=700
+            )
+        page.wait_for_selector(
+            '[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout
+        )
         page.wait_for_timeout(300)
 
     def open(self) -> None:
@@ -126,8 +151,9 @@ class Dashboard:
         self.page.locator(f'button[aria-label="Remove {label}"]').first.click()
         self.wait_idle()
 
-    def click_table_row(self, row: int, table: int = 0, header: float = 35.0,
-                        row_height: float = 35.0) -> None:  # fmt: skip
+    def click_table_row(
+        self, row: int, table: int = 0, header: float = 35.0, row_height: float = 35.0
+    ) -> None:
         """Tick the row-selection checkbox of ``row`` (0-based) of an st.dataframe (a canvas
         grid): the first column, at the row's height."""
         frame = self.page.locator('[data-testid="stDataFrame"]').nth(table)
@@ -146,8 +172,9 @@ class Dashboard:
         return self.page.locator('[data-testid="stException"]').count()
 
     def errors(self) -> list[str]:
-        return [e.inner_text() for e in
-                self.page.locator('[data-testid="stAlertContentError"]').all()]  # fmt: skip
+        return [
+            e.inner_text() for e in self.page.locator('[data-testid="stAlertContentError"]').all()
+        ]
 
     def screenshot(self, path: Path) -> None:
         """The whole page (the app scrolls inside its main block: grow the viewport to it)."""
@@ -156,8 +183,9 @@ class Dashboard:
             "() => { const m = document.querySelector('[data-testid=\"stMain\"]');"
             " return m ? m.scrollHeight : document.body.scrollHeight; }"
         )
-        page.set_viewport_size({"width": VIEWPORT["width"], "height": max(VIEWPORT["height"],
-                                                                          int(height))})  # fmt: skip
+        page.set_viewport_size(
+            {"width": VIEWPORT["width"], "height": max(VIEWPORT["height"], int(height))}
+        )
         page.wait_for_timeout(800)  # let Plotly relayout
         path.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(path), full_page=True)

@@ -81,8 +81,11 @@ def train(name: str, epochs: int, seed: int = 0, batch_size: int = 128) -> dict:
             opt.step()
             sched.step()
         acc = accuracy(net, xte, yte)
-        print(f"{name} epoch {epoch + 1}/{epochs} loss {loss.item():.3f} test acc {acc:.4f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+        print(
+            f"{name} epoch {epoch + 1}/{epochs} loss {loss.item():.3f} test acc {acc:.4f} "
+            f"({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
     net.eval()
     path = HUB / "weights" / f"{name}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)

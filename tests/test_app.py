@@ -75,9 +75,14 @@ def test_layer_selection_is_seen_on_the_scores_page() -> None:
 
 def _small_run_state() -> dict[str, object]:
     return {
-        "w.n_cal": 200, "w.n_test": 200, "w.scores": ["Softmax", "KNN"], "w.p.KNN.k": 5,
-        "w.L.KNN": ["1-11"], "w.perts": ["vertical_flip"], "w.ood_bundled": ["mnist"],
-    }  # fmt: skip
+        "w.n_cal": 200,
+        "w.n_test": 200,
+        "w.scores": ["Softmax", "KNN"],
+        "w.p.KNN.k": 5,
+        "w.L.KNN": ["1-11"],
+        "w.perts": ["vertical_flip"],
+        "w.ood_bundled": ["mnist"],
+    }
 
 
 def test_run_matches_ood_core_eval_directly() -> None:
@@ -105,8 +110,9 @@ def test_run_matches_ood_core_eval_directly() -> None:
     mnist = load_bundled("mnist", "test").subset(200, 2)
     assert np.array_equal(result.ind.images.numpy(), ind.images.numpy())
     net = load_model("bundled", "tiniest")
-    fitted = fit_scores([(Softmax(), []), (KNN(k=5), [(1, 11)])], net, calib.images,
-                        calib.labels, progress=False)  # fmt: skip
+    fitted = fit_scores(
+        [(Softmax(), []), (KNN(k=5), [(1, 11)])], net, calib.images, calib.labels, progress=False
+    )
     oods = [make_perturbation("vertical_flip")(ind.images), mnist.images]
     confs_ind, confs_oods = compute_confidence(fitted, ind.images, oods, progress=False)
     evals = compute_metrics(confs_ind, confs_oods, list(DEFAULT_METRICS))
@@ -154,8 +160,12 @@ def test_results_tabs_render_with_a_result() -> None:
     assert len(at.get("plotly_chart")) >= 3 + 2  # histograms and ROC curves at least
     assert not [i for i in at.info if "several layer sets" in i.value]  # the sweep's heatmap
     labels = {b.label for b in at.get("download_button")}
-    assert {"Metrics (CSV)", "Confidences (parquet)", "Report (HTML)",
-            "Run config (TOML)"} <= labels  # fmt: skip
+    assert {
+        "Metrics (CSV)",
+        "Confidences (parquet)",
+        "Report (HTML)",
+        "Run config (TOML)",
+    } <= labels
     at.selectbox(key="w.gal_score").set_value(1).run()
     at.slider(key="w.thr_accept").set_value(0.8).run()
     at.selectbox(key="w.hm_ood").set_value(1).run()
@@ -183,8 +193,9 @@ def test_offline_github_repo_shows_an_error(monkeypatch: pytest.MonkeyPatch) -> 
 def test_wrong_shape_dataset_shows_an_error(tmp_path: Path) -> None:
     path = tmp_path / "rgb32.npz"
     rng = np.random.default_rng(0)
-    np.savez(path, images=rng.random((20, 3, 32, 32), dtype=np.float32),
-             labels=rng.integers(0, 10, 20))  # fmt: skip
+    np.savez(
+        path, images=rng.random((20, 3, 32, 32), dtype=np.float32), labels=rng.integers(0, 10, 20)
+    )
     at = _app()
     at.run()
     at.radio(key="w.data_src").set_value("Local file").run()

@@ -105,7 +105,11 @@ def config_text(row: Callable[[dict], None] | str) -> str:
 # (id, patch of BASE or raw TOML text, substrings the message must contain)
 CONFIG_FILE_ROWS = [
     # [data]: types and ranges
-    ("n_test-string", setv("data.n_test", "100"), ['[data] n_test = "100"', "a string", "whole number"]),
+    (
+        "n_test-string",
+        setv("data.n_test", "100"),
+        ['[data] n_test = "100"', "a string", "whole number"],
+    ),
     ("n_test-float", setv("data.n_test", 100.0), ["[data] n_test = 100.0", "a float", ">= 1"]),
     ("n_test-bool", setv("data.n_test", True), ["[data] n_test = true", "a boolean"]),
     ("n_calibration-zero", setv("data.n_calibration", 0), ["[data] n_calibration = 0", ">= 1"]),
@@ -113,99 +117,256 @@ CONFIG_FILE_ROWS = [
     ("seed-negative", setv("data.seed", -1), ["[data] seed = -1", "[0, 2147483647]"]),
     ("seed-string", setv("data.seed", "0"), ['[data] seed = "0"', "a string"]),
     ("seed-huge", setv("data.seed", 2**40), ["[data] seed = 1099511627776", "[0, 2147483647]"]),
-    ("ind-dataset-empty", setv("data.ind_dataset", ""), ['[data] ind_dataset = ""', "bundled dataset name"]),
-    ("test-split-unknown", setv("data.test_split", "tset"), ['[data] test_split = "tset"', "calibration, test"]),
-    ("data-unknown-key", setv("data.n_calibraton", 100),
-     ["[data] n_calibraton: unknown key", 'did you mean "n_calibration"?']),
+    (
+        "ind-dataset-empty",
+        setv("data.ind_dataset", ""),
+        ['[data] ind_dataset = ""', "bundled dataset name"],
+    ),
+    (
+        "test-split-unknown",
+        setv("data.test_split", "tset"),
+        ['[data] test_split = "tset"', "calibration, test"],
+    ),
+    (
+        "data-unknown-key",
+        setv("data.n_calibraton", 100),
+        ["[data] n_calibraton: unknown key", 'did you mean "n_calibration"?'],
+    ),
     # [evaluation]
-    ("batch-size-zero", setv("evaluation.batch_size", 0), ["[evaluation] batch_size = 0", "[1, 65536]"]),
+    (
+        "batch-size-zero",
+        setv("evaluation.batch_size", 0),
+        ["[evaluation] batch_size = 0", "[1, 65536]"],
+    ),
     ("batch-size-negative", setv("evaluation.batch_size", -8), ["[evaluation] batch_size = -8"]),
-    ("batch-size-huge", setv("evaluation.batch_size", 10**9), ["batch_size = 1000000000", "[1, 65536]"]),
+    (
+        "batch-size-huge",
+        setv("evaluation.batch_size", 10**9),
+        ["batch_size = 1000000000", "[1, 65536]"],
+    ),
     ("batch-size-float", setv("evaluation.batch_size", 64.0), ["batch_size = 64.0", "a float"]),
-    ("metrics-empty", setv("evaluation.metrics", []), ["[evaluation] metrics = []", "non-empty list"]),
+    (
+        "metrics-empty",
+        setv("evaluation.metrics", []),
+        ["[evaluation] metrics = []", "non-empty list"],
+    ),
     ("metrics-not-a-list", setv("evaluation.metrics", "AUC()"), ['metrics = "AUC()"', "a string"]),
-    ("metric-unknown", setv("evaluation.metrics", ["AUC()", "AUCC()"]),
-     ['[evaluation] metrics[1] = "AUCC()"']),
-    ("metric-not-a-string", setv("evaluation.metrics", [3]), ["[evaluation] metrics[0] = 3", "an integer"]),
-    ("metric-twice", setv("evaluation.metrics", ["AUC()", "AUC"]), ['metrics[1] = "AUC"', "already listed"]),
-    ("baseline-out-of-range", setv("evaluation.baseline", 3), ["[evaluation] baseline = 3", "index (0 to 0)"]),
+    (
+        "metric-unknown",
+        setv("evaluation.metrics", ["AUC()", "AUCC()"]),
+        ['[evaluation] metrics[1] = "AUCC()"'],
+    ),
+    (
+        "metric-not-a-string",
+        setv("evaluation.metrics", [3]),
+        ["[evaluation] metrics[0] = 3", "an integer"],
+    ),
+    (
+        "metric-twice",
+        setv("evaluation.metrics", ["AUC()", "AUC"]),
+        ['metrics[1] = "AUC"', "already listed"],
+    ),
+    (
+        "baseline-out-of-range",
+        setv("evaluation.baseline", 3),
+        ["[evaluation] baseline = 3", "index (0 to 0)"],
+    ),
     ("baseline-negative", setv("evaluation.baseline", -1), ["[evaluation] baseline = -1"]),
-    ("baseline-unknown-name", setv("evaluation.baseline", "Sofmax"),
-     ['[evaluation] baseline = "Sofmax"', 'did you mean "Softmax"?']),
-    ("baseline-bool", setv("evaluation.baseline", True), ["[evaluation] baseline = true", "a boolean"]),
-    ("n-boot-runaway", setv("evaluation.n_boot", 10**8), ["[evaluation] n_boot = 100000000", "[0, 10000]"]),
+    (
+        "baseline-unknown-name",
+        setv("evaluation.baseline", "Sofmax"),
+        ['[evaluation] baseline = "Sofmax"', 'did you mean "Softmax"?'],
+    ),
+    (
+        "baseline-bool",
+        setv("evaluation.baseline", True),
+        ["[evaluation] baseline = true", "a boolean"],
+    ),
+    (
+        "n-boot-runaway",
+        setv("evaluation.n_boot", 10**8),
+        ["[evaluation] n_boot = 100000000", "[0, 10000]"],
+    ),
     ("n-boot-float", setv("evaluation.n_boot", 1.5), ["[evaluation] n_boot = 1.5", "a float"]),
-    ("evaluation-unknown-key", setv("evaluation.n_bot", 100), ['n_bot: unknown key', 'did you mean "n_boot"?']),
+    (
+        "evaluation-unknown-key",
+        setv("evaluation.n_bot", 100),
+        ["n_bot: unknown key", 'did you mean "n_boot"?'],
+    ),
     # [model] and the sections themselves
     ("model-entry-empty", setv("model.entry", ""), ['[model] entry = ""', "entry point name"]),
     ("model-repo-int", setv("model.repo", 3), ["[model] repo = 3", "an integer", "hub reference"]),
-    ("model-unknown-key", setv("model.rpo", "bundled"), ["[model] rpo: unknown key", 'did you mean "repo"?']),
-    ("section-typo", raw("[modle]\nrepo = 'bundled'\n"), ["Unknown section(s) ['modle']", '"model"']),
+    (
+        "model-unknown-key",
+        setv("model.rpo", "bundled"),
+        ["[model] rpo: unknown key", 'did you mean "repo"?'],
+    ),
+    (
+        "section-typo",
+        raw("[modle]\nrepo = 'bundled'\n"),
+        ["Unknown section(s) ['modle']", '"model"'],
+    ),
     ("section-not-a-table", raw('model = "bundled"\n'), ["[model] must be a table", '"bundled"']),
     ("scores-not-tables", raw('scores = ["Softmax"]\n'), ["scores must be an array of tables"]),
     ("not-toml", raw("[model\n"), ["not valid TOML", "line 1"]),
     # [[scores]]
     ("no-scores", setv("scores", []), ["no scores", "at least one score"]),
-    ("score-unknown", setv("scores.0.name", "Softmx"),
-     ['[[scores]] #1 (Softmx) name = "Softmx": unknown score', 'did you mean "Softmax"?']),
+    (
+        "score-unknown",
+        setv("scores.0.name", "Softmx"),
+        ['[[scores]] #1 (Softmx) name = "Softmx": unknown score', 'did you mean "Softmax"?'],
+    ),
     ("score-name-missing", setv("scores.0", {"params": {}}), ["[[scores]] #1: missing key 'name'"]),
-    ("score-unknown-key", setv("scores.0.layer", ["1-11"]),
-     ["[[scores]] #1 (Softmax) layer: unknown key", 'did you mean "layers"?']),
+    (
+        "score-unknown-key",
+        setv("scores.0.layer", ["1-11"]),
+        ["[[scores]] #1 (Softmax) layer: unknown key", 'did you mean "layers"?'],
+    ),
     ("score-param-string", knn(params={"k": "5"}), ["[[scores]] #1 (KNN) params:", "'k'", "'5'"]),
     ("score-param-range", knn(params={"k": 0}), ["[[scores]] #1 (KNN) params:", "'k'", "got 0"]),
-    ("score-param-unknown", knn(params={"kk": 5}),
-     ["[[scores]] #1 (KNN) params.kk", 'did you mean "k"?']),
-    ("score-param-runaway", raw(tomli_w.dumps(BASE | {"scores": [
-        {"name": "IsoMax", "params": {"n_steps": 10**8}, "layers": ["1-11"]}]})),
-     ["[[scores]] #1 (IsoMax) params:", "n_steps", "100000000"]),
+    (
+        "score-param-unknown",
+        knn(params={"kk": 5}),
+        ["[[scores]] #1 (KNN) params.kk", 'did you mean "k"?'],
+    ),
+    (
+        "score-param-runaway",
+        raw(
+            tomli_w.dumps(
+                BASE
+                | {"scores": [{"name": "IsoMax", "params": {"n_steps": 10**8}, "layers": ["1-11"]}]}
+            )
+        ),
+        ["[[scores]] #1 (IsoMax) params:", "n_steps", "100000000"],
+    ),
     ("layer-malformed", knn(layers=["1-x"]), ['[[scores]] #1 (KNN) layers[0] = "1-x"', '"1-11"']),
     ("layer-negative", knn(layers=[[1, -2]]), ["[[scores]] #1 (KNN) layers[0] = [1, -2]"]),
     ("layer-not-a-list", knn(layers="1-11"), ['layers = "1-11"', "a string"]),
-    ("layers-ignored", setv("scores.0.layers", ["1-11"]), ['(Softmax) layers = ["1-11"]', "remove layers"]),
-    ("layers-missing", knn(layers=[]), ["[[scores]] #1 (KNN) layers:", "reads internal activations"]),
-    ("score-twice", setv("scores", [{"name": "Softmax"}, {"name": "Softmax"}]),
-     ["[[scores]] #2 (Softmax) repeats [[scores]] #1"]),
+    (
+        "layers-ignored",
+        setv("scores.0.layers", ["1-11"]),
+        ['(Softmax) layers = ["1-11"]', "remove layers"],
+    ),
+    (
+        "layers-missing",
+        knn(layers=[]),
+        ["[[scores]] #1 (KNN) layers:", "reads internal activations"],
+    ),
+    (
+        "score-twice",
+        setv("scores", [{"name": "Softmax"}, {"name": "Softmax"}]),
+        ["[[scores]] #2 (Softmax) repeats [[scores]] #1"],
+    ),
     # [[scenarios]]
     ("no-scenarios", setv("scenarios", []), ["no scenarios", "at least one OoD scenario"]),
-    ("kind-unknown", scenarios({"kind": "darkr"}), ['kind = "darkr": unknown perturbation', '"darker"']),
-    ("kind-param-range", scenarios({"kind": "darker", "params": {"factor": 2.0}}),
-     ["[[scenarios]] #1 (darker) params:", "'factor'", "got 2.0"]),
-    ("kind-param-unknown", scenarios({"kind": "darker", "params": {"factr": 0.5}}),
-     ["[[scenarios]] #1 (darker) params.factr", 'did you mean "factor"?']),
-    ("kind-param-seed", scenarios({"kind": "uniform_noise", "params": {"seed": -1}}),
-     ["[[scenarios]] #1 (uniform_noise) params:", "seed", "-1"]),
-    ("kind-and-dataset", scenarios({"kind": "darker", "dataset": "mnist"}), ["either kind", "not both"]),
-    ("neither-kind-nor-dataset", scenarios({"title": "X"}), ["[[scenarios]] #1 (X): give either kind"]),
-    ("kind-with-split", scenarios({"kind": "darker", "split": "calibration"}),
-     ['split = "calibration"', "split is for datasets"]),
-    ("kind-with-config", scenarios({"kind": "darker", "config": "x"}), ['config = "x"', "only datasets"]),
-    ("dataset-split-unknown", scenarios({"dataset": "mnist", "split": "train"}),
-     ['[[scenarios]] #1 (mnist) split = "train"', "split(s) test"]),
-    ("dataset-with-params", scenarios({"dataset": "mnist", "params": {"factor": 0.5}}),
-     ["only perturbations", "take parameters"]),
+    (
+        "kind-unknown",
+        scenarios({"kind": "darkr"}),
+        ['kind = "darkr": unknown perturbation', '"darker"'],
+    ),
+    (
+        "kind-param-range",
+        scenarios({"kind": "darker", "params": {"factor": 2.0}}),
+        ["[[scenarios]] #1 (darker) params:", "'factor'", "got 2.0"],
+    ),
+    (
+        "kind-param-unknown",
+        scenarios({"kind": "darker", "params": {"factr": 0.5}}),
+        ["[[scenarios]] #1 (darker) params.factr", 'did you mean "factor"?'],
+    ),
+    (
+        "kind-param-seed",
+        scenarios({"kind": "uniform_noise", "params": {"seed": -1}}),
+        ["[[scenarios]] #1 (uniform_noise) params:", "seed", "-1"],
+    ),
+    (
+        "kind-and-dataset",
+        scenarios({"kind": "darker", "dataset": "mnist"}),
+        ["either kind", "not both"],
+    ),
+    (
+        "neither-kind-nor-dataset",
+        scenarios({"title": "X"}),
+        ["[[scenarios]] #1 (X): give either kind"],
+    ),
+    (
+        "kind-with-split",
+        scenarios({"kind": "darker", "split": "calibration"}),
+        ['split = "calibration"', "split is for datasets"],
+    ),
+    (
+        "kind-with-config",
+        scenarios({"kind": "darker", "config": "x"}),
+        ['config = "x"', "only datasets"],
+    ),
+    (
+        "dataset-split-unknown",
+        scenarios({"dataset": "mnist", "split": "train"}),
+        ['[[scenarios]] #1 (mnist) split = "train"', "split(s) test"],
+    ),
+    (
+        "dataset-with-params",
+        scenarios({"dataset": "mnist", "params": {"factor": 0.5}}),
+        ["only perturbations", "take parameters"],
+    ),
     ("bundled-with-config", scenarios({"dataset": "mnist", "config": "x"}), ["has no configs"]),
-    ("scenario-unknown-key", scenarios({"kind": "darker", "titel": "A"}),
-     ["titel: unknown key", 'did you mean "title"?']),
+    (
+        "scenario-unknown-key",
+        scenarios({"kind": "darker", "titel": "A"}),
+        ["titel: unknown key", 'did you mean "title"?'],
+    ),
     ("title-empty", scenarios({"kind": "darker", "title": ""}), ['title = ""', "non-empty label"]),
-    ("title-blank", scenarios({"kind": "darker", "title": "   "}), ['title = "   "', "non-empty label"]),
-    ("title-too-long", scenarios({"kind": "darker", "title": "x" * 300}), ["at most 200 characters"]),
-    ("title-ind", scenarios({"kind": "darker", "title": "InD"}), ['title "InD"', "in-distribution"]),
-    ("title-ind-variant", scenarios({"kind": "darker", "title": " ind"}), ['title " ind"', "in-distribution"]),
-    ("titles-duplicate", scenarios({"kind": "vertical_flip", "title": "A"}, {"kind": "darker", "title": "A"}),
-     ['[[scenarios]] #2 (A) and [[scenarios]] #1 (A) are both titled "A"', "distinct title"]),
-    ("titles-duplicate-case", scenarios({"kind": "vertical_flip", "title": "A"}, {"kind": "darker", "title": "a"}),
-     ['both titled "a"']),
-    ("titles-duplicate-automatic", scenarios({"kind": "vertical_flip"}, {"kind": "vertical_flip"}),
-     ['both titled "Vertical flip"']),
-    ("titles-duplicate-dataset", scenarios({"dataset": "mnist"}, {"dataset": "mnist", "split": "test"}),
-     ['both titled "MNIST digits"']),
-    ("titles-duplicate-mixed", scenarios({"dataset": "mnist", "title": "Vertical flip"}, {"kind": "vertical_flip"}),
-     ['both titled "Vertical flip"']),
-]  # fmt: skip
+    (
+        "title-blank",
+        scenarios({"kind": "darker", "title": "   "}),
+        ['title = "   "', "non-empty label"],
+    ),
+    (
+        "title-too-long",
+        scenarios({"kind": "darker", "title": "x" * 300}),
+        ["at most 200 characters"],
+    ),
+    (
+        "title-ind",
+        scenarios({"kind": "darker", "title": "InD"}),
+        ['title "InD"', "in-distribution"],
+    ),
+    (
+        "title-ind-variant",
+        scenarios({"kind": "darker", "title": " ind"}),
+        ['title " ind"', "in-distribution"],
+    ),
+    (
+        "titles-duplicate",
+        scenarios({"kind": "vertical_flip", "title": "A"}, {"kind": "darker", "title": "A"}),
+        ['[[scenarios]] #2 (A) and [[scenarios]] #1 (A) are both titled "A"', "distinct title"],
+    ),
+    (
+        "titles-duplicate-case",
+        scenarios({"kind": "vertical_flip", "title": "A"}, {"kind": "darker", "title": "a"}),
+        ['both titled "a"'],
+    ),
+    (
+        "titles-duplicate-automatic",
+        scenarios({"kind": "vertical_flip"}, {"kind": "vertical_flip"}),
+        ['both titled "Vertical flip"'],
+    ),
+    (
+        "titles-duplicate-dataset",
+        scenarios({"dataset": "mnist"}, {"dataset": "mnist", "split": "test"}),
+        ['both titled "MNIST digits"'],
+    ),
+    (
+        "titles-duplicate-mixed",
+        scenarios({"dataset": "mnist", "title": "Vertical flip"}, {"kind": "vertical_flip"}),
+        ['both titled "Vertical flip"'],
+    ),
+]
 
 
-@pytest.mark.parametrize(("row", "needles"), [r[1:] for r in CONFIG_FILE_ROWS],
-                         ids=[r[0] for r in CONFIG_FILE_ROWS])  # fmt: skip
+@pytest.mark.parametrize(
+    ("row", "needles"), [r[1:] for r in CONFIG_FILE_ROWS], ids=[r[0] for r in CONFIG_FILE_ROWS]
+)
 def test_config_file_rows_raise_located_errors(row, needles):
     with pytest.raises(ConfigError) as info:
         RunConfig.from_toml(config_text(row), source="cfg.toml")
@@ -215,8 +376,9 @@ def test_config_file_rows_raise_located_errors(row, needles):
         assert needle in message, f"{needle!r} not in:\n{message}"
 
 
-@pytest.mark.parametrize(("row", "needles"), [r[1:] for r in CONFIG_FILE_ROWS],
-                         ids=[r[0] for r in CONFIG_FILE_ROWS])  # fmt: skip
+@pytest.mark.parametrize(
+    ("row", "needles"), [r[1:] for r in CONFIG_FILE_ROWS], ids=[r[0] for r in CONFIG_FILE_ROWS]
+)
 def test_config_file_rows_exit_2_before_anything_is_written(row, needles, tmp_path, capsys):
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(config_text(row))
@@ -231,8 +393,13 @@ def test_config_file_rows_exit_2_before_anything_is_written(row, needles, tmp_pa
 
 
 def test_all_problems_are_reported_at_once():
-    text = config_text(lambda d: (setv("data.n_calibraton", 5)(d), setv("data.seed", -1)(d),
-                                  setv("scores.0.name", "Softmx")(d)))  # fmt: skip
+    text = config_text(
+        lambda d: (
+            setv("data.n_calibraton", 5)(d),
+            setv("data.seed", -1)(d),
+            setv("scores.0.name", "Softmx")(d),
+        )
+    )
     with pytest.raises(ConfigError) as info:
         RunConfig.from_toml(text)
     assert len(info.value.problems) == 3
@@ -241,17 +408,30 @@ def test_all_problems_are_reported_at_once():
 
 def test_valid_config_values_are_accepted():
     """The good twins of the rows above: what the messages ask for is accepted."""
-    text = config_text(lambda d: (
-        setv("evaluation.baseline", "KNN(k=5) @ (1, 11)")(d),
-        setv("evaluation.n_boot", 10_000)(d),
-        setv("scores", [{"name": "Softmax"}, {"name": "KNN", "params": {"k": 5}, "layers": [[1, 11]]}])(d),
-        scenarios({"kind": "darker", "title": "A"}, {"kind": "vertical_flip", "title": "Indoor"},
-                  {"dataset": "owner/set", "config": "a"}, {"dataset": "owner/set", "config": "b"})(d),
-    ))  # fmt: skip
+    text = config_text(
+        lambda d: (
+            setv("evaluation.baseline", "KNN(k=5) @ (1, 11)")(d),
+            setv("evaluation.n_boot", 10_000)(d),
+            setv(
+                "scores",
+                [{"name": "Softmax"}, {"name": "KNN", "params": {"k": 5}, "layers": [[1, 11]]}],
+            )(d),
+            scenarios(
+                {"kind": "darker", "title": "A"},
+                {"kind": "vertical_flip", "title": "Indoor"},
+                {"dataset": "owner/set", "config": "a"},
+                {"dataset": "owner/set", "config": "b"},
+            )(d),
+        )
+    )
     cfg = RunConfig.from_toml(text)
     assert cfg.baseline == 1 and cfg.n_boot == 10_000
     assert [s.describe() for s in cfg.scenarios] == [
-        "A", "Indoor", "owner/set (a, test)", "owner/set (b, test)"]
+        "A",
+        "Indoor",
+        "owner/set (a, test)",
+        "owner/set (b, test)",
+    ]
     assert RunConfig.from_toml(setv_text("evaluation.baseline", "Softmax")).baseline == 0
 
 
@@ -261,8 +441,13 @@ def setv_text(path: str, value: Any) -> str:
 
 # ------------------------------------------------------------------ configs built in code
 def _code(**kw: Any) -> RunConfig:
-    base = dict(n_calibration=200, n_test=100, scores=[ScoreSpec("Softmax")],
-                scenarios=[ScenarioSpec(kind="vertical_flip")], metrics=["AUC()"])  # fmt: skip
+    base = dict(
+        n_calibration=200,
+        n_test=100,
+        scores=[ScoreSpec("Softmax")],
+        scenarios=[ScenarioSpec(kind="vertical_flip")],
+        metrics=["AUC()"],
+    )
     return RunConfig(**(base | kw))
 
 
@@ -273,15 +458,28 @@ CONFIG_CODE_ROWS = [
     ("seed-negative", _code(seed=-3), ["[data] seed = -3"]),
     ("metrics-empty", _code(metrics=[]), ["[evaluation] metrics = []"]),
     ("baseline-name-absent", _code(baseline="Energy"), ['baseline = "Energy"', "no such score"]),
-    ("score-param", _code(scores=[ScoreSpec("KNN", {"k": -1}, ["1-11"])]), ["(KNN) params:", "got -1"]),
-    ("duplicate-titles", _code(scenarios=[ScenarioSpec(kind="vertical_flip", title="A"),
-                                          ScenarioSpec(kind="darker", title="A")]), ['both titled "A"']),
+    (
+        "score-param",
+        _code(scores=[ScoreSpec("KNN", {"k": -1}, ["1-11"])]),
+        ["(KNN) params:", "got -1"],
+    ),
+    (
+        "duplicate-titles",
+        _code(
+            scenarios=[
+                ScenarioSpec(kind="vertical_flip", title="A"),
+                ScenarioSpec(kind="darker", title="A"),
+            ]
+        ),
+        ['both titled "A"'],
+    ),
     ("ind-title", _code(scenarios=[ScenarioSpec(kind="darker", title="InD")]), ['title "InD"']),
-]  # fmt: skip
+]
 
 
-@pytest.mark.parametrize(("config", "needles"), [r[1:] for r in CONFIG_CODE_ROWS],
-                         ids=[r[0] for r in CONFIG_CODE_ROWS])  # fmt: skip
+@pytest.mark.parametrize(
+    ("config", "needles"), [r[1:] for r in CONFIG_CODE_ROWS], ids=[r[0] for r in CONFIG_CODE_ROWS]
+)
 def test_config_code_rows_fail_validation_and_run_before_loading_anything(config, needles):
     cache = RunCache()
     for call in (config.validate, lambda: run(config, cache)):
@@ -364,14 +562,25 @@ OUT_DIR_ROWS = [
     ("symlink-force", _link, ["--force"], False, ["is a symbolic link"]),
     ("dangling-symlink", _dangling_link, [], False, ["is a symbolic link"]),
     ("unwritable", _unwritable, [], False, ["cannot create files in /proc"]),
-    pytest.param(_read_only_dir, [], False, ["cannot create files in"],
-                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions"),
-                 id="read-only-folder"),
-    ("holds-the-config", _holds_config, [], True, ["lies inside the output folder", "never touches"]),
+    pytest.param(
+        _read_only_dir,
+        [],
+        False,
+        ["cannot create files in"],
+        marks=pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions"),
+        id="read-only-folder",
+    ),
+    (
+        "holds-the-config",
+        _holds_config,
+        [],
+        True,
+        ["lies inside the output folder", "never touches"],
+    ),
     ("holds-the-config-force", _holds_config, ["--force"], True, ["lies inside the output folder"]),
     ("foreign-files-force", _foreign_files, ["--force"], False, ["does not write (thesis.tex)"]),
     ("filesystem-root", _root, ["--force"], False, ["filesystem root"]),
-]  # fmt: skip
+]
 
 
 def _snapshot(root: Path) -> dict[str, bytes | str]:
@@ -379,8 +588,9 @@ def _snapshot(root: Path) -> dict[str, bytes | str]:
     snap: dict[str, bytes | str] = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
-        snap[rel] = f"-> {os.readlink(p)}" if p.is_symlink() else (
-            p.read_bytes() if p.is_file() else "dir")
+        snap[rel] = (
+            f"-> {os.readlink(p)}" if p.is_symlink() else (p.read_bytes() if p.is_file() else "dir")
+        )
     return snap
 
 
@@ -389,8 +599,9 @@ def _row_params(rows: list) -> list:
 
 
 @pytest.mark.parametrize(("setup", "extra", "config_inside", "needles"), _row_params(OUT_DIR_ROWS))
-def test_out_dir_rows_fail_fast_and_touch_nothing(setup, extra, config_inside, needles, tmp_path,
-                                                  capsys, monkeypatch):  # fmt: skip
+def test_out_dir_rows_fail_fast_and_touch_nothing(
+    setup, extra, config_inside, needles, tmp_path, capsys, monkeypatch
+):
     out = setup(tmp_path)
     cfg = (out if config_inside else tmp_path) / "cfg.toml"
     cfg.write_text(config_text(lambda d: None))
@@ -415,11 +626,18 @@ def test_bad_out_fails_before_torch_is_imported(tmp_path):
     """In a fresh interpreter: a bad --out is refused without importing torch (well under 1 s)."""
     (tmp_path / "afile").write_text("x")
     (tmp_path / "cfg.toml").write_text(config_text(lambda d: None))
-    code = ("import sys, time; t = time.perf_counter(); from ood_core.cli import main; "
-            f"rc = main(['run', {str(tmp_path / 'cfg.toml')!r}, '--out', {str(tmp_path / 'afile')!r}]); "
-            "print(rc, 'torch' in sys.modules, time.perf_counter() - t)")  # fmt: skip
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    code = (
+        "import sys, time; t = time.perf_counter(); from ood_core.cli import main; "
+        f"rc = main(['run', {str(tmp_path / 'cfg.toml')!r}, '--out', {str(tmp_path / 'afile')!r}]); "
+        "print(rc, 'torch' in sys.modules, time.perf_counter() - t)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     rc, torch_loaded, seconds = res.stdout.split()
     assert (rc, torch_loaded) == ("2", "False"), res.stderr
     assert float(seconds) < 5.0  # generous on a loaded machine; typically ~0.2 s
@@ -446,7 +664,9 @@ def fake_run(small_result, monkeypatch, tmp_path):
 def test_run_json_is_written_last_and_describes_the_run(fake_run, tmp_path, monkeypatch, capsys):
     order: list[str] = []
     write = outdir._write_new
-    monkeypatch.setattr(outdir, "_write_new", lambda p, data: (order.append(p.name), write(p, data)))
+    monkeypatch.setattr(
+        outdir, "_write_new", lambda p, data: (order.append(p.name), write(p, data))
+    )
     assert main(["run", str(fake_run), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     assert order[-1] == "run.json" and set(order) == outdir.BUNDLE_FILES
     info = json.loads((tmp_path / "out" / "run.json").read_text())
@@ -469,7 +689,10 @@ def test_force_replaces_an_earlier_run_only_when_complete(fake_run, tmp_path, ca
     assert (out / "metrics.csv").read_text() == "old run"
     assert main(["run", str(fake_run), "--out", str(out), "--quiet", "--force"]) == 0
     assert (out / "metrics.csv").read_text() != "old run"
-    assert not (out / "report.html").is_symlink() and (tmp_path / "victim.html").read_text() == "must stay"
+    assert (
+        not (out / "report.html").is_symlink()
+        and (tmp_path / "victim.html").read_text() == "must stay"
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted(outdir.BUNDLE_FILES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.toml", "out", "victim.html"]
 
@@ -493,21 +716,25 @@ def _interrupt_at(name: str) -> Callable[[Path, bytes], None]:
 
 @pytest.mark.parametrize("where", ["config.toml", "run.json", "swap"])
 @pytest.mark.parametrize("force", [False, True], ids=["new-folder", "force-over-earlier-run"])
-def test_ctrl_c_during_export_leaves_nothing_half_written(where, force, fake_run, tmp_path,
-                                                         monkeypatch, capsys):  # fmt: skip
+def test_ctrl_c_during_export_leaves_nothing_half_written(
+    where, force, fake_run, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "out"
     if force:
         out.mkdir()
         (out / "metrics.csv").write_text("earlier run")
     before = _snapshot(tmp_path)
     if where == "swap":
+
         def no_swap(*args: Any, **kwargs: Any) -> None:
             raise KeyboardInterrupt
 
         monkeypatch.setattr(outdir, "_swap_into_place", no_swap)
     else:
         monkeypatch.setattr(outdir, "_write_new", _interrupt_at(where))
-    code = main(["run", str(fake_run), "--out", str(out), "--quiet", *(["--force"] if force else [])])
+    code = main(
+        ["run", str(fake_run), "--out", str(out), "--quiet", *(["--force"] if force else [])]
+    )
     err = capsys.readouterr().err
     assert code == 130
     assert err.strip().splitlines()[-1] == "interrupted; nothing written" and "Traceback" not in err
@@ -531,13 +758,17 @@ def test_ctrl_c_during_the_run_exits_130_without_traceback(tmp_path, monkeypatch
 def test_a_real_ctrl_c_mid_run_exits_130_with_one_line(tmp_path):
     """SIGINT to a real ``ood-lens run`` while it computes: one line, exit 130, nothing written."""
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text(config_text(lambda d: (setv("data.n_calibration", 5000)(d),
-                                          setv("data.n_test", 5000)(d))))  # fmt: skip
+    cfg.write_text(
+        config_text(lambda d: (setv("data.n_calibration", 5000)(d), setv("data.n_test", 5000)(d)))
+    )
     code = "import sys; from ood_core.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "run", str(cfg), "--out",
-                             str(tmp_path / "out"), "--quiet"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "run", str(cfg), "--out", str(tmp_path / "out"), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     time.sleep(4.0)  # past the imports: loading or computing
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -567,7 +798,9 @@ def test_swap_failure_restores_the_earlier_run(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ other CLI inputs
 def _write_cfg(tmp: Path, text: str | bytes = "") -> Path:
     p = tmp / "cfg.toml"
-    p.write_bytes(text if isinstance(text, bytes) else (text or config_text(lambda d: None)).encode())
+    p.write_bytes(
+        text if isinstance(text, bytes) else (text or config_text(lambda d: None)).encode()
+    )
     return p
 
 
@@ -582,24 +815,62 @@ def _raise(exc: BaseException) -> Callable[..., None]:
 CLI_ROWS = [
     ("config-missing", lambda t: ["run", str(t / "nope.toml")], None, 2, ["no such config file"]),
     ("config-is-a-folder", lambda t: ["run", str(t)], None, 2, ["is not a file"]),
-    ("config-not-utf8", lambda t: ["run", str(_write_cfg(t, b"\xff\xfe[model]"))], None, 2,
-     ["cannot read the config", "utf-8"]),
-    ("config-not-toml", lambda t: ["run", str(_write_cfg(t, "[model\n"))], None, 2, ["not valid TOML"]),
-    ("data-missing", lambda t: ["run", str(_write_cfg(t, setv_text("data.ind_dataset", str(t / "x.npz"))))],
-     None, 1, ["the run failed", "No such file"]),
-    ("layer-not-in-model", lambda t: ["run", str(_write_cfg(t, config_text(knn(layers=["1-99"]))))],
-     None, 1, ["the run failed", "(1, 99)"]),
-    ("run-raises-value-error", lambda t: ["run", str(_write_cfg(t))], _raise(ValueError("bad data")), 1,
-     ["error: the run failed: bad data"]),
-    ("run-raises-bug", lambda t: ["run", str(_write_cfg(t))], _raise(TypeError("oops")), 1,
-     ["error: unexpected TypeError: oops", "--debug"]),
-    ("unknown-option", lambda t: ["run", str(_write_cfg(t)), "--froce"], None, 2, ["unrecognized arguments"]),
-]  # fmt: skip
+    (
+        "config-not-utf8",
+        lambda t: ["run", str(_write_cfg(t, b"\xff\xfe[model]"))],
+        None,
+        2,
+        ["cannot read the config", "utf-8"],
+    ),
+    (
+        "config-not-toml",
+        lambda t: ["run", str(_write_cfg(t, "[model\n"))],
+        None,
+        2,
+        ["not valid TOML"],
+    ),
+    (
+        "data-missing",
+        lambda t: ["run", str(_write_cfg(t, setv_text("data.ind_dataset", str(t / "x.npz"))))],
+        None,
+        1,
+        ["the run failed", "No such file"],
+    ),
+    (
+        "layer-not-in-model",
+        lambda t: ["run", str(_write_cfg(t, config_text(knn(layers=["1-99"]))))],
+        None,
+        1,
+        ["the run failed", "(1, 99)"],
+    ),
+    (
+        "run-raises-value-error",
+        lambda t: ["run", str(_write_cfg(t))],
+        _raise(ValueError("bad data")),
+        1,
+        ["error: the run failed: bad data"],
+    ),
+    (
+        "run-raises-bug",
+        lambda t: ["run", str(_write_cfg(t))],
+        _raise(TypeError("oops")),
+        1,
+        ["error: unexpected TypeError: oops", "--debug"],
+    ),
+    (
+        "unknown-option",
+        lambda t: ["run", str(_write_cfg(t)), "--froce"],
+        None,
+        2,
+        ["unrecognized arguments"],
+    ),
+]
 
 
 @pytest.mark.parametrize(("argv", "fake", "code", "needles"), _row_params(CLI_ROWS))
-def test_cli_rows_exit_codes_and_one_line_errors(argv, fake, code, needles, tmp_path, monkeypatch,
-                                                 capsys):  # fmt: skip
+def test_cli_rows_exit_codes_and_one_line_errors(
+    argv, fake, code, needles, tmp_path, monkeypatch, capsys
+):
     if fake is not None:
         monkeypatch.setattr("ood_core.pipeline.run", fake)
     args = [*argv(tmp_path), "--quiet"]
@@ -628,8 +899,13 @@ def title_cache():
 
 
 def _titled(cache: RunCache, *specs: ScenarioSpec) -> pd.DataFrame:
-    cfg = RunConfig(n_calibration=200, n_test=100, scores=[ScoreSpec("Softmax"), ScoreSpec("Energy")],
-                    scenarios=list(specs), metrics=["AUC()"])  # fmt: skip
+    cfg = RunConfig(
+        n_calibration=200,
+        n_test=100,
+        scores=[ScoreSpec("Softmax"), ScoreSpec("Energy")],
+        scenarios=list(specs),
+        metrics=["AUC()"],
+    )
     res = run(cfg, cache)
     return res.frame.set_index(["score", "ood"])["value"]
 
@@ -643,7 +919,7 @@ TITLE_ROWS = [
     ("distinct-titles-distinct-rows", [FLIP | {"title": "A"}, DARK | {"title": "B"}], None),
     ("same-data-two-titles", [FLIP | {"title": "A"}, FLIP | {"title": "B"}], None),
     ("dataset-and-perturbation", [{"dataset": "mnist", "title": "A"}, DARK | {"title": "B"}], None),
-]  # fmt: skip
+]
 
 
 @pytest.mark.slow
@@ -673,8 +949,10 @@ def test_hf_sets_differing_only_by_config_get_distinct_titles():
     a = ScenarioSpec(dataset="owner/set", config="plain")
     b = ScenarioSpec(dataset="owner/set", config="noisy")
     assert a.describe() != b.describe() and "plain" in a.describe() and "noisy" in b.describe()
-    assert ScenarioSpec(dataset="fashion_mnist", split="calibration").describe() != ScenarioSpec(
-        dataset="fashion_mnist").describe()
+    assert (
+        ScenarioSpec(dataset="fashion_mnist", split="calibration").describe()
+        != ScenarioSpec(dataset="fashion_mnist").describe()
+    )
     RunConfig(scores=[ScoreSpec("Softmax")], scenarios=[a, b]).validate()  # accepted
 
 
@@ -685,9 +963,15 @@ def test_clamped_sizes_are_reported_and_recorded(tmp_path, capsys):
     imgs = (np.random.default_rng(0).random((50, 28, 28)) * 255).astype(np.uint8)
     np.savez(small, images=imgs, labels=np.zeros(50, dtype=np.int64))
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text(config_text(lambda d: (
-        setv("data.n_calibration", 10**6)(d), setv("data.n_test", 80)(d),
-        scenarios({"dataset": str(small), "title": "Small"})(d))))  # fmt: skip
+    cfg.write_text(
+        config_text(
+            lambda d: (
+                setv("data.n_calibration", 10**6)(d),
+                setv("data.n_test", 80)(d),
+                scenarios({"dataset": str(small), "title": "Small"})(d),
+            )
+        )
+    )
     assert main(["run", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "warning: [data] n_calibration = 1000000 is more than the 5000 samples" in err

@@ -23,12 +23,16 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"
+    ),
 ]
 
 
 def _helpers() -> Any:
-    spec = importlib.util.spec_from_file_location("ood_lens_screenshot", ROOT / "scripts" / "screenshot.py")
+    spec = importlib.util.spec_from_file_location(
+        "ood_lens_screenshot", ROOT / "scripts" / "screenshot.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -84,7 +88,8 @@ def test_dashboard_flow_in_chromium(app: Any, tmp_path: Path) -> None:
     app.click_table_row(1)  # 1-1 conv1
     app.click_table_row(4)  # 1-3 l1 (the first block)
     chips = page.locator('button[aria-label^="Remove "]').evaluate_all(
-        "els => els.map(e => e.getAttribute('aria-label'))")  # fmt: skip
+        "els => els.map(e => e.getAttribute('aria-label'))"
+    )
     assert chips == ["Remove 1-1 · conv1", "Remove 1-3 · l1"]
     _check_clean(app, "Layers")
     app.screenshot(ARTIFACTS / "2_layers.png")
@@ -103,8 +108,9 @@ def test_dashboard_flow_in_chromium(app: Any, tmp_path: Path) -> None:
     page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
     assert page.locator(".js-plotly-plot .main-svg").count() >= 3  # histograms + ROC
     table = page.locator('[data-testid="stDataFrame"]').first
-    cells = table.evaluate("e => Array.from(e.querySelectorAll('[role=gridcell], td'))"
-                           ".map(x => x.textContent)")  # fmt: skip
+    cells = table.evaluate(
+        "e => Array.from(e.querySelectorAll('[role=gridcell], td')).map(x => x.textContent)"
+    )
     assert "Softmax()" in cells and "KNN(k=15) @ (1, 1), (1, 3)" in cells
     numbers = [float(c) for c in cells if re.fullmatch(r"[01](\.\d+)?", c or "")]
     assert len(numbers) == 2 * 4, cells  # 2 scores x 4 metrics

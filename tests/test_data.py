@@ -13,7 +13,11 @@ from ood_core import data
 
 @pytest.mark.parametrize(
     ("name", "split", "n"),
-    [("fashion_mnist", "calibration", 5000), ("fashion_mnist", "test", 5000), ("mnist", "test", 5000)],
+    [
+        ("fashion_mnist", "calibration", 5000),
+        ("fashion_mnist", "test", 5000),
+        ("mnist", "test", 5000),
+    ],
 )
 def test_bundled_split_loads_with_right_shapes_and_counts(name, split, n):
     ds = data.load_bundled(name, split)
@@ -33,7 +37,9 @@ def test_checksums_match_shipped_files():
 
 
 def test_class_names_travel_in_the_parquet(fmnist_test, mnist):
-    assert fmnist_test.class_names[0] == "T-shirt/top" and fmnist_test.class_names[9] == "Ankle boot"
+    assert (
+        fmnist_test.class_names[0] == "T-shirt/top" and fmnist_test.class_names[9] == "Ankle boot"
+    )
     assert mnist.class_names == [str(i) for i in range(10)]
 
 
@@ -44,7 +50,11 @@ def test_fashion_mnist_pixels_are_real_images(fmnist_test, mnist):
 
 
 def test_subset_is_deterministic(fmnist_test):
-    a, b, c = fmnist_test.subset(100, seed=1), fmnist_test.subset(100, seed=1), fmnist_test.subset(100, seed=2)
+    a, b, c = (
+        fmnist_test.subset(100, seed=1),
+        fmnist_test.subset(100, seed=1),
+        fmnist_test.subset(100, seed=2),
+    )
     assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
     assert len(a) == 100 and fmnist_test.subset(None) is fmnist_test
 

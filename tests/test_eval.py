@@ -47,8 +47,9 @@ def sklearn_tpr_at(conf_ind: np.ndarray, conf_ood: np.ndarray, max_fpr: float) -
 @pytest.fixture(scope="module")
 def toy():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(),
-                              torch.nn.Linear(8, 3)).eval()  # fmt: skip
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    ).eval()
     calib = torch.rand(80, 1, 4, 4)
     ind = torch.rand(50, 1, 4, 4)
     oods = (ind * 3, torch.rand(40, 1, 4, 4) - 0.5)
@@ -80,12 +81,19 @@ def test_table_plot_frame_and_summary(toy):
     net, calib, ind, oods = toy
     pairs = ((Softmax(), []), (KNN(k=5), [(1, 3)]))
     fitted = fit_scores(pairs, net, calib, progress=False)
-    confs_ind, confs_oods = compute_confidence(fitted, ind=ind, oods=oods, oods_title=("x3", "shift"),
-                                               progress=False)  # fmt: skip
+    confs_ind, confs_oods = compute_confidence(
+        fitted, ind=ind, oods=oods, oods_title=("x3", "shift"), progress=False
+    )
     metrics = (AUC(max_fpr=0.2), TPR(max_fpr=0.05))
     evals = compute_metrics(confs_ind, confs_oods, metrics)
-    table = summary_table(evals, scores_and_layers=pairs, oods_title=("x3", "shift"),
-                          metrics=metrics, baseline=0, show=False)  # fmt: skip
+    table = summary_table(
+        evals,
+        scores_and_layers=pairs,
+        oods_title=("x3", "shift"),
+        metrics=metrics,
+        baseline=0,
+        show=False,
+    )
     assert table.row_count == 2 and len(table.columns) == 3
     assert "↳ (1, 3)" in table.columns[0]._cells[1]
     cell = table.columns[1]._cells[1]
@@ -93,12 +101,34 @@ def test_table_plot_frame_and_summary(toy):
     fig = summary_plot(confs_ind, confs_oods, scores_and_layers=pairs, oods_title=("x3", "shift"))
     kinds = [t.type for t in fig.data]
     assert kinds.count("histogram") == 2 * 3  # 2 scores x (InD + 2 OoD sets)
-    assert sum(1 for t in fig.data if t.type == "scatter" and t.name in ("Softmax()", "KNN(k=5) @ (1, 3)")) == 4
-    frame = results_frame(evals, scores_and_layers=pairs, oods_title=("x3", "shift"), metrics=metrics,
-                          confs_ind=confs_ind, confs_oods=confs_oods, n_boot=50)  # fmt: skip
+    assert (
+        sum(
+            1
+            for t in fig.data
+            if t.type == "scatter" and t.name in ("Softmax()", "KNN(k=5) @ (1, 3)")
+        )
+        == 4
+    )
+    frame = results_frame(
+        evals,
+        scores_and_layers=pairs,
+        oods_title=("x3", "shift"),
+        metrics=metrics,
+        confs_ind=confs_ind,
+        confs_oods=confs_oods,
+        n_boot=50,
+    )
     assert len(frame) == 2 * 2 * 2 and (frame["ci_low"] <= frame["value"] + 1e-12).all()
-    out = summary(confs_ind, confs_oods, scores_and_layers=pairs, oods_title=("x3", "shift"),
-                  metrics=metrics, topk=1, baseline=0, show=False)  # fmt: skip
+    out = summary(
+        confs_ind,
+        confs_oods,
+        scores_and_layers=pairs,
+        oods_title=("x3", "shift"),
+        metrics=metrics,
+        topk=1,
+        baseline=0,
+        show=False,
+    )
     assert out["table"].row_count in (1, 2) and out["evals"].shape == (2, 2, 2)
 
 
@@ -110,8 +140,9 @@ def test_bad_inputs_are_explained(toy):
     with pytest.raises(ValueError, match="2 OoD sets but 1 titles"):
         compute_confidence(fitted, ind=ind, oods=oods, oods_title=("a",), progress=False)
     with pytest.raises(ValueError, match="NaN in confidences of 'Softmax"):
-        compute_metrics(np.array([[np.nan, 1.0]]), [np.array([[0.0, 1.0]])], (AUC(),),
-                        score_names=["Softmax()"])  # fmt: skip
+        compute_metrics(
+            np.array([[np.nan, 1.0]]), [np.array([[0.0, 1.0]])], (AUC(),), score_names=["Softmax()"]
+        )
 
 
 @pytest.mark.slow

@@ -41,8 +41,10 @@ def run(net, score, layers, x_fit, y_fit, x):
 
 def test_engine_one_forward_per_batch_and_same_results_as_alone(net, data):
     x, y = data
+
     def make():  # noqa: E306
         return [Softmax(), Energy(), KNN(k=3), Gram(max_gram_order=2), GradNorm()]
+
     layers = [[], [], [(1, 3)], [(1, 1), (1, 3)], [(1, 5)]]
     together = make()
     for s, lay in zip(together, layers, strict=True):
@@ -66,7 +68,6 @@ def test_engine_rejects_nan_inputs_and_bad_labels(net, data):
         ev.fit([Softmax()], bad)
     with pytest.raises(ValueError, match=r"calib_labels must have shape \(60,\)"):
         ev.fit([Softmax()], x, y[:10])
-
 
 
 def _scores():

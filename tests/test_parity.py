@@ -19,8 +19,11 @@ import harness  # noqa: E402
 
 from ood_core import scores  # noqa: E402
 
-API = {k: v for k, v in json.loads((harness.HERE / "reference_api.json").read_text()).items()
-       if not k.startswith("_")}  # fmt: skip
+API = {
+    k: v
+    for k, v in json.loads((harness.HERE / "reference_api.json").read_text()).items()
+    if not k.startswith("_")
+}
 CASES = harness.load_cases()
 
 
@@ -79,7 +82,9 @@ def test_parity_with_reference(case, tiniest, parity_setup):
     """Spearman >= 0.999 per set and |dAUROC| <= 0.002 per OoD set, against the reference."""
     inputs, ref = parity_setup
     if case["key"] in NOISE_IN_REFERENCE:
-        pytest.skip("the reference's numbers are rounding noise: see test_case_17_is_noise_in_the_reference_and_we_warn")
+        pytest.skip(
+            "the reference's numbers are rounding noise: see test_case_17_is_noise_in_the_reference_and_we_warn"
+        )
     # Odds runs 64 noisy passes per sample (~100 s for the four sets on 2 cores): the suite checks
     # the calibration and the first two sets of its seeded noise stream; `python
     # tests/parity/harness.py 24_` checks all four (equal too: see README).
@@ -90,7 +95,9 @@ def test_parity_with_reference(case, tiniest, parity_setup):
     # The reference's own AUROCs recorded in cases.json agree with its conformities.
     for name, value in case["auroc"].items():
         key = case["key"]
-        assert harness.auroc(ref[f"{key}_ind"], ref[f"{key}_{name}"]) == pytest.approx(value, abs=1e-5)
+        assert harness.auroc(ref[f"{key}_ind"], ref[f"{key}_{name}"]) == pytest.approx(
+            value, abs=1e-5
+        )
 
 
 @pytest.mark.slow
@@ -107,8 +114,13 @@ def test_case_17_is_noise_in_the_reference_and_we_warn(tiniest, parity_setup):
     for name in harness.SETS:
         d2 = -ref[f"17_DeepMahalanobis_{name}"]  # conformity = -(sum of squared distances)
         assert (d2 < 0).mean() > 0.25, name  # 29 % to 55 % of them
-        rho = harness.spearmanr(ref[f"17_DeepMahalanobis_{name}"], ref[f"16_DeepMahalanobis_{name}"])
+        rho = harness.spearmanr(
+            ref[f"17_DeepMahalanobis_{name}"], ref[f"16_DeepMahalanobis_{name}"]
+        )
         assert abs(rho.statistic) < 0.2, name
-    with pytest.warns(OodLensWarning, match=r"DeepMahalanobis @ \(1, 10\): 3,920 feature dimensions "
-                      r"for 1,000 samples, covariance singular.*pooling='mean'"):  # fmt: skip
+    with pytest.warns(
+        OodLensWarning,
+        match=r"DeepMahalanobis @ \(1, 10\): 3,920 feature dimensions "
+        r"for 1,000 samples, covariance singular.*pooling='mean'",
+    ):
         harness.run_case(tiniest, case, inputs)

@@ -14,11 +14,12 @@ from ood_core.scores import KNN, Softmax
 @pytest.fixture(scope="module")
 def small_config() -> RunConfig:
     return RunConfig(
-        n_calibration=200, n_test=150,
+        n_calibration=200,
+        n_test=150,
         scores=[ScoreSpec("Softmax"), ScoreSpec("KNN", {"k": 5}, ["1-11"])],
         scenarios=[ScenarioSpec(kind="vertical_flip"), ScenarioSpec(dataset="mnist")],
         metrics=["AUC()", "TPR(max_fpr=0.05)"],
-    )  # fmt: skip
+    )
 
 
 def test_run_equals_the_seed_api_on_the_same_data(small_config):
@@ -32,8 +33,9 @@ def test_run_equals_the_seed_api_on_the_same_data(small_config):
     net = cache.model("bundled", "tiniest")
     pairs = ((Softmax(), []), (KNN(k=5), [(1, 11)]))
     fitted = fit_scores(pairs, net, calib.images, calib.labels, progress=False)
-    ci, co = compute_confidence(fitted, ind=ind.images, oods=(ind.images.flip(2), mnist.images),
-                                progress=False)  # fmt: skip
+    ci, co = compute_confidence(
+        fitted, ind=ind.images, oods=(ind.images.flip(2), mnist.images), progress=False
+    )
     np.testing.assert_allclose(res.confs_ind, ci.numpy())
     np.testing.assert_allclose(res.evals, compute_metrics(ci, co, res.metrics))
     assert 0.8 < res.accuracy <= 1.0
@@ -61,15 +63,26 @@ def test_incompatible_data_and_empty_choices_are_explained():
     with pytest.raises(ValueError, match="at least one OoD scenario"):
         run(RunConfig(scores=[ScoreSpec("Softmax")], scenarios=[]))
     with pytest.raises(ValueError, match=r"reads internal activations"):
-        run(RunConfig(n_calibration=50, n_test=50, scores=[ScoreSpec("KNN", {"k": 3})],
-                      scenarios=[ScenarioSpec(kind="invert")]))  # fmt: skip
+        run(
+            RunConfig(
+                n_calibration=50,
+                n_test=50,
+                scores=[ScoreSpec("KNN", {"k": 3})],
+                scenarios=[ScenarioSpec(kind="invert")],
+            )
+        )
 
 
 def test_single_file_ind_data_gives_disjoint_calibration_and_test(tmp_path, fmnist_test):
     x = (fmnist_test.images[:300, 0] * 255).round().to(torch.uint8).numpy()
     np.savez(tmp_path / "ind.npz", images=x, labels=fmnist_test.labels[:300].numpy())
-    cfg = RunConfig(ind_dataset=str(tmp_path / "ind.npz"), n_calibration=200, n_test=100,
-                    scores=[ScoreSpec("Softmax")], scenarios=[ScenarioSpec(kind="invert")])  # fmt: skip
+    cfg = RunConfig(
+        ind_dataset=str(tmp_path / "ind.npz"),
+        n_calibration=200,
+        n_test=100,
+        scores=[ScoreSpec("Softmax")],
+        scenarios=[ScenarioSpec(kind="invert")],
+    )
     cache = RunCache()
     res = run(cfg, cache)
     assert len(res.ind) == 100

@@ -76,8 +76,9 @@ def test_activations_equal_module_outputs(net):
     torch.testing.assert_close(acts[(1, 5)], logits)
     torch.testing.assert_close(acts[(0, 1)], logits)
     # As the reference library: duplicates and the order given are ignored (table/call order).
-    assert rec.recording == tuple(lid for lid in rec.layer_ids
-                                  if lid in {(1, 3), (1, 4), (2, 1), (0, 1), (1, 5)})  # fmt: skip
+    assert rec.recording == tuple(
+        lid for lid in rec.layer_ids if lid in {(1, 3), (1, 4), (2, 1), (0, 1), (1, 5)}
+    )
     assert rec.recording[0] == (0, 1) and rec.recording.index((2, 1)) < rec.recording.index((1, 3))
 
 
@@ -87,7 +88,9 @@ def test_direct_net_calls_are_recorded_too_and_reset(net):
     x1, x2 = torch.rand(2, 3), torch.rand(2, 3)
     net(x1)
     net(x2)  # counters reset per forward: (1, 4) is still the second call of `shared`
-    torch.testing.assert_close(rec.activations[(1, 4)], net.shared(net.shared(net.block(net.a(x2)))))
+    torch.testing.assert_close(
+        rec.activations[(1, 4)], net.shared(net.shared(net.block(net.a(x2))))
+    )
 
 
 def test_unknown_layer_id_is_a_clear_error(net):
@@ -133,7 +136,10 @@ def test_record_batches_reduces_per_batch_with_progress(net):
     x = torch.rand(10, 3)
     seen = []
     out = rec.record_batches(
-        x, batch_size=4, reduce=lambda lg, acts: acts[(1, 2)].sum(1), progress=lambda d, t: seen.append((d, t))
+        x,
+        batch_size=4,
+        reduce=lambda lg, acts: acts[(1, 2)].sum(1),
+        progress=lambda d, t: seen.append((d, t)),
     )
     assert seen == [(4, 10), (8, 10), (10, 10)]
     torch.testing.assert_close(torch.cat(out), net.block(net.a(x)).sum(1))

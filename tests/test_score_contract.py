@@ -185,8 +185,16 @@ def test_unknown_parameter_is_rejected_with_the_accepted_names(name):
         build(SCORES[name], not_a_parameter=1)
 
 
-SHIFT_INVARIANT = ("Softmax", "Logit", "Energy", "Entropy", "GEN", "TemperatureScaling",
-                   "KLMatching", "ODIN")  # fmt: skip
+SHIFT_INVARIANT = (
+    "Softmax",
+    "Logit",
+    "Energy",
+    "Entropy",
+    "GEN",
+    "TemperatureScaling",
+    "KLMatching",
+    "ODIN",
+)
 
 
 @pytest.mark.parametrize("name", SHIFT_INVARIANT)
@@ -221,11 +229,16 @@ def test_a_layer_that_contributes_nothing_warns_naming_score_and_layer():
     net = DeadBranch().eval()
     x = torch.rand(40, 1, 2, 2)
     engine = Evaluation.for_net(net, x)
-    dead = next(lid for lid in engine.recorder.layer_ids if engine.recorder.layer_name(lid) == "dead")
+    dead = next(
+        lid for lid in engine.recorder.layer_ids if engine.recorder.layer_name(lid) == "dead"
+    )
     score = KNN(k=3)
     score.layers = (dead,)
-    with pytest.warns(OodLensWarning, match=rf"KNN @ \({dead[0]}, {dead[1]}\): the activation of "
-                      r"layer 'dead' is the same for all 40 calibration samples"):  # fmt: skip
+    with pytest.warns(
+        OodLensWarning,
+        match=rf"KNN @ \({dead[0]}, {dead[1]}\): the activation of "
+        r"layer 'dead' is the same for all 40 calibration samples",
+    ):
         engine.fit([score], x)
     assert score.fit_warnings and "choose another layer" in score.fit_warnings[0]
     live = KNN(k=3)
@@ -244,7 +257,9 @@ def test_tied_confidences_on_a_set_warn_naming_score_and_set(net, data):
     x_fit, y_fit, x = data
     engine = Evaluation.for_net(net, x_fit)
     engine.fit([score], x_fit, y_fit)
-    with pytest.warns(OodLensWarning, match=r"Energy: all 60 confidences on 'my set' are identical"):
+    with pytest.warns(
+        OodLensWarning, match=r"Energy: all 60 confidences on 'my set' are identical"
+    ):
         engine.confidences([score], x, dataset="my set")
 
 
@@ -285,7 +300,10 @@ def test_calibration_too_small_for_k_fails_before_any_forward_pass(data):
     calls.clear()
     for score in (KNN(k=500), JTLA(test={"type": "multinomial", "mode": "mle", "k": 400})):
         score.layers = ((1, 2),)
-        with pytest.raises(ValueError, match=rf"{type(score).__name__}.*k=\d+ neighbours but only "
-                                             r"180 calibration samples"):  # fmt: skip
+        with pytest.raises(
+            ValueError,
+            match=rf"{type(score).__name__}.*k=\d+ neighbours but only "
+            r"180 calibration samples",
+        ):
             ev.fit([score], data[0], data[1])
     assert calls == []

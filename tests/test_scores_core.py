@@ -67,10 +67,16 @@ def test_logit_family_closed_forms(net, data):
         Energy(): torch.logsumexp(z, 1, keepdim=True).expand(-1, 3),
         Energy(temperature=2.0): (2 * torch.logsumexp(z / 2, 1, keepdim=True)).expand(-1, 3),
         JointEnergy(): F.softplus(z).sum(1, keepdim=True).expand(-1, 3),
-        Entropy(): (torch.softmax(z, 1) * torch.log_softmax(z, 1)).sum(1, keepdim=True).expand(-1, 3),
-        GEN(gamma=0.5, top_m=2): -(torch.softmax(z, 1).topk(2, 1).values.pow(0.5)
-                                   * (1 - torch.softmax(z, 1).topk(2, 1).values).pow(0.5)).sum(1, keepdim=True).expand(-1, 3),
-    }  # fmt: skip
+        Entropy(): (torch.softmax(z, 1) * torch.log_softmax(z, 1))
+        .sum(1, keepdim=True)
+        .expand(-1, 3),
+        GEN(gamma=0.5, top_m=2): -(
+            torch.softmax(z, 1).topk(2, 1).values.pow(0.5)
+            * (1 - torch.softmax(z, 1).topk(2, 1).values).pow(0.5)
+        )
+        .sum(1, keepdim=True)
+        .expand(-1, 3),
+    }
     for score, expected in cases.items():
         logits, conf = run(net, score, [], x, y, x)
         assert conf.dtype == torch.float64 and conf.shape == (60, 3)
@@ -95,10 +101,14 @@ def test_float64_logits_avoid_saturation_ties():
 
 def test_modes_diff_and_ratio():
     c = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]], dtype=torch.float64)
-    torch.testing.assert_close(postprocess_conformity(c, "diff"),
-                               torch.tensor([[0.2, -0.2, -0.3], [-0.7, -0.7, 0.7]], dtype=torch.float64))  # fmt: skip
-    torch.testing.assert_close(postprocess_conformity(c, "ratio"),
-                               torch.tensor([[0.5 / 0.3, 0.6, 0.4], [0.125, 0.125, 8.0]], dtype=torch.float64))  # fmt: skip
+    torch.testing.assert_close(
+        postprocess_conformity(c, "diff"),
+        torch.tensor([[0.2, -0.2, -0.3], [-0.7, -0.7, 0.7]], dtype=torch.float64),
+    )
+    torch.testing.assert_close(
+        postprocess_conformity(c, "ratio"),
+        torch.tensor([[0.5 / 0.3, 0.6, 0.4], [0.125, 0.125, 8.0]], dtype=torch.float64),
+    )
 
 
 def test_temperature_scaling_fits_nll_optimum(net, data):
@@ -321,7 +331,9 @@ def test_rankfeat_equals_manual_rank1_removal_and_forward(net, data):
         with torch.no_grad():
             f = net.fc(net.flat(net.pool(net.relu(rest.float())))).double()
         expected.append(torch.logsumexp(f, 1).item())
-    torch.testing.assert_close(conf[:, 0], torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        conf[:, 0], torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_rankfeat_of_a_rank_one_map_leaves_only_the_bias(net):
@@ -371,5 +383,7 @@ def test_kl_matching_warns_about_a_class_never_predicted(net, data):
         counts = torch.bincount(net(x).argmax(1), minlength=3)
     missing = [k for k in range(3) if counts[k] == 0]
     assert missing  # this untrained net predicts some classes never
-    with pytest.warns(OodLensWarning, match=rf"KLMatching: class\(es\) {re.escape(str(missing))} are never"):
+    with pytest.warns(
+        OodLensWarning, match=rf"KLMatching: class\(es\) {re.escape(str(missing))} are never"
+    ):
         run(net, KLMatching(), [], x, y, x)

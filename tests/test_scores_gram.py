@@ -126,11 +126,14 @@ LAYERS = {(1, 1): "conv", (1, 2): "pool", (1, 3): "flat", (1, 4): "fc"}
 
 
 @pytest.mark.filterwarnings("ignore:Gram. classes .2. have no calibration sample")
-@pytest.mark.parametrize(("layers", "separate", "labels"), [
-    ([(1, 1), (1, 4)], False, "pred"),
-    ([(1, 2), (1, 3)], False, "true"),
-    ([(1, 1), (1, 2)], True, "pred"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("layers", "separate", "labels"),
+    [
+        ([(1, 1), (1, 4)], False, "pred"),
+        ([(1, 2), (1, 3)], False, "true"),
+        ([(1, 1), (1, 2)], True, "pred"),
+    ],
+)
 def test_gram_matches_loop_implementation(net, data, layers, separate, labels):
     x, y = data
     x_test = torch.cat([x[:20], x[:20] * 3, -x[:20]])
@@ -307,6 +310,10 @@ def test_constructor_accepts_reference_forms():
         with pytest.raises(ValueError, match="Gram: parameter"):
             Gram(**bad)
     defaults = Gram().values
-    assert (defaults["max_gram_order"], defaults["cut_off"], defaults["separate_diagonal"],
-            defaults["calib_labels"]) == (8, 0.1, False, "pred")  # fmt: skip
+    assert (
+        defaults["max_gram_order"],
+        defaults["cut_off"],
+        defaults["separate_diagonal"],
+        defaults["calib_labels"],
+    ) == (8, 0.1, False, "pred")
     assert (defaults["precision"], defaults["class_fallback"]) == ("input", "none")

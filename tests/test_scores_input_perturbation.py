@@ -141,8 +141,12 @@ def test_median_filter_matches_scipy_and_numpy(s: int) -> None:
     x = torch.rand(2, 3, 6, 7, generator=g, dtype=torch.float64)
     got = median_smooth(x, s).numpy()
     # the reference library: scipy.ndimage.vectorized_filter(x, np.median, size=s, axes=(2, 3))
-    np.testing.assert_allclose(got, ndimage.vectorized_filter(x.numpy(), np.median, size=s, axes=(2, 3)),
-                               atol=1e-15, rtol=0)  # fmt: skip
+    np.testing.assert_allclose(
+        got,
+        ndimage.vectorized_filter(x.numpy(), np.median, size=s, axes=(2, 3)),
+        atol=1e-15,
+        rtol=0,
+    )
     np.testing.assert_allclose(got, _median_numpy(x.numpy(), s, "mean"), atol=1e-15, rtol=0)
     # the paper's code: scipy.ndimage.median_filter(size=(1, s, s, 1), mode='reflect')
     paper = median_smooth(x, s, style="paper").numpy()
@@ -159,8 +163,10 @@ def test_median_filter_1d_and_2d_samples(shape: tuple) -> None:
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
     axes = tuple(range(1, len(shape)))
     for s in (2, 3):
-        np.testing.assert_array_equal(median_smooth(x, s).numpy(),
-                                      ndimage.vectorized_filter(x.numpy(), np.median, size=s, axes=axes))  # fmt: skip
+        np.testing.assert_array_equal(
+            median_smooth(x, s).numpy(),
+            ndimage.vectorized_filter(x.numpy(), np.median, size=s, axes=axes),
+        )
 
 
 def test_median_filter_even_window_by_hand() -> None:
@@ -179,8 +185,20 @@ def test_median_filter_needs_1d_to_3d_samples() -> None:
         median_smooth(torch.rand(4, 1, 2, 5, 5), 2)
 
 
-@pytest.mark.parametrize("bad", [["bits"], ["median:0"], ["bits:0"], ["bits:32"], ["blur:3"],
-                                 ["bits:5", "median:x"], [3], [" bits:4"], ["bits:4.5"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["bits"],
+        ["median:0"],
+        ["bits:0"],
+        ["bits:32"],
+        ["blur:3"],
+        ["bits:5", "median:x"],
+        [3],
+        [" bits:4"],
+        ["bits:4.5"],
+    ],
+)
 def test_invalid_squeezer_messages(bad: list) -> None:
     with pytest.raises(ValueError) as err:
         FeatureSqueezing(squeezers=bad)
@@ -284,13 +302,23 @@ def test_squeezing_matches_direct_computation(conv_net: nn.Module, images: torch
         qf = _softmax_np(conv_net(images.flip(-1)))
     d = np.stack([np.abs(p - q).sum(1) for q in (q4, q2r, qf)], 1)
     d2 = np.stack([np.sqrt(((p - q) ** 2).sum(1)) for q in (q4, q2r, qf)], 1)
-    cases = {("max", 1.0): -d.max(1), ("mean", 1.0): -d.mean(1), ("sum", 2.0): -d2.sum(1),
-             (3.0, 1.0): -(d**3).sum(1) ** (1 / 3), ("geometric", 1.0): -np.exp(np.log(d).mean(1)),
-             ("harmonic", 1.0): -1 / (1 / d).mean(1), ("fisher", 1.0): -np.log(d).sum(1),
-             ("min", 1.0): -d.min(1), ("prod", 1.0): -d.prod(1)}  # fmt: skip
+    cases = {
+        ("max", 1.0): -d.max(1),
+        ("mean", 1.0): -d.mean(1),
+        ("sum", 2.0): -d2.sum(1),
+        (3.0, 1.0): -((d**3).sum(1) ** (1 / 3)),
+        ("geometric", 1.0): -np.exp(np.log(d).mean(1)),
+        ("harmonic", 1.0): -1 / (1 / d).mean(1),
+        ("fisher", 1.0): -np.log(d).sum(1),
+        ("min", 1.0): -d.min(1),
+        ("prod", 1.0): -d.prod(1),
+    }
     for (agg, p_norm), want in cases.items():
-        s = FeatureSqueezing(squeezers=["bits:4", "median:2", lambda x: x.flip(-1)], aggregation=agg,
-                             dist_norm=p_norm).fit(rnet, images[:10])  # fmt: skip
+        s = FeatureSqueezing(
+            squeezers=["bits:4", "median:2", lambda x: x.flip(-1)],
+            aggregation=agg,
+            dist_norm=p_norm,
+        ).fit(rnet, images[:10])
         lg, c = s(images)
         np.testing.assert_allclose(predicted_confidence(lg, c).numpy(), want, rtol=1e-5, atol=1e-6)
 
@@ -302,8 +330,15 @@ def test_squeezer_must_keep_the_shape(conv_net: nn.Module, images: torch.Tensor)
 
 
 # ------------------------------------------------------------------------------ Odds
-def _odds_by_hand(net: nn.Module, x_cal: torch.Tensor, y_cal: torch.Tensor, tests: list[torch.Tensor],
-                  eps: float, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:  # fmt: skip
+def _odds_by_hand(
+    net: nn.Module,
+    x_cal: torch.Tensor,
+    y_cal: torch.Tensor,
+    tests: list[torch.Tensor],
+    eps: float,
+    k: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """The reference algorithm, written directly: one generator; class by class, the k noisy copies
     of each calibration sample; per-pair log-odds shifts; mean and (unbiased) variance; then per
     test set, mean noisy logits and s[y, z] = (d_z - d_y - mu_yz) / var_yz."""
@@ -607,9 +642,18 @@ def test_real_model_auroc(tiniest, fmnist_calib, fmnist_test, mnist) -> None:
     # Odds: with the reference's defaults (uniform noise, z summed, divided by the variance) MNIST
     # ranks as *more* InD on this pair (AUROC .32 here); gaussian noise with the two-sided,
     # std-standardised max (extras) detects it
-    scores = [FeatureSqueezing(squeezers=["median:2"]), IsoMax(),
-              Odds(epsilon=0.05, noise_samples=1, noise="gaussian", z_aggregation="detect",
-                   two_sided=True, z_scale="std")]  # fmt: skip
+    scores = [
+        FeatureSqueezing(squeezers=["median:2"]),
+        IsoMax(),
+        Odds(
+            epsilon=0.05,
+            noise_samples=1,
+            noise="gaussian",
+            z_aggregation="detect",
+            two_sided=True,
+            z_scale="std",
+        ),
+    ]
     eng = Evaluation.for_net(tiniest, calib.images)
     eng.fit(scores, calib.images, calib.labels)
     res_in = eng.confidences(scores, ind.images)

@@ -129,8 +129,9 @@ def test_deep_mahalanobis_matches_numpy_with_weights():
     np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9)
     assert all(c < 1e4 for c in score.condition_numbers.values())
     # the pseudo-inverse fallback agrees on a well-conditioned covariance
-    pinv = fit_on_features(DeepMahalanobis(weights=[1.0, 0.5], inverse="pinv"),
-                           {"1-1": h1, "1-2": h2}, y, 3)  # fmt: skip
+    pinv = fit_on_features(
+        DeepMahalanobis(weights=[1.0, 0.5], inverse="pinv"), {"1-1": h1, "1-2": h2}, y, 3
+    )
     np.testing.assert_allclose(conf_on_features(pinv, {"1-1": t1, "1-2": t2}, 3), ref, rtol=1e-9)
 
 
@@ -145,8 +146,9 @@ def test_default_statistics_are_in_the_activations_dtype():
         got = conf_on_features(score, {"1-1": t.astype(dtype)}, 3)
         np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
     torch_h = torch.from_numpy(h.astype(np.float32))
-    prec32 = torch.linalg.inv(torch.from_numpy(np_tied_cov(h.astype(np.float32).astype(np.float64),
-                                                           y, 3)).float())  # fmt: skip
+    prec32 = torch.linalg.inv(
+        torch.from_numpy(np_tied_cov(h.astype(np.float32).astype(np.float64), y, 3)).float()
+    )
     stored = score.gaussians[0].precision
     assert stored.dtype == torch.float64 and torch_h.dtype == torch.float32
     torch.testing.assert_close(stored.float(), (prec32 + prec32.T) / 2, rtol=1e-2, atol=1e-2)
@@ -163,8 +165,11 @@ def test_pooling_flatten_default_and_mean_opt_in(conv_net):
     assert DeepMahalanobis(inverse="pinv").layer_features(a).dtype == torch.float64
     assert DeepMahalanobis(pooling="mean").layer_features(torch.randn(5, 7)).shape == (5, 7)
     huge = torch.zeros(1, 256, 56, 56)  # 802,816 dims: a 2.3 TiB covariance
-    with pytest.raises(ValueError, match=r"DeepMahalanobis @ \(1, 3\): the activation \(256, 56, "
-                       r"56\) gives 802,816 feature dims.*use pooling='mean'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"DeepMahalanobis @ \(1, 3\): the activation \(256, 56, "
+        r"56\) gives 802,816 feature dims.*use pooling='mean'",
+    ):
         DeepMahalanobis().layer_features(huge, (1, 3))
     assert DeepMahalanobis(pooling="mean").layer_features(huge).shape == (1, 256)
     eng = Evaluation.for_net(conv_net, x)
@@ -184,16 +189,22 @@ def test_pooling_flatten_default_and_mean_opt_in(conv_net):
     ((_, conf),) = eng.confidences([mean], xt)
     with torch.no_grad():
         f_cal, f_t = conv_net.relu_features(x).numpy(), conv_net.relu_features(xt).numpy()
-    np.testing.assert_allclose(conf.numpy(), -np_deep_maha(f_cal, y.numpy(), f_t, 3),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        conf.numpy(), -np_deep_maha(f_cal, y.numpy(), f_t, 3), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_deep_mahalanobis_engine_and_seed_style(conv_net):
     x, y = conv_data(90, seed=1)
     xt, _ = conv_data(20, seed=2)
     rec = Recorder(conv_net, input_data=x[:1])
-    assert list(rec.layer_table()["type"][1:]) == ["Conv2d", "ReLU", "AdaptiveAvgPool2d", "Flatten",
-                                                   "Linear"]  # fmt: skip
+    assert list(rec.layer_table()["type"][1:]) == [
+        "Conv2d",
+        "ReLU",
+        "AdaptiveAvgPool2d",
+        "Flatten",
+        "Linear",
+    ]
     eng = Evaluation(rec)
     score = DeepMahalanobis(pooling="mean", inverse="pinv")
     score.layers = ((1, 2), (1, 5))
@@ -253,10 +264,12 @@ def test_readout_closest_is_the_papers_min_distance():
     feats, test = {"1-1": h1, "1-2": h2}, {"1-1": t1, "1-2": t2}
     for cls in (DeepMahalanobis, RelativeMahalanobis):
         for inverse in ("inv", "pinv"):
-            per_class = conf_on_features(fit_on_features(cls(inverse=inverse, weights=[1.0, 2.0]),
-                                                         feats, y, 3), test, 3)  # fmt: skip
-            score = fit_on_features(cls(inverse=inverse, weights=[1.0, 2.0], readout="closest"),
-                                    feats, y, 3)  # fmt: skip
+            per_class = conf_on_features(
+                fit_on_features(cls(inverse=inverse, weights=[1.0, 2.0]), feats, y, 3), test, 3
+            )
+            score = fit_on_features(
+                cls(inverse=inverse, weights=[1.0, 2.0], readout="closest"), feats, y, 3
+            )
             got = conf_on_features(score, test, 3)
             d1, d2 = np_deep_maha(h1, y, t1, 3), np_deep_maha(h2, y, t2, 3)
             if cls is RelativeMahalanobis:
@@ -280,8 +293,10 @@ def test_singular_covariance_default_warns_and_pinv_is_finite():
     for cls in (DeepMahalanobis, RelativeMahalanobis):
         score = cls()
         messages = fit_quietly(score, {"1-1": h}, y, 2)
-        assert f"{cls.__name__} @ (1, 1): 20 feature dimensions for 8 samples, covariance " \
-               "singular (rank <= 6)" in messages[0]  # fmt: skip
+        assert (
+            f"{cls.__name__} @ (1, 1): 20 feature dimensions for 8 samples, covariance "
+            "singular (rank <= 6)" in messages[0]
+        )
         assert "try pooling='mean' (fewer dims) or inverse='pinv'" in messages[0]
         assert score.condition_numbers[(1, 1)] == math.inf
         if cls is RelativeMahalanobis:  # the global covariance (rank <= 7) is singular too
@@ -320,8 +335,10 @@ def test_failed_inversion_gives_minus_inf_as_the_reference():
     y = np.array([0, 1, 2])
     score = DeepMahalanobis()
     messages = fit_quietly(score, {"1-1": h}, y, 3)
-    assert "covariance singular (rank <= 0; its float64 LU inversion failed), every distance is NaN and " \
-           "every conformity -inf" in messages[0]  # fmt: skip
+    assert (
+        "covariance singular (rank <= 0; its float64 LU inversion failed), every distance is NaN and "
+        "every conformity -inf" in messages[0]
+    )
     assert score.gaussians[0].precision.isnan().all()
     got = conf_on_features(score, {"1-1": h + 1}, 3, finite=False)
     assert np.all(got == -np.inf)
@@ -336,9 +353,11 @@ def test_absent_class():
     # default (the reference): NaN mean, conformity -inf at that class only
     score = DeepMahalanobis()
     messages = fit_quietly(score, {"1-1": h}, y, 3)  # class 2 never seen
-    assert messages == ["DeepMahalanobis: no calibration sample of class(es) [2]: their means "
-                        "are NaN and their conformity -inf (as in the reference); calibrate with "
-                        "samples of every class (or use readout='closest')"]  # fmt: skip
+    assert messages == [
+        "DeepMahalanobis: no calibration sample of class(es) [2]: their means "
+        "are NaN and their conformity -inf (as in the reference); calibrate with "
+        "samples of every class (or use readout='closest')"
+    ]
     got = conf_on_features(score, {"1-1": t}, 3, finite=False)
     assert np.all(got[:, 2] == -np.inf)
     np.testing.assert_allclose(got[:, :2], -np_deep_maha(h, y, t, 2), rtol=1e-9)
@@ -461,8 +480,11 @@ def test_epsilon_with_failed_inversion_warns_and_stays_unperturbed(conv_net):
     score.layers = ((1, 2),)
     with pytest.warns(OodLensWarning, match="LU inversion failed"):
         eng.fit([score], x, y)
-    with pytest.warns(OodLensWarning, match=r"the input gradient is not finite for 4 of 4 "
-                      "samples.*scored without the epsilon step"):  # fmt: skip
+    with pytest.warns(
+        OodLensWarning,
+        match=r"the input gradient is not finite for 4 of 4 "
+        "samples.*scored without the epsilon step",
+    ):
         ((_, conf),) = eng.confidences([score], conv_data(4, seed=5)[0])
     assert (conf == -math.inf).all()
 
@@ -476,8 +498,9 @@ def test_multi_mahalanobis_matches_reference(shrinkage):
     h2, _ = fake_features(d=3, seed=11)
     t1, _ = fake_features(n=11, d=6, seed=12)
     t2, _ = fake_features(n=11, d=3, seed=13)
-    score = fit_on_features(MultiMahalanobis(shrinkage=shrinkage, weights=[2.0, 1.0]),
-                            {"1-1": h1, "1-2": h2}, y, 3)  # fmt: skip
+    score = fit_on_features(
+        MultiMahalanobis(shrinkage=shrinkage, weights=[2.0, 1.0]), {"1-1": h1, "1-2": h2}, y, 3
+    )
     got = conf_on_features(score, {"1-1": t1, "1-2": t2}, 3)
     ref = np.zeros((11, 3))
     for w, h, t in ((2.0, h1, t1), (1.0, h2, t2)):
@@ -495,12 +518,14 @@ def test_multi_mahalanobis_matches_reference(shrinkage):
         ref -= w * (np_sq_maha(t, mu, prec) - own.mean()) / own.std()
     np.testing.assert_allclose(got, ref, rtol=1e-8, atol=1e-8)
     if shrinkage == "oas":  # the closest-class readout: per-layer min of the standardised z
-        close = fit_on_features(MultiMahalanobis(shrinkage=shrinkage, readout="closest"),
-                                {"1-1": h1}, y, 3)  # fmt: skip
+        close = fit_on_features(
+            MultiMahalanobis(shrinkage=shrinkage, readout="closest"), {"1-1": h1}, y, 3
+        )
         one = fit_on_features(MultiMahalanobis(shrinkage=shrinkage), {"1-1": h1}, y, 3)
         best = conf_on_features(one, {"1-1": t1}, 3).max(1)
-        np.testing.assert_allclose(conf_on_features(close, {"1-1": t1}, 3),
-                                   np.repeat(best[:, None], 3, 1), rtol=1e-12)  # fmt: skip
+        np.testing.assert_allclose(
+            conf_on_features(close, {"1-1": t1}, 3), np.repeat(best[:, None], 3, 1), rtol=1e-12
+        )
 
 
 def test_multi_mahalanobis_shrinkage_param():
@@ -586,8 +611,11 @@ WEIGHTS = BUNDLED_HUB / "weights" / "tiniest.pt"
 def test_real_fashion_mnist_vs_mnist(tiniest, fmnist_calib, fmnist_test, mnist):
     from ood_core.metrics import AUC
 
-    calib, ind, ood = (fmnist_calib.subset(500, seed=0), fmnist_test.subset(500, seed=0),
-                       mnist.subset(500, seed=0))  # fmt: skip
+    calib, ind, ood = (
+        fmnist_calib.subset(500, seed=0),
+        fmnist_test.subset(500, seed=0),
+        mnist.subset(500, seed=0),
+    )
     eng = Evaluation.for_net(tiniest, calib.images)
     # pooled features: flattened, the (80, 7, 7) block has 3,920 dims for 500 samples (singular)
     scores = [

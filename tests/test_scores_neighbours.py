@@ -91,8 +91,9 @@ def test_lid_guards_exact_duplicates():
     xc = torch.randn(30, 4, generator=g)
     xt = torch.cat([xc[:1], torch.randn(1, 4, generator=g)])  # first test point = a calib point
     k = 5
-    conf = fit_and_score(LID(k=k, duplicates="skip"), {A: xc}, torch.zeros(30, 2), None, {A: xt},
-                         torch.zeros(2, 2))  # fmt: skip
+    conf = fit_and_score(
+        LID(k=k, duplicates="skip"), {A: xc}, torch.zeros(30, 2), None, {A: xt}, torch.zeros(2, 2)
+    )
     assert torch.isfinite(conf).all()
     d = torch.cdist(xt.double(), xc.double()).sort(1).values[0, :k]
     assert d[0] == 0
@@ -100,8 +101,14 @@ def test_lid_guards_exact_duplicates():
     assert conf[0, 0] == pytest.approx(float((k - 1) / torch.log(pos / pos[-1]).sum()), rel=1e-9)
     # all k neighbours duplicates -> LID 0 (the most in-distribution value)
     dup = torch.cat([xc[:1]] * 6)
-    conf = fit_and_score(LID(k=3, duplicates="skip"), {A: dup}, torch.zeros(6, 2), None,
-                         {A: xc[:1]}, torch.zeros(1, 2))  # fmt: skip
+    conf = fit_and_score(
+        LID(k=3, duplicates="skip"),
+        {A: dup},
+        torch.zeros(6, 2),
+        None,
+        {A: xc[:1]},
+        torch.zeros(1, 2),
+    )
     assert torch.equal(conf, torch.zeros(1, 2, dtype=torch.float64))
 
 
@@ -116,8 +123,9 @@ def test_lid_reference_guards():
     d = torch.cdist(xt[1:].double(), xc.double()).sort(1).values[0, :k]
     assert conf[1, 0] == pytest.approx(float(-k / torch.log(d[-1] / d).sum()), rel=1e-9)
     square = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
-    conf = fit_and_score(LID(k=4), {A: square}, torch.zeros(4, 2), None, {A: torch.zeros(1, 2)},
-                         torch.zeros(1, 2))  # fmt: skip
+    conf = fit_and_score(
+        LID(k=4), {A: square}, torch.zeros(4, 2), None, {A: torch.zeros(1, 2)}, torch.zeros(1, 2)
+    )
     assert conf[0, 0] == -torch.inf
 
 
@@ -165,8 +173,10 @@ def test_dknn_quantiles_match_brute_force(per_class):
     the fraction of calibration counts (of class c with per_class) strictly below n(x, c)."""
     x1, x2, labels, t1, t2, lc, lt = two_layer_blobs()
     k = 7
-    own = [brute_counts(x, labels, x, k, 3, exclude_self=True).gather(1, labels[:, None])[:, 0]
-           for x in (x1, x2)]  # fmt: skip
+    own = [
+        brute_counts(x, labels, x, k, 3, exclude_self=True).gather(1, labels[:, None])[:, 0]
+        for x in (x1, x2)
+    ]
     tests = [brute_counts(x1, labels, t1, k, 3), brute_counts(x2, labels, t2, k, 3)]
 
     def quantiles(calib, test):
@@ -176,16 +186,26 @@ def test_dknn_quantiles_match_brute_force(per_class):
             cols.append(left_quantile(ref, test[:, c]))
         return torch.stack(cols, 1)
 
-    summed = fit_and_score(DkNN(k=k, per_class=per_class), {A: x1, B: x2}, lc, labels,
-                           {A: t1, B: t2}, lt)  # fmt: skip
+    summed = fit_and_score(
+        DkNN(k=k, per_class=per_class), {A: x1, B: x2}, lc, labels, {A: t1, B: t2}, lt
+    )
     if per_class:  # (without per_class nor per_layer: the raw summed counts, tested above)
         assert torch.allclose(summed, quantiles(own[0] + own[1], tests[0] + tests[1]), atol=1e-7)
     per = [quantiles(own[i], tests[i]) for i in range(2)]
-    for agg, expected in (("mean", (per[0] + per[1]) / 2), ("max", torch.maximum(*per)),
-                          ("fisher", per[0].log() + per[1].log()),
-                          (2.0, (per[0] ** 2 + per[1] ** 2).sqrt())):  # fmt: skip
-        conf = fit_and_score(DkNN(k=k, per_class=per_class, per_layer=True, aggregation=agg),
-                             {A: x1, B: x2}, lc, labels, {A: t1, B: t2}, lt)  # fmt: skip
+    for agg, expected in (
+        ("mean", (per[0] + per[1]) / 2),
+        ("max", torch.maximum(*per)),
+        ("fisher", per[0].log() + per[1].log()),
+        (2.0, (per[0] ** 2 + per[1] ** 2).sqrt()),
+    ):
+        conf = fit_and_score(
+            DkNN(k=k, per_class=per_class, per_layer=True, aggregation=agg),
+            {A: x1, B: x2},
+            lc,
+            labels,
+            {A: t1, B: t2},
+            lt,
+        )
         assert torch.allclose(conf, expected, atol=1e-6), agg
 
 
@@ -194,8 +214,9 @@ def test_dknn_self_query_drops_the_sample_itself_and_handles_duplicates():
     x = torch.tensor([[0.0], [0.0], [0.0], [5.0], [5.1], [5.2]])
     labels = torch.tensor([0, 0, 1, 1, 1, 1])
     s = DkNN(k=2, per_layer=True)
-    conf = fit_and_score(s, {A: x}, one_hot_logits(labels, 2), labels, {A: torch.zeros(1, 1)},
-                         torch.zeros(1, 2))  # fmt: skip
+    conf = fit_and_score(
+        s, {A: x}, one_hot_logits(labels, 2), labels, {A: torch.zeros(1, 1)}, torch.zeros(1, 2)
+    )
     # same-label counts among the 2 nearest others: [1, 1, 0, 2, 2, 2]
     assert torch.equal(s.calib_[0], torch.tensor([0.0, 1, 1, 2, 2, 2]))
     # query at 0: 2 neighbours (labels among {0, 0, 1}); class counts below -> quantiles
@@ -205,17 +226,25 @@ def test_dknn_self_query_drops_the_sample_itself_and_handles_duplicates():
 def test_dknn_raw_statistic_keeps_the_former_behaviour():
     x1, x2, labels, t1, t2, lc, lt = two_layer_blobs()
     k = 9
-    conf = fit_and_score(DkNN(k=k, statistic="raw"), {A: x1, B: x2}, lc, labels, {A: t1, B: t2},
-                         lt)  # fmt: skip
+    conf = fit_and_score(DkNN(k=k, statistic="raw"), {A: x1, B: x2}, lc, labels, {A: t1, B: t2}, lt)
     brute = brute_disagreement(torch.cat([x1, x2], 1), labels, torch.cat([t1, t2], 1), k, 3)
     assert conf.shape == (12, 3) and conf.dtype == torch.float64
     assert torch.allclose(conf, -brute)
     assert torch.allclose(conf.sum(1), torch.full((12,), -2.0, dtype=torch.float64))  # sum_c = 1-C
     per = [brute_disagreement(x1, labels, t1, k, 3), brute_disagreement(x2, labels, t2, k, 3)]
-    for agg, expected in (("sum", per[0] + per[1]), ("max", torch.maximum(*per)),
-                          ("mean", (per[0] + per[1]) / 2)):  # fmt: skip
-        conf = fit_and_score(DkNN(k=k, per_layer=True, aggregation=agg, statistic="raw"),
-                             {A: x1, B: x2}, lc, labels, {A: t1, B: t2}, lt)  # fmt: skip
+    for agg, expected in (
+        ("sum", per[0] + per[1]),
+        ("max", torch.maximum(*per)),
+        ("mean", (per[0] + per[1]) / 2),
+    ):
+        conf = fit_and_score(
+            DkNN(k=k, per_layer=True, aggregation=agg, statistic="raw"),
+            {A: x1, B: x2},
+            lc,
+            labels,
+            {A: t1, B: t2},
+            lt,
+        )
         assert torch.allclose(conf, -expected), agg
 
 
@@ -227,21 +256,47 @@ def test_dknn_raw_per_class_is_minus_kth_distance_within_class():
     k = 4
 
     def kth(xc, xt):  # squared L2 distance to the k-th neighbour within each class
-        return torch.stack([torch.cdist(xt.double(), xc[labels == c].double()).pow(2)
-                            .sort(1).values[:, k - 1] for c in range(3)], 1)  # fmt: skip
+        return torch.stack(
+            [
+                torch.cdist(xt.double(), xc[labels == c].double()).pow(2).sort(1).values[:, k - 1]
+                for c in range(3)
+            ],
+            1,
+        )
 
-    conf = fit_and_score(DkNN(k=k, per_class=True, statistic="raw"), {A: x1}, lc, labels,
-                         {A: t1}, lt)  # fmt: skip
+    conf = fit_and_score(
+        DkNN(k=k, per_class=True, statistic="raw"), {A: x1}, lc, labels, {A: t1}, lt
+    )
     assert conf.shape == (8, 3)
     assert torch.allclose(conf, -kth(x1, t1), rtol=1e-9)
-    conf = fit_and_score(DkNN(k=k, per_class=True, per_layer=True, aggregation="sum",
-                              statistic="raw"), {A: x1, B: x2}, lc, labels, {A: t1, B: t2}, lt)  # fmt: skip
+    conf = fit_and_score(
+        DkNN(k=k, per_class=True, per_layer=True, aggregation="sum", statistic="raw"),
+        {A: x1, B: x2},
+        lc,
+        labels,
+        {A: t1, B: t2},
+        lt,
+    )
     assert conf.shape == (8, 3)
     assert torch.allclose(conf, -(kth(x1, t1) + kth(x2, t2)), rtol=1e-9)
-    conf = fit_and_score(DkNN(k=k, per_class=True, per_layer=True, index_metric="ip",
-                              statistic="raw"), {A: x1, B: x2}, lc, labels, {A: t1, B: t2}, lt)  # fmt: skip
-    ip = [torch.stack([(t @ x[labels == c].T).double().sort(1, descending=True).values[:, k - 1]
-                       for c in range(3)], 1) for x, t in ((x1, t1), (x2, t2))]  # fmt: skip
+    conf = fit_and_score(
+        DkNN(k=k, per_class=True, per_layer=True, index_metric="ip", statistic="raw"),
+        {A: x1, B: x2},
+        lc,
+        labels,
+        {A: t1, B: t2},
+        lt,
+    )
+    ip = [
+        torch.stack(
+            [
+                (t @ x[labels == c].T).double().sort(1, descending=True).values[:, k - 1]
+                for c in range(3)
+            ],
+            1,
+        )
+        for x, t in ((x1, t1), (x2, t2))
+    ]
     assert torch.allclose(conf, (ip[0] + ip[1]) / 2, rtol=1e-5, atol=1e-5)
 
 
@@ -255,8 +310,11 @@ def test_dknn_per_class_needs_k_samples_per_class():
         s.fit_features(s.extract(None, {A: x}), one_hot_logits(labels, 3), labels)
     s = DkNN(k=3, per_class=True)  # default: computes, with a warning
     s.layers = (A,)
-    with pytest.warns(OodLensWarning, match=r"DkNN: class\(es\) \[0\] have fewer calibration "
-                      r"samples \(\[2\]\) than k=3"):  # fmt: skip
+    with pytest.warns(
+        OodLensWarning,
+        match=r"DkNN: class\(es\) \[0\] have fewer calibration "
+        r"samples \(\[2\]\) than k=3",
+    ):
         s.fit_features(s.extract(None, {A: x}), one_hot_logits(labels, 3), labels)
 
 
@@ -266,8 +324,11 @@ def test_dknn_class_without_calibration_samples_warns_and_gets_zero():
     for per_class in (False, True):
         s = DkNN(k=3, per_class=per_class)
         s.layers = (A,)
-        with pytest.warns(OodLensWarning, match=r"DkNN: class\(es\) \[2\] have no calibration "
-                          "sample"):  # fmt: skip
+        with pytest.warns(
+            OodLensWarning,
+            match=r"DkNN: class\(es\) \[2\] have no calibration "
+            "sample",
+        ):
             s.fit_features(s.extract(None, {A: x}), one_hot_logits(labels, 3), labels)
         conf = s.conformity_from_features(s.extract(None, {A: x}), torch.zeros(18, 3))
         assert (conf[:, 2] == 0).all()
@@ -304,8 +365,14 @@ def test_trust_alpha_filters_largest_knn_radius():
     xc, labels = torch.cat([c0, c1]), torch.tensor([0] * 20 + [1] * 20)
     xt = torch.tensor([[3.2, 0.0], [1.0, 0.5]])
     k, alpha = 3, 0.1
-    conf = fit_and_score(Trust(alpha=alpha, k=k), {A: xc}, one_hot_logits(labels, 2), labels,
-                         {A: xt}, torch.zeros(2, 2))  # fmt: skip
+    conf = fit_and_score(
+        Trust(alpha=alpha, k=k),
+        {A: xc},
+        one_hot_logits(labels, 2),
+        labels,
+        {A: xt},
+        torch.zeros(2, 2),
+    )
 
     def kept(c):  # drop the floor(alpha n) points with the largest distance to their k-th neighbour
         dist = torch.cdist(c.double(), c.double())
@@ -316,8 +383,14 @@ def test_trust_alpha_filters_largest_knn_radius():
     assert len(k0) == 18 and not (k0 == torch.tensor([3.0, 0.0])).all(1).any()
     d = torch.stack([torch.cdist(xt.double(), c.double()).amin(1) for c in (k0, k1)], 1)
     assert torch.allclose(conf, torch.stack([d[:, 1] / d[:, 0], d[:, 0] / d[:, 1]], 1), rtol=1e-9)
-    unfiltered = fit_and_score(Trust(alpha=0.0, k=k), {A: xc}, one_hot_logits(labels, 2), labels,
-                               {A: xt}, torch.zeros(2, 2))  # fmt: skip
+    unfiltered = fit_and_score(
+        Trust(alpha=0.0, k=k),
+        {A: xc},
+        one_hot_logits(labels, 2),
+        labels,
+        {A: xt},
+        torch.zeros(2, 2),
+    )
     assert unfiltered[0, 0] > 1 > conf[0, 0]  # the outlier no longer vouches for class 0
 
 
@@ -359,8 +432,20 @@ def np_stat(counts, expected, mode, prior):
     return np.where(np.isnan(out), np.inf, out)
 
 
-def np_jtla(xs, labels, preds, ts, k, n_classes, mode="mle", prior=1.0, sizes=(1,),
-            consecutive=False, class_aggregation="nat", pred_conditional=True):  # fmt: skip
+def np_jtla(
+    xs,
+    labels,
+    preds,
+    ts,
+    k,
+    n_classes,
+    mode="mle",
+    prior=1.0,
+    sizes=(1,),
+    consecutive=False,
+    class_aggregation="nat",
+    pred_conditional=True,
+):
     """Brute-force reference JTLA (L2 neighbours by cdist, fisher = sum of log p-values)."""
     from itertools import combinations
 
@@ -410,16 +495,21 @@ def jtla_data(seed=10):
     return x1, x2, labels, logits, t1, t2
 
 
-@pytest.mark.parametrize(("kwargs", "ref"), [
-    ({}, {}),
-    ({"pred_conditional": False}, {"pred_conditional": False}),
-    ({"class_aggregation": "adv"}, {"class_aggregation": "adv"}),
-    ({"test_mode": "map", "prior": 0.5}, {"mode": "map", "prior": 0.5}),
-    ({"test_mode": "dcm", "prior": 2.0}, {"mode": "dcm", "prior": 2.0}),
-    ({"layer_aggregation": "fisher:1,2"}, {"sizes": (1, 2)}),
-    ({"layer_aggregation": "fisher:2", "layer_aggregation_consecutive": True},
-     {"sizes": (2,), "consecutive": True}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "ref"),
+    [
+        ({}, {}),
+        ({"pred_conditional": False}, {"pred_conditional": False}),
+        ({"class_aggregation": "adv"}, {"class_aggregation": "adv"}),
+        ({"test_mode": "map", "prior": 0.5}, {"mode": "map", "prior": 0.5}),
+        ({"test_mode": "dcm", "prior": 2.0}, {"mode": "dcm", "prior": 2.0}),
+        ({"layer_aggregation": "fisher:1,2"}, {"sizes": (1, 2)}),
+        (
+            {"layer_aggregation": "fisher:2", "layer_aggregation_consecutive": True},
+            {"sizes": (2,), "consecutive": True},
+        ),
+    ],
+)
 def test_jtla_matches_brute_force_reference(kwargs, ref):
     x1, x2, labels, lc, t1, t2 = jtla_data()
     k = 6
@@ -444,8 +534,10 @@ def test_jtla_special_prior_is_the_authors_prior():
     a = JTLA(test=spec(5, "map", special_prior=eps), index_metric="l2")
     b = JTLA(test=spec(5, "map", prior=prior), index_metric="l2")
     b_tensor = JTLA(test=spec(5, "map", prior=torch.from_numpy(prior)), index_metric="l2")
-    confs = [fit_and_score(s, {A: x1, B: x2}, lc, labels, {A: t1, B: t2}, torch.zeros(20, 3))
-             for s in (a, b, b_tensor)]  # fmt: skip
+    confs = [
+        fit_and_score(s, {A: x1, B: x2}, lc, labels, {A: t1, B: t2}, torch.zeros(20, 3))
+        for s in (a, b, b_tensor)
+    ]
     assert torch.equal(confs[0], confs[1]) and torch.equal(confs[1], confs[2])
 
 
@@ -463,8 +555,14 @@ def test_jtla_lpe_layer_aggregation_matches_brute_force():
     s = JTLA(test=spec(k), layer_aggregation="lpe:4", index_metric="l2", pred_conditional=False)
     conf = fit_and_score(s, {A: x1, B: x2}, lc, labels, {A: t1, B: t2}, torch.zeros(20, 3))
     calib = s.calib_tests_["true"].double().numpy()  # (C, n, L): tested against brute force above
-    q_tests = s._tests([F.one_hot(labels[brute_knn(x, t, k)], 3).sum(1) for x, t in
-                        ((x1, t1), (x2, t2))], "true").double().numpy()  # fmt: skip
+    q_tests = (
+        s._tests(
+            [F.one_hot(labels[brute_knn(x, t, k)], 3).sum(1) for x, t in ((x1, t1), (x2, t2))],
+            "true",
+        )
+        .double()
+        .numpy()
+    )
 
     def unit(v):
         v = np.where(np.isinf(v), 1e300, v)
@@ -485,8 +583,9 @@ def test_jtla_refit_with_another_layer_aggregation_forgets_the_previous_one():
     fit_and_score(s, {A: x1, B: x2}, lc, labels, {A: t1, B: t2}, torch.zeros(20, 3))
     s.layer_aggregation = "fisher"
     again = fit_and_score(s, {A: x1, B: x2}, lc, labels, {A: t1, B: t2}, torch.zeros(20, 3))
-    fresh = fit_and_score(JTLA(test=spec(5)), {A: x1, B: x2}, lc, labels, {A: t1, B: t2},
-                          torch.zeros(20, 3))  # fmt: skip
+    fresh = fit_and_score(
+        JTLA(test=spec(5)), {A: x1, B: x2}, lc, labels, {A: t1, B: t2}, torch.zeros(20, 3)
+    )
     assert torch.equal(again, fresh)
 
 
@@ -500,12 +599,16 @@ def test_jtla_test_spec_forms_and_validation():
 
     assert pickle.loads(pickle.dumps(s.test)) == s.test
     assert JTLA(test="{'type': 'multinomial', 'mode': 'map', 'k': 3}").test["mode"] == "map"
-    for bad, msg in ((spec(0), "'k' must be an int >= 1"), (spec(3, "median"), "'mode' must be"),
-                     ({"type": "gaussian", "mode": "mle", "k": 3}, "'type' must be 'multinomial'"),
-                     ({"mode": "mle", "k": 3}, r"missing key\(s\) \['type'\]"),
-                     (spec(3, kk=2), r"unknown key\(s\) \['kk'\]"),
-                     (spec(3, prior=np.ones((2, 2, 2))), "'prior' must be a float or an array"),
-                     (spec(3, prior=float("nan")), "'prior' must be finite"), (3, "must be")):  # fmt: skip
+    for bad, msg in (
+        (spec(0), "'k' must be an int >= 1"),
+        (spec(3, "median"), "'mode' must be"),
+        ({"type": "gaussian", "mode": "mle", "k": 3}, "'type' must be 'multinomial'"),
+        ({"mode": "mle", "k": 3}, r"missing key\(s\) \['type'\]"),
+        (spec(3, kk=2), r"unknown key\(s\) \['kk'\]"),
+        (spec(3, prior=np.ones((2, 2, 2))), "'prior' must be a float or an array"),
+        (spec(3, prior=float("nan")), "'prior' must be finite"),
+        (3, "must be"),
+    ):
         with pytest.raises(ValueError, match=f"JTLA: parameter 'test'.*{msg}"):
             JTLA(test=bad)
     for good in ("fisher", "harmonic:2", "fisher:1,2,3", "sum:", "lpe", "lpe:20", "mean:2,"):
@@ -528,8 +631,11 @@ def test_jtla_warns_on_degenerate_fits():
     s.layers = (A, B)
     preds = lc.clone()
     preds[:, 2] = -10.0  # class 2 is never predicted
-    with pytest.warns(OodLensWarning, match=r"JTLA: class\(es\) \[2\] are never predicted on the "
-                      "calibration set"):  # fmt: skip
+    with pytest.warns(
+        OodLensWarning,
+        match=r"JTLA: class\(es\) \[2\] are never predicted on the "
+        "calibration set",
+    ):
         s.fit_features(s.extract(None, {A: x1, B: x2}), preds, labels)
     s = JTLA(test=spec(5), layer_aggregation="fisher:1,3")
     s.layers = (A, B)
@@ -580,15 +686,21 @@ def test_jtla_conformal_pvalues_match_independent_implementation():
     k = 8
     p1 = jtla_layer_pvalues(x1, labels, t1, k, 3)
     p2 = jtla_layer_pvalues(x2, labels, t2, k, 3)
-    conf = fit_and_score(conformal_jtla(k, layer_aggregation="min"), {A: x1}, lc, labels, {A: t1},
-                         lt)  # fmt: skip
+    conf = fit_and_score(
+        conformal_jtla(k, layer_aggregation="min"), {A: x1}, lc, labels, {A: t1}, lt
+    )
     assert np.allclose(conf.numpy(), p1, rtol=1e-12)
-    conf = fit_and_score(conformal_jtla(k, layer_aggregation="min"), {A: x1, B: x2}, lc, labels,
-                         {A: t1, B: t2}, lt)  # fmt: skip
+    conf = fit_and_score(
+        conformal_jtla(k, layer_aggregation="min"), {A: x1, B: x2}, lc, labels, {A: t1, B: t2}, lt
+    )
     assert np.allclose(conf.numpy(), np.minimum(p1, p2), rtol=1e-12)
     conf = fit_and_score(conformal_jtla(k), {A: x1, B: x2}, lc, labels, {A: t1, B: t2}, lt)
-    fisher = np.array([[stats.combine_pvalues([p1[i, c], p2[i, c]], method="fisher").pvalue
-                        for c in range(3)] for i in range(20)])  # fmt: skip
+    fisher = np.array(
+        [
+            [stats.combine_pvalues([p1[i, c], p2[i, c]], method="fisher").pvalue for c in range(3)]
+            for i in range(20)
+        ]
+    )
     assert conf.shape == (20, 3) and conf.dtype == torch.float64
     assert np.allclose(conf.numpy(), fisher, rtol=1e-9)
 
@@ -603,16 +715,27 @@ def test_jtla_pvalues_in_unit_interval_and_rank_ind_above_far():
     t2 = torch.tanh(t1 @ torch.randn(4, 4, generator=torch.Generator().manual_seed(13)))
     lt = torch.cat([one_hot_logits(ind_labels, 3), one_hot_logits(torch.zeros(30).long(), 3)])
     for agg in ("fisher", "min"):
-        conf = fit_and_score(conformal_jtla(10, layer_aggregation=agg), {A: x1, B: x2},
-                             one_hot_logits(labels, 3), labels, {A: t1, B: t2}, lt)  # fmt: skip
+        conf = fit_and_score(
+            conformal_jtla(10, layer_aggregation=agg),
+            {A: x1, B: x2},
+            one_hot_logits(labels, 3),
+            labels,
+            {A: t1, B: t2},
+            lt,
+        )
         assert ((conf >= 0) & (conf <= 1)).all()
         pred = predicted_confidence(lt, conf)
         assert pred[:30].median() > 0.2, agg
         assert pred[:30].mean() > 3 * pred[30:].mean(), agg
     for agg in ("mean", "fisher"):  # the reference's joint p-values rank the same way here
-        conf = fit_and_score(JTLA(test=spec(10), layer_aggregation=agg, index_metric="l2"),
-                             {A: x1, B: x2}, one_hot_logits(labels, 3), labels, {A: t1, B: t2},
-                             lt)  # fmt: skip
+        conf = fit_and_score(
+            JTLA(test=spec(10), layer_aggregation=agg, index_metric="l2"),
+            {A: x1, B: x2},
+            one_hot_logits(labels, 3),
+            labels,
+            {A: t1, B: t2},
+            lt,
+        )
         pred = predicted_confidence(lt, conf)
         assert pred[:30].min() > pred[30:].max(), agg
 
@@ -624,15 +747,28 @@ def test_jtla_n_classes_hint():
     with pytest.raises(ValueError, match="n_classes_hint=2 must be >= the number of logits"):
         s.fit_features(s.extract(None, {A: x}), one_hot_logits(labels, 3), labels)
     for pvalues in ("joint", "conformal"):
-        conf = fit_and_score(JTLA(test=spec(3), n_classes_hint=5, pvalues=pvalues), {A: x},
-                             one_hot_logits(labels, 3), labels, {A: x[:4]}, torch.zeros(4, 3))  # fmt: skip
+        conf = fit_and_score(
+            JTLA(test=spec(3), n_classes_hint=5, pvalues=pvalues),
+            {A: x},
+            one_hot_logits(labels, 3),
+            labels,
+            {A: x[:4]},
+            torch.zeros(4, 3),
+        )
         assert conf.shape == (4, 3) and not conf.isnan().any()
 
 
 # ---------------------------------------------------------------------------- validation
-@pytest.mark.parametrize("make", [lambda: DkNN(k=11), lambda: LID(k=11),
-                                  lambda: Trust(alpha=0.1, k=11), lambda: NNGuide(k=11),
-                                  lambda: JTLA(test=spec(11))])  # fmt: skip
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: DkNN(k=11),
+        lambda: LID(k=11),
+        lambda: Trust(alpha=0.1, k=11),
+        lambda: NNGuide(k=11),
+        lambda: JTLA(test=spec(11)),
+    ],
+)
 def test_k_larger_than_calibration_raises(make):
     x, labels = blobs(5, 2, 3, spread=2.0, seed=15)
     s = make()
@@ -667,8 +803,14 @@ def test_parameter_validation_messages():
 # ---------------------------------------------------------------------------- engine
 def tiny_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 8),
-                         nn.ReLU(), nn.Linear(8, 3)).eval()  # fmt: skip
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    ).eval()
 
 
 def test_engine_and_seed_style_agree_and_give_n_by_c():
@@ -677,9 +819,14 @@ def test_engine_and_seed_style_agree_and_give_n_by_c():
     x_calib, x_test = torch.rand(90, 1, 4, 4, generator=g), torch.rand(25, 1, 4, 4, generator=g)
     y_calib = torch.arange(3).repeat(30)
     layers = ((1, 2), (1, 5))  # a 4-D (pooled) and a 2-D layer
-    make = [lambda: DkNN(k=5), lambda: DkNN(k=5, per_class=True, per_layer=True),
-            lambda: LID(k=5), lambda: Trust(alpha=0.1, k=3), lambda: NNGuide(k=5),
-            lambda: JTLA(test=spec(5))]  # fmt: skip
+    make = [
+        lambda: DkNN(k=5),
+        lambda: DkNN(k=5, per_class=True, per_layer=True),
+        lambda: LID(k=5),
+        lambda: Trust(alpha=0.1, k=3),
+        lambda: NNGuide(k=5),
+        lambda: JTLA(test=spec(5)),
+    ]
     scores = [m() for m in make]
     for s in scores:
         s.layers = layers
@@ -708,12 +855,21 @@ def test_real_model_separates_mnist(tiniest, fmnist_calib, fmnist_test, mnist):
 
     calib, ind, ood = (d.subset(500, seed=0) for d in (fmnist_calib, fmnist_test, mnist))
     penult, blocks = ((1, 11),), ((1, 5), (1, 10), (1, 11))
-    scores = {"lid": (LID(k=20), penult, 0.85), "nnguide": (NNGuide(k=10), penult, 0.8),
-              "trust": (Trust(alpha=0.1), penult, 0.6),
-              "dknn_class": (DkNN(k=20, per_class=True), penult, 0.6),
-              "dknn": (DkNN(k=20), penult, None), "jtla": (JTLA(test=spec(10)), blocks, 0.85),
-              "jtla_conformal": (JTLA(test=spec(10), pvalues="conformal", index_metric="l2",
-                                      act_norm=None, pooling="mean"), blocks, None)}  # fmt: skip
+    scores = {
+        "lid": (LID(k=20), penult, 0.85),
+        "nnguide": (NNGuide(k=10), penult, 0.8),
+        "trust": (Trust(alpha=0.1), penult, 0.6),
+        "dknn_class": (DkNN(k=20, per_class=True), penult, 0.6),
+        "dknn": (DkNN(k=20), penult, None),
+        "jtla": (JTLA(test=spec(10)), blocks, 0.85),
+        "jtla_conformal": (
+            JTLA(
+                test=spec(10), pvalues="conformal", index_metric="l2", act_norm=None, pooling="mean"
+            ),
+            blocks,
+            None,
+        ),
+    }
     for s, layers, _ in scores.values():
         s.layers = layers
     eng = Evaluation.for_net(tiniest, calib.images)
@@ -758,7 +914,9 @@ def test_knn_lid_trust_normalise_the_concatenation_of_several_layers():
     ((logits, conf),) = eng.confidences([score], xt)
     d2 = torch.cdist(normed(concat(xt)), normed(concat(xc))).pow(2)
     expected = -d2.sort(dim=1).values[:, 3]
-    torch.testing.assert_close(predicted_confidence(logits, conf), expected.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        predicted_confidence(logits, conf), expected.double(), atol=1e-5, rtol=1e-5
+    )
     per_layer = torch.cat([normed(net[1](net[0](xt))), normed(torch.tanh(net[1](net[0](xt))))], 1)
     assert not torch.allclose(normed(concat(xt)), per_layer)  # the two conventions differ here
     for cls in (LID, Trust):

@@ -23,9 +23,14 @@ CONV1_RELU, CONV2, MAP, POOL, FLAT, HEAD = (1, 2), (1, 3), (1, 4), (1, 5), (1, 6
 def make_net() -> nn.Sequential:
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
-    )  # fmt: skip
+        nn.Conv2d(1, 4, 3),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
     with torch.no_grad():  # spread the logits so that shaping visibly changes them
         net[0].weight.normal_(0.0, 1.0)
         net[2].weight.normal_(0.0, 0.5)
@@ -66,7 +71,7 @@ def run(score, layer, net, x_calib, x_test):
     score.layers = (layer,)
     eng = Evaluation.for_net(net, x_calib)
     eng.fit([score], x_calib)
-    (logits, conf), = eng.confidences([score], x_test)
+    ((logits, conf),) = eng.confidences([score], x_test)
     return logits, conf
 
 
@@ -75,7 +80,9 @@ def test_order_statistic_matches_torch_quantile() -> None:
     v = torch.randn(1001, generator=torch.Generator().manual_seed(2)).double()
     for q in (0.0, 0.1, 0.37, 0.5, 0.9, 0.999, 1.0):
         for interp in ("higher", "lower"):
-            assert order_statistic(v, q, interp) == float(torch.quantile(v, q, interpolation=interp))
+            assert order_statistic(v, q, interp) == float(
+                torch.quantile(v, q, interpolation=interp)
+            )
     # q (n - 1) = 9.000000000000002 in floating point: still the 10th value, not the 11th
     assert order_statistic(torch.arange(11.0), 0.9, "higher") == 9.0
 
@@ -116,10 +123,14 @@ def test_react_matches_manual_clipping(net, data, layer, symmetric, output) -> N
     assert (a > high).any()  # the clipping does something on the test data
     clipped = a.clamp(min=low, max=high)
     f = head(net, clipped.mean((2, 3)) if clipped.ndim == 4 else clipped)
-    expected = torch.softmax(f, 1) if output == "softmax" else torch.logsumexp(f, 1)[:, None].expand(-1, 3)
+    expected = (
+        torch.softmax(f, 1) if output == "softmax" else torch.logsumexp(f, 1)[:, None].expand(-1, 3)
+    )
     torch.testing.assert_close(conf, expected, rtol=1e-6, atol=1e-9)
     assert not torch.allclose(f, logits.double(), atol=1e-3)  # the logits were indeed changed
-    torch.testing.assert_close(logits.double(), head(net, parts(net, x_test)[1]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits.double(), head(net, parts(net, x_test)[1]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_react_refit_on_spatial_map_uses_new_thresholds(net, data) -> None:
@@ -169,7 +180,9 @@ def test_react_spatial_features_extracted_before_fit_are_refused(net, data) -> N
 
 
 def test_react_param_validation() -> None:
-    with pytest.raises(ValueError, match=r"ReAct: parameter 'percentile' must be > 50 when symmetric"):
+    with pytest.raises(
+        ValueError, match=r"ReAct: parameter 'percentile' must be > 50 when symmetric"
+    ):
         ReAct(percentile=40.0, symmetric=True)
     with pytest.raises(ValueError, match=r"ReAct: parameter 'percentile' must be in \(0, 100\]"):
         ReAct(percentile=0.0)
@@ -210,7 +223,9 @@ def as_map(a: torch.Tensor) -> torch.Tensor:
 def test_ash_p_percentile_0_is_energy(net, data, layer) -> None:
     x, x_test = data
     logits, conf = run(ASH(variant="p", percentile=0.0), layer, net, x, x_test)
-    torch.testing.assert_close(conf[:, 0], torch.logsumexp(logits.double(), 1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        conf[:, 0], torch.logsumexp(logits.double(), 1), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("layer", [HEAD, POOL, MAP])
@@ -241,7 +256,9 @@ def test_ash_scale_param_validation() -> None:
 def test_dice_sparsity_0_is_energy(net, data, layer) -> None:
     x, x_test = data
     logits, conf = run(DICE(sparsity=0.0), layer, net, x, x_test)
-    torch.testing.assert_close(conf[:, 2], torch.logsumexp(logits.double(), 1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        conf[:, 2], torch.logsumexp(logits.double(), 1), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("layer", [HEAD, MAP])
@@ -285,8 +302,11 @@ def test_incompatible_layer_is_refused_with_a_clear_message(net, data) -> None:
     eng = Evaluation.for_net(net, x)
     score = ReAct()
     score.layers = (CONV1_RELU,)
-    with pytest.raises(ValueError, match=r"ReAct: layer \(1, 2\) \(1, ReLU, output \(4, 4, 4\)\) "
-                                         r"cannot feed the final Linear head \(1, 7\) .*in_features=6"):
+    with pytest.raises(
+        ValueError,
+        match=r"ReAct: layer \(1, 2\) \(1, ReLU, output \(4, 4, 4\)\) "
+        r"cannot feed the final Linear head \(1, 7\) .*in_features=6",
+    ):
         eng.fit([score], x)
     # right size, but a ReLU follows it: the head does not reproduce the logits from it
     score = ASH()

@@ -58,8 +58,7 @@ def _hub_dir(path: Path) -> Path:
 def _npz(path: Path, n: int = 12) -> Path:
     rng = np.random.default_rng(0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, images=rng.random((n, 1, 28, 28), dtype=np.float32),
-             labels=np.arange(n) % 10)  # fmt: skip
+    np.savez(path, images=rng.random((n, 1, 28, 28), dtype=np.float32), labels=np.arange(n) % 10)
     return path
 
 
@@ -68,10 +67,13 @@ def tree(tmp_path: Path) -> dict[str, Path]:
     """A data root with a dataset, a hub dir and symlinks escaping it; files outside it."""
     root, outside = tmp_path / "root", tmp_path / "outside"
     paths = {
-        "root": root, "outside": outside,
-        "good": _npz(root / "good.npz"), "secret": _npz(outside / "secret.npz"),
-        "hub": _hub_dir(root / "hub"), "outside_hub": _hub_dir(outside / "hub"),
-    }  # fmt: skip
+        "root": root,
+        "outside": outside,
+        "good": _npz(root / "good.npz"),
+        "secret": _npz(outside / "secret.npz"),
+        "hub": _hub_dir(root / "hub"),
+        "outside_hub": _hub_dir(outside / "hub"),
+    }
     (root / "link_file.npz").symlink_to(paths["secret"])
     (root / "link_dir").symlink_to(outside, target_is_directory=True)
     paths["link_file"], paths["link_dir"] = root / "link_file.npz", root / "link_dir"
@@ -126,8 +128,10 @@ def test_trusted_repo_runs_and_bundled_needs_no_trust(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- network policy
-@pytest.mark.parametrize("address", [None, "", "0.0.0.0", "::", "192.0.2.2", "10.1.2.3",
-                                     "example.com", "127.0.0.1.example.com"])  # fmt: skip
+@pytest.mark.parametrize(
+    "address",
+    [None, "", "0.0.0.0", "::", "192.0.2.2", "10.1.2.3", "example.com", "127.0.0.1.example.com"],
+)
 def test_non_loopback_addresses_mean_network_mode(address):
     assert not is_loopback(address)
     policy = SourcePolicy.from_env(address, {})
@@ -157,8 +161,13 @@ POLICY_ROWS = {
     "local_files_off": ("github,local_hub", True, "data", "{good}", "local data files and fo"),
     "local_files_no_roots": ("local_files", False, "data", "{good}", "no data roots are config"),
     "file_outside_roots": (ALL, True, "data", "{secret}", "outside the allowed data roots"),
-    "file_dotdot_escape": (ALL, True, "data", "{root}/../outside/secret.npz",
-                           "resolves to .*outside the allowed"),
+    "file_dotdot_escape": (
+        ALL,
+        True,
+        "data",
+        "{root}/../outside/secret.npz",
+        "resolves to .*outside the allowed",
+    ),
     "file_symlink_escape": (ALL, True, "data", "{link_file}", "outside the allowed data roots"),
     "dir_symlink_escape": (ALL, True, "data", "{link_dir}/secret.npz", "outside the allowed"),
     "folder_symlink_escape": (ALL, True, "data", "{link_dir}", "outside the allowed data roots"),
@@ -169,7 +178,7 @@ POLICY_ROWS = {
     "url_as_hf_id": (ALL, True, "data", "file:///etc/passwd", "must be written 'owner/name'"),
     "hf_id_with_dotdot": (ALL, True, "data", "owner/..", "must be written 'owner/name'"),
     "hf_id_with_scheme": (ALL, True, "data", "hf://datasets/x/y", "must be written 'owner/name'"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("row", list(POLICY_ROWS))
@@ -187,8 +196,9 @@ def test_network_mode_refuses_sources_that_are_off_or_outside_the_roots(row, tre
     assert not list(tree["root"].parent.rglob("imported.marker"))
 
 
-@pytest.mark.parametrize("row", [r for r, v in POLICY_ROWS.items()
-                                 if v[2] == "data" and "outside the allowed" in v[4]])  # fmt: skip
+@pytest.mark.parametrize(
+    "row", [r for r, v in POLICY_ROWS.items() if v[2] == "data" and "outside the allowed" in v[4]]
+)
 def test_data_load_confines_local_paths_itself(row, tree):
     """The loader checks the roots too (the check the pages call is not the only guard)."""
     template = POLICY_ROWS[row][3]
@@ -197,13 +207,19 @@ def test_data_load_confines_local_paths_itself(row, tree):
         data.load(value, roots=[str(tree["root"])])
 
 
-@pytest.mark.parametrize(("env", "expected"), [
-    ({"OOD_LENS_ALLOW": "gitub"}, "unknown source 'gitub'.*Did you mean 'github'"),
-    ({"OOD_LENS_ALLOW": "all"}, "unknown source 'all'.*github, local_hub, local_files"),
-    ({"OOD_LENS_ALLOW": "local_files;github"}, "unknown source"),
-    ({"OOD_LENS_DATA_ROOTS": "/nonexistent/ood-lens-root"}, "OOD_LENS_DATA_ROOTS.*not an existing"),
-    ({"OOD_LENS_DATA_ROOTS": "{good}"}, "not an existing folder"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"OOD_LENS_ALLOW": "gitub"}, "unknown source 'gitub'.*Did you mean 'github'"),
+        ({"OOD_LENS_ALLOW": "all"}, "unknown source 'all'.*github, local_hub, local_files"),
+        ({"OOD_LENS_ALLOW": "local_files;github"}, "unknown source"),
+        (
+            {"OOD_LENS_DATA_ROOTS": "/nonexistent/ood-lens-root"},
+            "OOD_LENS_DATA_ROOTS.*not an existing",
+        ),
+        ({"OOD_LENS_DATA_ROOTS": "{good}"}, "not an existing folder"),
+    ],
+)
 def test_malformed_policy_settings_are_explained(env, expected, tree):
     env = {k: v.format(good=tree["good"]) for k, v in env.items()}
     with pytest.raises(ValueError, match=expected):
@@ -213,15 +229,25 @@ def test_malformed_policy_settings_are_explained(env, expected, tree):
 
 def test_network_mode_allows_what_is_enabled_and_inside_the_roots(tree, monkeypatch):
     monkeypatch.chdir(tree["root"])
-    env = {"OOD_LENS_ALLOW": " GitHub , local_hub,local_files ",
-           "OOD_LENS_DATA_ROOTS": f"{tree['outside'] / 'hub'}{os.pathsep}{tree['root']}"}  # fmt: skip
+    env = {
+        "OOD_LENS_ALLOW": " GitHub , local_hub,local_files ",
+        "OOD_LENS_DATA_ROOTS": f"{tree['outside'] / 'hub'}{os.pathsep}{tree['root']}",
+    }
     policy = SourcePolicy.from_env("0.0.0.0", env)
     assert policy.allow == {"github", "local_hub", "local_files"}
     for repo in ("bundled", str(hub.BUNDLED_HUB), "someone/models", str(tree["hub"])):
         policy.check_model_repo(repo)
-    for source in ("fashion_mnist", "owner/hf-dataset", "ego-thales/cifar10", "uoft-cs/cifar10",
-                   "Owner_1/Name.v2", str(tree["good"]), "good.npz",
-                   "./good.npz", f"{tree['root']}/hub/../good.npz"):  # fmt: skip
+    for source in (
+        "fashion_mnist",
+        "owner/hf-dataset",
+        "ego-thales/cifar10",
+        "uoft-cs/cifar10",
+        "Owner_1/Name.v2",
+        str(tree["good"]),
+        "good.npz",
+        "./good.npz",
+        f"{tree['root']}/hub/../good.npz",
+    ):
         policy.check_data_source(source)
     loaded = data.load("good.npz", roots=policy.load_roots())
     assert len(loaded) == 12 and loaded.meta["source"] == str(tree["good"].resolve())
@@ -270,10 +296,23 @@ def _served(*args: str) -> Iterator[int]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--server.headless", "true", *args],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 20
         while not _answers("127.0.0.1", port, 0.5):
@@ -312,24 +351,33 @@ def _fake_checkout(tmp_path: Path) -> Path:
         (bin_dir / name).chmod(0o755)
     import hashlib
 
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()
-                            + (ROOT / "constraints.txt").read_bytes()).hexdigest()  # fmt: skip
+    digest = hashlib.sha256(
+        (ROOT / "pyproject.toml").read_bytes() + (ROOT / "constraints.txt").read_bytes()
+    ).hexdigest()
     (tmp_path / ".venv" / ".setup-stamp").write_text(digest[:16] + "\n")
     return tmp_path
 
 
-@pytest.mark.parametrize(("env", "args", "address", "warned"), [
-    ({}, [], "127.0.0.1", False),
-    ({"OOD_LENS_ADDRESS": "0.0.0.0"}, [], "0.0.0.0", True),
-    ({}, ["--server.address", "0.0.0.0"], "0.0.0.0", False),  # streamlit: the last one wins
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("env", "args", "address", "warned"),
+    [
+        ({}, [], "127.0.0.1", False),
+        ({"OOD_LENS_ADDRESS": "0.0.0.0"}, [], "0.0.0.0", True),
+        ({}, ["--server.address", "0.0.0.0"], "0.0.0.0", False),  # streamlit: the last one wins
+    ],
+)
 def test_dev_app_binds_to_loopback_unless_asked(env, args, address, warned, tmp_path):
     if shutil.which("bash") is None:
         pytest.skip("needs bash")
     checkout = _fake_checkout(tmp_path)
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("OOD_LENS_")} | env
-    out = subprocess.run(["bash", str(checkout / "dev"), "app", *args], env=run_env,
-                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    out = subprocess.run(
+        ["bash", str(checkout / "dev"), "app", *args],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     argv = out.stdout.split()
     given = [argv[i + 1] for i, a in enumerate(argv) if a == "--server.address"]
@@ -413,7 +461,10 @@ def test_dashboard_served_on_network_turns_code_and_file_sources_off(monkeypatch
         at = _page()
         assert not at.exception and not _errors(at), _errors(at)  # bundled still works
         assert any("Served on a network" in c.value for c in at.caption)
-        for source, kind in (("GitHub (torch.hub)", "GitHub"), ("Local hub directory", "local hub")):
+        for source, kind in (
+            ("GitHub (torch.hub)", "GitHub"),
+            ("Local hub directory", "local hub"),
+        ):
             at.radio(key="w.model_src").set_value(source).run()
             assert any(kind in i.value and "OOD_LENS_ALLOW" in i.value for i in at.info)
             assert not [t for t in at.text_input if t.key in ("w.gh_repo", "w.local_dir")]
@@ -483,7 +534,9 @@ def test_cli_runs_a_local_repo_only_with_explicit_trust(tmp_path, capsys, how):
     if how == "flag":
         assert main(["run", str(path), "--quiet", "--trust-repo"]) == 0
     else:
-        path.write_text(cfg.to_toml().replace('entry = "tiny"', 'entry = "tiny"\ntrust_repo = true'))
+        path.write_text(
+            cfg.to_toml().replace('entry = "tiny"', 'entry = "tiny"\ntrust_repo = true')
+        )
         assert RunConfig.from_toml(path.read_text()).trust_repo
         assert main(["run", str(path), "--quiet"]) == 0
     assert "Evaluation of 1 scores" in capsys.readouterr().out

@@ -27,7 +27,7 @@ from ood_core.scores.logits import (
     Logit,
     Softmax,
     TemperatureScaling,
-)  # fmt: skip
+)
 from ood_core.scores.mahalanobis import DeepMahalanobis, MultiMahalanobis, RelativeMahalanobis, ViM
 from ood_core.scores.neighbours import JTLA, LID, DkNN, NNGuide, Trust
 from ood_core.scores.rankfeat import RankFeat
@@ -59,17 +59,19 @@ def list_scores() -> list[dict[str, Any]]:
     """One row per registered score: name, family, layer rule, fitting, gradients, paper, params."""
     rows = []
     for name, cls in SCORES.items():
-        rows.append({
-            "name": name,
-            "family": cls.family,
-            "layers": cls.layer_rule,
-            "max_layers": cls.max_layers,
-            "needs_fit": cls.needs_fit,
-            "gradients": _gradients(cls),
-            "reference": cls.reference,
-            "doc": (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "),
-            "params": cls.describe_params(),
-        })  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "family": cls.family,
+                "layers": cls.layer_rule,
+                "max_layers": cls.max_layers,
+                "needs_fit": cls.needs_fit,
+                "gradients": _gradients(cls),
+                "reference": cls.reference,
+                "doc": (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "),
+                "params": cls.describe_params(),
+            }
+        )
     return rows
 
 
@@ -88,28 +90,73 @@ def scores_markdown() -> str:
     """README's score table (``ood-lens scores --markdown``), built from the registry: one row
     per score with its family, layers, gradients, parameters (``*``: required, the value shown is
     then a suggestion; ``act_norm`` and ``mode`` are common to all) and paper."""
-    lines = ["| score | family | layers | gradients | parameters (defaults; * = required) | paper |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| score | family | layers | gradients | parameters (defaults; * = required) | paper |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in list_scores():
         layers = _LAYER_TEXT[row["layers"]]
         if row["max_layers"] is not None and row["layers"] == "any":
             layers += f" (max {row['max_layers']})"
         params = [p for p in row["params"] if p["name"] not in ("act_norm", "mode")]
-        text = ", ".join(f"`{p['name']}={_default_text(p['default'])}`" + ("*" if p["required"] else "")
-                         for p in params) or "—"  # fmt: skip
+        text = (
+            ", ".join(
+                f"`{p['name']}={_default_text(p['default'])}`" + ("*" if p["required"] else "")
+                for p in params
+            )
+            or "—"
+        )
         act = next(p for p in row["params"] if p["name"] == "act_norm")["default"]
         if act is not None:
             text += f", `act_norm={act!r}`"
-        lines.append(f"| `{row['name']}` | {row['family']} | {layers} | {row['gradients']} | {text} "
-                     f"| {row['reference']} |")  # fmt: skip
+        lines.append(
+            f"| `{row['name']}` | {row['family']} | {layers} | {row['gradients']} | {text} "
+            f"| {row['reference']} |"
+        )
     return "\n".join(lines)
 
 
 __all__ = [
-    "ALIASES", "SCORES", "BaseScore", "NotFittedError", "ScoreTimer", "get_score_class",
-    "list_scores", "make_score", "postprocess_conformity", "register_score", "scores_markdown",
-    "BaselineClassif", "Softmax", "Logit", "Energy", "JointEnergy", "Entropy", "GEN",
-    "TemperatureScaling", "KLMatching", "ODIN", "IsoMax", "GradNorm", "Gram", "KNN",
-    "DeepMahalanobis", "RelativeMahalanobis", "MultiMahalanobis", "ViM", "ReAct", "ASH", "SCALE",
-    "DICE", "fDBD", "RankFeat", "DkNN", "LID", "Trust", "NNGuide", "JTLA", "FeatureSqueezing", "Odds",
-]  # fmt: skip
+    "ALIASES",
+    "SCORES",
+    "BaseScore",
+    "NotFittedError",
+    "ScoreTimer",
+    "get_score_class",
+    "list_scores",
+    "make_score",
+    "postprocess_conformity",
+    "register_score",
+    "scores_markdown",
+    "BaselineClassif",
+    "Softmax",
+    "Logit",
+    "Energy",
+    "JointEnergy",
+    "Entropy",
+    "GEN",
+    "TemperatureScaling",
+    "KLMatching",
+    "ODIN",
+    "IsoMax",
+    "GradNorm",
+    "Gram",
+    "KNN",
+    "DeepMahalanobis",
+    "RelativeMahalanobis",
+    "MultiMahalanobis",
+    "ViM",
+    "ReAct",
+    "ASH",
+    "SCALE",
+    "DICE",
+    "fDBD",
+    "RankFeat",
+    "DkNN",
+    "LID",
+    "Trust",
+    "NNGuide",
+    "JTLA",
+    "FeatureSqueezing",
+    "Odds",
+]

@@ -26,8 +26,13 @@ def aggregate(values: Tensor, how: str | float, dim: int) -> Tensor:
         return values.log().mean(dim).exp()
     if how == "harmonic":
         return 1 / (1 / values).mean(dim)
-    return {"max": torch.amax, "min": torch.amin, "mean": torch.mean, "prod": torch.prod,
-            "sum": torch.sum}[how](values, dim)  # fmt: skip
+    return {
+        "max": torch.amax,
+        "min": torch.amin,
+        "mean": torch.mean,
+        "prod": torch.prod,
+        "sum": torch.sum,
+    }[how](values, dim)
 
 
 class AggregationParam(Param):
@@ -46,5 +51,6 @@ class AggregationParam(Param):
                 value = float(name)
         if isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value:
             return float(value)
-        raise ValueError(f"{owner}: parameter {self.name!r} must be {self.range_text()}, "
-                         f"got {value!r}")  # fmt: skip
+        raise ValueError(
+            f"{owner}: parameter {self.name!r} must be {self.range_text()}, got {value!r}"
+        )

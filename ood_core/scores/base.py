@@ -40,11 +40,16 @@ from ood_core.params import Param, fmt_value
 from ood_core.recorder import Recorder
 
 MODE_PARAM = Param(
-    "mode", "choice", "raw", choices=("raw", "diff", "ratio"),
+    "mode",
+    "choice",
+    "raw",
+    choices=("raw", "diff", "ratio"),
     help="raw: conformity as is; diff: minus the best other class; ratio: over the best other class.",
-)  # fmt: skip
-ACT_NORM_HELP = ("Divide each sample's activations by their p-norm before use (any non-zero p, inf "
-                 "included, as the reference; None: keep them).")
+)
+ACT_NORM_HELP = (
+    "Divide each sample's activations by their p-norm before use (any non-zero p, inf "
+    "included, as the reference; None: keep them)."
+)
 
 
 class NotFittedError(RuntimeError):
@@ -62,7 +67,10 @@ class ScoreTimer:
         self.entries.append((operation, int(n_samples), float(seconds)))
 
     def table(self) -> Table:
-        table = Table(title=f"ScoreTimer report for\n{self.owner!r}", caption="Entries are listed from newest to oldest")
+        table = Table(
+            title=f"ScoreTimer report for\n{self.owner!r}",
+            caption="Entries are listed from newest to oldest",
+        )
         for col in ("Operation", "# samples", "Duration"):
             table.add_column(col)
         for op, n, sec in reversed(self.entries):
@@ -135,8 +143,11 @@ class BaseScore:
             raise ValueError(f"{name}: unknown parameter(s) {unknown}; expected {sorted(declared)}")
         missing = [p.name for p in declared.values() if p.required and p.name not in kwargs]
         if missing:
-            raise ValueError(f"{name}: missing required parameter(s) {missing}, e.g. {name}("
-                             + ", ".join(f"{m}={declared[m].default!r}" for m in missing) + ")")
+            raise ValueError(
+                f"{name}: missing required parameter(s) {missing}, e.g. {name}("
+                + ", ".join(f"{m}={declared[m].default!r}" for m in missing)
+                + ")"
+            )
         self.values: dict[str, Any] = {
             p.name: p.validate(kwargs.get(p.name, p.default), name) for p in declared.values()
         }
@@ -155,8 +166,15 @@ class BaseScore:
     @classmethod
     def all_params(cls) -> tuple[Param, ...]:
         """The score's own parameters, then ``act_norm`` and ``mode``."""
-        act = Param("act_norm", "float", cls.default_act_norm, nonzero=True, allow_inf=True,
-                    nullable=True, help=ACT_NORM_HELP)  # fmt: skip
+        act = Param(
+            "act_norm",
+            "float",
+            cls.default_act_norm,
+            nonzero=True,
+            allow_inf=True,
+            nullable=True,
+            help=ACT_NORM_HELP,
+        )
         return (*cls.params, act, MODE_PARAM)
 
     @classmethod
@@ -167,11 +185,16 @@ class BaseScore:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # help(), IDEs and inspect.signature see the declared parameters, not **kwargs
-        cls.__signature__ = inspect.Signature([
-            inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY,
-                              default=inspect.Parameter.empty if p.required else p.default)
-            for p in cls.all_params()
-        ])  # fmt: skip
+        cls.__signature__ = inspect.Signature(
+            [
+                inspect.Parameter(
+                    p.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=inspect.Parameter.empty if p.required else p.default,
+                )
+                for p in cls.all_params()
+            ]
+        )
 
     def check_params(self) -> None:
         """Cross-parameter validation hook (raise ValueError with a clear message)."""
@@ -198,8 +221,11 @@ class BaseScore:
         return {"name": type(self).__name__, **{k: _plain(v) for k, v in self.values.items()}}
 
     def __repr__(self) -> str:
-        shown = [k for k in self.values if k in self._given or next(
-            p for p in self.all_params() if p.name == k).required]
+        shown = [
+            k
+            for k in self.values
+            if k in self._given or next(p for p in self.all_params() if p.name == k).required
+        ]
         inner = ", ".join(f"{k}={_repr_value(self.values[k])}" for k in shown)
         return f"{type(self).__name__}({inner})"
 
@@ -211,10 +237,17 @@ class BaseScore:
         return type(other) is type(self) and other.values == self.values  # type: ignore[attr-defined]
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, tuple(sorted((k, _plain_hashable(v)) for k, v in self.values.items()))))
+        return hash(
+            (
+                type(self).__name__,
+                tuple(sorted((k, _plain_hashable(v)) for k, v in self.values.items())),
+            )
+        )
 
     # ------------------------------------------------------------------ layers
-    def check_layers(self, layers: Sequence[LayerId], recorder: Recorder | None = None) -> tuple[LayerId, ...]:
+    def check_layers(
+        self, layers: Sequence[LayerId], recorder: Recorder | None = None
+    ) -> tuple[LayerId, ...]:
         """Validate the layers this score is given, with messages that say what it accepts; with a
         recorder, return them in network (call) order without duplicates, as the reference library
         records them (per-layer parameters such as ``weights`` follow that order)."""
@@ -223,20 +256,26 @@ class BaseScore:
         if recorder is not None:
             # As the reference library records them: duplicates dropped, network (call) order.
             order = {lid: i for i, lid in enumerate(recorder.layer_ids)}
-            layers = tuple(sorted({recorder.check_layer(layer) for layer in layers}, key=order.__getitem__))
+            layers = tuple(
+                sorted({recorder.check_layer(layer) for layer in layers}, key=order.__getitem__)
+            )
         if self.layer_rule == "none":
             return ()
         if not layers:
-            raise ValueError(f"{name} reads internal activations: give it at least one layer id, "
-                             "e.g. the penultimate features.")
+            raise ValueError(
+                f"{name} reads internal activations: give it at least one layer id, "
+                "e.g. the penultimate features."
+            )
         if self.max_layers is not None and len(layers) > self.max_layers:
             raise ValueError(f"{name} takes at most {self.max_layers} layer(s); got {len(layers)}.")
         if self.layer_rule == "params" and recorder is not None:
             for layer in layers:
                 module = recorder.info(layer).module
                 if not any(p.requires_grad for p in module.parameters()):
-                    raise ValueError(f"{name} needs layers holding parameters; {layer} "
-                                     f"({recorder.layer_name(layer)}) has none.")
+                    raise ValueError(
+                        f"{name} needs layers holding parameters; {layer} "
+                        f"({recorder.layer_name(layer)}) has none."
+                    )
         return layers
 
     @classmethod
@@ -280,8 +319,10 @@ class BaseScore:
         if k is None and isinstance(test, dict):
             k = test.get("k")
         if isinstance(k, int) and k > n_samples:
-            raise ValueError(f"{self!r}: k={k} neighbours but only {n_samples} calibration samples; "
-                             f"use k <= {n_samples} or more calibration data.")  # fmt: skip
+            raise ValueError(
+                f"{self!r}: k={k} neighbours but only {n_samples} calibration samples; "
+                f"use k <= {n_samples} or more calibration data."
+            )
 
     # ------------------------------------------------------------------ engine hooks
     @property
@@ -331,7 +372,9 @@ class BaseScore:
             labels = logits.argmax(1)
         labels = labels.to(logits.device).long()
         if len(labels) != len(logits):
-            raise ValueError(f"{self!r}: {len(logits)} calibration samples but {len(labels)} labels.")
+            raise ValueError(
+                f"{self!r}: {len(logits)} calibration samples but {len(labels)} labels."
+            )
         self.n_classes = logits.shape[1]
         self._fit(features, logits, labels)
         self.fitted = True
@@ -389,4 +432,11 @@ def _repr_value(value: Any) -> str:
     return fmt_value(value)
 
 
-__all__ = ["BaseScore", "Features", "NotFittedError", "ScoreTimer", "Timed", "postprocess_conformity"]
+__all__ = [
+    "BaseScore",
+    "Features",
+    "NotFittedError",
+    "ScoreTimer",
+    "Timed",
+    "postprocess_conformity",
+]

@@ -43,21 +43,30 @@ class GradNorm(BaseScore):
     params = (
         TEMPERATURE,
         Param("grad_norm", "float", 1.0, low=1, allow_inf=True, help="p of the gradient p-norm."),
-        Param("discard_functional_forward", "bool", False,
-              help="Accepted for the reference library's API; no effect here: the logits returned "
-                   "are always those of the network's own forward pass."),
-    )  # fmt: skip
+        Param(
+            "discard_functional_forward",
+            "bool",
+            False,
+            help="Accepted for the reference library's API; no effect here: the logits returned "
+            "are always those of the network's own forward pass.",
+        ),
+    )
     needs_param_grad = True  # per instance: False when the closed form applies (see check_layers)
     closed_form: bool = False
 
-    def check_layers(self, layers: tuple[LayerId, ...], recorder: Recorder | None = None) -> tuple[LayerId, ...]:
+    def check_layers(
+        self, layers: tuple[LayerId, ...], recorder: Recorder | None = None
+    ) -> tuple[LayerId, ...]:
         layers = super().check_layers(layers, recorder)
         self.__dict__["closed_form"] = False
         self.__dict__["needs_param_grad"] = True
         if recorder is not None and len(layers) == 1:
             info = recorder.info(layers[0])
-            if (layers[0] == recorder.head() and info.n_calls == 1
-                    and layers[0] == recorder.layer_ids[-1]):
+            if (
+                layers[0] == recorder.head()
+                and info.n_calls == 1
+                and layers[0] == recorder.layer_ids[-1]
+            ):
                 self.__dict__["closed_form"] = True
                 self.__dict__["needs_param_grad"] = False
                 self.__dict__["_has_bias"] = info.module.bias is not None
@@ -68,8 +77,9 @@ class GradNorm(BaseScore):
         (layer,) = self.layers
         h = activations.inputs[layer].flatten(1).double()  # type: ignore[attr-defined]
         if not torch.equal(activations[layer], logits):
-            raise RuntimeError(f"{self!r}: layer {layer} is not the logits layer; cannot use the "
-                               "closed form.")  # fmt: skip
+            raise RuntimeError(
+                f"{self!r}: layer {layer} is not the logits layer; cannot use the closed form."
+            )
         z = logits.double()
         g = (torch.softmax(z / self.temperature, dim=1) - 1.0 / z.shape[1]) / self.temperature
         p = self.grad_norm
@@ -87,8 +97,9 @@ class GradNorm(BaseScore):
         prefixes = [recorder.layer_name(layer) for layer in self.layers]
         params = {k: v.detach() for k, v in net.named_parameters()}
         buffers = dict(net.named_buffers())
-        names = sorted({k for k in params for pre in prefixes
-                        if pre == "" or k.startswith(pre + ".")})  # fmt: skip
+        names = sorted(
+            {k for k in params for pre in prefixes if pre == "" or k.startswith(pre + ".")}
+        )
         sub = {k: params[k] for k in names}
         t = self.temperature
 

@@ -134,16 +134,39 @@ class Gram(BaseScore):
     suggested_layers = ("last_block", "penultimate", "logits")
     params = (
         Param("max_gram_order", "int", 8, low=1, help="Highest Gram order P."),
-        Param("cut_off", "float", 0.1, low=0, high=0.5, low_exclusive=True, high_exclusive=True,
-              help="Quantile defining the per-class band [q(cut_off), q(1 - cut_off)]."),
+        Param(
+            "cut_off",
+            "float",
+            0.1,
+            low=0,
+            high=0.5,
+            low_exclusive=True,
+            high_exclusive=True,
+            help="Quantile defining the per-class band [q(cut_off), q(1 - cut_off)].",
+        ),
         Param("separate_diagonal", "bool", False, help="Gram diagonal as separate statistics."),
-        Param("calib_labels", "choice", "pred", choices=("pred", "true"),
-              help="Group calibration samples by predicted or true class."),
-        Param("precision", "choice", "input", choices=tuple(PRECISIONS),
-              help="Gram products in the activations' dtype (overflow -> ignored) or in float64."),
-        Param("class_fallback", "choice", "none", choices=("none", "pooled"),
-              help="Band of classes with < 2 calibration samples: own (none) or pooled."),
-    )  # fmt: skip
+        Param(
+            "calib_labels",
+            "choice",
+            "pred",
+            choices=("pred", "true"),
+            help="Group calibration samples by predicted or true class.",
+        ),
+        Param(
+            "precision",
+            "choice",
+            "input",
+            choices=tuple(PRECISIONS),
+            help="Gram products in the activations' dtype (overflow -> ignored) or in float64.",
+        ),
+        Param(
+            "class_fallback",
+            "choice",
+            "none",
+            choices=("none", "pooled"),
+            help="Band of classes with < 2 calibration samples: own (none) or pooled.",
+        ),
+    )
 
     # ------------------------------------------------------------------ features
     def _channels_view(self, a: Tensor, layer: LayerId) -> Tensor:
@@ -158,10 +181,14 @@ class Gram(BaseScore):
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         dtype = PRECISIONS[self.precision]
         return {
-            f"{d}-{i}": gram_stats(self._channels_view(activations[(d, i)], (d, i)),
-                                   self.max_gram_order, self.separate_diagonal, dtype)
+            f"{d}-{i}": gram_stats(
+                self._channels_view(activations[(d, i)], (d, i)),
+                self.max_gram_order,
+                self.separate_diagonal,
+                dtype,
+            )
             for d, i in self.layers
-        }  # fmt: skip
+        }
 
     def _layer_of(self, key: str) -> LayerId:
         d, i = key.split("-")
@@ -202,10 +229,13 @@ class Gram(BaseScore):
                     total += deviation(flat[members[c]], low[c], high[c]).sum()
             self.expected[key] = total / n
             if total == 0:
-                degenerate(self, "no calibration sample deviates from its class band (expected "
-                           "deviation 0), so every conformity is -inf or the most negative float",
-                           "lower cut_off, use more calibration data or drop this layer",
-                           layer=layer)  # fmt: skip
+                degenerate(
+                    self,
+                    "no calibration sample deviates from its class band (expected "
+                    "deviation 0), so every conformity is -inf or the most negative float",
+                    "lower cut_off, use more calibration data or drop this layer",
+                    layer=layer,
+                )
 
     def _warn_sparse_classes(self, counts: list[int]) -> None:
         empty = [c for c, k in enumerate(counts) if k == 0]
@@ -215,15 +245,21 @@ class Gram(BaseScore):
         by = "predicted as" if self.calib_labels == "pred" else "labelled"
         parts = []
         if self.class_fallback == "pooled":
-            parts.append(f"classes {empty + single} have fewer than 2 calibration samples {by} "
-                         "them and use the band of all calibration samples")  # fmt: skip
+            parts.append(
+                f"classes {empty + single} have fewer than 2 calibration samples {by} "
+                "them and use the band of all calibration samples"
+            )
         else:
             if empty:
-                parts.append(f"classes {empty} have no calibration sample {by} them: every "
-                             "sample's deviation from them is 0: maximal conformity")  # fmt: skip
+                parts.append(
+                    f"classes {empty} have no calibration sample {by} them: every "
+                    "sample's deviation from them is 0: maximal conformity"
+                )
             if single:
-                parts.append(f"classes {single} have a single calibration sample {by} them: "
-                             "their band is that one point")  # fmt: skip
+                parts.append(
+                    f"classes {single} have a single calibration sample {by} them: "
+                    "their band is that one point"
+                )
         remedy = (
             "use more calibration data"
             + (", calib_labels='true'" if self.calib_labels == "pred" else "")

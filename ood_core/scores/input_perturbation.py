@@ -23,9 +23,11 @@ from ood_core.scores.registry import register_score
 Squeezer = Callable[[Tensor], Tensor]
 
 MAX_BITS = 31
-SQUEEZER_FORMS = (f"'bits:B' (quantisation to B bits, 1 <= B <= {MAX_BITS}), 'median:S' (S x S "
-                  "median filter per channel, S >= 1) or a callable mapping a batch to a batch "
-                  "of the same shape")  # fmt: skip
+SQUEEZER_FORMS = (
+    f"'bits:B' (quantisation to B bits, 1 <= B <= {MAX_BITS}), 'median:S' (S x S "
+    "median filter per channel, S >= 1) or a callable mapping a batch to a batch "
+    "of the same shape"
+)
 
 
 # ---------------------------------------------------------------------------------- squeezers
@@ -59,8 +61,10 @@ def median_smooth(x: Tensor, size: int, style: str = "reference") -> Tensor:
     in the paper's code).
     """
     if not 2 <= x.ndim <= 4:
-        raise ValueError(f"median squeezing needs samples of 1, 2 or 3 dims, (N, L), (N, H, W) or "
-                         f"(N, C, H, W); got shape {tuple(x.shape)}.")  # fmt: skip
+        raise ValueError(
+            f"median squeezing needs samples of 1, 2 or 3 dims, (N, L), (N, H, W) or "
+            f"(N, C, H, W); got shape {tuple(x.shape)}."
+        )
     if size == 1:
         return x
     dims = (1,) if x.ndim == 2 else (x.ndim - 2, x.ndim - 1)
@@ -88,8 +92,10 @@ def parse_squeezer(owner: str, item: Any, style: str = "reference") -> Squeezer:
     if callable(item) and not isinstance(item, str):
         return item
     if not isinstance(item, str):
-        raise ValueError(f"{owner}: squeezer {item!r} in parameter 'squeezers' is neither a string "
-                         f"nor callable; each squeezer must be {SQUEEZER_FORMS}.")  # fmt: skip
+        raise ValueError(
+            f"{owner}: squeezer {item!r} in parameter 'squeezers' is neither a string "
+            f"nor callable; each squeezer must be {SQUEEZER_FORMS}."
+        )
     for prefix, low, high, fn in (
         ("bits:", 1, MAX_BITS, reduce_bit_depth),
         ("median:", 1, None, median_smooth),
@@ -100,19 +106,25 @@ def parse_squeezer(owner: str, item: Any, style: str = "reference") -> Squeezer:
             except ValueError:
                 size = None
             if size is None or size < low or (high is not None and size > high):
-                raise ValueError(f"{owner}: invalid squeezer {item!r} in parameter 'squeezers'; "
-                                 f"each squeezer must be {SQUEEZER_FORMS}.")  # fmt: skip
+                raise ValueError(
+                    f"{owner}: invalid squeezer {item!r} in parameter 'squeezers'; "
+                    f"each squeezer must be {SQUEEZER_FORMS}."
+                )
             return partial(fn, **{"bits" if fn is reduce_bit_depth else "size": size}, style=style)
-    raise ValueError(f"{owner}: unsupported squeezer {item!r} in parameter 'squeezers'; each "
-                     f"squeezer must be {SQUEEZER_FORMS}, e.g. 'bits:5' or 'median:2'.")  # fmt: skip
+    raise ValueError(
+        f"{owner}: unsupported squeezer {item!r} in parameter 'squeezers'; each "
+        f"squeezer must be {SQUEEZER_FORMS}, e.g. 'bits:5' or 'median:2'."
+    )
 
 
 def parse_squeezers(owner: str, squeezers: Any, style: str = "reference") -> list[Squeezer]:
     """A squeezer or an iterable of them -> the list of callables (ValueError when empty)."""
     items = (squeezers,) if isinstance(squeezers, str) or callable(squeezers) else tuple(squeezers)
     if not items:
-        raise ValueError(f"{owner}: parameter 'squeezers' is empty; give at least one of "
-                         f"{SQUEEZER_FORMS}, e.g. ['bits:5', 'median:2'].")  # fmt: skip
+        raise ValueError(
+            f"{owner}: parameter 'squeezers' is empty; give at least one of "
+            f"{SQUEEZER_FORMS}, e.g. ['bits:5', 'median:2']."
+        )
     return [parse_squeezer(owner, item, style) for item in items]
 
 
@@ -124,8 +136,10 @@ class SqueezersParam(Param):
 
     def validate(self, value: Any, owner: str) -> Any:
         if not (isinstance(value, str) or callable(value) or isinstance(value, Iterable)):
-            raise ValueError(f"{owner}: parameter 'squeezers' must be a squeezer or a list of "
-                             f"squeezers, each {SQUEEZER_FORMS}; got {value!r}.")  # fmt: skip
+            raise ValueError(
+                f"{owner}: parameter 'squeezers' must be a squeezer or a list of "
+                f"squeezers, each {SQUEEZER_FORMS}; got {value!r}."
+            )
         items = (value,) if isinstance(value, str) or callable(value) else tuple(value)
         parse_squeezers(owner, items)
         return items
@@ -156,18 +170,37 @@ class FeatureSqueezing(BaseScore):
     layer_rule = "none"
     own_pass = True
     params = (
-        SqueezersParam("squeezers", "list", ("bits:5", "median:2"), required=True,
-                       help="A squeezer or a list of them: 'bits:B' (B-bit quantisation), "
-                            "'median:S' (S x S median filter) or a callable."),
-        Param("dist_norm", "float", 1.0, allow_inf=True,
-              help="p of the p-norm distance between the natural and squeezed softmax outputs."),
-        AggregationParam("aggregation", "str", "max",
-                         help=f"How the squeezers' distances are combined: one of {AGGREGATIONS} "
-                              "or a float p (their p-norm)."),
-        Param("squeezer_style", "choice", "reference", choices=("reference", "paper"),
-              help="'bits:B'/'median:S' as the reference library (bin centres; mean of the middle "
-                   "values) or as the paper's code (round(x(2^B-1))/(2^B-1); upper middle value)."),
-    )  # fmt: skip
+        SqueezersParam(
+            "squeezers",
+            "list",
+            ("bits:5", "median:2"),
+            required=True,
+            help="A squeezer or a list of them: 'bits:B' (B-bit quantisation), "
+            "'median:S' (S x S median filter) or a callable.",
+        ),
+        Param(
+            "dist_norm",
+            "float",
+            1.0,
+            allow_inf=True,
+            help="p of the p-norm distance between the natural and squeezed softmax outputs.",
+        ),
+        AggregationParam(
+            "aggregation",
+            "str",
+            "max",
+            help=f"How the squeezers' distances are combined: one of {AGGREGATIONS} "
+            "or a float p (their p-norm).",
+        ),
+        Param(
+            "squeezer_style",
+            "choice",
+            "reference",
+            choices=("reference", "paper"),
+            help="'bits:B'/'median:S' as the reference library (bin centres; mean of the middle "
+            "values) or as the paper's code (round(x(2^B-1))/(2^B-1); upper middle value).",
+        ),
+    )
 
     def extract_own(self, recorder: Recorder, x: Tensor) -> Features:
         name = type(self).__name__
@@ -176,9 +209,11 @@ class FeatureSqueezing(BaseScore):
             for squeezer in parse_squeezers(name, self.squeezers, self.squeezer_style):
                 xs = squeezer(x)
                 if not isinstance(xs, Tensor) or xs.shape != x.shape:
-                    raise ValueError(f"{name}: squeezer {squeezer!r} returned "
-                                     f"{getattr(xs, 'shape', type(xs).__name__)} for inputs of "
-                                     f"shape {tuple(x.shape)}; it must keep the shape.")  # fmt: skip
+                    raise ValueError(
+                        f"{name}: squeezer {squeezer!r} returned "
+                        f"{getattr(xs, 'shape', type(xs).__name__)} for inputs of "
+                        f"shape {tuple(x.shape)}; it must keep the shape."
+                    )
                 out.append(recorder.net(xs.to(x.dtype)).detach().double())
         return {"squeezed_logits": torch.stack(out, dim=1)}
 
@@ -240,25 +275,64 @@ class Odds(BaseScore):
     layer_rule = "none"
     own_pass = True
     params = (
-        Param("epsilon", "float", 0.1, low=0, low_exclusive=True, required=True,
-              help="Noise scale: bound of the uniform noise (std of gaussian, size of sign noise)."),
+        Param(
+            "epsilon",
+            "float",
+            0.1,
+            low=0,
+            low_exclusive=True,
+            required=True,
+            help="Noise scale: bound of the uniform noise (std of gaussian, size of sign noise).",
+        ),
         Param("noise_samples", "int", 256, low=1, help="Number of noise draws per input."),
-        Param("z_aggregation", "choice", "sum", choices=("sum", "detect", "rectify"),
-              help="Aggregation of the standardised shifts over z != y: sum, detect (max) or "
-                   "rectify (min)."),
-        Param("rng_seed", "int", 0, nullable=True, low=-(2**63), high=2**64 - 1,
-              help="Seed of the noise generator, reset at every fit (None: torch's global RNG)."),
-        Param("batch_size", "int", None, nullable=True, low=0,
-              help="Noisy inputs per forward pass (None: automatic; 0: all at once)."),
-        Param("noise", "choice", "uniform", choices=("uniform", "gaussian", "sign"),
-              help="Noise distribution: uniform in [-eps, eps] (reference), gaussian (std eps), "
-                   "sign (+-eps)."),
-        Param("two_sided", "bool", False,
-              help="Aggregate |z| instead of z (also flags atypically negative shifts)."),
-        Param("z_scale", "choice", "var", choices=("var", "std"),
-              help="Divide the centred shifts by their calibration variance (reference) or "
-                   "standard deviation (a z-score)."),
-    )  # fmt: skip
+        Param(
+            "z_aggregation",
+            "choice",
+            "sum",
+            choices=("sum", "detect", "rectify"),
+            help="Aggregation of the standardised shifts over z != y: sum, detect (max) or "
+            "rectify (min).",
+        ),
+        Param(
+            "rng_seed",
+            "int",
+            0,
+            nullable=True,
+            low=-(2**63),
+            high=2**64 - 1,
+            help="Seed of the noise generator, reset at every fit (None: torch's global RNG).",
+        ),
+        Param(
+            "batch_size",
+            "int",
+            None,
+            nullable=True,
+            low=0,
+            help="Noisy inputs per forward pass (None: automatic; 0: all at once).",
+        ),
+        Param(
+            "noise",
+            "choice",
+            "uniform",
+            choices=("uniform", "gaussian", "sign"),
+            help="Noise distribution: uniform in [-eps, eps] (reference), gaussian (std eps), "
+            "sign (+-eps).",
+        ),
+        Param(
+            "two_sided",
+            "bool",
+            False,
+            help="Aggregate |z| instead of z (also flags atypically negative shifts).",
+        ),
+        Param(
+            "z_scale",
+            "choice",
+            "var",
+            choices=("var", "std"),
+            help="Divide the centred shifts by their calibration variance (reference) or "
+            "standard deviation (a z-score).",
+        ),
+    )
 
     _rng: torch.Generator | None = None
     """The noise stream: seeded at every fit, continued by every later call."""
@@ -331,17 +405,26 @@ class Odds(BaseScore):
             single += [y] if n == 1 else []
         self.g_mean, self.g_var = mean, var
         if absent:
-            degenerate(self, f"no calibration sample of class(es) {absent}",
-                       "their statistics are NaN and their conformity -inf; calibrate with "
-                       "samples of every class")  # fmt: skip
+            degenerate(
+                self,
+                f"no calibration sample of class(es) {absent}",
+                "their statistics are NaN and their conformity -inf; calibrate with "
+                "samples of every class",
+            )
         if single:
-            degenerate(self, f"one noisy pair only for class(es) {single} (no variance)",
-                       "their conformity is -inf; use more noise_samples or calibration data")  # fmt: skip
+            degenerate(
+                self,
+                f"one noisy pair only for class(es) {single} (no variance)",
+                "their conformity is -inf; use more noise_samples or calibration data",
+            )
         off = ~torch.eye(c, dtype=torch.bool, device=var.device)
         zero = [y for y in range(c) if y not in absent and bool((var[y][off[y]] == 0).any())]
         if zero:
-            degenerate(self, f"a log-odds shift with zero variance under noise for class(es) {zero}",
-                       "their standardised shifts are infinite; raise epsilon")  # fmt: skip
+            degenerate(
+                self,
+                f"a log-odds shift with zero variance under noise for class(es) {zero}",
+                "their standardised shifts are infinite; raise epsilon",
+            )
 
     def standardised_shifts(self, features: Features, logits: Tensor) -> Tensor:
         """``(n, C, C)``: ``s[i, y, z] = (d_yz - mu_yz) / v_yz`` (``z_scale="std"``: ``/ sqrt(v_yz)``)

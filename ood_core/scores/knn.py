@@ -13,8 +13,13 @@ from ood_core.recorder import LayerId
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.registry import register_score
 
-INDEX_METRIC = Param("index_metric", "choice", "l2", choices=("l2", "ip"),
-                     help="l2: squared Euclidean distance; ip: inner product (cosine if normed).")  # fmt: skip
+INDEX_METRIC = Param(
+    "index_metric",
+    "choice",
+    "l2",
+    choices=("l2", "ip"),
+    help="l2: squared Euclidean distance; ip: inner product (cosine if normed).",
+)
 
 
 def flat_features(activations: dict[LayerId, Tensor], layers: tuple[LayerId, ...]) -> Tensor:
@@ -37,8 +42,10 @@ def flat_index(calib: Tensor, metric: str) -> faiss.Index:
 
 def check_k(owner: BaseScore, k: int, n_calib: int) -> None:
     if k > n_calib:
-        raise ValueError(f"{owner!r}: k={k} neighbours but only {n_calib} calibration samples; "
-                         f"use k <= {n_calib} or more calibration data.")  # fmt: skip
+        raise ValueError(
+            f"{owner!r}: k={k} neighbours but only {n_calib} calibration samples; "
+            f"use k <= {n_calib} or more calibration data."
+        )
 
 
 @register_score
@@ -60,8 +67,10 @@ class KNN(BaseScore):
     reference = "Sun et al., ICML 2022"
     layer_rule = "any"
     default_act_norm = 2.0
-    params = (Param("k", "int", 15, low=1, required=True, help="Which neighbour (k-th) is used."),
-              INDEX_METRIC)  # fmt: skip
+    params = (
+        Param("k", "int", 15, low=1, required=True, help="Which neighbour (k-th) is used."),
+        INDEX_METRIC,
+    )
 
     normalises_concatenation = True
 
@@ -76,5 +85,6 @@ class KNN(BaseScore):
         dist, _ = self.index.search(to_faiss(features["x"]), self.k)
         kth = torch.from_numpy(dist[:, -1].astype(np.float64)).to(logits.device)
         return -kth if self.index_metric == "l2" else kth
+
 
 __all__ = ["KNN"]

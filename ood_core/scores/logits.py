@@ -164,11 +164,16 @@ class KLMatching(_LogitScore):
     reference = "Hendrycks et al., ICML 2022"
     needs_fit = True
     params = (
-        Param("readout", "choice", "predicted", choices=("predicted", "closest"),
-              help="predicted: class k's conformity is -KL to its own template (evaluation reads "
-                   "the predicted class, as the reference library does); closest: every class "
-                   "gets -min_k KL (the paper's score)."),
-    )  # fmt: skip
+        Param(
+            "readout",
+            "choice",
+            "predicted",
+            choices=("predicted", "closest"),
+            help="predicted: class k's conformity is -KL to its own template (evaluation reads "
+            "the predicted class, as the reference library does); closest: every class "
+            "gets -min_k KL (the paper's score).",
+        ),
+    )
 
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         p = torch.softmax(logits.double(), dim=1)
@@ -182,9 +187,12 @@ class KLMatching(_LogitScore):
             else:
                 empty.append(k)
         if empty:
-            degenerate(self, f"class(es) {empty} are never predicted on the calibration data, so "
-                       "their template is the uniform distribution",
-                       "use more (or more varied) calibration data")  # fmt: skip
+            degenerate(
+                self,
+                f"class(es) {empty} are never predicted on the calibration data, so "
+                "their template is the uniform distribution",
+                "use more (or more varied) calibration data",
+            )
         self.templates = templates.clamp_min(1e-12)
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
@@ -213,20 +221,36 @@ class ODIN(_LogitScore):
 
     reference = "Liang, Li & Srikant, ICLR 2018"
     params = (
-        Param("temperature", "float", 1000.0, low=0, low_exclusive=True, required=True,
-              help="Temperature T (the paper uses 1000)."),
+        Param(
+            "temperature",
+            "float",
+            1000.0,
+            low=0,
+            low_exclusive=True,
+            required=True,
+            help="Temperature T (the paper uses 1000).",
+        ),
         Param("epsilon", "float", 0.0, low=0, help="Input perturbation size (0: none)."),
-        Param("fgm_norm", "float", float("inf"), low=1, allow_inf=True,
-              help="Norm of the gradient step (inf: sign)."),
-    )  # fmt: skip
+        Param(
+            "fgm_norm",
+            "float",
+            float("inf"),
+            low=1,
+            allow_inf=True,
+            help="Norm of the gradient step (inf: sign).",
+        ),
+    )
 
     @property
     def needs_input_grad(self) -> bool:
         return self.epsilon > 0
 
     def extract_own(self, recorder: Recorder, x: Tensor) -> Features:
-        return {"logits_perturbed": input_step_logits(recorder.net, x, self.epsilon, self.fgm_norm,
-                                                      self.temperature)}  # fmt: skip
+        return {
+            "logits_perturbed": input_step_logits(
+                recorder.net, x, self.epsilon, self.fgm_norm, self.temperature
+            )
+        }
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
         z = features.get("logits_perturbed", logits).double()
@@ -259,17 +283,40 @@ class IsoMax(BaseScore):
     reference = "Macêdo et al., IJCNN 2021"
     layer_rule = "none"
     params = (
-        Param("entropic_scale", "float", 10.0, low=0, low_exclusive=True,
-              help="Entropic scale s multiplying the distances (fit and score)."),
-        Param("dist_norm", "float", 2.0, low=1, allow_inf=True,
-              help="p of the p-norm distance to prototypes."),
+        Param(
+            "entropic_scale",
+            "float",
+            10.0,
+            low=0,
+            low_exclusive=True,
+            help="Entropic scale s multiplying the distances (fit and score).",
+        ),
+        Param(
+            "dist_norm",
+            "float",
+            2.0,
+            low=1,
+            allow_inf=True,
+            help="p of the p-norm distance to prototypes.",
+        ),
         Param("lr", "float", 0.1, low=0, low_exclusive=True, help="Adam learning rate."),
-        Param("n_steps", "int", 1000, low=0, high=ISOMAX_MAX_STEPS,
-              help=f"Adam full-batch steps (at most {ISOMAX_MAX_STEPS:_}; each costs a pass over "
-                   "the calibration logits)."),
-        Param("init", "choice", "zeros", choices=("zeros", "class_means"),
-              help="Initial prototypes: zeros (reference) or the class means of the logits."),
-    )  # fmt: skip
+        Param(
+            "n_steps",
+            "int",
+            1000,
+            low=0,
+            high=ISOMAX_MAX_STEPS,
+            help=f"Adam full-batch steps (at most {ISOMAX_MAX_STEPS:_}; each costs a pass over "
+            "the calibration logits).",
+        ),
+        Param(
+            "init",
+            "choice",
+            "zeros",
+            choices=("zeros", "class_means"),
+            help="Initial prototypes: zeros (reference) or the class means of the logits.",
+        ),
+    )
 
     def distances(self, logits: Tensor, prototypes: Tensor | None = None) -> Tensor:
         """``(n, C)`` p-norm distances of the logits to the prototypes (exact differences, in the
@@ -288,9 +335,12 @@ class IsoMax(BaseScore):
         counts = torch.bincount(labels, minlength=c)
         absent = (counts == 0).nonzero().squeeze(1).tolist()
         if absent:
-            degenerate(self, f"no calibration sample of class(es) {absent}",
-                       "their prototypes are only pushed away from the data and their conformity "
-                       "is meaningless; calibrate with samples of every class")  # fmt: skip
+            degenerate(
+                self,
+                f"no calibration sample of class(es) {absent}",
+                "their prototypes are only pushed away from the data and their conformity "
+                "is meaningless; calibrate with samples of every class",
+            )
         if self.init == "zeros":
             protos = torch.zeros(c, c, dtype=z.dtype, device=z.device)
         else:
@@ -311,8 +361,10 @@ class IsoMax(BaseScore):
                     opt.step()
         self.prototypes = protos.detach()
         if not torch.isfinite(self.prototypes).all():
-            raise ValueError(f"{self!r}: the prototype fit diverged (non-finite values); lower lr "
-                             "or entropic_scale.")  # fmt: skip
+            raise ValueError(
+                f"{self!r}: the prototype fit diverged (non-finite values); lower lr "
+                "or entropic_scale."
+            )
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
         return torch.softmax(-self.entropic_scale * self.distances(logits), dim=1).double()
@@ -341,8 +393,9 @@ def fgm_direction(grad: Tensor, p: float) -> Tensor:
     return (mag * g.sign()).view_as(grad)
 
 
-def input_step_logits(net: torch.nn.Module, x: Tensor, epsilon: float, norm: float,
-                      temperature: float) -> Tensor:  # fmt: skip
+def input_step_logits(
+    net: torch.nn.Module, x: Tensor, epsilon: float, norm: float, temperature: float
+) -> Tensor:
     """Logits after moving ``x`` by ``epsilon`` to increase ``max_c log_softmax(f(x)/T)``."""
     xg = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
@@ -353,4 +406,17 @@ def input_step_logits(net: torch.nn.Module, x: Tensor, epsilon: float, norm: flo
         return net(x + epsilon * fgm_direction(grad, norm)).detach()
 
 
-__all__ = ["BaselineClassif", "fgm_direction", "Softmax", "Logit", "Energy", "JointEnergy", "Entropy", "GEN", "TemperatureScaling", "KLMatching", "ODIN", "IsoMax"]
+__all__ = [
+    "BaselineClassif",
+    "fgm_direction",
+    "Softmax",
+    "Logit",
+    "Energy",
+    "JointEnergy",
+    "Entropy",
+    "GEN",
+    "TemperatureScaling",
+    "KLMatching",
+    "ODIN",
+    "IsoMax",
+]

@@ -61,25 +61,55 @@ ILL_CONDITIONED = 0.1
 """``inverse="inv"`` warns when ``condition number * eps(dtype)`` exceeds this (the LU inverse then
 has relative errors of that order; float32: condition numbers above ~8e5)."""
 
-WEIGHTS = Param("weights", "list", None, nullable=True,
-                help="One weight w_l per layer, in the layers' order (None: all 1).")  # fmt: skip
-EPSILON = Param("epsilon", "float", 0.0, low=0,
-                help="Input preprocessing step size (0: none; Lee et al. tune it in "
-                     "[0, 0.005]).")  # fmt: skip
-FGM_NORM = Param("fgm_norm", "float", math.inf, low=1, allow_inf=True,
-                 help="p of the L^p-unit preprocessing step (inf: the gradient's sign).")  # fmt: skip
-POOLING = Param("pooling", "choice", "flatten", choices=("flatten", "mean"),
-                help="Layer features. flatten: the whole activation per sample (the reference's); "
-                     "mean: a 4-D (N, C, H, W) activation averaged over H, W to (N, C) (Lee et "
-                     "al.'s choice: far fewer dims, a well-posed covariance).")  # fmt: skip
-INVERSE = Param("inverse", "choice", "inv", choices=("inv", "pinv"),
-                help="Precision matrix. inv: LU inverse of the covariance in the activations' "
-                     "dtype (the reference's: rounding noise when singular, NaN when the LU "
-                     "fails); pinv: float64 pseudo-inverse (always finite).")  # fmt: skip
-READOUT = Param("readout", "choice", "predicted", choices=("predicted", "closest"),
-                help="predicted: class c's conformity is -its own distance (the reference's; "
-                     "evaluation reads the predicted class); closest: every class gets -the "
-                     "closest class's distance, per layer (the papers' score).")  # fmt: skip
+WEIGHTS = Param(
+    "weights",
+    "list",
+    None,
+    nullable=True,
+    help="One weight w_l per layer, in the layers' order (None: all 1).",
+)
+EPSILON = Param(
+    "epsilon",
+    "float",
+    0.0,
+    low=0,
+    help="Input preprocessing step size (0: none; Lee et al. tune it in [0, 0.005]).",
+)
+FGM_NORM = Param(
+    "fgm_norm",
+    "float",
+    math.inf,
+    low=1,
+    allow_inf=True,
+    help="p of the L^p-unit preprocessing step (inf: the gradient's sign).",
+)
+POOLING = Param(
+    "pooling",
+    "choice",
+    "flatten",
+    choices=("flatten", "mean"),
+    help="Layer features. flatten: the whole activation per sample (the reference's); "
+    "mean: a 4-D (N, C, H, W) activation averaged over H, W to (N, C) (Lee et "
+    "al.'s choice: far fewer dims, a well-posed covariance).",
+)
+INVERSE = Param(
+    "inverse",
+    "choice",
+    "inv",
+    choices=("inv", "pinv"),
+    help="Precision matrix. inv: LU inverse of the covariance in the activations' "
+    "dtype (the reference's: rounding noise when singular, NaN when the LU "
+    "fails); pinv: float64 pseudo-inverse (always finite).",
+)
+READOUT = Param(
+    "readout",
+    "choice",
+    "predicted",
+    choices=("predicted", "closest"),
+    help="predicted: class c's conformity is -its own distance (the reference's; "
+    "evaluation reads the predicted class); closest: every class gets -the "
+    "closest class's distance, per layer (the papers' score).",
+)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -88,8 +118,10 @@ def _start_conformity(score: BaseScore, logits: Tensor) -> tuple[tuple, tuple, T
     ``(n, C)`` float64 accumulator."""
     layers, weights = score._fit_state  # noqa: SLF001
     if tuple(score.layers) != layers:
-        raise RuntimeError(f"{score!r} was fitted on layers {list(layers)} but now reads "
-                           f"{list(score.layers)}; fit it again.")  # fmt: skip
+        raise RuntimeError(
+            f"{score!r} was fitted on layers {list(layers)} but now reads "
+            f"{list(score.layers)}; fit it again."
+        )
     total = torch.zeros(len(logits), logits.shape[1], dtype=torch.float64, device=logits.device)
     return layers, weights, total
 
@@ -239,8 +271,11 @@ def reference_precision(
         cond = top / low if low > 0 else math.inf
     eps = torch.finfo(cov.dtype).eps
     dtype = str(cov.dtype).removeprefix("torch.")
-    remedy = ("try pooling='mean' (fewer dims) or inverse='pinv'" if owner.pooling == "flatten"
-              else "calibrate on more samples, or try inverse='pinv'")  # fmt: skip
+    remedy = (
+        "try pooling='mean' (fewer dims) or inverse='pinv'"
+        if owner.pooling == "flatten"
+        else "calibrate on more samples, or try inverse='pinv'"
+    )
     where = f"{what} covariance" if what else "covariance"
     if failed or d > rank:
         why = [f"rank <= {max(rank, 0):,}"] if d > rank else []
@@ -248,14 +283,27 @@ def reference_precision(
             why.append(f"its {dtype} LU inversion failed")
             effect = "every distance is NaN and every conformity -inf (as in the reference)"
         else:
-            effect = (f"its {dtype} inverse is rounding noise, so the conformities are not "
-                      "reproducible (they change with the BLAS and the thread count)")  # fmt: skip
-        degenerate(owner, f"{d:,} feature dimensions for {n:,} samples, {where} singular "
-                   f"({'; '.join(why)}), {effect}", remedy, layer=layer, stacklevel=3)  # fmt: skip
+            effect = (
+                f"its {dtype} inverse is rounding noise, so the conformities are not "
+                "reproducible (they change with the BLAS and the thread count)"
+            )
+        degenerate(
+            owner,
+            f"{d:,} feature dimensions for {n:,} samples, {where} singular "
+            f"({'; '.join(why)}), {effect}",
+            remedy,
+            layer=layer,
+            stacklevel=3,
+        )
     elif cond * eps > ILL_CONDITIONED:
-        degenerate(owner, f"{where} ill-conditioned (condition number {cond:.3g} for {dtype} "
-                   f"arithmetic, eps {eps:.2g}), so its inverse carries large rounding errors",
-                   remedy, layer=layer, stacklevel=3)  # fmt: skip
+        degenerate(
+            owner,
+            f"{where} ill-conditioned (condition number {cond:.3g} for {dtype} "
+            f"arithmetic, eps {eps:.2g}), so its inverse carries large rounding errors",
+            remedy,
+            layer=layer,
+            stacklevel=3,
+        )
     return precision, cond
 
 
@@ -272,12 +320,16 @@ def _recording(recorder: Recorder, layers: Sequence[LayerId]) -> Iterator[None]:
 
 def _check_calibration(owner: BaseScore, labels: Tensor, n_classes: int) -> None:
     if len(labels) < 2:
-        raise ValueError(f"{owner!r} needs at least 2 calibration samples to estimate a "
-                         f"covariance; got {len(labels)}.")  # fmt: skip
+        raise ValueError(
+            f"{owner!r} needs at least 2 calibration samples to estimate a "
+            f"covariance; got {len(labels)}."
+        )
     if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
-        raise ValueError(f"{owner!r}: calibration labels must lie in [0, {n_classes - 1}] (the "
-                         f"network has {n_classes} outputs); got [{int(labels.min())}, "
-                         f"{int(labels.max())}].")  # fmt: skip
+        raise ValueError(
+            f"{owner!r}: calibration labels must lie in [0, {n_classes - 1}] (the "
+            f"network has {n_classes} outputs); got [{int(labels.min())}, "
+            f"{int(labels.max())}]."
+        )
 
 
 class _LayerWeighted(BaseScore):
@@ -291,12 +343,17 @@ class _LayerWeighted(BaseScore):
         w = self.values.get("weights")
         if w is None:
             return
-        bad = [v for v in w if isinstance(v, bool) or not isinstance(v, numbers.Real)
-               or not math.isfinite(v)]  # fmt: skip
+        bad = [
+            v
+            for v in w
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+        ]
         if not w or bad:
-            raise ValueError(f"{type(self).__name__}: parameter 'weights' must be a non-empty "
-                             "list of finite floats, one per layer (or None); got "
-                             f"{list(w)!r}.")  # fmt: skip
+            raise ValueError(
+                f"{type(self).__name__}: parameter 'weights' must be a non-empty "
+                "list of finite floats, one per layer (or None); got "
+                f"{list(w)!r}."
+            )
 
     def layer_weights(self, layers: Sequence[LayerId] | None = None) -> list[float]:
         """``w_l`` per layer (all 1 by default); ValueError if their number != the layers'."""
@@ -305,10 +362,12 @@ class _LayerWeighted(BaseScore):
         if self.weights is None:
             return [1.0] * len(layers)
         if len(self.weights) != len(layers):
-            raise ValueError(f"{type(self).__name__}: parameter 'weights' has {len(self.weights)} "
-                             f"value(s) but the score reads {len(layers)} layer(s) "
-                             f"{[f'{d}-{i}' for d, i in layers]}; give one weight per layer, in "
-                             "the same order, or weights=None.")  # fmt: skip
+            raise ValueError(
+                f"{type(self).__name__}: parameter 'weights' has {len(self.weights)} "
+                f"value(s) but the score reads {len(layers)} layer(s) "
+                f"{[f'{d}-{i}' for d, i in layers]}; give one weight per layer, in "
+                "the same order, or weights=None."
+            )
         return [float(v) for v in self.weights]
 
     def check_layers(
@@ -323,8 +382,9 @@ class _LayerWeighted(BaseScore):
         return pool_features(a)
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
-        return {_key(layer): self.layer_features(activations[layer], layer)
-                for layer in self.layers}  # fmt: skip
+        return {
+            _key(layer): self.layer_features(activations[layer], layer) for layer in self.layers
+        }
 
 
 # ---------------------------------------------------------------------------------------- scores
@@ -383,11 +443,13 @@ class DeepMahalanobis(_LayerWeighted):
         size = d * d * h.element_size()
         if size > MAX_COVARIANCE_BYTES:
             where = f" @ {tuple(layer)}" if layer is not None else ""
-            raise ValueError(f"{type(self).__name__}{where}: the activation {tuple(a.shape[1:])} "
-                             f"gives {d:,} feature dims (pooling={self.pooling!r}), whose "
-                             f"covariance would take {size / 2**30:,.0f} GiB (limit "
-                             f"MAX_COVARIANCE_BYTES = {MAX_COVARIANCE_BYTES / 2**30:g} GiB); use "
-                             "pooling='mean' or a smaller layer.")  # fmt: skip
+            raise ValueError(
+                f"{type(self).__name__}{where}: the activation {tuple(a.shape[1:])} "
+                f"gives {d:,} feature dims (pooling={self.pooling!r}), whose "
+                f"covariance would take {size / 2**30:,.0f} GiB (limit "
+                f"MAX_COVARIANCE_BYTES = {MAX_COVARIANCE_BYTES / 2**30:g} GiB); use "
+                "pooling='mean' or a smaller layer."
+            )
         return h
 
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
@@ -401,11 +463,16 @@ class DeepMahalanobis(_LayerWeighted):
         counts = torch.bincount(labels, minlength=n_classes)
         absent = [c for c in range(n_classes) if int(counts[c]) == 0]
         if absent:
-            fill = ("their conformity is each sample's lowest class conformity"
-                    if self.inverse == "pinv"
-                    else "their means are NaN and their conformity -inf (as in the reference)")  # fmt: skip
-            degenerate(self, f"no calibration sample of class(es) {absent}", f"{fill}; calibrate "
-                       "with samples of every class (or use readout='closest')")  # fmt: skip
+            fill = (
+                "their conformity is each sample's lowest class conformity"
+                if self.inverse == "pinv"
+                else "their means are NaN and their conformity -inf (as in the reference)"
+            )
+            degenerate(
+                self,
+                f"no calibration sample of class(es) {absent}",
+                f"{fill}; calibrate with samples of every class (or use readout='closest')",
+            )
         fit_layer = self._fit_pinv if self.inverse == "pinv" else self._fit_inv
         for layer in self.layers:
             fit_layer(layer, features[_key(layer)], labels, n_classes)
@@ -435,8 +502,9 @@ class DeepMahalanobis(_LayerWeighted):
         self._warn_pinv(layer, g, "")
         if self.relative:
             mu0 = h.mean(0, keepdim=True)
-            g0 = make_gaussians(covariance(h - mu0), mu0, torch.ones(1, dtype=torch.bool,
-                                                                     device=h.device))  # fmt: skip
+            g0 = make_gaussians(
+                covariance(h - mu0), mu0, torch.ones(1, dtype=torch.bool, device=h.device)
+            )
             self.global_gaussians.append(g0)
             self.global_condition_numbers[layer] = g0.condition_number
             self._warn_pinv(layer, g0, "global ")
@@ -445,11 +513,19 @@ class DeepMahalanobis(_LayerWeighted):
         if g.condition_number <= COND_MAX:
             return
         d, kept = g.whiten.shape
-        degenerate(self, f"{what}covariance singular or ill-conditioned (condition number "
-                   f"{g.condition_number:.3g} > {COND_MAX:.0e}): the pseudo-inverse ignores "
-                   f"{d - kept:,} of its {d:,} directions",
-                   ("try pooling='mean' or more calibration samples" if self.pooling == "flatten"
-                    else "calibrate on more samples"), layer=layer, stacklevel=3)  # fmt: skip
+        degenerate(
+            self,
+            f"{what}covariance singular or ill-conditioned (condition number "
+            f"{g.condition_number:.3g} > {COND_MAX:.0e}): the pseudo-inverse ignores "
+            f"{d - kept:,} of its {d:,} directions",
+            (
+                "try pooling='mean' or more calibration samples"
+                if self.pooling == "flatten"
+                else "calibrate on more samples"
+            ),
+            layer=layer,
+            stacklevel=3,
+        )
 
     def _layer_distance(self, i: int, h: Tensor) -> Tensor:
         d = self.gaussians[i].sq_distances(h)
@@ -474,23 +550,31 @@ class DeepMahalanobis(_LayerWeighted):
         xg = x.detach().clone().requires_grad_(True)
         with _recording(recorder, layers), torch.enable_grad():
             recorder(xg)
-            feats = [self.layer_features(normalise_activation(recorder.activations[layer],
-                                                              self.act_norm), layer)
-                     for layer in layers]  # fmt: skip
+            feats = [
+                self.layer_features(
+                    normalise_activation(recorder.activations[layer], self.act_norm), layer
+                )
+                for layer in layers
+            ]
         out = {_key(layer): f.detach() for layer, f in zip(layers, feats, strict=True)}
         if not self._can_perturb():
             return out  # calibration pass: statistics are estimated on clean inputs
         for i, layer in enumerate(layers):
             objective = -self._closest_distance(i, feats[i]).sum()
-            (grad,) = torch.autograd.grad(objective, xg, retain_graph=i + 1 < len(layers),
-                                          allow_unused=True)  # fmt: skip
+            (grad,) = torch.autograd.grad(
+                objective, xg, retain_graph=i + 1 < len(layers), allow_unused=True
+            )
             if grad is None:
                 grad = torch.zeros_like(x)
             bad = int((~grad.flatten(1).isfinite().all(1)).sum())
             if bad:
-                degenerate(self, f"the input gradient is not finite for {bad} of {len(x)} "
-                           "samples (NaN precision or activations)", "those samples are scored "
-                           "without the epsilon step", layer=layer)  # fmt: skip
+                degenerate(
+                    self,
+                    f"the input gradient is not finite for {bad} of {len(x)} "
+                    "samples (NaN precision or activations)",
+                    "those samples are scored without the epsilon step",
+                    layer=layer,
+                )
             x_moved = x.detach() + self.epsilon * fgm_direction(grad, self.fgm_norm)
             with _recording(recorder, (layer,)), torch.no_grad():
                 recorder(x_moved)
@@ -504,8 +588,10 @@ class DeepMahalanobis(_LayerWeighted):
         for i, layer in enumerate(layers):
             key = _key(layer, perturbed=self.epsilon > 0)
             if key not in features:
-                raise RuntimeError(f"{self!r}: features {key!r} are missing (epsilon > 0 needs the "
-                                   "perturbed pass of a fitted score); fit it again.")  # fmt: skip
+                raise RuntimeError(
+                    f"{self!r}: features {key!r} are missing (epsilon > 0 needs the "
+                    "perturbed pass of a fitted score); fit it again."
+                )
             d = self._layer_distance(i, features[key])
             if self.readout == "closest":
                 d = _nan_to_inf(d).min(1).values
@@ -573,12 +659,15 @@ class MultiMahalanobis(_LayerWeighted):
 
     reference = "Ledoit & Wolf, JMVA 2004; Lee et al., NeurIPS 2018"
     params = (
-        _ShrinkageParam("shrinkage", "str", "ledoit_wolf",
-                        help="Covariance shrinkage: 'ledoit_wolf', 'oas' or a fixed float in "
-                             "[0, 1]."),
+        _ShrinkageParam(
+            "shrinkage",
+            "str",
+            "ledoit_wolf",
+            help="Covariance shrinkage: 'ledoit_wolf', 'oas' or a fixed float in [0, 1].",
+        ),
         WEIGHTS,
         READOUT,
-    )  # fmt: skip
+    )
 
     def shrunk_covariance(self, centred: Tensor) -> tuple[Tensor, float]:
         """``(covariance, shrinkage used)`` of already centred features ``(n, D)``."""
@@ -655,14 +744,23 @@ class ViM(BaseScore):
     layer_rule = "any"
     max_layers = 1
     suggested_layers = ("logits",)
-    params = (Param("dim", "int", None, low=1, nullable=True,
-                    help="Principal subspace size (None: the paper's rule from the feature "
-                         "dim)."),)  # fmt: skip
+    params = (
+        Param(
+            "dim",
+            "int",
+            None,
+            low=1,
+            nullable=True,
+            help="Principal subspace size (None: the paper's rule from the feature dim).",
+        ),
+    )
 
     def _check_act_norm(self) -> None:
         if self.act_norm is not None:
-            raise ValueError("ViM: parameter 'act_norm' must be None: ViM uses the final Linear "
-                             "layer's raw input and its weights.")  # fmt: skip
+            raise ValueError(
+                "ViM: parameter 'act_norm' must be None: ViM uses the final Linear "
+                "layer's raw input and its weights."
+            )
 
     def check_params(self) -> None:
         super().check_params()
@@ -677,14 +775,19 @@ class ViM(BaseScore):
             (layer,) = layers
             module = recorder.info(layer).module
             if not isinstance(module, nn.Linear):
-                raise ValueError(f"ViM needs the final nn.Linear layer (the one producing the "
-                                 f"logits from the penultimate features); {layer} "
-                                 f"({recorder.layer_name(layer) or 'the network'}) is a "
-                                 f"{type(module).__name__}. Give the Linear layer's "
-                                 "id.")  # fmt: skip
+                raise ValueError(
+                    f"ViM needs the final nn.Linear layer (the one producing the "
+                    f"logits from the penultimate features); {layer} "
+                    f"({recorder.layer_name(layer) or 'the network'}) is a "
+                    f"{type(module).__name__}. Give the Linear layer's "
+                    "id."
+                )
             w = module.weight.detach().double().clone()
-            b = (module.bias.detach().double().clone() if module.bias is not None
-                 else w.new_zeros(w.shape[0]))  # fmt: skip
+            b = (
+                module.bias.detach().double().clone()
+                if module.bias is not None
+                else w.new_zeros(w.shape[0])
+            )
             self.__dict__["_linear"] = (w, b)
         return layers
 
@@ -692,27 +795,34 @@ class ViM(BaseScore):
         (layer,) = self.layers
         h = activations.inputs[layer]  # type: ignore[attr-defined]
         if h.ndim != 2:
-            raise ValueError(f"ViM needs a Linear layer applied to (N, D) features; the input of "
-                             f"{layer} has shape {tuple(h.shape)}.")  # fmt: skip
+            raise ValueError(
+                f"ViM needs a Linear layer applied to (N, D) features; the input of "
+                f"{layer} has shape {tuple(h.shape)}."
+            )
         return {"h": h, "f": activations[layer]}  # kept in the net's dtype (cast at use)
 
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         if "_linear" not in self.__dict__:
-            raise ValueError("ViM reads the Linear layer's weights from the network: fit it "
-                             "through the Engine or score.fit(rnet, ...).")  # fmt: skip
+            raise ValueError(
+                "ViM reads the Linear layer's weights from the network: fit it "
+                "through the Engine or score.fit(rnet, ...)."
+            )
         w, b = self.__dict__["_linear"]
         h, f = features["h"].double(), features["f"].double()
         n, d = h.shape
         if w.shape[1] != d:
-            raise ValueError(f"ViM: the Linear layer takes {w.shape[1]} features but its recorded "
-                             f"input has {d}.")  # fmt: skip
+            raise ValueError(
+                f"ViM: the Linear layer takes {w.shape[1]} features but its recorded input has {d}."
+            )
         if n < 2:
             raise ValueError(f"{self!r} needs at least 2 calibration samples; got {n}.")
         dim = self.dim if self.dim is not None else vim_default_dim(d)
         if dim >= d:
-            raise ValueError(f"ViM: parameter 'dim' ({dim}) must be smaller than the feature "
-                             f"dimension {d} (the residual lives in the other D - dim "
-                             f"directions); use dim <= {d - 1}.")  # fmt: skip
+            raise ValueError(
+                f"ViM: parameter 'dim' ({dim}) must be smaller than the feature "
+                f"dimension {d} (the residual lives in the other D - dim "
+                f"directions); use dim <= {d - 1}."
+            )
         w, b = w.to(h.device), b.to(h.device)
         self.origin = -torch.linalg.pinv(w) @ b
         centred = h - self.origin
@@ -724,8 +834,10 @@ class ViM(BaseScore):
         residual = self.residual(h)
         mean_res = float(residual.mean())
         if not mean_res > 0:
-            raise ValueError(f"ViM: the calibration features lie inside the {dim}-dim principal "
-                             "subspace (zero residual); use a smaller 'dim'.")  # fmt: skip
+            raise ValueError(
+                f"ViM: the calibration features lie inside the {dim}-dim principal "
+                "subspace (zero residual); use a smaller 'dim'."
+            )
         self.alpha = float(f.max(1).values.mean()) / mean_res
 
     def residual(self, h: Tensor) -> Tensor:

@@ -41,10 +41,13 @@ from ood_core.scores.registry import register_score
 _CHUNK = 1024
 
 POOLING = Param(
-    "pooling", "choice", "flatten", choices=("flatten", "mean"),
+    "pooling",
+    "choice",
+    "flatten",
+    choices=("flatten", "mean"),
     help="flatten: each layer's activations flattened per sample (as the reference library); "
-         "mean: 4-D activations average-pooled over space first (one feature per channel).",
-)  # fmt: skip
+    "mean: 4-D activations average-pooled over space first (one feature per channel).",
+)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -127,18 +130,29 @@ def class_counts(labels: Tensor, n_classes: int) -> Tensor:
 
 def check_labels(owner: BaseScore, labels: Tensor, n_classes: int) -> None:
     if len(labels) and int(labels.max()) >= n_classes:
-        raise ValueError(f"{owner!r}: labels go up to {int(labels.max())} but the network has "
-                         f"{n_classes} classes.")  # fmt: skip
+        raise ValueError(
+            f"{owner!r}: labels go up to {int(labels.max())} but the network has "
+            f"{n_classes} classes."
+        )
 
 
-def warn_missing_classes(owner: BaseScore, labels: Tensor, n_classes: int, consequence: str,
-                         what: str = "calibration sample") -> list[int]:  # fmt: skip
+def warn_missing_classes(
+    owner: BaseScore,
+    labels: Tensor,
+    n_classes: int,
+    consequence: str,
+    what: str = "calibration sample",
+) -> list[int]:
     """Warn (``OodLensWarning``) about the classes of ``range(n_classes)`` absent from ``labels``;
     return them."""
     missing = [c for c, n in enumerate(class_counts(labels, n_classes).tolist()) if n == 0]
     if missing:
-        degenerate(owner, f"class(es) {missing} have no {what}: {consequence}",
-                   "give calibration samples of every class", stacklevel=3)  # fmt: skip
+        degenerate(
+            owner,
+            f"class(es) {missing} have no {what}: {consequence}",
+            "give calibration samples of every class",
+            stacklevel=3,
+        )
     return missing
 
 
@@ -199,21 +213,38 @@ class DkNN(_NeighbourScore):
     reference = "Papernot & McDaniel, 2018"
     params = (
         Param("k", "int", 75, low=1, required=True, help=K_HELP),
-        Param("per_class", "bool", False,
-              help="Quantiles against the calibration samples of the candidate class only "
-                   "(statistic='raw': one index per class, k-th distance)."),
-        Param("per_layer", "bool", False,
-              help="One quantile per layer, combined with `aggregation` (else counts are summed "
-                   "over layers)."),
-        AggregationParam("aggregation", "str", "mean",
-                         help=f"How per-layer conformities are combined: one of {AGGREGATIONS} "
-                              "or a float p (p-norm)."),
+        Param(
+            "per_class",
+            "bool",
+            False,
+            help="Quantiles against the calibration samples of the candidate class only "
+            "(statistic='raw': one index per class, k-th distance).",
+        ),
+        Param(
+            "per_layer",
+            "bool",
+            False,
+            help="One quantile per layer, combined with `aggregation` (else counts are summed "
+            "over layers).",
+        ),
+        AggregationParam(
+            "aggregation",
+            "str",
+            "mean",
+            help=f"How per-layer conformities are combined: one of {AGGREGATIONS} "
+            "or a float p (p-norm).",
+        ),
         INDEX_METRIC,
-        Param("statistic", "choice", "quantile", choices=("quantile", "raw"),
-              help="quantile: the reference's calibrated label-count quantiles; raw: uncalibrated "
-                   "neighbour disagreement (or k-th class distance), layers concatenated."),
+        Param(
+            "statistic",
+            "choice",
+            "quantile",
+            choices=("quantile", "raw"),
+            help="quantile: the reference's calibrated label-count quantiles; raw: uncalibrated "
+            "neighbour disagreement (or k-th class distance), layers concatenated.",
+        ),
         POOLING,
-    )  # fmt: skip
+    )
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         if self.statistic == "raw" and not self.per_layer:
@@ -233,15 +264,21 @@ class DkNN(_NeighbourScore):
         check_k(self, k, n)
         xs = {key: x.cpu() for key, x in features.items()}
         self.indexes_ = [(key, flat_index(x, self.index_metric)) for key, x in xs.items()]
-        warn_missing_classes(self, labels, n_classes, "no neighbour ever carries their label, "
-                             "so their conformity is always 0")  # fmt: skip
+        warn_missing_classes(
+            self,
+            labels,
+            n_classes,
+            "no neighbour ever carries their label, so their conformity is always 0",
+        )
         self.calib_: list[Any] | None = None
         if not (self.per_layer or self.per_class):
             return
         if k >= n:
-            raise ValueError(f"{self!r}: k={k} neighbours of each calibration sample among the "
-                             f"others need k + 1 = {k + 1} calibration samples; got {n}. Lower k "
-                             "or add data.")  # fmt: skip
+            raise ValueError(
+                f"{self!r}: k={k} neighbours of each calibration sample among the "
+                f"others need k + 1 = {k + 1} calibration samples; got {n}. Lower k "
+                "or add data."
+            )
         rows = torch.zeros(len(xs) if self.per_layer else 1, n)
         for r, (key, index) in enumerate(self.indexes_):
             _, idx = self_query_search(index, xs[key], k)
@@ -252,10 +289,13 @@ class DkNN(_NeighbourScore):
         counts = class_counts(labels, n_classes).tolist()
         few = [c for c, m in enumerate(counts) if 0 < m < k]
         if few:
-            degenerate(self, f"class(es) {few} have fewer calibration samples "
-                       f"({[counts[c] for c in few]}) than k={k}: their calibration label counts "
-                       "cannot reach k, so their per-class quantiles are coarse",
-                       "lower k or add calibration samples of these classes")  # fmt: skip
+            degenerate(
+                self,
+                f"class(es) {few} have fewer calibration samples "
+                f"({[counts[c] for c in few]}) than k={k}: their calibration label counts "
+                "cannot reach k, so their per-class quantiles are coarse",
+                "lower k or add calibration samples of these classes",
+            )
         self.calib_ = [[row[labels == c].sort().values for c in range(n_classes)] for row in rows]
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
@@ -298,7 +338,8 @@ class DkNN(_NeighbourScore):
                 raise ValueError(
                     f"{self!r}: per_class=True needs at least k={self.k} calibration samples per "
                     f"class; classes {short} have {[int(counts[c]) for c in short]}. Lower k, use "
-                    "more calibration data or per_class=False.")  # fmt: skip
+                    "more calibration data or per_class=False."
+                )
             per_class = []
             for c in range(n_classes):
                 xc = x[labels == c]
@@ -344,11 +385,16 @@ class LID(_NeighbourScore):
     normalises_concatenation = True
     params = (
         Param("k", "int", 20, low=2, required=True, help=K_HELP),
-        Param("duplicates", "choice", "zero_lid", choices=("zero_lid", "skip"),
-              help="zero_lid: a neighbour at distance 0 gives LID 0 (as the reference); skip: "
-                   "zero distances are left out of the estimate."),
+        Param(
+            "duplicates",
+            "choice",
+            "zero_lid",
+            choices=("zero_lid", "skip"),
+            help="zero_lid: a neighbour at distance 0 gives LID 0 (as the reference); skip: "
+            "zero distances are left out of the estimate.",
+        ),
         POOLING,
-    )  # fmt: skip
+    )
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         return {"x": self._concat(activations)}
@@ -409,12 +455,20 @@ class Trust(_NeighbourScore):
     reference = "Jiang et al., NeurIPS 2018"
     normalises_concatenation = True
     params = (
-        Param("alpha", "float", 0.0, low=0, high=1, high_exclusive=True, required=True,
-              help="Fraction of each class' calibration samples removed as outliers "
-                   "(largest k-NN radius)."),
+        Param(
+            "alpha",
+            "float",
+            0.0,
+            low=0,
+            high=1,
+            high_exclusive=True,
+            required=True,
+            help="Fraction of each class' calibration samples removed as outliers "
+            "(largest k-NN radius).",
+        ),
         Param("k", "int", 10, low=1, help="Neighbour defining the k-NN radius used for filtering."),
         POOLING,
-    )  # fmt: skip
+    )
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         return {"x": self._concat(activations)}
@@ -441,16 +495,25 @@ class Trust(_NeighbourScore):
                 xc = xc[order[n_remove:].sort().values]
             self.kept_.append((flat_index(xc, "l2"), xc))
         if sum(kept is not None for kept in self.kept_) < 2:
-            raise ValueError(f"{self!r}: the calibration labels cover fewer than 2 classes; the "
-                             "trust score compares distances to different classes.")  # fmt: skip
-        warn_missing_classes(self, labels, n_classes, "they are at infinite distance, so their "
-                             "conformity is always 0")  # fmt: skip
+            raise ValueError(
+                f"{self!r}: the calibration labels cover fewer than 2 classes; the "
+                "trust score compares distances to different classes."
+            )
+        warn_missing_classes(
+            self,
+            labels,
+            n_classes,
+            "they are at infinite distance, so their conformity is always 0",
+        )
         if small:
             counts = class_counts(labels, n_classes)
-            degenerate(self, f"class(es) {small} have no more calibration samples "
-                       f"({[int(counts[c]) for c in small]}) than k={self.k}: their k-NN radii "
-                       "use their n_c - 1 other samples", "lower k or add calibration samples of "
-                       "these classes")  # fmt: skip
+            degenerate(
+                self,
+                f"class(es) {small} have no more calibration samples "
+                f"({[int(counts[c]) for c in small]}) than k={self.k}: their k-NN radii "
+                "use their n_c - 1 other samples",
+                "lower k or add calibration samples of these classes",
+            )
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
         q = features["x"].cpu()
@@ -508,9 +571,11 @@ class NNGuide(_NeighbourScore):
 # ---------------------------------------------------------------------------- JTLA
 TEST_KEYS = ("type", "mode", "k", "prior", "special_prior")
 TEST_MODES = ("mle", "map", "dcm")
-TEST_FORM = ("{'type': 'multinomial', 'mode': 'mle' | 'map' | 'dcm', 'k': int >= 1, optional "
-             "'prior': float or array broadcastable to (n_classes, n_classes), optional "
-             "'special_prior': float}")  # fmt: skip
+TEST_FORM = (
+    "{'type': 'multinomial', 'mode': 'mle' | 'map' | 'dcm', 'k': int >= 1, optional "
+    "'prior': float or array broadcastable to (n_classes, n_classes), optional "
+    "'special_prior': float}"
+)
 
 
 class TestSpec(dict):
@@ -562,13 +627,18 @@ class TestParam(Param):
         unknown = sorted(set(value) - set(TEST_KEYS), key=str)
         missing = [key for key in ("type", "mode", "k") if key not in value]
         if unknown or missing:
-            raise ValueError(f"{where}: " + (f"unknown key(s) {unknown}" if unknown else "")
-                             + ("; " if unknown and missing else "")
-                             + (f"missing key(s) {missing}" if missing else "")
-                             + f"; expected {TEST_FORM}")  # fmt: skip
+            raise ValueError(
+                f"{where}: "
+                + (f"unknown key(s) {unknown}" if unknown else "")
+                + ("; " if unknown and missing else "")
+                + (f"missing key(s) {missing}" if missing else "")
+                + f"; expected {TEST_FORM}"
+            )
         if value["type"] != "multinomial":
-            raise ValueError(f"{where}: 'type' must be 'multinomial' (the only test implemented), "
-                             f"got {value['type']!r}")  # fmt: skip
+            raise ValueError(
+                f"{where}: 'type' must be 'multinomial' (the only test implemented), "
+                f"got {value['type']!r}"
+            )
         mode = value["mode"]
         mode = getattr(mode, "value", mode)  # an enum member
         mode = "dcm" if mode == "compound" else mode
@@ -593,13 +663,16 @@ class TestParam(Param):
             out: float | list = float(prior)
         else:
             try:
-                arr = np.asarray(prior.detach().cpu() if isinstance(prior, Tensor) else prior,
-                                 dtype=np.float64)  # fmt: skip
+                arr = np.asarray(
+                    prior.detach().cpu() if isinstance(prior, Tensor) else prior, dtype=np.float64
+                )
             except (TypeError, ValueError):
                 arr = np.array([np.nan])
             if arr.ndim > 2 or arr.size == 0:
-                raise ValueError(f"{where}: 'prior' must be a float or an array broadcastable to "
-                                 f"(n_classes, n_classes), got {prior!r}")  # fmt: skip
+                raise ValueError(
+                    f"{where}: 'prior' must be a float or an array broadcastable to "
+                    f"(n_classes, n_classes), got {prior!r}"
+                )
             out = arr.tolist() if arr.ndim else float(arr)
         if not np.isfinite(np.asarray(out)).all():
             raise ValueError(f"{where}: 'prior' must be finite, got {prior!r}")
@@ -625,8 +698,10 @@ def parse_layer_aggregation(spec: str) -> tuple[str, int | None, tuple[int, ...]
         if min(sizes) < 1:
             raise ValueError
     except ValueError:
-        raise ValueError(f"'lpe', 'lpe:K' or one of {AGGREGATIONS} optionally followed by "
-                         f"':n1,n2,...' (integers >= 1), got {spec!r}") from None  # fmt: skip
+        raise ValueError(
+            f"'lpe', 'lpe:K' or one of {AGGREGATIONS} optionally followed by "
+            f"':n1,n2,...' (integers >= 1), got {spec!r}"
+        ) from None
     return method, None, sizes
 
 
@@ -638,8 +713,9 @@ class LayerAggregationParam(Param):
 
     def validate(self, value: Any, owner: str) -> Any:
         if not isinstance(value, str):
-            raise ValueError(f"{owner}: parameter {self.name!r} must be {self.range_text()}, "
-                             f"got {value!r}")  # fmt: skip
+            raise ValueError(
+                f"{owner}: parameter {self.name!r} must be {self.range_text()}, got {value!r}"
+            )
         try:
             parse_layer_aggregation(value)
         except ValueError as exc:
@@ -656,8 +732,11 @@ def kl_divergence(counts: Tensor, expected: Tensor) -> Tensor:
     expected_prob = expected / expected.sum(-1, keepdim=True)
     inputs_prob = counts / counts.sum(-1, keepdim=True)
     g, (n, c) = len(expected), counts.shape
-    terms = F.kl_div(expected_prob.log()[:, None, :].expand(g, n, c),
-                     inputs_prob[None].expand(g, n, c), reduction="none")  # fmt: skip
+    terms = F.kl_div(
+        expected_prob.log()[:, None, :].expand(g, n, c),
+        inputs_prob[None].expand(g, n, c),
+        reduction="none",
+    )
     div = terms.nan_to_num(posinf=torch.inf).sum(-1)
     div[:, (inputs_prob.isnan() | (inputs_prob < 0)).any(-1)] = torch.nan
     div[(expected_prob.isnan() | (expected_prob < 0)).any(-1)] = torch.nan
@@ -784,33 +863,68 @@ class JTLA(_NeighbourScore):
 
     reference = "Raghuram et al., ICML 2021"
     params = (
-        TestParam("test", "str", TestSpec(type="multinomial", mode="mle", k=15), required=True,
-                  help=f"The statistical test: {TEST_FORM}."),
-        LayerAggregationParam("layer_aggregation", "str", "fisher",
-                              help="How per-layer p-values are combined: 'lpe', 'lpe:K' or one of "
-                                   f"{AGGREGATIONS}, optionally ':n1,n2' (joint p-values of "
-                                   "n-tuples of layers)."),
-        Param("layer_aggregation_consecutive", "bool", False,
-              help="Layer n-tuples are runs of consecutive layers only (else all combinations)."),
-        Param("class_aggregation", "choice", "nat", choices=("nat", "adv"),
-              help="nat: the predicted-class q-value; adv: over the best other class' q-value."),
-        Param("pred_conditional", "bool", True,
-              help="Also test against the calibration samples predicted as each class."),
+        TestParam(
+            "test",
+            "str",
+            TestSpec(type="multinomial", mode="mle", k=15),
+            required=True,
+            help=f"The statistical test: {TEST_FORM}.",
+        ),
+        LayerAggregationParam(
+            "layer_aggregation",
+            "str",
+            "fisher",
+            help="How per-layer p-values are combined: 'lpe', 'lpe:K' or one of "
+            f"{AGGREGATIONS}, optionally ':n1,n2' (joint p-values of "
+            "n-tuples of layers).",
+        ),
+        Param(
+            "layer_aggregation_consecutive",
+            "bool",
+            False,
+            help="Layer n-tuples are runs of consecutive layers only (else all combinations).",
+        ),
+        Param(
+            "class_aggregation",
+            "choice",
+            "nat",
+            choices=("nat", "adv"),
+            help="nat: the predicted-class q-value; adv: over the best other class' q-value.",
+        ),
+        Param(
+            "pred_conditional",
+            "bool",
+            True,
+            help="Also test against the calibration samples predicted as each class.",
+        ),
         Param("index_metric", "choice", "ip", choices=("l2", "ip"), help=INDEX_METRIC.help),
-        Param("pvalues", "choice", "joint", choices=("joint", "conformal"),
-              help="joint: the reference's tests and p-values; conformal: our class-conditional "
-                   "conformal p-values of a multinomial likelihood."),
-        Param("n_classes_hint", "int", None, low=2, nullable=True,
-              help="Length of the class-count vectors (None: the number of logits)."),
+        Param(
+            "pvalues",
+            "choice",
+            "joint",
+            choices=("joint", "conformal"),
+            help="joint: the reference's tests and p-values; conformal: our class-conditional "
+            "conformal p-values of a multinomial likelihood.",
+        ),
+        Param(
+            "n_classes_hint",
+            "int",
+            None,
+            low=2,
+            nullable=True,
+            help="Length of the class-count vectors (None: the number of logits).",
+        ),
         POOLING,
-    )  # fmt: skip
+    )
 
     def check_params(self) -> None:
         method, _, sizes = parse_layer_aggregation(self.layer_aggregation)
         if self.pvalues == "conformal" and (method == "lpe" or sizes != (1,)):
-            raise ValueError(f"{type(self).__name__}: pvalues='conformal' combines one p-value per "
-                             f"layer: layer_aggregation must be one of {AGGREGATIONS} (no 'lpe', "
-                             f"no ':n' tuples), got {self.layer_aggregation!r}")  # fmt: skip
+            raise ValueError(
+                f"{type(self).__name__}: pvalues='conformal' combines one p-value per "
+                f"layer: layer_aggregation must be one of {AGGREGATIONS} (no 'lpe', "
+                f"no ':n' tuples), got {self.layer_aggregation!r}"
+            )
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         return self._per_layer(activations)
@@ -823,13 +937,17 @@ class JTLA(_NeighbourScore):
         n_classes = self.n_classes_hint or n_logits
         top = int(labels.max())
         if n_classes < n_logits or top >= n_classes:
-            raise ValueError(f"{self!r}: n_classes_hint={n_classes} must be >= the number of "
-                             f"logits ({n_logits}) and > the largest label ({top}).")  # fmt: skip
+            raise ValueError(
+                f"{self!r}: n_classes_hint={n_classes} must be >= the number of "
+                f"logits ({n_logits}) and > the largest label ({top})."
+            )
         n, k = len(labels), self.test["k"]
         check_k(self, k, n)
         if k == n:
-            raise ValueError(f"{self!r}: k={k} leave-one-out neighbours need k + 1 = {n + 1} "
-                             f"calibration samples; got {n}. Lower k or add data.")  # fmt: skip
+            raise ValueError(
+                f"{self!r}: k={k} leave-one-out neighbours need k + 1 = {n + 1} "
+                f"calibration samples; got {n}. Lower k or add data."
+            )
         self.labels_ = labels
         self.n_classes_ = n_classes
         xs = [x.cpu() for x in features.values()]
@@ -862,17 +980,23 @@ class JTLA(_NeighbourScore):
             self.tuples_ = self._layer_tuples(sizes, len(xs))
 
     def _warn_missing(self, groups: dict[str, Tensor], n_logits: int) -> None:
-        consequence = ("tests are undefined (+inf for every sample, so every calibration "
-                       "sample ties with every input)")  # fmt: skip
+        consequence = (
+            "tests are undefined (+inf for every sample, so every calibration "
+            "sample ties with every input)"
+        )
         warn_missing_classes(self, groups["true"], n_logits, f"their {consequence}")
         if "pred" in groups:
-            missing = [c for c, m in enumerate(class_counts(groups["pred"], n_logits).tolist())
-                       if m == 0]  # fmt: skip
+            missing = [
+                c for c, m in enumerate(class_counts(groups["pred"], n_logits).tolist()) if m == 0
+            ]
             if missing:
-                degenerate(self, f"class(es) {missing} are never predicted on the calibration "
-                           f"set: their predicted-class-conditional {consequence}",
-                           "use pred_conditional=False or calibration data on which the network "
-                           "predicts every class")  # fmt: skip
+                degenerate(
+                    self,
+                    f"class(es) {missing} are never predicted on the calibration "
+                    f"set: their predicted-class-conditional {consequence}",
+                    "use pred_conditional=False or calibration data on which the network "
+                    "predicts every class",
+                )
 
     def _prior(self, n_classes: int) -> Tensor:
         """The Dirichlet prior ``(C, C)`` float32 (row ``c`` for class ``c``)."""
@@ -885,9 +1009,10 @@ class JTLA(_NeighbourScore):
         try:
             return torch.broadcast_to(value, (n_classes, n_classes))
         except RuntimeError:
-            raise ValueError(f"{self!r}: test['prior'] of shape {tuple(value.shape)} does not "
-                             f"broadcast to (n_classes, n_classes) = ({n_classes}, {n_classes})."
-                             ) from None  # fmt: skip
+            raise ValueError(
+                f"{self!r}: test['prior'] of shape {tuple(value.shape)} does not "
+                f"broadcast to (n_classes, n_classes) = ({n_classes}, {n_classes})."
+            ) from None
 
     def _tests(self, counts: list[Tensor], group: str) -> Tensor:
         """Test statistics ``(C, n, L)`` float32 of the per-layer neighbour histograms ``counts``
@@ -908,17 +1033,23 @@ class JTLA(_NeighbourScore):
         tuples = []
         for size in sizes:
             if size > n_layers:
-                degenerate(self, f"layer_aggregation {self.layer_aggregation!r} asks for tuples "
-                           f"of {size} layers but the score reads {n_layers}: they contribute "
-                           "no p-value", "give more layers or smaller tuple sizes")  # fmt: skip
+                degenerate(
+                    self,
+                    f"layer_aggregation {self.layer_aggregation!r} asks for tuples "
+                    f"of {size} layers but the score reads {n_layers}: they contribute "
+                    "no p-value",
+                    "give more layers or smaller tuple sizes",
+                )
                 continue
             if self.layer_aggregation_consecutive:
                 tuples.append(torch.arange(n_layers).unfold(0, size, 1))
             else:
                 tuples.append(torch.combinations(torch.arange(n_layers), size).view(-1, size))
         if not tuples:
-            raise ValueError(f"{self!r}: no layer tuple of the sizes {list(sizes)} fits in the "
-                             f"{n_layers} layer(s) read.")  # fmt: skip
+            raise ValueError(
+                f"{self!r}: no layer tuple of the sizes {list(sizes)} fits in the "
+                f"{n_layers} layer(s) read."
+            )
         return tuples
 
     def _fit_lpe(self, lpe_k: int) -> None:
@@ -927,13 +1058,20 @@ class JTLA(_NeighbourScore):
         for g, tests in self.calib_tests_.items():
             normed = normalise_rows(tests, self.act_norm)
             indexes = [flat_index(t, self.index_metric) for t in normed]
-            calib = torch.stack([ak_lpe(index, lpe_k, t, self_query=True).sort().values
-                                 for index, t in zip(indexes, normed, strict=True)])  # fmt: skip
+            calib = torch.stack(
+                [
+                    ak_lpe(index, lpe_k, t, self_query=True).sort().values
+                    for index, t in zip(indexes, normed, strict=True)
+                ]
+            )
             self.lpe_[g] = (indexes, calib.nan_to_num(nan=torch.inf))
         if self.calib_tests_["true"].shape[1] < 3 * lpe_k // 2 + 1:
-            degenerate(self, f"aK-LPE with K={lpe_k} needs 3K//2 + 1 = {3 * lpe_k // 2 + 1} "
-                       "calibration samples: every statistic is undefined (+inf)",
-                       "lower K or add calibration data")  # fmt: skip
+            degenerate(
+                self,
+                f"aK-LPE with K={lpe_k} needs 3K//2 + 1 = {3 * lpe_k // 2 + 1} "
+                "calibration samples: every statistic is undefined (+inf)",
+                "lower K or add calibration data",
+            )
 
     # ------------------------------------------------------------------ inference
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
@@ -964,12 +1102,21 @@ class JTLA(_NeighbourScore):
         if self.lpe_ is not None:
             indexes, calib_lpe = self.lpe_[group]
             normed = normalise_rows(tests, self.act_norm)
-            lpe = torch.stack([ak_lpe(index, self.lpe_k_, t).nan_to_num(nan=torch.inf)
-                               for index, t in zip(indexes, normed, strict=True)])  # fmt: skip
+            lpe = torch.stack(
+                [
+                    ak_lpe(index, self.lpe_k_, t).nan_to_num(nan=torch.inf)
+                    for index, t in zip(indexes, normed, strict=True)
+                ]
+            )
             p = torch.searchsorted(calib_lpe, lpe.contiguous()) / calib_lpe.shape[1]
             return (p if self.index_metric == "ip" else 1 - p).T
-        p = torch.stack([joint_tail_counts(calib[c], tests[c], self.tuples_) / calib.shape[1]
-                         for c in range(len(calib))], dim=1)  # fmt: skip
+        p = torch.stack(
+            [
+                joint_tail_counts(calib[c], tests[c], self.tuples_) / calib.shape[1]
+                for c in range(len(calib))
+            ],
+            dim=1,
+        )
         method, _, _ = parse_layer_aggregation(self.layer_aggregation)
         return aggregate(p, method, 2)
 
@@ -984,8 +1131,12 @@ class JTLA(_NeighbourScore):
     def _fit_conformal(self, xs: list[Tensor], labels: Tensor, n_classes: int) -> None:
         k = self.test["k"]
         self.n_per_class_ = class_counts(labels, n_classes)
-        warn_missing_classes(self, labels, min(n_classes, self.n_classes or n_classes),
-                             "their conformity is always 0")  # fmt: skip
+        warn_missing_classes(
+            self,
+            labels,
+            min(n_classes, self.n_classes or n_classes),
+            "their conformity is always 0",
+        )
         self.layers_: list[tuple[Tensor, Tensor, list[Tensor]]] = []
         for index, x in zip(self.indexes_, xs, strict=True):
             _, idx = search_loo(index, x, k, self.index_metric)
@@ -1000,8 +1151,9 @@ class JTLA(_NeighbourScore):
 
     def _conformity_conformal(self, features: Features, logits: Tensor) -> Tensor:
         pvals = []
-        for key, index, (x, log_p, sorted_stats) in zip(self.keys_, self.indexes_, self.layers_,
-                                                          strict=True):  # fmt: skip
+        for key, index, (x, log_p, sorted_stats) in zip(
+            self.keys_, self.indexes_, self.layers_, strict=True
+        ):
             _, idx = search(index, x, features[key].cpu(), self.test["k"], self.index_metric)
             t = self._stat(label_counts(self.labels_, idx, len(sorted_stats)), log_p)
             p = torch.empty_like(t)

@@ -38,22 +38,34 @@ class RankFeat(BaseScore):
     layer_rule = "any"
     own_pass = True
     suggested_layers = ("last_block",)
-    params = (Param("temperature", "float", 1.0, low=0, low_exclusive=True,
-                    help="Temperature T of the energy T logsumexp(f'/T)."),)  # fmt: skip
+    params = (
+        Param(
+            "temperature",
+            "float",
+            1.0,
+            low=0,
+            low_exclusive=True,
+            help="Temperature T of the energy T logsumexp(f'/T).",
+        ),
+    )
 
-    def check_layers(self, layers: tuple[LayerId, ...], recorder: Recorder | None = None) -> tuple[LayerId, ...]:
+    def check_layers(
+        self, layers: tuple[LayerId, ...], recorder: Recorder | None = None
+    ) -> tuple[LayerId, ...]:
         layers = super().check_layers(layers, recorder)
         if recorder is not None:
             for layer in layers:
                 info = recorder.info(layer)
                 if info.n_calls != 1:
-                    raise ValueError(f"RankFeat: layer {layer} ({recorder.layer_name(layer)}) is "
-                                     "called more than once per forward pass; pick another.")  # fmt: skip
+                    raise ValueError(
+                        f"RankFeat: layer {layer} ({recorder.layer_name(layer)}) is "
+                        "called more than once per forward pass; pick another."
+                    )
                 if not info.output_size or len(info.output_size) < 3:
                     raise ValueError(
                         f"RankFeat needs a feature map (N, C, H, W) or (N, C, L); layer {layer} "
                         f"({recorder.layer_name(layer)}) outputs {info.output_size}. Pick a block."
-                    )  # fmt: skip
+                    )
         return layers
 
     def extract_own(self, recorder: Recorder, x: Tensor) -> Features:

@@ -85,7 +85,9 @@ def keep_count(n: int, percentile: float) -> int:
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
     """``num / den``, 0 where ``den == 0``."""
     zero = den == 0
-    return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+    return torch.where(
+        zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den)
+    )
 
 
 def ash(a: Tensor, variant: str, percentile: float) -> Tensor:
@@ -132,7 +134,9 @@ class _ShapingScore(BaseScore):
     _use_input: bool = False
     _spatial: bool = False
 
-    def check_layers(self, layers: tuple[LayerId, ...], recorder: Recorder | None = None) -> tuple[LayerId, ...]:
+    def check_layers(
+        self, layers: tuple[LayerId, ...], recorder: Recorder | None = None
+    ) -> tuple[LayerId, ...]:
         layers = super().check_layers(layers, recorder)
         if recorder is None:
             return layers
@@ -144,7 +148,8 @@ class _ShapingScore(BaseScore):
                 f"{name} recomputes the logits through the network's final nn.Linear head, but "
                 f"{net_name} has no nn.Linear layer producing its output (shape "
                 f"{recorder.info((0, 1)).output_size}); it needs a classifier ending with a "
-                "Linear layer.")  # fmt: skip
+                "Linear layer."
+            )
         head = recorder.info(head_id).module
         d = head.in_features
         (layer,) = layers
@@ -166,19 +171,25 @@ class _ShapingScore(BaseScore):
                     "recomputes the logits as W @ avgpool(shaped output) + b, so it needs the head "
                     f"itself {head_id} (its input, the penultimate features, is shaped) or a layer "
                     f"whose output, averaged over its spatial dims if 4-D and flattened, has {d} "
-                    "values (e.g. the last feature map before the global average pooling).")  # fmt: skip
+                    "values (e.g. the last feature map before the global average pooling)."
+                )
         self._head_w = head.weight.detach().double().clone()
         bias = head.bias
-        self._head_b = (bias.detach().double().clone() if bias is not None
-                        else torch.zeros(head.out_features, dtype=torch.float64, device=head.weight.device))  # fmt: skip
+        self._head_b = (
+            bias.detach().double().clone()
+            if bias is not None
+            else torch.zeros(head.out_features, dtype=torch.float64, device=head.weight.device)
+        )
         self._use_input = use_input
         self._spatial = spatial
         return layers
 
     def _head_params(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if self._head_w is None or self._head_b is None:
-            raise RuntimeError(f"{self!r} has not located the network's head: fit it first (or "
-                               "call check_layers(layers, recorder)).")  # fmt: skip
+            raise RuntimeError(
+                f"{self!r} has not located the network's head: fit it first (or "
+                "call check_layers(layers, recorder))."
+            )
         return self._head_w.to(device), self._head_b.to(device)
 
     def head(self, z: Tensor) -> Tensor:
@@ -186,7 +197,9 @@ class _ShapingScore(BaseScore):
         w, b = self._head_params(z.device)
         return z.double() @ w.T + b
 
-    def read_layer(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> tuple[Tensor, Tensor]:
+    def read_layer(
+        self, logits: Tensor, activations: dict[LayerId, Tensor]
+    ) -> tuple[Tensor, Tensor]:
         """``(a, z)``: the tensor to shape (``L``'s output, or the head's input when ``L`` is the
         head) and its unshaped pooled/flat features ``z`` (float64, (n, D)); checks that the head
         applied to ``z`` reproduces the network's logits."""
@@ -205,7 +218,8 @@ class _ShapingScore(BaseScore):
                     f"{layer} does not reproduce the network's logits (max abs difference "
                     f"{diff:.3g}); the layer must feed the head through average pooling and "
                     "flattening only. Use the last feature map before the global average pooling, "
-                    "the pooling output or the head itself.")  # fmt: skip
+                    "the pooling output or the head itself."
+                )
         return a, z
 
 
@@ -234,23 +248,45 @@ class ReAct(_ShapingScore):
 
     reference = "Sun, Guo & Li, NeurIPS 2021"
     params = (
-        Param("percentile", "float", 90.0, low=0, low_exclusive=True, high=100,
-              help="Percentile of the calibration activations used as the upper clipping threshold."),
-        Param("symmetric", "bool", False,
-              help="Also clip below the (100 - percentile)-th percentile (needs percentile > 50)."),
-        Param("per_layer", "bool", False,
-              help="One threshold per layer (True) or over all layers (False); no effect here, "
-                   "as a single layer is used."),
-        Param("output", "choice", "softmax", choices=("softmax", "energy"),
-              help="softmax of the clipped logits (per class) or their logsumexp (per sample)."),
-    )  # fmt: skip
+        Param(
+            "percentile",
+            "float",
+            90.0,
+            low=0,
+            low_exclusive=True,
+            high=100,
+            help="Percentile of the calibration activations used as the upper clipping threshold.",
+        ),
+        Param(
+            "symmetric",
+            "bool",
+            False,
+            help="Also clip below the (100 - percentile)-th percentile (needs percentile > 50).",
+        ),
+        Param(
+            "per_layer",
+            "bool",
+            False,
+            help="One threshold per layer (True) or over all layers (False); no effect here, "
+            "as a single layer is used.",
+        ),
+        Param(
+            "output",
+            "choice",
+            "softmax",
+            choices=("softmax", "energy"),
+            help="softmax of the clipped logits (per class) or their logsumexp (per sample).",
+        ),
+    )
     _thresholds: tuple[float | None, float] | None = None
 
     def check_params(self) -> None:
         if self.symmetric and self.percentile <= 50:
-            raise ValueError(f"ReAct: parameter 'percentile' must be > 50 when symmetric=True (the "
-                             f"lower threshold is the (100 - percentile)-th percentile); got "
-                             f"{self.percentile!r}.")  # fmt: skip
+            raise ValueError(
+                f"ReAct: parameter 'percentile' must be > 50 when symmetric=True (the "
+                f"lower threshold is the (100 - percentile)-th percentile); got "
+                f"{self.percentile!r}."
+            )
 
     def _clip(self, a: Tensor) -> Tensor:
         assert self._thresholds is not None
@@ -279,8 +315,10 @@ class ReAct(_ShapingScore):
         elif "z_clipped" in features:
             z = features["z_clipped"]
         else:
-            raise RuntimeError(f"{self!r}: these features were extracted before the fit; extract "
-                               "them again (the clipped map needs the fitted thresholds).")  # fmt: skip
+            raise RuntimeError(
+                f"{self!r}: these features were extracted before the fit; extract "
+                "them again (the clipped map needs the fitted thresholds)."
+            )
         f = self.head(z)
         return torch.softmax(f, dim=1) if self.output == "softmax" else energy(f)
 
@@ -305,11 +343,23 @@ class ASH(_ShapingScore):
     reference = "Djurisic et al., ICLR 2023"
     needs_fit = False
     params = (
-        Param("variant", "choice", "s", choices=("p", "b", "s"),
-              help="p: prune; b: prune and binarise; s: prune and scale (the paper's best)."),
-        Param("percentile", "float", 90.0, low=0, high=100, high_exclusive=True,
-              help="Per-sample percentile below which activations are zeroed."),
-    )  # fmt: skip
+        Param(
+            "variant",
+            "choice",
+            "s",
+            choices=("p", "b", "s"),
+            help="p: prune; b: prune and binarise; s: prune and scale (the paper's best).",
+        ),
+        Param(
+            "percentile",
+            "float",
+            90.0,
+            low=0,
+            high=100,
+            high_exclusive=True,
+            help="Per-sample percentile below which activations are zeroed.",
+        ),
+    )
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         a, _ = self.read_layer(logits, activations)
@@ -333,9 +383,16 @@ class SCALE(_ShapingScore):
     reference = "Xu et al., ICLR 2024"
     needs_fit = False
     params = (
-        Param("percentile", "float", 85.0, low=0, high=100, high_exclusive=True,
-              help="Per-sample percentile defining the top values whose sum sets the scale."),
-    )  # fmt: skip
+        Param(
+            "percentile",
+            "float",
+            85.0,
+            low=0,
+            high=100,
+            high_exclusive=True,
+            help="Per-sample percentile defining the top values whose sum sets the scale.",
+        ),
+    )
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         a, _ = self.read_layer(logits, activations)
@@ -361,9 +418,16 @@ class DICE(_ShapingScore):
 
     reference = "Sun & Li, ECCV 2022"
     params = (
-        Param("sparsity", "float", 0.9, low=0, high=1, high_exclusive=True,
-              help="Fraction of the head's weights zeroed (those of smallest contribution)."),
-    )  # fmt: skip
+        Param(
+            "sparsity",
+            "float",
+            0.9,
+            low=0,
+            high=1,
+            high_exclusive=True,
+            help="Fraction of the head's weights zeroed (those of smallest contribution).",
+        ),
+    )
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         _, z = self.read_layer(logits, activations)

@@ -50,8 +50,9 @@ def auroc(c_ind: np.ndarray, c_ood: np.ndarray) -> float:
     return float(gt + 0.5 * eq)
 
 
-def run_case(net: torch.nn.Module, case: dict, inputs: dict[str, torch.Tensor],
-             sets: tuple[str, ...] = SETS) -> dict[str, np.ndarray]:  # fmt: skip
+def run_case(
+    net: torch.nn.Module, case: dict, inputs: dict[str, torch.Tensor], sets: tuple[str, ...] = SETS
+) -> dict[str, np.ndarray]:
     """Our per-sample predicted-class conformity on each set (in the reference's order; a prefix
     of ``SETS``), built exactly as the reference."""
     from ood_core import scores
@@ -109,8 +110,11 @@ def main(prefixes: list[str]) -> int:
             continue
         ok = row["min_spearman"] >= MIN_SPEARMAN and row["max_abs_dauroc"] <= MAX_DAUROC
         bad += not ok
-        print(f"{row['key']:28s} {row['min_spearman']:12.5f} {row['max_abs_dauroc']:12.5f} "
-              f"{time.perf_counter() - t0:6.1f} {'' if ok else 'FAIL'}", flush=True)
+        print(
+            f"{row['key']:28s} {row['min_spearman']:12.5f} {row['max_abs_dauroc']:12.5f} "
+            f"{time.perf_counter() - t0:6.1f} {'' if ok else 'FAIL'}",
+            flush=True,
+        )
     return 1 if bad else 0
 
 
