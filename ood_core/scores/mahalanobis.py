@@ -116,7 +116,7 @@ READOUT = Param(
 def _start_conformity(score: BaseScore, logits: Tensor) -> tuple[tuple, tuple, Tensor]:
     """The fitted ``(layers, weights)`` (checked against the score's current layers) and a zero
     ``(n, C)`` float64 accumulator."""
-    layers, weights = score._fit_state  # noqa: SLF001
+    layers, weights = score.fit_state_
     if tuple(score.layers) != layers:
         raise RuntimeError(
             f"{score!r} was fitted on layers {list(layers)} but now reads "
@@ -476,7 +476,7 @@ class DeepMahalanobis(_LayerWeighted):
         fit_layer = self._fit_pinv if self.inverse == "pinv" else self._fit_inv
         for layer in self.layers:
             fit_layer(layer, features[_key(layer)], labels, n_classes)
-        self._fit_state = (tuple(self.layers), weights)
+        self.fit_state_ = (tuple(self.layers), weights)
 
     def _fit_inv(self, layer: LayerId, h: Tensor, labels: Tensor, n_classes: int) -> None:
         h = h.to(work_dtype(h))
@@ -540,7 +540,7 @@ class DeepMahalanobis(_LayerWeighted):
         return d
 
     def _can_perturb(self) -> bool:
-        state = self.__dict__.get("_fit_state")
+        state = self.__dict__.get("fit_state_")
         return bool(self.fitted and state is not None and state[0] == tuple(self.layers))
 
     def extract_own(self, recorder: Recorder, x: Tensor) -> Features:
@@ -703,7 +703,7 @@ class MultiMahalanobis(_LayerWeighted):
             self.condition_numbers[layer] = g.condition_number
             self.shrinkages[layer] = used
             self.standardisation[layer] = (m, sd if sd > 1e-12 * max(1.0, abs(m)) else 1.0)
-        self._fit_state = (tuple(self.layers), weights)
+        self.fit_state_ = (tuple(self.layers), weights)
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
         layers, weights, total = _start_conformity(self, logits)
