@@ -67,8 +67,9 @@ def _per_sample_grads(check_layers):
 
 
 def child(mode: str, n: int, device: str, out: str) -> None:
-    from ood_core.engine import Engine, predicted_confidence
+    from ood_core.core import predicted_confidence
     from ood_core.eval import compute_confidence, fit_scores
+    from ood_core.evaluation import Evaluation
 
     net, cx, cy, ind, oods, pairs = workload(n, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -86,7 +87,7 @@ def child(mode: str, n: int, device: str, out: str) -> None:
         per_score = []
         for score, layers in pairs:
             score.layers = tuple(layers)
-            eng = Engine.for_net(net, cx)
+            eng = Evaluation.for_net(net, cx)
             if hasattr(score, "closed_form"):  # the reference differentiates per sample
                 score.check_layers = _per_sample_grads(score.check_layers)
             eng.fit([score], cx, cy)
