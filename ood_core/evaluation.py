@@ -50,6 +50,9 @@ class Evaluation:
         self.recorder = recorder
         self.cache = cache
         self.model_key = model_key
+        self.last_shared_seconds: list[float] = []
+        """Per score of the last :meth:`fit` / :meth:`confidences` call: its equal share of the
+        shared forward pass (0 for scores with their own passes), included in its timer."""
 
     @classmethod
     def for_net(cls, net: Recorder | nn.Module, example: Tensor, **kwargs) -> Evaluation:
@@ -87,13 +90,16 @@ class Evaluation:
             data_key=data_key,
         )
 
-    @staticmethod
-    def _share(scores: Sequence[BaseScore], ex: Extraction) -> list[float]:
-        """Each score's time: its own work plus an equal share of the shared forward passes."""
+    def _share(self, scores: Sequence[BaseScore], ex: Extraction) -> list[float]:
+        """Each score's time: its own work plus an equal share of the shared forward passes
+        (the shares are kept in :attr:`last_shared_seconds`)."""
         n_plain = max(1, sum(not s.needs_own_pass for s in scores))
+        self.last_shared_seconds = [
+            0.0 if s.needs_own_pass else ex.seconds_forward / n_plain for s in scores
+        ]
         return [
-            sec + (0.0 if s.needs_own_pass else ex.seconds_forward / n_plain)
-            for s, sec in zip(scores, ex.seconds_per_score, strict=True)
+            sec + shared
+            for sec, shared in zip(ex.seconds_per_score, self.last_shared_seconds, strict=True)
         ]
 
     def fit(

@@ -913,9 +913,14 @@ def run(
             for spec in config.scores:
                 cache.fitted.pop((base_key, spec.key()), None)
             raise
-        for s in todo_fit:
+        for s, shared in zip(todo_fit, evaluation.last_shared_seconds, strict=True):
             timings.append(
-                {"score": repr(s), "operation": "calibration", "seconds": s.timer.entries[-1][2]}
+                {
+                    "score": repr(s),
+                    "operation": "calibration",
+                    "seconds": s.timer.entries[-1][2],
+                    "shared_seconds": shared,
+                }
             )
     # results are keyed by position (scenario identity), never by title
     datasets = [(IND_TITLE, ("__ind__",), ind.images)] + [
@@ -944,7 +949,8 @@ def run(
                 )
             if dkey == ("__ind__",):
                 cache.confidences[(base_key, "predictions")] = per[0][0].argmax(1).cpu().numpy()
-            for (i, s), (logits, conf) in zip(missing, per, strict=True):
+            shares = evaluation.last_shared_seconds
+            for (i, s), (logits, conf), shared in zip(missing, per, shares, strict=True):
                 cache.confidences[(base_key, config.scores[i].key(), dkey)] = (
                     predicted_confidence(logits, conf).double().cpu().numpy()
                 )
@@ -954,6 +960,7 @@ def run(
                         "score": repr(s),
                         "operation": f"inference: {title}",
                         "seconds": s.timer.entries[-1][2],
+                        "shared_seconds": shared,
                     }
                 )
         confs.append(
@@ -998,7 +1005,7 @@ def run(
         metrics=metrics,
         evals=evals,
         frame=frame,
-        timings=pd.DataFrame(timings, columns=["score", "operation", "seconds"]),
+        timings=pd.DataFrame(timings, columns=["score", "operation", "seconds", "shared_seconds"]),
         ind=ind,
         ood_images=oods,
         ind_predictions=pred,

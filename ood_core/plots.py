@@ -18,8 +18,8 @@ from plotly.subplots import make_subplots
 
 from ood_core.metrics import ROC
 
-PALETTE = px.colors.qualitative.Plotly
-# InD in green, OoD sets in colours far from it (Set1 without its green)
+# Scenarios: InD always green, OoD sets by position in colours far from it (Set1 without its
+# green). Scores: a separate palette (Dark2 then Set2-like greys/browns), by position in the run.
 SCENARIO_PALETTE = [
     "#2E7D32",
     "#E41A1C",
@@ -31,6 +31,50 @@ SCENARIO_PALETTE = [
     "#999999",
     "#D4B000",
 ]
+SCORE_PALETTE = [
+    "#1B9E77",
+    "#D95F02",
+    "#7570B3",
+    "#E7298A",
+    "#66A61E",
+    "#E6AB02",
+    "#A6761D",
+    "#666666",
+    "#17BECF",
+    "#8C564B",
+]
+PALETTE = SCORE_PALETTE  # the former name (scores)
+IND_NAME = "InD"
+
+
+def scenario_color(index: int) -> str:
+    """Colour of dataset ``index``: 0 = InD (always the same green), ``j + 1`` = OoD scenario
+    ``j`` (cycling over the OoD colours)."""
+    if index <= 0:
+        return SCENARIO_PALETTE[0]
+    return SCENARIO_PALETTE[1 + (index - 1) % (len(SCENARIO_PALETTE) - 1)]
+
+
+def scenario_colors(titles: Sequence[str]) -> dict[str, str]:
+    """``{dataset title: colour}`` of a run's datasets: ``'InD'`` green, the OoD titles by their
+    position (so a re-run of the same config draws the same colours); InD may be omitted."""
+    out = {IND_NAME: scenario_color(0)}
+    oods = [t for t in titles if t != IND_NAME]
+    out.update({t: scenario_color(j + 1) for j, t in enumerate(oods)})
+    return out
+
+
+def score_colors(labels: Sequence[str]) -> dict[str, str]:
+    """``{score label: colour}`` by position in the run (same config, same colours)."""
+    return {name: SCORE_PALETTE[i % len(SCORE_PALETTE)] for i, name in enumerate(labels)}
+
+
+def score_color(colors: Mapping[str, str], name: str) -> str | None:
+    """The colour of ``name`` in ``colors`` (:func:`score_colors`): an exact label, else the first
+    label ``'<name> @ layers'`` (timings name scores without their layers); None if unknown."""
+    if name in colors:
+        return colors[name]
+    return next((c for label, c in colors.items() if label.split(" @ ", 1)[0] == name), None)
 
 
 def _np(x: Any) -> np.ndarray:
@@ -67,13 +111,17 @@ def add_histograms(
     col: int | None = None,
     nbins: int = 60,
     showlegend: bool = True,
+    colors: Mapping[str, str] | None = None,
+    legend: str = "legend",
 ) -> None:
     """Overlaid density histograms (one per dataset, shared bins; +/-inf values are clipped to the
-    finite range and counted at its edges)."""
+    finite range and counted at its edges), coloured by ``colors`` (default
+    :func:`scenario_colors` of the series' names: InD green, OoD sets by position)."""
     arrays = {k: _np(v) for k, v in series.items()}
+    colors = colors or scenario_colors(list(arrays))
     lo, hi = finite_range(list(arrays.values()))
     size = (hi - lo) / nbins
-    for i, (name, a) in enumerate(arrays.items()):
+    for name, a in arrays.items():
         fig.add_trace(
             go.Histogram(
                 x=np.clip(a, lo, hi),
@@ -83,7 +131,8 @@ def add_histograms(
                 histnorm="probability density",
                 opacity=0.55,
                 xbins={"start": lo, "end": hi + size, "size": size},
-                marker_color=SCENARIO_PALETTE[i % len(SCENARIO_PALETTE)],
+                marker_color=colors.get(name, SCENARIO_PALETTE[-1]),
+                legend=legend,
                 hovertemplate=f"{name}<br>confidence %{{x:.4g}}<br>density %{{y:.3g}}<extra></extra>",
             ),
             row=row,
@@ -92,10 +141,16 @@ def add_histograms(
     fig.update_layout(barmode="overlay")
 
 
-def histogram_figure(series: Mapping[str, Any], title: str = "", nbins: int = 60) -> go.Figure:
-    """Density histograms of confidences, one trace per dataset (InD first)."""
+def histogram_figure(
+    series: Mapping[str, Any],
+    title: str = "",
+    nbins: int = 60,
+    colors: Mapping[str, str] | None = None,
+) -> go.Figure:
+    """Density histograms of confidences, one trace per dataset (InD first; ``colors`` as in
+    :func:`add_histograms`)."""
     fig = go.Figure()
-    add_histograms(fig, series, nbins=nbins)
+    add_histograms(fig, series, nbins=nbins, colors=colors)
     fig.update_layout(
         title=title,
         xaxis_title="confidence (higher = more in-distribution)",
@@ -112,8 +167,12 @@ def add_rocs(
     col: int | None = None,
     convex_hull: bool = False,
     showlegend: bool = True,
+    colors: Mapping[str, str] | None = None,
+    legend: str = "legend",
 ) -> None:
-    """ROC curves ``{score name: (conf_ind, conf_ood)}`` with the diagonal of chance."""
+    """ROC curves ``{score name: (conf_ind, conf_ood)}`` with the diagonal of chance, coloured by
+    ``colors`` (default :func:`score_colors` of the names)."""
+    colors = colors or score_colors(list(curves))
     fig.add_trace(
         go.Scatter(
             x=[0, 1],
@@ -126,8 +185,8 @@ def add_rocs(
         row=row,
         col=col,
     )
-    for i, (name, (ind, ood)) in enumerate(curves.items()):
-        color = PALETTE[i % len(PALETTE)]
+    for name, (ind, ood) in curves.items():
+        color = score_color(colors, name) or SCORE_PALETTE[-1]
         fpr, tpr = roc_curve_points(ind, ood)
         fig.add_trace(
             go.Scatter(
@@ -138,6 +197,7 @@ def add_rocs(
                 name=name,
                 legendgroup=name,
                 showlegend=showlegend,
+                legend=legend,
                 line={"color": color},
                 hovertemplate=f"{name}<br>FPR %{{x:.3f}}<br>TPR %{{y:.3f}}<extra></extra>",
             ),
@@ -166,19 +226,27 @@ def roc_figure(
     title: str = "",
     convex_hull: bool = False,
     operating_points: Mapping[str, tuple[float, float]] | None = None,
+    colors: Mapping[str, str] | None = None,
 ) -> go.Figure:
     """ROC curves of several scores on one OoD set; optional marked operating points
-    ``{score: (fpr, tpr)}``."""
+    ``{score: (fpr, tpr)}``, each in its score's colour (``colors``, default
+    :func:`score_colors` of the curves' names)."""
     fig = go.Figure()
-    add_rocs(fig, curves, convex_hull=convex_hull)
-    for i, (name, (fpr, tpr)) in enumerate((operating_points or {}).items()):
+    colors = colors or score_colors(list(curves))
+    add_rocs(fig, curves, convex_hull=convex_hull, colors=colors)
+    for name, (fpr, tpr) in (operating_points or {}).items():
         fig.add_trace(
             go.Scatter(
                 x=[fpr],
                 y=[tpr],
                 mode="markers",
                 name=f"{name} @ threshold",
-                marker={"size": 12, "symbol": "x", "color": PALETTE[i % len(PALETTE)]},
+                legendgroup=name,
+                marker={
+                    "size": 12,
+                    "symbol": "x",
+                    "color": score_color(colors, name) or SCORE_PALETTE[-1],
+                },
             )
         )
     fig.update_layout(
@@ -192,6 +260,24 @@ def roc_figure(
     return fig
 
 
+def wrap_label(text: str, width: int = 28) -> str:
+    """``text`` broken into ``<br>``-separated lines of about ``width`` characters (at ``' @ '``
+    and ``', '`` first), so that neighbouring subplot titles never overlap."""
+    parts = text.replace(" @ ", "\n@ ").split("\n")
+    lines: list[str] = []
+    for part in parts:
+        line = ""
+        for word in part.split(", "):
+            cand = f"{line}, {word}" if line else word
+            if line and len(cand) > width:
+                lines.append(line + ",")
+                line = word
+            else:
+                line = cand
+        lines.append(line)
+    return "<br>".join(lines)
+
+
 def summary_plot(
     confs_ind: Any,
     confs_oods: Sequence[Any],
@@ -200,8 +286,10 @@ def summary_plot(
     oods_title: Sequence[str] | None = None,
     convex_hull: bool = False,
 ) -> go.Figure:
-    """Seed-style grid. Row 1: one histogram per score, scenarios coloured. Row 2: one ROC per OoD
-    set, scores coloured. ``confs_ind`` ``(n_scores, n_ind)``, ``confs_oods[i]`` ``(n_scores, n)``."""
+    """Seed-style grid. Row 1: one histogram per score, scenarios coloured (legend at the top
+    right). Row 2: one ROC per OoD set, scores coloured (legend at the bottom right). Subplot
+    titles are wrapped (:func:`wrap_label`) so they never overlap. ``confs_ind``
+    ``(n_scores, n_ind)``, ``confs_oods[i]`` ``(n_scores, n)``."""
     from ood_core.report import score_label
 
     ind = _np(confs_ind)
@@ -211,29 +299,74 @@ def summary_plot(
     )
     names = [score_label(s, layers, multiline=False) for s, layers in scores_and_layers]
     n_cols = max(len(names), len(oods), 1)
-    subplot_titles = [*names, *[""] * (n_cols - len(names)), *titles, *[""] * (n_cols - len(oods))]
-    fig = make_subplots(rows=2, cols=n_cols, subplot_titles=subplot_titles, vertical_spacing=0.14)
+    width = max(12, 110 // n_cols)
+    subplot_titles = [
+        *[wrap_label(n, width) for n in names],
+        *[""] * (n_cols - len(names)),
+        *[wrap_label(f"InD vs {t}", width) for t in titles],
+        *[""] * (n_cols - len(oods)),
+    ]
+    n_lines = max([t.count("<br>") + 1 for t in subplot_titles] or [1])
+    fig = make_subplots(
+        rows=2,
+        cols=n_cols,
+        subplot_titles=subplot_titles,
+        vertical_spacing=0.12 + 0.035 * n_lines,
+        horizontal_spacing=0.05,
+    )
+    sc_colors = scenario_colors(titles)
+    s_colors = score_colors(names)
     for i in range(len(names)):
-        series = {"InD": ind[i], **{t: o[i] for t, o in zip(titles, oods, strict=True)}}
-        add_histograms(fig, series, row=1, col=i + 1, showlegend=(i == 0))
+        series = {IND_NAME: ind[i], **{t: o[i] for t, o in zip(titles, oods, strict=True)}}
+        add_histograms(fig, series, row=1, col=i + 1, showlegend=(i == 0), colors=sc_colors)
     for j, ood in enumerate(oods):
         curves = {n: (ind[i], ood[i]) for i, n in enumerate(names)}
-        add_rocs(fig, curves, row=2, col=j + 1, convex_hull=convex_hull, showlegend=(j == 0))
+        add_rocs(
+            fig,
+            curves,
+            row=2,
+            col=j + 1,
+            convex_hull=convex_hull,
+            showlegend=(j == 0),
+            colors=s_colors,
+            legend="legend2",
+        )
         fig.update_xaxes(title_text="FPR", range=[0, 1], row=2, col=j + 1)
         fig.update_yaxes(title_text="TPR" if j == 0 else None, range=[0, 1.02], row=2, col=j + 1)
+    fig.update_annotations(font_size=12)
     fig.update_layout(
-        height=700,
+        height=640 + 40 * n_lines,
         barmode="overlay",
-        title="Confidence distributions (top) and ROC curves, OoD = positive (bottom)",
+        margin={"t": 70 + 16 * n_lines},
+        title={
+            "text": "Confidence distributions (top) and ROC curves, OoD = positive (bottom)",
+            "y": 0.99,
+            "yanchor": "top",
+        },
+        legend={"title": {"text": "dataset"}, "y": 1.0, "yanchor": "top"},
+        legend2={"title": {"text": "score"}, "y": 0.0, "yanchor": "bottom"},
     )
     return fig
 
 
 def heatmap_figure(
-    frame: pd.DataFrame, value: str = "value", x: str = "layers", y: str = "score", title: str = ""
+    frame: pd.DataFrame,
+    value: str = "value",
+    x: str = "layers",
+    y: str = "score",
+    title: str = "",
+    x_order: Sequence[str] | None = None,
+    x_labels: Mapping[str, str] | None = None,
 ) -> go.Figure:
-    """Heatmap of ``value`` over ``y`` x ``x`` (e.g. score x layer) with annotated cells."""
-    pivot = frame.pivot_table(index=y, columns=x, values=value, aggfunc="mean")
+    """Heatmap of ``value`` over ``y`` x ``x`` (e.g. score x layer) with annotated cells; the
+    columns in ``x_order`` (e.g. network order; the others after them, in order of appearance),
+    shown as ``x_labels[column]`` (e.g. with layer names) when given."""
+    pivot = frame.pivot_table(index=y, columns=x, values=value, aggfunc="mean", sort=False)
+    if x_order is not None:
+        known = [c for c in x_order if c in pivot.columns]
+        pivot = pivot[known + [c for c in pivot.columns if c not in known]]
+    if x_labels:
+        pivot.columns = [x_labels.get(c, c) for c in pivot.columns]
     fig = px.imshow(
         pivot,
         text_auto=".3f",
@@ -243,13 +376,56 @@ def heatmap_figure(
         aspect="auto",
         title=title,
     )
+    fig.update_xaxes(type="category", title_text=x)
+    fig.update_yaxes(type="category", title_text=y)
     return fig
 
 
-def timings_figure(frame: pd.DataFrame, title: str = "Time per score") -> go.Figure:
-    """Horizontal bars of seconds per score and operation (columns score, operation, seconds)."""
-    fig = px.bar(frame, x="seconds", y="score", color="operation", orientation="h", title=title)
-    fig.update_layout(yaxis_title="", xaxis_title="seconds")
+FORWARD_PART = "shared forward pass"
+
+
+def timings_figure(
+    frame: pd.DataFrame, title: str = "Time per score", colors: Mapping[str, str] | None = None
+) -> go.Figure:
+    """Horizontal bars of seconds per score (columns ``score``, ``operation``, ``seconds``),
+    calibration and inference stacked (inference hatched); each score in its colour
+    (``colors``, :func:`score_colors`), the row :data:`FORWARD_PART` in grey."""
+    colors = colors or score_colors(list(dict.fromkeys(frame["score"])))
+    kind = frame["operation"].str.split(":", n=1).str[0].str.strip()
+    parts = list(dict.fromkeys(frame["score"]))
+    fig = go.Figure()
+    for op, pattern, shown in (
+        ("calibration", "", "calibration (solid)"),
+        ("inference", "/", "inference (hatched)"),
+    ):
+        sub = frame[kind == op].groupby("score", sort=False)["seconds"].sum()
+        if sub.empty:
+            continue
+        ys = [p for p in parts if p in sub.index]
+        fig.add_trace(
+            go.Bar(
+                x=[float(sub[p]) for p in ys],
+                y=ys,
+                orientation="h",
+                name=shown,
+                marker={
+                    "color": [
+                        "#BDBDBD" if p == FORWARD_PART else score_color(colors, p) or "#666666"
+                        for p in ys
+                    ],
+                    "pattern": {"shape": pattern, "fgcolor": "white"},
+                    "line": {"color": "white", "width": 1},
+                },
+                hovertemplate="%{y}<br>" + op + " %{x:.3g} s<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        barmode="stack",
+        title=title,
+        yaxis={"title": "", "autorange": "reversed"},
+        xaxis_title="seconds",
+        legend_title_text="operation",
+    )
     return fig
 
 

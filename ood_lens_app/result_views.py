@@ -46,13 +46,31 @@ def index_choice(state: MutableMapping[str, Any], key: str, n: int, default: int
     return state[key]
 
 
+def name_choice(
+    state: MutableMapping[str, Any], key: str, names: Sequence[str], default: int = 0
+) -> int:
+    """An index widget over ``names`` that follows its option **by name**: when the options
+    changed since the last view (a re-run), the index moves to the same name if it still
+    exists (else ``default``); otherwise the index is kept valid (:func:`index_choice`)."""
+    names = list(names)
+    memo = f"{key}.names"
+    old_names, old_value = state.get(memo, (None, None))
+    if old_names is not None and list(old_names) != names:
+        idx = state.get(key)
+        name = old_names[idx] if isinstance(idx, int) and 0 <= idx < len(old_names) else old_value
+        state[key] = names.index(name) if name in names else min(default, len(names) - 1)
+    i = index_choice(state, key, len(names), default)
+    state[memo] = (tuple(names), names[i] if names else None)
+    return i
+
+
 # ---------------------------------------------------------------------------- thresholds
 def explorer_thresholds(result: RunResult, state: MutableMapping[str, Any]) -> dict[int, float]:
     """The threshold explorer's thresholds from its widget state (defaults on first view): one
     per score at the target InD acceptance, or the raw threshold of the chosen score only (kept
     inside that score's finite range)."""
     n = len(result.score_names)
-    i = index_choice(state, "w.thr_score", n)
+    i = name_choice(state, "w.thr_score", result.score_names)
     state.setdefault("w.thr_mode", THRESHOLD_MODES[0])
     state.setdefault("w.thr_accept", DEFAULT_ACCEPTANCE)
     if state["w.thr_mode"] == THRESHOLD_MODES[0]:
@@ -99,6 +117,61 @@ def confusion_summary(titles: Sequence[str], rows: Sequence[metrics.Confusion]) 
 
 
 # ---------------------------------------------------------------------------- metric table
+DEFAULT_HEADLINE = "AUC()"
+MEAN = "mean"
+
+
+def headline_metric(result: RunResult) -> str:
+    """The headline table's default metric: AUROC (``AUC()``) when the run has it, else the
+    first metric."""
+    names = [repr(m) for m in result.metrics]
+    return DEFAULT_HEADLINE if DEFAULT_HEADLINE in names else names[0]
+
+
+@dataclass
+class Headline:
+    """One metric x scenarios: ``values`` (numbers, index score label, a column per OoD set and
+    ``mean``), ``text`` (the same cells as shown: ``'0.912 ± 0.021'`` with the half-width of the
+    bootstrap interval when there is one), the baseline's label."""
+
+    metric: str
+    values: pd.DataFrame
+    text: pd.DataFrame
+    baseline_label: str | None
+    has_intervals: bool
+
+
+def headline_table(result: RunResult, metric: str | None = None, digits: int = 3) -> Headline:
+    """The headline table of ``metric`` (default :func:`headline_metric`): values from the tidy
+    ``result.frame``, scores in run order, OoD sets in config order, then their mean."""
+    metric = metric or headline_metric(result)
+    frame = result.frame[result.frame["metric"] == metric].assign(label=score_labels(result.frame))
+    labels = list(dict.fromkeys(frame["label"]))
+    titles = list(result.ood_titles)
+    values = frame.pivot_table(index="label", columns="ood", values="value", sort=False)
+    values = values.reindex(index=labels, columns=titles)
+    values[MEAN] = values[titles].mean(axis=1)
+    values.index.name = "score"
+    values.columns.name = None
+    has_ci = "ci_low" in frame and frame["ci_low"].notna().any()
+    half = None
+    if has_ci:
+        frame = frame.assign(half=(frame["ci_high"] - frame["ci_low"]) / 2)
+        half = frame.pivot_table(index="label", columns="ood", values="half", sort=False)
+        half = half.reindex(index=labels, columns=titles)
+    text = values.copy().astype(object)
+    for c in values.columns:
+        for r in values.index:
+            v = values.at[r, c]
+            cell = f"{v:.{digits}f}" if np.isfinite(v) else ""
+            if half is not None and c in half.columns and np.isfinite(half.at[r, c]):
+                cell += f" ± {half.at[r, c]:.{digits}f}"
+            text.at[r, c] = cell
+    base = result.config.baseline
+    base_label = labels[base] if isinstance(base, int) and 0 <= base < len(labels) else None
+    return Headline(metric, values, text, base_label, bool(has_ci))
+
+
 def score_labels(frame: pd.DataFrame) -> pd.Series:
     """Row labels of :func:`ood_core.pipeline.metrics_wide`: ``score`` plus ``' @ layers'``."""
     return frame["score"] + frame["layers"].map(lambda s: f" @ {s}" if s else "")
@@ -162,6 +235,50 @@ def metric_table(result: RunResult, choice: str = ALL_METRICS) -> MetricTable:
     return MetricTable(wide.set_index("score"), cols, base_label, not ci.empty)
 
 
+def layer_columns(
+    pairs: Sequence[tuple[Any, Sequence[Any]]],
+) -> tuple[list[str], dict[str, str]]:
+    """The heatmap's layer columns in **network order**: ``(order, labels)`` where ``order``
+    lists the ``layers`` texts of the results frame sorted by the position of their layers in
+    the network's layer table (the score's Recorder), and ``labels`` adds the module names
+    (``'(1, 11) · l3.conv'``). Layers of unbound scores keep their (depth, index) order."""
+    from ood_core.report import layers_text
+
+    keys: dict[str, tuple] = {}
+    labels: dict[str, str] = {}
+    for score, layers in pairs:
+        text = layers_text(layers)
+        if not layers or text in keys:
+            continue
+        rec = getattr(score, "recorder_", None)
+        table = {lid: k for k, lid in enumerate(rec.layer_ids)} if rec is not None else {}
+        keys[text] = tuple(table.get(tuple(lid), 10**9) for lid in layers) + tuple(layers)
+        names = [rec.layer_name(tuple(lid)) if rec is not None else "" for lid in layers]
+        shown = ", ".join(n for n in names if n)
+        labels[text] = f"{text} · {shown}" if shown else text
+    order = sorted(keys, key=lambda t: keys[t])
+    return order, labels
+
+
+def timings_parts(timings: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """The timings as drawn: each score's own time plus one :data:`ood_core.plots.FORWARD_PART`
+    row per operation when the frame says which part of each score's seconds is its share of
+    the shared forward pass (a ``shared_seconds`` column); else the frame as is (each score's
+    seconds then include an equal share of the shared forward pass). ``(frame, split)``."""
+    if "shared_seconds" not in timings or timings.empty:
+        return timings[["score", "operation", "seconds"]], False
+    shared = timings["shared_seconds"].fillna(0.0)
+    own = timings.assign(seconds=timings["seconds"] - shared)[["score", "operation", "seconds"]]
+    fwd = (
+        timings.assign(seconds=shared)
+        .groupby("operation", sort=False)["seconds"]
+        .sum()
+        .reset_index()
+        .assign(score=plots.FORWARD_PART)
+    )
+    return pd.concat([fwd[["score", "operation", "seconds"]], own], ignore_index=True), True
+
+
 def heatmap_frame(frame: pd.DataFrame, metric: str, ood: str | None = None) -> pd.DataFrame:
     """Rows of the tidy results ``frame`` for one ``metric`` (and one OoD set, or all of them,
     the heatmap then averaging over OoD sets), restricted to scores that ran on at least two
@@ -192,18 +309,24 @@ def selection_to_indices(
     """Map a Streamlit/Plotly histogram selection back to sample indices per dataset.
 
     ``series`` is the ``{dataset: confidences}`` mapping the histogram was drawn from (trace
-    ``i`` = ``i``-th dataset). Selected bars (``points`` with ``curve_number`` and ``x`` = bin
-    centre, or ``point_numbers`` = sample indices) select the samples of that dataset falling in
-    the bar's bin; Plotly reports the bars inside a box selection as points too. Only when no
-    bar is reported does a box select the samples of every dataset whose (clipped) confidence
-    lies in its x-range. Returns ``{dataset: sorted unique indices}`` (empty datasets omitted).
+    ``i`` = ``i``-th dataset). A box selects exactly the samples of every dataset whose
+    (clipped) confidence lies in its x-range (:func:`box_members`): the bars Plotly reports
+    with a box (only those whose centre is inside it) are ignored. Without a box, clicked bars
+    (``points`` with ``curve_number`` and ``x`` = bin centre, or ``point_numbers`` = sample
+    indices) select the samples of that dataset in the bar's bin. Returns ``{dataset: sorted
+    unique indices}`` (empty datasets omitted).
     """
     if not selection:
         return {}
     names = list(series)
     arrays = [_arr(series[n]) for n in names]
     found: dict[str, set[int]] = {n: set() for n in names}
-    n_points = 0
+    boxes = [r for b in selection.get("box", []) or [] if (r := box_range(b)) is not None]
+    if boxes:
+        for x0, x1 in boxes:
+            for n, idx in zip(names, box_members(arrays, x0, x1, nbins), strict=True):
+                found[n].update(idx.tolist())
+        return {n: np.array(sorted(v), dtype=np.int64) for n, v in found.items() if v}
     for point in selection.get("points", []) or []:
         curve = point.get("curve_number")
         if curve is None or not 0 <= int(curve) < len(names):
@@ -212,22 +335,44 @@ def selection_to_indices(
         numbers = point.get("point_numbers")
         if numbers:
             found[names[curve]].update(int(i) for i in numbers if 0 <= int(i) < arrays[curve].size)
-            n_points += 1
         elif point.get("x") is not None:
-            n_points += 1
             members = plots.histogram_bin_members(arrays, float(point["x"]), nbins)[curve]
             found[names[curve]].update(members.tolist())
-    if n_points == 0:
-        lo, hi, _ = plots.histogram_bins(arrays, nbins)
-        clipped = [np.clip(np.nan_to_num(a, nan=lo), lo, hi) for a in arrays]
-        for box in selection.get("box", []) or []:
-            xs = [float(v) for v in box.get("x", []) if v is not None]
-            if len(xs) < 2:
-                continue
-            x0, x1 = min(xs), max(xs)
-            for n, c in zip(names, clipped, strict=True):
-                found[n].update(np.flatnonzero((c >= x0) & (c <= x1)).tolist())
     return {n: np.array(sorted(v), dtype=np.int64) for n, v in found.items() if v}
+
+
+def box_range(box: Mapping[str, Any]) -> tuple[float, float] | None:
+    """``(x0, x1)`` of a Plotly box selection (``box['x']``, in any order); None if it has none."""
+    xs = [float(v) for v in box.get("x", []) or [] if v is not None]
+    return (min(xs), max(xs)) if len(xs) >= 2 else None
+
+
+def box_members(arrays: Sequence[Any], x0: float, x1: float, nbins: int = 60) -> list[np.ndarray]:
+    """Per array, the indices of the samples whose confidence lies in ``[x0, x1]``, values
+    clipped to the histogram's range as drawn (+/-inf at its edges, NaN at its low edge)."""
+    lo, hi, _ = plots.histogram_bins(arrays, nbins)
+    out = []
+    for a in arrays:
+        c = np.clip(np.nan_to_num(_arr(a), nan=lo), lo, hi)
+        out.append(np.flatnonzero((c >= x0) & (c <= x1)))
+    return out
+
+
+def predicted_classes(net: Any, images: Any, batch_size: int = 256) -> np.ndarray:
+    """The network's predicted class of each image (``argmax`` of the logits, no gradients):
+    what the gallery writes under OoD thumbnails (a few dozen images)."""
+    import torch
+
+    if len(images) == 0:
+        return np.zeros(0, dtype=np.int64)
+    param = next(iter(net.parameters()), None)
+    kw = {"device": param.device, "dtype": param.dtype} if param is not None else {}
+    out = []
+    with torch.no_grad():
+        for k in range(0, len(images), batch_size):
+            x = torch.as_tensor(images[k : k + batch_size]).to(**kw)
+            out.append(net(x).argmax(1).cpu().numpy())
+    return np.concatenate(out).astype(np.int64)
 
 
 def class_name(names: Sequence[str], label: int) -> str:
@@ -249,14 +394,21 @@ def prediction_captions(
 
 
 def confidence_captions(
-    conf: Any, idx: Sequence[int], labels: Sequence[int] | None = None, names: Sequence[str] = ()
+    conf: Any,
+    idx: Sequence[int],
+    labels: Sequence[int] | None = None,
+    names: Sequence[str] = (),
+    predicted: Sequence[int] | None = None,
 ) -> list[str]:
-    """Captions of a gallery grid: each sample's confidence, under its class when ``labels``."""
+    """Captions of a gallery grid: each sample's confidence, under its class when ``labels``
+    (index by sample), or under ``'→ predicted class'`` when ``predicted`` (one per ``idx``)."""
     c = _arr(conf)
     caps = []
-    for k in idx:
+    for n, k in enumerate(idx):
         cap = f"{c[k]:.3g}"
         if labels is not None:
             cap = f"{class_name(names, int(labels[k]))}<br>{cap}"
+        elif predicted is not None:
+            cap = f"→ {class_name(names, int(predicted[n]))}<br>{cap}"
         caps.append(cap)
     return caps

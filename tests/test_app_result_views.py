@@ -38,9 +38,10 @@ def test_selection_to_indices_points_and_box() -> None:
     sel = {"points": [], "box": [{"x": [1.0, 0.4], "y": [0, 5]}]}
     out = rv.selection_to_indices(sel, series, nbins=10)
     assert out["InD"].tolist() == [2, 3] and out["OoD"].tolist() == [2]
-    # with bars reported inside the box, only those bars count
+    # bars Plotly reports with a box (centre rule) are ignored: the box's x-range decides
     sel["points"] = [{"curve_number": 1, "x": 0.95}]
-    assert list(rv.selection_to_indices(sel, series, nbins=10)) == ["OoD"]
+    out = rv.selection_to_indices(sel, series, nbins=10)
+    assert out["InD"].tolist() == [2, 3] and out["OoD"].tolist() == [2]
     assert rv.selection_to_indices(None, series) == {}
     assert rv.selection_to_indices({"points": [{"curve_number": 7, "x": 0}]}, series) == {}
 

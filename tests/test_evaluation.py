@@ -160,6 +160,13 @@ def test_pipeline_rerun_after_a_parameter_change_runs_no_forward_pass(tiniest):
     cfg.scores.append(ScoreSpec("Energy"))
     again = run_config(cfg, cache)
     assert cache.activations.misses == misses  # every extraction came from the cache
+    t = again.timings
+    assert set(t["score"]) == {"KNN(k=9)", "Energy()"}  # only what changed was recomputed
+    assert (t["shared_seconds"] == 0).all()  # no forward pass: no shared time
+    first = run_config(cfg, RunCache()).timings
+    assert (first["shared_seconds"] > 0).all() and (
+        first["shared_seconds"] <= first["seconds"]
+    ).all()
     fresh = run_config(cfg, RunCache())
     np.testing.assert_allclose(again.confs_ind, fresh.confs_ind)
     for a, b in zip(again.confs_oods, fresh.confs_oods, strict=True):

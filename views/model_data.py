@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import streamlit as st
 
 from ood_core import data as data_mod
-from ood_core import hub, plots
-from ood_lens_app import layers, layout, loaders, result_views, sources, state
+from ood_core import hub, pipeline, plots
+from ood_lens_app import layers, layout, loaders, result_views, runs, sources, state
 from ood_lens_app.state import DATA_SOURCES, MODEL_SOURCES, SEED, trust_key
 
 state.init_state()
@@ -54,15 +56,10 @@ def _bundled_model() -> None:
     if ss["w.bundled_entry"] not in entries and entries:
         ss["w.bundled_entry"] = next(iter(entries))
 
-    def label(name: str) -> str:
-        acc = entries[name].get("accuracy")
-        return name + (f" · test accuracy {acc:.1%}" if acc is not None else "")
-
     st.selectbox(
         "Bundled model",
         list(entries),
         key="w.bundled_entry",
-        format_func=label,
         on_change=_on_load_model,
     )
     if doc := entries.get(ss["w.bundled_entry"], {}).get("doc"):
@@ -114,8 +111,6 @@ def model_section() -> None:
     ]
     if info.input_shape:
         lines.append(f"expects inputs {tuple(info.input_shape)} (C, H, W)")
-    if info.test_accuracy is not None:
-        lines.append(f"recorded test accuracy {info.test_accuracy:.2%}")
     st.markdown("  \n".join(lines))
 
 
@@ -231,7 +226,13 @@ def check_and_preview() -> None:
     subset = test.subset(n_test, SEED + 1)
     acc = float((pred == subset.labels.numpy()).mean())
     c1, c2 = st.columns([1, 4])
-    c1.metric("Test accuracy", f"{acc:.2%}", help=f"On the {n_test} test samples the run scores")
+    title = data_mod.BUNDLED.get(ss["ind_source"], {}).get("title", ss["ind_source"])
+    c1.metric(
+        "Test accuracy",
+        f"{acc:.1%}",
+        help="The model's accuracy on the test samples a run scores (the InD test set).",
+    )
+    c1.caption(f"on the {n_test:,} {title} test samples a run scores")
     k = min(16, len(subset))
     captions = result_views.prediction_captions(
         subset.labels[:k].tolist(), pred[:k].tolist(), test.class_names
@@ -245,12 +246,53 @@ def check_and_preview() -> None:
     c2.plotly_chart(fig, key="preview", config={"displayModeBar": False})
 
 
+QUESTION = (
+    "**Which confidence score, on which layers, best tells the inputs this classifier was "
+    "trained for (in-distribution, InD) from everything else (out-of-distribution, OoD)?**"
+)
+
+
+def demo_config() -> pipeline.RunConfig:
+    """The bundled default run (:func:`ood_core.pipeline.example_config`) at the session's
+    default sizes (``OOD_LENS_DEFAULT_N``)."""
+    cfg = pipeline.example_config()
+    return dataclasses.replace(
+        cfg,
+        n_calibration=state.default_n(cfg.n_calibration),
+        n_test=state.default_n(cfg.n_test),
+    )
+
+
+def intro() -> None:
+    """The question the app answers and the one-click demo."""
+    with st.container(border=True):
+        c1, c2 = st.columns([4, 1], vertical_alignment="center")
+        c1.markdown(QUESTION)
+        cfg = demo_config()
+        c1.caption(
+            "Set up a model, its data, layers, scores and OoD scenarios on these pages, or run "
+            f"the bundled demo: {runs.describe_config(cfg)}."
+        )
+        if c2.button(
+            "Run the demo",
+            key="run_demo",
+            type="primary",
+            icon=":material/play_arrow:",
+            width="stretch",
+        ):
+            if runs.execute_run(cfg) is None:
+                st.error(ss["run_error"], icon=":material/error:")
+                return
+            layout.go_to(layout.PAGE_RESULTS)
+
+
 def body() -> None:
     layout.header(
         "Model & data",
         "Choose the classifier and its in-distribution data; the "
         "preview shows test samples and the model's accuracy on them.",
     )
+    intro()
     if note := loaders.source_policy().describe():
         st.caption(f":material/lan: {note}")
     left, right = st.columns(2, gap="large")

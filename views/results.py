@@ -14,7 +14,7 @@ import streamlit as st
 from ood_core import plots
 from ood_core.pipeline import IND_TITLE, RunResult
 from ood_lens_app import form, layout, loaders, result_views, runs, state
-from ood_lens_app.result_views import ALL_METRICS, THRESHOLD_MODES, index_choice
+from ood_lens_app.result_views import ALL_METRICS, THRESHOLD_MODES, index_choice, name_choice
 
 state.init_state()
 ss = st.session_state
@@ -28,61 +28,96 @@ def _chart(fig: Any, key: str, **kwargs: Any) -> Any:
     return st.plotly_chart(fig, key=key, config={"displaylogo": False}, **kwargs)
 
 
-def _histogram(result: RunResult, i: int, height: int = 360) -> Any:
-    """plots.histogram_figure of score ``i`` (InD first, scenario colours), legend below."""
-    fig = plots.histogram_figure(result_views.series(result, i), title=result.score_names[i])
+def _scenario_colors(result: RunResult) -> dict[str, str]:
+    return plots.scenario_colors(result.ood_titles)
+
+
+def _score_colors(result: RunResult) -> dict[str, str]:
+    return plots.score_colors(result.score_names)
+
+
+def _histogram(result: RunResult, i: int, height: int = 360, threshold: float | None = None) -> Any:
+    """plots.histogram_figure of score ``i`` (InD first, scenario colours), legend below, with
+    the threshold line (in the score's colour) when given."""
+    fig = plots.histogram_figure(
+        result_views.series(result, i),
+        title=result.score_names[i],
+        colors=_scenario_colors(result),
+    )
     fig.update_layout(
         height=height,
         margin={"t": 40, "b": 10, "l": 50, "r": 10},
         title_font_size=14,
         legend_title_text="",
-        legend=LEGEND_BELOW | {"y": -0.25},
+        legend=LEGEND_BELOW | {"y": -0.3, "yanchor": "top"},
     )
-    fig.update_xaxes(title_text="confidence (higher = more InD)", title_font_size=12)
+    fig.update_xaxes(
+        title_text="confidence (higher = more InD)", title_font_size=12, title_standoff=4
+    )
+    if threshold is not None and np.isfinite(threshold):
+        color = _score_colors(result)[result.score_names[i]]
+        fig.add_vline(x=threshold, line_dash="dash", line_color=color, line_width=2)
     return fig
 
 
 # ---------------------------------------------------------------------------- sections
 def metric_table(result: RunResult) -> None:
-    st.subheader("Metrics")
-    options = [ALL_METRICS, *(repr(m) for m in result.metrics)]
-    if ss.setdefault("w.tbl_metric", ALL_METRICS) not in options:
-        ss["w.tbl_metric"] = ALL_METRICS
+    st.subheader("Headline")
+    options = [repr(m) for m in result.metrics]
+    if ss.get("w.tbl_metric") not in options:
+        ss["w.tbl_metric"] = result_views.headline_metric(result)
     c1, c2 = st.columns([2, 5])
     choice = c1.selectbox(
-        "Show",
+        "Metric",
         options,
         key="w.tbl_metric",
-        help="All (OoD set | metric) columns, or one metric per OoD set.",
+        help="The metric of the headline table: one column per OoD scenario and their mean.",
     )
-    table = result_views.metric_table(result, choice)
-    styler = (
-        table.frame.style.apply(
-            lambda row: [BASELINE if row.name == table.baseline_label else ""] * len(row), axis=1
+    head = result_views.headline_table(result, choice)
+    best = {c: head.values[c].max() for c in head.values.columns}
+
+    def paint(col: Any) -> list[str]:
+        vals = head.values[col.name]
+        return [
+            BEST if len(vals) > 1 and v == best[col.name] else (BASELINE if r == base else "")
+            for r, v in vals.items()
+        ]
+
+    base = head.baseline_label
+    st.table(head.text.style.apply(paint, axis=0))
+    note = f"**{choice}** per OoD scenario; best per column in **green**"
+    if base is not None:
+        note += f", baseline *{base}* in orange"
+    if head.has_intervals:
+        note += (
+            f"; ± = half the width of the {result.config.n_boot}-resample percentile "
+            "bootstrap 95% interval"
         )
-        .highlight_max(subset=table.value_columns, props=BEST)
-        .format("{:.3f}", subset=table.value_columns)
-    )
-    st.dataframe(styler, key="metric_table", width="stretch")
-    note = "Best value per column in **green**"
-    if table.baseline_label is not None:
-        note += f"; baseline *{table.baseline_label}* in orange"
-    if table.has_intervals:
-        note += f"; CI = {result.config.n_boot}-resample percentile bootstrap 95% intervals"
     c2.caption(note + ". OoD = positive class; higher is better.")
+    with st.expander("Full table: every metric × scenario"):
+        table = result_views.metric_table(result, ALL_METRICS)
+        styler = (
+            table.frame.style.apply(
+                lambda row: [BASELINE if row.name == table.baseline_label else ""] * len(row),
+                axis=1,
+            )
+            .highlight_max(subset=table.value_columns, props=BEST)
+            .format("{:.3f}", subset=table.value_columns)
+        )
+        st.dataframe(styler, key="metric_table", width="stretch")
+        if table.has_intervals:
+            st.caption(f"CI = {result.config.n_boot}-resample percentile bootstrap 95% intervals.")
 
 
 def histograms(result: RunResult, thr: dict[int, float]) -> None:
     st.subheader("Confidence distributions")
     st.caption(
-        "One histogram per score, InD in green; the dashed line is the threshold "
-        "explorer's threshold (samples left of it are flagged OoD)."
+        "One histogram per score, each scenario in its own colour (InD always green); the "
+        "dashed line is the threshold explorer's threshold (samples left of it are flagged OoD)."
     )
     cols = st.columns(2)
     for i in range(len(result.score_names)):
-        fig = _histogram(result, i)
-        if i in thr and np.isfinite(thr[i]):
-            fig.add_vline(x=thr[i], line_dash="dash", line_color="black")
+        fig = _histogram(result, i, threshold=thr.get(i))
         with cols[i % 2]:
             _chart(fig, key=f"hist_{i}")
 
@@ -94,12 +129,14 @@ def rocs(result: RunResult, thr: dict[int, float]) -> None:
         "point at the threshold explorer's threshold."
     )
     cols = st.columns(2)
+    sc_colors, s_colors = _scenario_colors(result), _score_colors(result)
     for j, (title, ood) in enumerate(zip(result.ood_titles, result.confs_oods, strict=True)):
         curves = {n: (result.confs_ind[i], ood[i]) for i, n in enumerate(result.score_names)}
         fig = plots.roc_figure(
             curves,
             title=f"InD vs {title}",
             operating_points=result_views.operating_points(result, j, thr),
+            colors=s_colors,
         )
         for trace in fig.data:  # one legend entry per score: the × markers share its colour
             if str(trace.name).endswith("@ threshold"):
@@ -107,9 +144,9 @@ def rocs(result: RunResult, thr: dict[int, float]) -> None:
         fig.update_layout(
             height=420,
             margin={"t": 40, "b": 10, "l": 50, "r": 10},
-            title_font_size=14,
-            legend_title_text="",
-            legend=LEGEND_BELOW | {"y": -0.2},
+            title={"font": {"size": 14, "color": sc_colors[title]}},
+            legend=LEGEND_BELOW
+            | {"y": -0.2, "title": {"text": f"■ {title}", "font": {"color": sc_colors[title]}}},
         )
         with cols[j % 2]:
             _chart(fig, key=f"roc_{j}")
@@ -144,26 +181,24 @@ def explorer(result: RunResult, thr: dict[int, float]) -> None:
         lo, hi = plots.finite_range(list(result_views.series(result, i).values()))
         c3.slider("Threshold", lo, hi, step=(hi - lo) / 500 or None, key="w.thr_raw", format="%.4g")
     t = thr.get(i, next(iter(thr.values())))
-    st.markdown(f"**Threshold** for {result.score_names[i]}: `{t:.6g}`")
     rows = result_views.confusion_rows(result, i, t)
-    cols = st.columns(2, gap="large")
-    for j, (title, cm) in enumerate(zip(result.ood_titles, rows, strict=True)):
-        with cols[j % 2]:
-            st.markdown(f"**InD vs {title}**")
-            c1, c2 = st.columns([1, 1])
-            c1.dataframe(cm.matrix(), key=f"cm_{j}", width="stretch")
-            c2.metric("InD accepted", f"{cm.ind_acceptance:.1%}", help="1 - FPR")
-            c2.metric("OoD rejected", f"{cm.ood_rejection:.1%}", help="TPR (OoD = positive)")
-    st.markdown("**All scenarios at this threshold**")
-    st.dataframe(
-        result_views.confusion_summary(result.ood_titles, rows),
-        hide_index=True,
-        key="thr_summary",
-        column_config={
-            k: st.column_config.NumberColumn(k, format="%.1f %%")
-            for k in ("InD accepted", "OoD rejected (TPR)", "FPR")
-        },
-    )
+    left, right = st.columns([1, 1], gap="large")
+    with left:
+        _chart(_histogram(result, i, height=360, threshold=t), key="thr_hist")
+    with right:
+        st.markdown(f"**Threshold** for {result.score_names[i]}: `{t:.6g}`")
+        if rows:
+            st.metric("InD accepted", f"{rows[0].ind_acceptance:.1%}", help="1 - FPR")
+        st.dataframe(
+            result_views.confusion_summary(result.ood_titles, rows).drop(columns="FPR"),
+            hide_index=True,
+            key="thr_summary",
+            width="stretch",
+            column_config={
+                k: st.column_config.NumberColumn(k, format="%.1f %%")
+                for k in ("InD accepted", "OoD rejected (TPR)")
+            },
+        )
 
 
 def _grid(
@@ -178,17 +213,31 @@ def _grid(
     if len(idx) == 0:
         st.caption(f"{title}: no samples.")
         return
+    predicted = None
+    if not ind and (net := _network(result)) is not None:
+        predicted = result_views.predicted_classes(net, images[np.asarray(idx)])
     caps = result_views.confidence_captions(
-        conf, idx, result.ind.labels.tolist() if ind else None, result.ind.class_names
+        conf,
+        idx,
+        result.ind.labels.tolist() if ind else None,
+        result.ind.class_names,
+        predicted=predicted,
     )
     fig = plots.image_grid_figure(images[np.asarray(idx)], caps, n_cols=n_cols, title=title)
     st.plotly_chart(fig, key=f"grid_{title}", config={"displayModeBar": False})
 
 
+def _network(result: RunResult) -> Any:
+    """The run's network from the session's run cache (None when it is not there)."""
+    cache = ss.get("run_cache")
+    key = (result.config.model_repo, result.config.model_entry)
+    return cache.models.get(key) if cache is not None else None
+
+
 def gallery(result: RunResult) -> None:
     st.subheader("Gallery")
     n = len(result.score_names)
-    index_choice(ss, "w.gal_score", n)
+    name_choice(ss, "w.gal_score", result.score_names)
     index_choice(ss, "w.gal_ood", len(result.ood_titles))
     ss.setdefault("w.gal_k", 8)
     c1, c2, c3 = st.columns([3, 3, 2])
@@ -244,8 +293,9 @@ def gallery(result: RunResult) -> None:
             ind=False,
         )
     st.markdown(
-        "**Select bars or drag a box** in this histogram to see the samples behind them "
-        "(double-click the plot to clear)."
+        "**Drag a box** over this histogram to see exactly the samples whose confidence lies "
+        "in its x-range (or click a bar; double-click the plot to clear). OoD thumbnails show "
+        "the predicted class."
     )
     series = result_views.series(result, i)
     fig = _histogram(result, i, height=380)
@@ -288,6 +338,7 @@ def layers_and_timings(result: RunResult) -> None:
     metric = metrics[ss["w.hm_metric"]]
     ood = None if ss["w.hm_ood"] == 0 else result.ood_titles[ss["w.hm_ood"] - 1]
     frame = result_views.heatmap_frame(result.frame, metric, ood)
+    order, labels = result_views.layer_columns(result.scores_and_layers)
     if frame.empty:
         st.info(
             "No score ran on several layer sets. On the Scores page, tick *Evaluate each "
@@ -295,9 +346,13 @@ def layers_and_timings(result: RunResult) -> None:
             icon=":material/info:",
         )
     else:
-        _chart(
-            plots.heatmap_figure(frame, title=f"{metric} · {oods[ss['w.hm_ood']]}"), key="heatmap"
+        fig = plots.heatmap_figure(
+            frame,
+            title=f"{metric} · {oods[ss['w.hm_ood']]} (layers in network order)",
+            x_order=order,
+            x_labels=labels,
         )
+        _chart(fig, key="heatmap")
     st.subheader("Timings")
     if result.timings.empty:
         st.info(
@@ -305,10 +360,19 @@ def layers_and_timings(result: RunResult) -> None:
             icon=":material/info:",
         )
     else:
-        fig = plots.timings_figure(result.timings)
-        fig.update_layout(height=max(300, 60 * result.timings["score"].nunique() + 120))
+        parts, split = result_views.timings_parts(result.timings)
+        fig = plots.timings_figure(parts, colors=_score_colors(result))
+        fig.update_layout(height=max(300, 60 * parts["score"].nunique() + 120))
         _chart(fig, key="timings")
-        st.caption(f"Scores computed in this run; total run time {result.seconds:.1f} s.")
+        how = (
+            "the shared forward pass (grey) apart from each score's own time"
+            if split
+            else "each score's time includes an equal share of the shared forward pass"
+        )
+        st.caption(
+            f"Scores computed in this run, in their colours; {how}. Total run time "
+            f"{result.seconds:.1f} s."
+        )
 
 
 def export(result: RunResult) -> None:
