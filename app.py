@@ -1,18 +1,25 @@
 """ood-lens dashboard: ``streamlit run app.py`` (or ``./dev app``).
 
 Four pages (``views/``, UI only) walk through one evaluation: model & data, layers, scores &
-scenarios, results. Their logic is the :mod:`ood_lens_app` package; all computation goes through
-:mod:`ood_core`. Environment: ``OOD_LENS_DEFAULT_N`` sets the default calibration / test sizes.
+scenarios, results; a fifth lists the saved runs (open, delete, compare). Their logic is the
+:mod:`ood_lens_app` package; all computation goes through :mod:`ood_core`. Before a page: a run
+left unfinished is marked cancelled, a replayed config is put into the widgets, a URL naming a
+saved run (``?run=ID``) restores it, and the Results page says when the settings changed.
+Environment: ``OOD_LENS_DEFAULT_N`` sets the default calibration / test sizes, ``OOD_LENS_RUNS``
+the run store folder.
 """
 
 from __future__ import annotations
 
 import streamlit as st
 
-from ood_lens_app import layout, state
+from ood_lens_app import layout, runs, state
 
 st.set_page_config(layout="wide", page_title="ood-lens", page_icon=":material/center_focus_weak:")
 state.init_state()
+runs.check_cancelled(st.session_state)
+if (pending := st.session_state.pop("pending_settings", None)) is not None:
+    runs.apply_config(st.session_state, pending)
 nav = st.navigation(
     [
         st.Page(p.path, title=p.title, icon=p.icon, default=(p == layout.PAGES[0]))
@@ -20,5 +27,9 @@ nav = st.navigation(
     ]
 )
 st.html("<style>[data-testid='stMainBlockContainer']{padding-top:2.5rem}</style>")
+layout.guard(layout.restore_from_url)
+layout.guard(layout.run_notices)
+if nav.url_path == "results":
+    layout.guard(layout.stale_banner)
 layout.guard(layout.sidebar)
 nav.run()

@@ -31,14 +31,17 @@ PAGE_MODEL = Page("views/model_data.py", "Model & data", ":material/model_traini
 PAGE_LAYERS = Page("views/layers.py", "Layers", ":material/layers:")
 PAGE_SCORES = Page("views/scores.py", "Scores & scenarios", ":material/tune:")
 PAGE_RESULTS = Page("views/results.py", "Results", ":material/insights:")
-PAGES = [PAGE_MODEL, PAGE_LAYERS, PAGE_SCORES, PAGE_RESULTS]
+PAGE_RUNS = Page("views/runs.py", "Runs", ":material/history:")
+PAGES = [PAGE_MODEL, PAGE_LAYERS, PAGE_SCORES, PAGE_RESULTS, PAGE_RUNS]
 """In navigation order; the first is the default page."""
 
 HELP = (
     "1. **Model & data**: classifier and in-distribution (InD) data.\n"
     "2. **Layers**: click rows to pick the layers scores read.\n"
     "3. **Scores & scenarios**: detectors, their parameters, OoD sets; **Run**.\n"
-    "4. **Results**: histograms, ROC, metrics, thresholds, images, export.\n\n"
+    "4. **Results**: histograms, ROC, metrics, thresholds, images, export.\n"
+    "5. **Runs**: every run is saved (the URL names it: reload or bookmark to get it back); "
+    "open, delete or compare two.\n\n"
     "Confidence: higher = more in-distribution. A sample is flagged OoD when its "
     "confidence ≤ threshold; OoD is the positive class of every metric."
 )
@@ -97,6 +100,10 @@ def sidebar_lines(state: Mapping[str, Any]) -> list[str]:
         )
     else:
         lines.append("**Last run:** none yet")
+    if state.get("run_id"):
+        lines.append(f"**Saved as:** `{state['run_id']}`")
+    if state.get("run_status") == "cancelled":
+        lines.append("**Run status:** the last run was cancelled")
     return lines
 
 
@@ -108,3 +115,70 @@ def sidebar() -> None:
             st.markdown(line)
         with st.expander("Help", icon=":material/help:"):
             st.markdown(HELP)
+
+
+# ---------------------------------------------------------------------------- run state
+def restore_from_url() -> None:
+    """A URL naming a saved run (``?run=ID``) that is not on screen: restore it (settings and
+    result); otherwise put the id on screen into the URL."""
+    from ood_lens_app import runs
+
+    asked = runs.sync_url(st.session_state, st.query_params)
+    if asked and runs.restore_run(asked) is None:
+        st.error(st.session_state["run_error"], icon=":material/error:")
+
+
+def run_notices() -> None:
+    """Says so when the last run was cancelled (the page changed before it finished), with
+    Run again; the result on screen, if any, is the earlier one."""
+    from ood_lens_app import runs
+
+    ss = st.session_state
+    if ss.get("run_status") != "cancelled":
+        return
+    c1, c2, c3 = st.columns([6, 1, 1], vertical_alignment="center")
+    c1.warning(
+        f"The run started at {ss.get('run_started', '?')} was cancelled: the page changed "
+        "before it finished. "
+        + ("The results shown are from the run before." if ss.get("result") else ""),
+        icon=":material/cancel:",
+    )
+    if c2.button("Run again", key="rerun_cancelled", icon=":material/replay:"):
+        if runs.execute_run(ss["run_request"]) is not None:
+            st.rerun()
+        st.error(ss["run_error"], icon=":material/error:")
+    if c3.button("Dismiss", key="dismiss_cancelled"):
+        ss["run_status"] = None
+        st.rerun()
+
+
+def stale_banner() -> None:
+    """On the Results page: a banner when the current settings (the config the form builds)
+    differ from those of the result on screen, with Run."""
+    from ood_lens_app import form, loaders, runs
+
+    ss = st.session_state
+    shown = ss.get("result_request")
+    if ss.get("result") is None or shown is None:
+        return
+    config, problems = form.build_config(ss, loaders.current_layer_choices())
+    if config is not None and runs.same_settings(config, shown):
+        return
+    c1, c2 = st.columns([6, 1], vertical_alignment="center")
+    if config is None:
+        c1.warning(
+            "The settings changed since this result and have problems: fix them on "
+            "**Scores & scenarios** to run them.",
+            icon=":material/sync_problem:",
+        )
+        return
+    c1.warning(
+        "The settings changed since this result was computed: what is shown is the earlier "
+        "run. Run the current settings to update it.",
+        icon=":material/sync_problem:",
+    )
+    if c2.button("Run", key="stale_run", type="primary", icon=":material/play_arrow:"):
+        if runs.execute_run(config) is None:
+            st.error(ss["run_error"], icon=":material/error:")
+            return
+        st.rerun()

@@ -1,5 +1,13 @@
 """Run, replay and export: a RunConfig through :func:`ood_core.pipeline.run` with the session's
-cache and loaded model / data; uploaded configs read back; a result's downloads."""
+cache and loaded model / data; every run saved to the run store (:mod:`ood_lens_app.run_store`)
+and named in the URL (``?run=ID``); a saved run or config replayed into every widget; the
+run status (running / cancelled); uploaded configs read back; a result's downloads.
+
+Session keys set here: ``run_id`` (the saved run on screen), ``result_request`` (the config
+that made the result, before sizes were lowered to the data), ``run_status`` (``"running"``
+while a run is in progress; ``"cancelled"`` when a later script run found it never finished),
+``run_request`` (the config of the last run started), ``pending_settings`` (a config to put
+into the widgets at the start of the next script run), ``store_error``."""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ import logging
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +25,14 @@ from torch import nn
 
 from ood_core import data as data_mod
 from ood_core import pipeline
+from ood_core.perturbations import PERTURBATIONS
 from ood_core.pipeline import RunCache, RunConfig, RunResult
+from ood_core.scores import get_score_class
+from ood_lens_app import layers as layers_mod
+from ood_lens_app import run_store
+from ood_lens_app import state as state_mod
 from ood_lens_app.errors import is_expected, run_message
+from ood_lens_app.widgets import initial_value, is_text_float, none_key
 
 LOG = logging.getLogger("ood_lens.app")
 
@@ -63,8 +77,19 @@ def run_summary(result: RunResult, seconds: float, when: str) -> dict[str, Any]:
     }
 
 
-def execute_run(config: RunConfig) -> RunResult | None:
-    """Run ``config`` with a progress bar; store the result (or the error) in session state."""
+def execute_run(
+    config: RunConfig,
+    save: bool = True,
+    restore_settings: bool = False,
+    run_id: str | None = None,
+) -> RunResult | None:
+    """Run ``config`` with a progress bar; store the result (or the error) in session state.
+
+    ``save``: write it to the run store and put its id in the URL (``run_id``: the id of the
+    saved run being shown again instead). ``restore_settings``: put ``config`` into every widget
+    at the next script run (a replayed or reopened config).
+    ``run_status`` is ``"running"`` during the call, so a run cut short by leaving the page is
+    reported as cancelled (:func:`check_cancelled`)."""
     import streamlit as st
 
     from ood_lens_app import loaders
@@ -76,6 +101,9 @@ def execute_run(config: RunConfig) -> RunResult | None:
     def progress(stage: str, frac: float) -> None:
         bar.progress(min(1.0, max(0.0, float(frac))), text=stage)
 
+    ss["run_request"] = config
+    ss["run_status"] = "running"
+    ss["run_started"] = time.strftime("%H:%M:%S")
     t0 = time.perf_counter()
     try:
         share_loaded(cache, config, loaders.load_model, loaders.load_dataset)
@@ -85,12 +113,168 @@ def execute_run(config: RunConfig) -> RunResult | None:
             LOG.error("Run failed:\n%s", traceback.format_exc())
         bar.empty()
         ss["run_error"] = run_message(exc)
+        ss["run_status"] = "failed"
         return None
     bar.empty()
     ss["result"] = result
+    ss["result_request"] = config
     ss["run_error"] = None
     ss["last_run"] = run_summary(result, time.perf_counter() - t0, time.strftime("%H:%M:%S"))
+    if save:
+        run_id = save_result(ss, result)
+    ss["run_id"] = run_id
+    if run_id:
+        st.query_params["run"] = run_id
+    elif "run" in st.query_params:
+        del st.query_params["run"]
+    if restore_settings:
+        ss["pending_settings"] = config
+    ss["run_status"] = "done"
     return result
+
+
+def save_result(state: MutableMapping[str, Any], result: RunResult) -> str | None:
+    """Save ``result`` to the run store; its id, or None (and ``store_error`` says why)."""
+    try:
+        run_id = run_store.save(result, run_store.runs_dir())
+    except (OSError, TypeError, ValueError) as exc:
+        state["store_error"] = f"This run was not saved to the run store: {exc}"
+        return None
+    state["store_error"] = None
+    return run_id
+
+
+def check_cancelled(state: MutableMapping[str, Any]) -> None:
+    """At the start of a script run: a run still marked running never finished (the user left
+    the page, which stops the script): mark it cancelled."""
+    if state.get("run_status") == "running":
+        state["run_status"] = "cancelled"
+
+
+def restore_run(run_id: str) -> RunResult | None:
+    """Show saved run ``run_id`` again: its config into every widget, then re-run through the
+    session's cache (the bundle lacks the images and fitted scores the Results page shows)."""
+    import streamlit as st
+
+    ss = st.session_state
+    ss["restore_tried"] = run_id
+    try:
+        stored = run_store.load(run_store.runs_dir(), run_id)
+    except (OSError, ValueError, KeyError) as exc:
+        ss["run_error"] = f"Cannot open saved run {run_id}: {exc}"
+        return None
+    apply_config(ss, stored.config)
+    return execute_run(stored.config, save=False, restore_settings=False, run_id=run_id)
+
+
+def sync_url(state: MutableMapping[str, Any], params: MutableMapping[str, Any]) -> str | None:
+    """At the start of a script run: the run id the URL asks for when it is not the one on
+    screen (to restore), else None after putting the on-screen id into the URL."""
+    asked = params.get("run")
+    current = state.get("run_id")
+    if asked and asked != current and asked != state.get("restore_tried"):
+        return str(asked)
+    if current and asked != current:
+        params["run"] = current
+    return None
+
+
+# ---------------------------------------------------------------------------- settings
+def _widget_value(desc: Mapping[str, Any], value: Any) -> Any:
+    if desc["type"] == "list":
+        return "" if value is None else ", ".join(str(v) for v in value)
+    if is_text_float(dict(desc)):
+        return str(value)
+    return value
+
+
+def _apply_params(
+    state: MutableMapping[str, Any],
+    owner: str,
+    descs: list[dict[str, Any]],
+    params: Mapping[str, Any],
+) -> None:
+    for desc in descs:
+        name = desc["name"]
+        value = params.get(name, desc.get("default"))
+        if desc.get("nullable"):
+            state[none_key(owner, name)] = value is None
+        state[state_mod.param_key(owner, name)] = (
+            initial_value(dict(desc)) if value is None else _widget_value(desc, value)
+        )
+
+
+def apply_config(state: MutableMapping[str, Any], config: RunConfig) -> None:
+    """Put ``config`` into every widget: model, data, sizes, Layers page selection, scores with
+    their parameters, layers and layer sweeps, scenarios with their parameters, metrics,
+    bootstrap, baseline. Call before the widgets are drawn in a script run."""
+    defaults = state_mod.default_state(config, env={})
+    skip = {"result", "model_error", "data_error", "run_error", "last_run", "layers_version"}
+    for key, value in defaults.items():
+        if key not in skip and key != "score_layers_src":
+            state[key] = value
+    state["w.metric_custom"] = ""
+    state.setdefault("layers_version", 0)
+    layers_mod.set_selection(state, state_mod.initial_layers(config))
+    selection = tuple(state["layers"])
+    src = dict(state.get("score_layers_src", {}))
+    by_name: dict[str, list[Any]] = {}
+    for spec in config.scores:
+        by_name.setdefault(spec.name, []).append(spec)
+    for name, specs in by_name.items():
+        layer_ids = list(dict.fromkeys(str(lid) for spec in specs for lid in spec.layers))
+        state[state_mod.score_layer_key(name)] = layer_ids
+        state[state_mod.sweep_key(name)] = len(specs) > 1 and all(len(s.layers) == 1 for s in specs)
+        src[name] = selection
+        _apply_params(state, name, get_score_class(name).describe_params(), specs[0].params)
+    state["score_layers_src"] = src
+    for sc in config.scenarios:
+        if sc.kind:
+            descs = [p.as_dict() for p in PERTURBATIONS[sc.kind].params]
+            _apply_params(state, state_mod.pert_owner(sc.kind), descs, sc.params)
+
+
+def _full_params(descs: list[dict[str, Any]], params: Mapping[str, Any]) -> dict[str, Any]:
+    out = {d["name"]: d.get("default") for d in descs} | dict(params)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def settings_key(config: RunConfig) -> dict[str, Any]:
+    """What decides a run's numbers, comparable across a form-built and a saved config:
+    parameters with their defaults filled in, the baseline by name."""
+    scores = [
+        (s.name, _full_params(get_score_class(s.name).describe_params(), s.params), list(s.layers))
+        for s in config.scores
+    ]
+    scenarios = [
+        (
+            sc.kind,
+            _full_params([p.as_dict() for p in PERTURBATIONS[sc.kind].params], sc.params)
+            if sc.kind
+            else {},
+            sc.dataset,
+            sc.split,
+            sc.config,
+        )
+        for sc in config.scenarios
+    ]
+    return dict(
+        model=(config.model_repo, config.model_entry),
+        data=(config.ind_dataset, config.calibration_split, config.test_split),
+        sizes=(config.n_calibration, config.n_test, config.seed),
+        scores=[(n, p, [str(lid) for lid in layer]) for n, p, layer in scores],
+        scenarios=scenarios,
+        metrics=list(config.metrics),
+        n_boot=config.n_boot,
+        baseline=state_mod.default_baseline(config),
+    )
+
+
+def same_settings(a: RunConfig | None, b: RunConfig | None) -> bool:
+    """Whether two configs compute the same run (:func:`settings_key`)."""
+    if a is None or b is None:
+        return a is b
+    return settings_key(a) == settings_key(b)
 
 
 # ---------------------------------------------------------------------------- replay

@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -51,6 +52,8 @@ def serve(
     """Run ``streamlit run app.py`` on a free local port; yield its URL; always stop it."""
     port = port or free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OOD_LENS_QUIET="1")
+    # a served copy for tests, screenshots and benchmarks keeps its runs out of ~/.cache
+    env.setdefault("OOD_LENS_RUNS", tempfile.mkdtemp(prefix="ood-lens-runs-"))
     if n_default is not None:
         env["OOD_LENS_DEFAULT_N"] = str(n_default)
     cmd = [

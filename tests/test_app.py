@@ -232,3 +232,165 @@ def test_uploaded_config_is_parsed_or_explained():
     assert parse_uploaded_config(b"[model\n")[1].startswith("Invalid run config")
     assert "no scores" in parse_uploaded_config(b"[model]\nentry='tiniest'\n")[1]
     assert "not UTF-8" in parse_uploaded_config(b"\xff\xfe")[1]
+
+
+# ============================================================================ issue 11: at a glance
+# (appended by the "read at a glance / first screen / report" helper)
+def test_first_screen_states_the_question_and_one_accuracy() -> None:
+    at = _app()
+    at.run()
+    _assert_clean(at)
+    text = " ".join(m.value for m in at.markdown)
+    assert "Which confidence score" in text
+    accuracies = [m for m in at.metric if "accuracy" in m.label.lower()]
+    assert len(accuracies) == 1  # one accuracy figure, said what it is measured on
+    captions = " ".join(c.value for c in at.caption)
+    assert "test samples a run scores" in captions
+    assert "accuracy" not in " ".join(str(o) for o in at.selectbox(key="w.bundled_entry").options)
+
+
+def test_run_the_demo_lands_on_results_with_the_headline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ood_core.pipeline import example_config
+
+    monkeypatch.setenv("OOD_LENS_DEFAULT_N", "150")
+    at = _app()
+    at.run()
+    at.button(key="run_demo").click().run()
+    _assert_clean(at)
+    result = at.session_state["result"]
+    assert len(result.score_names) == len(example_config().scores)
+    assert len(result.ood_titles) == len(example_config().scenarios)
+    assert len(result.ind) == 150
+    assert at.title[0].value == "Results"
+    head = at.table[0].value  # the headline: AUROC x scenarios + mean, before the full table
+    assert list(head.columns) == [*result.ood_titles, "mean"]
+    auc = result.frame[result.frame["metric"] == "AUC()"]
+    first = auc[auc["ood"] == result.ood_titles[0]]["value"].iloc[0]
+    assert head.iloc[0, 0] == f"{first:.3f}"
+    full = at.dataframe[0].value
+    assert len([c for c in full.columns if " | " in c]) == 4 * len(result.metrics)
+
+
+# ==================================================================================================
+# Issue 11, runs persist and honest state: every Run saved to the run store (OOD_LENS_RUNS, a
+# temporary folder here) and named in the URL; ?run=ID restores the result and every widget; the
+# Results page says when the settings changed; a run cut short is reported as cancelled.
+# ==================================================================================================
+@pytest.fixture(autouse=True)
+def _run_store_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("OOD_LENS_RUNS", str(tmp_path / "runs"))
+    return tmp_path / "runs"
+
+
+def _tiny_run_state() -> dict[str, object]:
+    return {
+        "w.n_cal": 100,
+        "w.n_test": 50,
+        "w.scores": ["Softmax", "KNN"],
+        "w.p.KNN.k": 5,
+        "layers": ["1-11"],
+        "w.perts": ["vertical_flip"],
+        "w.ood_bundled": [],
+    }
+
+
+def _query_run(at: AppTest) -> str | None:
+    value = at.query_params.get("run")
+    return value[0] if isinstance(value, list) else value
+
+
+def _warnings(at: AppTest) -> list[str]:
+    return [w.value for w in at.warning]
+
+
+def _saved_run(run_store_dir: Path) -> tuple[str, AppTest]:
+    at = _app(**_tiny_run_state())
+    at.switch_page("views/scores.py").run()
+    _assert_clean(at)
+    at.button(key="run").click().run()
+    _assert_clean(at)
+    run_id = _query_run(at)
+    assert run_id and at.session_state["run_id"] == run_id
+    assert (run_store_dir / run_id / "run.json").is_file()
+    return run_id, at
+
+
+def test_a_run_is_saved_and_named_in_the_url(_run_store_dir: Path) -> None:
+    run_id, at = _saved_run(_run_store_dir)
+    assert at.session_state["run_status"] == "done"
+    at.switch_page("views/runs.py").run()
+    _assert_clean(at)
+    assert at.title[0].value == "Runs"
+    assert run_id in list(at.dataframe[0].value["id"])
+    # Open in a new session restores it; Delete removes it
+    other = _app()
+    other.switch_page("views/runs.py").run()
+    _assert_clean(other)
+    other.button(key="runs_open").click().run()
+    _assert_clean(other)
+    assert other.session_state["run_id"] == run_id
+    assert other.session_state["result"].score_names == ["Softmax()", "KNN(k=5) @ (1, 11)"]
+    assert other.session_state["w.scores"] == ["Softmax", "KNN"]
+    other.switch_page("views/runs.py").run()
+    other.button(key="runs_delete").click().run()
+    _assert_clean(other)
+    assert not (_run_store_dir / run_id).exists() and other.session_state["run_id"] is None
+    assert any("No saved runs" in i.value for i in other.info)
+
+
+def test_url_with_a_run_id_restores_the_result_and_every_widget(_run_store_dir: Path) -> None:
+    run_id, first = _saved_run(_run_store_dir)
+    shown = first.session_state["result"]
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)  # a new session: a reload
+    at.query_params["run"] = run_id
+    at.switch_page("views/results.py").run()
+    _assert_clean(at)
+    result = at.session_state["result"]
+    assert result is not None and at.session_state["run_id"] == run_id
+    assert result.score_names == shown.score_names == ["Softmax()", "KNN(k=5) @ (1, 11)"]
+    np.testing.assert_allclose(result.frame["value"], shown.frame["value"])
+    assert at.session_state["w.n_cal"] == 100 and at.session_state["w.n_test"] == 50
+    assert not any("settings changed" in w for w in _warnings(at))
+    at.switch_page("views/scores.py").run()
+    _assert_clean(at)
+    assert at.multiselect(key="w.scores").value == ["Softmax", "KNN"]
+    assert at.number_input(key="w.p.KNN.k").value == 5
+    assert at.multiselect(key="w.L.KNN").value == ["1-11"]
+    assert at.multiselect(key="w.perts").value == ["vertical_flip"]
+    assert at.multiselect(key="w.ood_bundled").value == []
+
+
+def test_banner_after_a_settings_change_and_its_run(_run_store_dir: Path) -> None:
+    run_id, at = _saved_run(_run_store_dir)
+    at.switch_page("views/results.py").run()
+    assert not any("settings changed" in w for w in _warnings(at))
+    at.switch_page("views/scores.py").run()
+    at.number_input(key="w.p.KNN.k").set_value(7).run()
+    at.switch_page("views/results.py").run()
+    _assert_clean(at)
+    assert any("settings changed" in w for w in _warnings(at)), _warnings(at)
+    at.button(key="stale_run").click().run()
+    _assert_clean(at)
+    assert "KNN(k=7) @ (1, 11)" in at.session_state["result"].score_names
+    assert not any("settings changed" in w for w in _warnings(at))
+    assert _query_run(at) not in (None, run_id)
+
+
+def test_a_run_cut_short_is_reported_as_cancelled() -> None:
+    at = _app(run_status="running", run_started="12:00:00")
+    at.switch_page("views/results.py").run()
+    assert at.session_state["run_status"] == "cancelled"
+    assert any("was cancelled" in w for w in _warnings(at)), _warnings(at)
+    at.button(key="dismiss_cancelled").click().run()
+    assert at.session_state["run_status"] is None
+    assert not any("was cancelled" in w for w in _warnings(at))
+
+
+def test_a_url_naming_no_saved_run_says_so() -> None:
+    for bad in ("20200101-000000-abcdef", "../etc"):
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+        at.query_params["run"] = bad
+        at.run()
+        assert not at.exception
+        assert any("Cannot open saved run" in e for e in _errors(at)), _errors(at)
+        assert at.session_state["result"] is None

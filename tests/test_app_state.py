@@ -119,6 +119,7 @@ def test_page_registry_points_at_the_page_files() -> None:
         "Layers",
         "Scores & scenarios",
         "Results",
+        "Runs",
     ]
     for page in layout.PAGES:
         path = ROOT / page.path

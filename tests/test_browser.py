@@ -9,7 +9,9 @@ Full-page screenshots go to tests/artifacts/ (git-ignored).
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +109,9 @@ def test_dashboard_flow_in_chromium(app: Any, tmp_path: Path) -> None:
     app.wait_idle()
     page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
     assert page.locator(".js-plotly-plot .main-svg").count() >= 3  # histograms + ROC
+    full = page.locator('[data-testid="stExpander"] summary', has_text="Full table").first
+    full.click()  # the full metric table is on demand, under the headline table
+    page.wait_for_timeout(800)
     table = page.locator('[data-testid="stDataFrame"]').first
     cells = table.evaluate(
         "e => Array.from(e.querySelectorAll('[role=gridcell], td')).map(x => x.textContent)"
@@ -135,3 +140,174 @@ def test_dashboard_flow_in_chromium(app: Any, tmp_path: Path) -> None:
     assert time.perf_counter() - t0 < 90
     log = (ARTIFACTS / "streamlit.log").read_text()
     assert "Traceback" not in log, "the server logged an error: see tests/artifacts/streamlit.log"
+
+
+# ============================================================================ issue 11: at a glance
+# (appended by the "read at a glance / first screen / report" helper)
+FIGURES_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd => ({
+    key: (gd.closest('[class*="st-key-"]') || {className: ''}).className.match(/st-key-([^ ]+)/)?.[1]
+        || null,
+    visible: gd.offsetParent !== null,
+    legendTitle: gd.layout && gd.layout.legend && gd.layout.legend.title
+        ? {text: gd.layout.legend.title.text, color: (gd.layout.legend.title.font || {}).color}
+        : null,
+    traces: (gd.data || []).map((t, i) => ({
+        name: t.name, type: t.type, mode: t.mode,
+        marker: t.marker ? t.marker.color : null, line: t.line ? t.line.color : null,
+        x: t.type === 'histogram' ? Array.from(((gd._fullData || [])[i] || t).x || []) : null,
+    })),
+    selections: (gd.layout && gd.layout.selections) || [],
+}))"""
+
+
+def _figures(page: Any) -> list[dict[str, Any]]:
+    return page.evaluate(FIGURES_JS)
+
+
+def test_glance_colours_headline_box_selection_and_screenshots(app: Any) -> None:
+    from ood_core import plots
+
+    page = app.page
+    app.open()
+    assert page.get_by_text("Which confidence score").count() >= 1
+    app.screenshot(ARTIFACTS / "glance_0_first_screen.png")
+    app.click_key("run_demo")  # runs the bundled default and lands on Results
+    page.wait_for_selector('h1:has-text("Results")', timeout=180_000)
+    app.wait_idle(180_000)
+    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+    _check_clean(app, "Results after the demo")
+    head = page.locator('[data-testid="stTable"]').first.inner_text()
+    assert "mean" in head and "Softmax()" in head
+
+    # one colour per scenario: the histograms' traces and each ROC chart's legend title agree
+    figs = _figures(page)
+    hist = [f for f in figs if (f["key"] or "").startswith("hist_")]
+    rocs = [f for f in figs if (f["key"] or "").startswith("roc_")]
+    assert hist and rocs
+    colours = {t["name"]: t["marker"] for t in hist[0]["traces"]}
+    assert colours["InD"] == plots.SCENARIO_PALETTE[0]
+    for f in hist[1:]:  # the same in every histogram
+        assert {t["name"]: t["marker"] for t in f["traces"]} == colours
+    for f in rocs:
+        title = f["legendTitle"]["text"].removeprefix("■ ")
+        assert f["legendTitle"]["color"] == colours[title], (title, f["legendTitle"])
+    # one colour per score: the same in every ROC chart, the × marker in its score's colour
+    per_score = [
+        {t["name"]: t["line"] for t in f["traces"] if t["mode"] == "lines" and t["name"]}
+        for f in rocs
+    ]
+    assert all(p == per_score[0] for p in per_score)
+    assert not set(per_score[0].values()) & set(colours.values())
+    for f in rocs:
+        for t in f["traces"]:
+            if t["mode"] == "markers":
+                assert t["marker"] == per_score[0][t["name"].removesuffix(" @ threshold")]
+
+    # screenshots of Results at both sizes (the viewport as a presenter sees it)
+    for w, h in ((1280, 800), (1920, 1080)):
+        page.set_viewport_size({"width": w, "height": h})
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / f"glance_results_{w}x{h}.png"))
+    page.set_viewport_size(shots.VIEWPORT)
+    page.wait_for_timeout(500)
+
+    # the gallery's box selects exactly the samples whose confidence lies in its x-range
+    app.tab("Gallery")
+    plot = page.locator(".st-key-sel_hist_0 .js-plotly-plot").first
+    plot.scroll_into_view_if_needed()
+    page.wait_for_timeout(800)
+    drag = page.locator(".st-key-sel_hist_0 .nsewdrag").first.bounding_box()
+    assert drag is not None
+    y = drag["y"] + drag["height"] * 0.5
+    page.mouse.move(drag["x"] + drag["width"] * 0.52, y)
+    page.mouse.down()
+    page.mouse.move(drag["x"] + drag["width"] * 0.71, y + 5, steps=8)
+    page.mouse.move(drag["x"] + drag["width"] * 0.73, drag["y"] + drag["height"] * 0.9, steps=4)
+    page.mouse.up()
+    app.wait_idle()
+    page.wait_for_timeout(800)
+    sel = next(f for f in _figures(page) if f["key"] == "sel_hist_0")
+    assert sel["selections"], "the box selection is not in the figure"
+    box = sel["selections"][0]
+    x0, x1 = sorted((float(box["x0"]), float(box["x1"])))
+    shown = page.locator('[data-testid="stMarkdownContainer"]', has_text="selected sample").all()
+    said = {}
+    for el in shown:
+        m = re.match(r"(.+): (\d+) selected sample", el.inner_text())
+        if m:
+            said[m.group(1)] = int(m.group(2))
+    expected = {
+        t["name"]: sum(x0 <= v <= x1 for v in t["x"])
+        for t in sel["traces"]
+        if t["type"] == "histogram"
+    }
+    assert said == {k: v for k, v in expected.items() if v}, (said, expected, (x0, x1))
+    _check_clean(app, "Gallery selection")
+    app.screenshot(ARTIFACTS / "glance_gallery_selection.png")
+
+
+# ==================================================================================================
+# Issue 11, runs persist and honest state: a settings change shows the banner and its Run; a
+# reload (F5) restores the run and its settings from the URL (?run=ID); the Runs page compares
+# two runs. The server saves runs into a temporary OOD_LENS_RUNS (set before it starts).
+# ==================================================================================================
+os.environ.setdefault("OOD_LENS_RUNS", tempfile.mkdtemp(prefix="ood-lens-runs-"))
+
+
+def _url_run(app: Any) -> str:
+    found = re.search(r"[?&]run=([0-9a-f-]+)", app.page.url)
+    assert found, f"no run id in the URL {app.page.url}"
+    return found.group(1)
+
+
+def _chips(app: Any) -> list[str]:
+    return app.page.locator('button[aria-label^="Remove "]').evaluate_all(
+        "els => els.map(e => e.getAttribute('aria-label').slice(7))"
+    )
+
+
+def test_reload_restores_the_run_and_compare_shows_both(app: Any) -> None:
+    page = app.page
+    app.open()
+    app.go("Scores", "Scores & scenarios")
+    for chip in ("GradNorm", "Gram", "Darker", "Uniformly random", "MNIST digits"):
+        app.remove_chip(chip)
+    page.locator(".st-key-run button").first.click()
+    page.wait_for_selector('h1:has-text("Results")', timeout=60_000)
+    app.wait_idle()
+    first = _url_run(app)
+
+    app.go("Scores", "Scores & scenarios")
+    app.remove_chip("Softmax")
+    app.go("Results", "Results")
+    banner = page.get_by_text("The settings changed since this result")
+    banner.first.wait_for(timeout=30_000)
+    _check_clean(app, "Results with changed settings")
+    app.screenshot(ARTIFACTS / "6_stale_banner.png")
+    app.click_key("stale_run")
+    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+    assert banner.count() == 0
+    second = _url_run(app)
+    assert second != first
+
+    page.reload()  # F5: a new session, restored from the URL
+    page.wait_for_selector('h1:has-text("Results")', timeout=60_000)
+    app.wait_idle()
+    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+    assert _url_run(app) == second
+    page.get_by_text("KNN(k=15)").first.wait_for(timeout=30_000)
+    text = page.locator('[data-testid="stMain"]').inner_text()
+    assert "KNN(k=15)" in text and "Softmax()" not in text, text[:2000]
+    assert page.get_by_text("The settings changed since this result").count() == 0
+    _check_clean(app, "Results after a reload")
+    app.screenshot(ARTIFACTS / "7_reloaded.png")
+    app.go("Scores", "Scores & scenarios")
+    chips = _chips(app)
+    assert "KNN" in chips and "Softmax" not in chips and "Vertical flip" in chips, chips
+
+    app.go("Runs", "Runs")
+    page.locator(".st-key-runs_roc .js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
+    text = page.locator('[data-testid="stMain"]').inner_text()
+    assert f"A: {first}" in text and f"B: {second}" in text, text[:2000]
+    _check_clean(app, "Runs")
+    app.screenshot(ARTIFACTS / "8_runs_compare.png")

@@ -243,7 +243,7 @@ def replay_section() -> None:
             return
         st.caption(runs.describe_config(config))
         if st.button("Replay this config", key="replay", icon=":material/replay:"):
-            if runs.execute_run(config) is None:
+            if runs.execute_run(config, restore_settings=True) is None:
                 st.error(ss["run_error"], icon=":material/error:")
             else:
                 layout.go_to(layout.PAGE_RESULTS)

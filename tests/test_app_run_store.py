@@ -1,0 +1,165 @@
+"""The dashboard's run store (save / list / open / delete / compare a real small run) and the
+settings a config puts into the widgets (replay) and compares by."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from ood_core import pipeline, plots
+from ood_core.pipeline import RunConfig, ScenarioSpec, ScoreSpec
+from ood_lens_app import form, run_store, runs, state
+
+
+def _small_config(**changes: object) -> RunConfig:
+    cfg = dataclasses.replace(
+        pipeline.example_config(),
+        n_calibration=100,
+        n_test=50,
+        scores=[ScoreSpec("Softmax", {}, [])],
+        scenarios=[ScenarioSpec(kind="vertical_flip")],
+    )
+    return dataclasses.replace(cfg, **changes)
+
+
+@pytest.fixture(scope="module")
+def small_result() -> pipeline.RunResult:
+    return pipeline.run(_small_config())
+
+
+def test_runs_dir_from_env(tmp_path: Path) -> None:
+    assert run_store.runs_dir({"OOD_LENS_RUNS": str(tmp_path)}) == tmp_path
+    assert run_store.runs_dir({}) == Path.home() / ".cache" / "ood-lens" / "runs"
+
+
+def test_save_list_open_delete_round_trip(small_result: pipeline.RunResult, tmp_path: Path) -> None:
+    run_id = run_store.save(small_result, tmp_path)
+    assert run_store.is_run_id(run_id) and run_store.exists(tmp_path, run_id)
+    assert {p.name for p in (tmp_path / run_id).iterdir()} >= {
+        "config.toml",
+        "metrics.csv",
+        "confidences.parquet",
+        "report.html",
+        "run.json",
+    }
+    table = run_store.list_runs(tmp_path)
+    assert list(table["id"]) == [run_id]
+    row = table.iloc[0]
+    assert row["model"] == "tiniest (bundled)" and row["scores"] == "Softmax()"
+    assert row["scenarios"] == "Vertical flip" and row["data"] == "fashion_mnist · 100 / 50"
+    auroc = small_result.frame.loc[small_result.frame["metric"] == "AUC()", "value"].mean()
+    assert row["AUROC (mean)"] == pytest.approx(auroc)
+
+    stored = run_store.load(tmp_path, run_id)
+    assert stored.config == small_result.config
+    assert stored.metrics[["score", "layers", "ood", "metric"]].equals(
+        small_result.frame[["score", "layers", "ood", "metric"]]
+    )
+    assert stored.metrics["value"].to_numpy() == pytest.approx(small_result.frame["value"])
+    assert len(stored.confidences) == len(small_result.confidences_frame())
+    assert stored.info["status"] == "complete" or "status" in stored.info
+
+    assert run_store.delete(tmp_path, run_id) and not run_store.exists(tmp_path, run_id)
+    assert run_store.list_runs(tmp_path).empty
+    assert not run_store.delete(tmp_path, run_id)
+    with pytest.raises(FileNotFoundError):
+        run_store.load(tmp_path, run_id)
+
+
+def test_the_store_keeps_the_newest_runs(small_result: pipeline.RunResult, tmp_path: Path) -> None:
+    ids = [run_store.save(small_result, tmp_path, keep=2) for _ in range(3)]
+    assert sorted(run_store.list_runs(tmp_path)["id"]) == sorted(ids)[1:]
+    assert run_store.keep_count({"OOD_LENS_RUNS_KEEP": "7"}) == 7
+    assert run_store.keep_count({"OOD_LENS_RUNS_KEEP": "x"}) == run_store.KEEP
+
+
+def test_ids_are_never_paths(tmp_path: Path) -> None:
+    for bad in ("../x", "/etc", "", "20260101-120000-ABCDEF"):
+        assert not run_store.is_run_id(bad)
+        with pytest.raises(ValueError):
+            run_store.delete(tmp_path, bad)
+    assert run_store.when_text("20260102-030405-abcdef") == "2026-01-02 03:04:05"
+
+
+def test_compare_two_runs(small_result: pipeline.RunResult, tmp_path: Path) -> None:
+    a = run_store.load(tmp_path, run_store.save(small_result, tmp_path))
+    other = pipeline.run(_small_config(n_calibration=60))
+    b = run_store.load(tmp_path, run_store.save(other, tmp_path))
+    assert a.run_id != b.run_id and len(run_store.list_runs(tmp_path)) == 2
+    diff = run_store.compare(a, b)
+    assert list(diff.columns) == ["score", "layers", "ood", "metric", "A", "B", "B - A"]
+    assert len(diff) == len(small_result.frame)
+    assert (diff["B - A"] == diff["B"] - diff["A"]).all()
+    assert run_store.common_scenarios(a, b) == ["Vertical flip"]
+    curves = run_store.roc_inputs({"A": a, "B": b}, "Vertical flip")
+    assert list(curves) == ["A · Softmax()", "B · Softmax()"]
+    assert all(len(ind) == 50 and len(ood) == 50 for ind, ood in curves.values())
+    fig = plots.roc_figure(curves)
+    assert {t.name for t in fig.data} >= set(curves)
+
+
+def test_apply_config_puts_every_setting_into_the_widgets() -> None:
+    cfg = RunConfig.from_toml(
+        """
+[model]
+repo = "bundled"
+entry = "tiniest"
+[data]
+ind_dataset = "fashion_mnist"
+n_calibration = 123
+n_test = 45
+[evaluation]
+metrics = ["AUC()"]
+n_boot = 7
+baseline = 1
+[[scores]]
+name = "Softmax"
+[[scores]]
+name = "KNN"
+layers = ["1-10"]
+params = { k = 3, act_norm = 1.0 }
+[[scores]]
+name = "KNN"
+layers = ["1-11"]
+params = { k = 3, act_norm = 1.0 }
+[[scenarios]]
+kind = "darker"
+params = { factor = 0.25 }
+[[scenarios]]
+dataset = "mnist"
+"""
+    )
+    ss: dict = {}
+    state.init_state(ss)
+    ss["w.p.KNN.mode"] = "diff"  # an earlier edit the replay must undo
+    ss["w.metric_custom"] = "MCC()"
+    runs.apply_config(ss, cfg)
+    assert ss["w.scores"] == ["Softmax", "KNN"]
+    assert ss["w.L.KNN"] == ["1-10", "1-11"] and ss["w.sweep.KNN"] is True
+    assert ss["w.p.KNN.k"] == 3 and ss["w.p.KNN.mode"] == "raw"
+    assert ss["w.p.KNN.act_norm.none"] is False and ss["w.p.KNN.act_norm"] == 1.0
+    assert ss["w.perts"] == ["darker"] and ss["w.p.pert:darker.factor"] == 0.25
+    assert ss["w.ood_bundled"] == ["mnist"]
+    assert (ss["w.n_cal"], ss["w.n_test"], ss["w.n_boot"]) == (123, 45, 7)
+    assert ss["w.metrics"] == ["AUC()"] and ss["w.metric_custom"] == ""
+    assert ss["w.baseline"] == "KNN"
+    assert ss["layers"] == ["1-10", "1-11"]
+
+
+def test_same_settings_ignores_spelling_only() -> None:
+    cfg = _small_config()
+    assert runs.same_settings(cfg, dataclasses.replace(cfg))
+    explicit = dataclasses.replace(cfg, scores=[ScoreSpec("Softmax", {"mode": "raw"}, [])])
+    assert runs.same_settings(cfg, explicit)
+    assert not runs.same_settings(cfg, dataclasses.replace(cfg, n_test=51))
+    assert not runs.same_settings(cfg, None)
+
+
+def test_sync_url_restores_or_names_the_run() -> None:
+    params: dict = {}
+    assert runs.sync_url({"run_id": "a"}, params) is None and params == {"run": "a"}
+    assert runs.sync_url({"run_id": "a"}, {"run": "b"}) == "b"
+    assert runs.sync_url({"run_id": None, "restore_tried": "b"}, {"run": "b"}) is None
+    assert form.n_samples(None) is None  # the form module imports alongside runs
