@@ -59,7 +59,7 @@ def main() -> None:
             app.go("Scores", "Scores & scenarios")
             page.locator('[data-testid="stExpander"] summary', has_text="KNN").first.click()
             app.wait_idle()
-            box = page.locator(".st-key-w\\.p\\.KNN\\.k input").first
+            box = page.locator(".st-key-w-p-KNN-k input").first  # key "w.p.KNN.k"
             box.fill("20")
             box.press("Enter")
             app.wait_idle()

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,16 +78,41 @@ def keep_count(env: Mapping[str, str] | None = None) -> int:
         return KEEP
 
 
-def save(result: RunResult, root: Path | str, keep: int | None = None) -> str:
+_PENDING: list[threading.Thread] = []
+"""Saves still being written in the background (see :func:`wait_pending`)."""
+
+
+def save(
+    result: RunResult, root: Path | str, keep: int | None = None, background: bool = False
+) -> str:
     """Export ``result`` into ``root/<new id>``, then drop all but the newest ``keep`` runs
     (:func:`keep_count`); returns the id. Raises ``TypeError`` / ``ValueError`` when the config
-    cannot be written as TOML (e.g. a parameter set to None)."""
+    cannot be written as TOML (e.g. a parameter set to None). ``background``: write the bundle
+    (about 0.6 s, mostly the HTML report) in a thread, so that the result shows at once; the
+    export's temporary-folder-then-rename makes a run visible only once complete, and
+    :func:`wait_pending` waits for the writes (readers of the store call it first)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    run_id = new_id(result.config.to_toml())
-    pipeline.export(result, root / run_id)
-    prune(root, keep_count() if keep is None else keep)
+    text = result.config.to_toml()  # fails here, in the caller, when not writable as TOML
+    run_id = new_id(text)
+
+    def write() -> None:
+        pipeline.export(result, root / run_id)
+        prune(root, keep_count() if keep is None else keep)
+
+    if not background:
+        write()
+        return run_id
+    thread = threading.Thread(target=write, name=f"ood-lens-save-{run_id}", daemon=True)
+    _PENDING.append(thread)
+    thread.start()
     return run_id
+
+
+def wait_pending(timeout: float = 60.0) -> None:
+    """Wait for the background saves started so far."""
+    while _PENDING:
+        _PENDING.pop(0).join(timeout)
 
 
 def prune(root: Path | str, keep: int) -> list[str]:
@@ -112,6 +138,7 @@ def exists(root: Path | str, run_id: str) -> bool:
 def load(root: Path | str, run_id: str, confidences: bool = True) -> StoredRun:
     """The saved run ``run_id`` (``confidences=False``: an empty confidences frame, for a
     quick listing); ``FileNotFoundError`` when there is none."""
+    wait_pending()
     folder = _folder(root, run_id)
     if not (folder / "run.json").is_file():
         raise FileNotFoundError(f"No saved run {run_id} in {root}.")
@@ -156,6 +183,7 @@ def headline(metrics: pd.DataFrame, metric: str = HEADLINE) -> float:
 def list_runs(root: Path | str) -> pd.DataFrame:
     """One row per complete saved run, newest first: id, when, model, data, scores, scenarios,
     ``AUROC (mean)``. Unreadable folders are skipped."""
+    wait_pending()
     rows = []
     base = Path(root)
     for folder in sorted(base.iterdir(), reverse=True) if base.is_dir() else []:

@@ -136,7 +136,7 @@ def execute_run(
 def save_result(state: MutableMapping[str, Any], result: RunResult) -> str | None:
     """Save ``result`` to the run store; its id, or None (and ``store_error`` says why)."""
     try:
-        run_id = run_store.save(result, run_store.runs_dir())
+        run_id = run_store.save(result, run_store.runs_dir(), background=True)
     except (OSError, TypeError, ValueError) as exc:
         state["store_error"] = f"This run was not saved to the run store: {exc}"
         return None

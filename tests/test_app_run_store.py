@@ -163,3 +163,12 @@ def test_sync_url_restores_or_names_the_run() -> None:
     assert runs.sync_url({"run_id": "a"}, {"run": "b"}) == "b"
     assert runs.sync_url({"run_id": None, "restore_tried": "b"}, {"run": "b"}) is None
     assert form.n_samples(None) is None  # the form module imports alongside runs
+
+
+def test_background_save_appears_complete_or_not_at_all(tmp_path, small_result):
+    """A Run shows at once and its bundle is written in a thread; readers wait for it."""
+    run_id = run_store.save(small_result, tmp_path, background=True)
+    run_store.wait_pending()
+    assert (tmp_path / run_id / "run.json").is_file()
+    assert run_id in run_store.list_runs(tmp_path)["id"].tolist()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
