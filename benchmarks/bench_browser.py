@@ -35,7 +35,10 @@ def _run_and_wait(app, timeout: float = 300_000) -> float:
     t0 = time.perf_counter()
     page.locator(".st-key-run button").first.click()
     page.wait_for_selector('h1:has-text("Results")', timeout=timeout)
-    app.wait_idle(timeout)
+    # the Results script has finished and its charts are drawn (no fixed padding in the figure)
+    page.wait_for_selector(
+        '[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout
+    )
     page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
     return time.perf_counter() - t0
 
