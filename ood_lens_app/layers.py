@@ -122,6 +122,40 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
+DEPTHS_KEY = "layers_depths"
+"""State key of the layer table's depth filter (no depth chosen: every depth)."""
+SELECTED_ONLY_KEY = "layers_selected_only"
+"""State key of the layer table's "selected only" toggle."""
+ID_NOTATION = "depth-index, e.g. 1-11 (torchinfo's (depth, index) written d-i)"
+"""How the dashboard writes a layer id (table, widgets, sidebar, run configs)."""
+
+
+def table_depths(table: pd.DataFrame) -> list[int]:
+    """The depths present in a layer table, ascending (the depth filter's options)."""
+    return sorted(int(d) for d in table["depth"].unique())
+
+
+def filter_table(
+    table: pd.DataFrame,
+    depths: Sequence[int] = (),
+    selected: Sequence[str] = (),
+    selected_only: bool = False,
+) -> pd.DataFrame:
+    """Rows of ``table`` at ``depths`` (none given: all) and, with ``selected_only``, among the
+    ``selected`` ids; the index is reset (row positions are what the table's selection holds)."""
+    keep = pd.Series(True, index=table.index)
+    if depths:
+        keep &= table["depth"].isin([int(d) for d in depths])
+    if selected_only:
+        keep &= table["id"].astype(str).isin(list(selected))
+    return table[keep].reset_index(drop=True)
+
+
+def rebuild_table(state: MutableMapping[str, Any]) -> None:
+    """A filter changed: a new table key, so the table is redrawn with the selection ticked."""
+    state["layers_version"] += 1
+
+
 def table_key(state: MutableMapping[str, Any]) -> str:
     """Widget key of the layer table; a new key rebuilds the table with a new selection."""
     return f"layer_table_{state['layers_version']}"
@@ -134,12 +168,25 @@ def set_selection(state: MutableMapping[str, Any], layers: Sequence[str]) -> Non
     state["layers_ms"] = list(state["layers"])
 
 
-def select_rows(state: MutableMapping[str, Any], ids: Sequence[str]) -> None:
-    """The table's row selection (its widget state) became the selection, in table order."""
+def select_rows(
+    state: MutableMapping[str, Any], ids: Sequence[str], order: Sequence[str] | None = None
+) -> None:
+    """The table's row selection (its widget state) became the selection, in table order.
+
+    ``ids`` are the rows shown (a filtered table); selected layers it hides stay selected;
+    ``order`` (default ``ids``) is the whole table's. With "selected only" on, the table is
+    rebuilt (the rows it shows change with the selection)."""
     widget = state.get(table_key(state))
     rows = list(widget["selection"]["rows"]) if widget else []
-    state["layers"] = [ids[r] for r in sorted(rows) if 0 <= r < len(ids)]
+    picked = [ids[r] for r in sorted(rows) if 0 <= r < len(ids)]
+    if order is None:
+        state["layers"] = picked
+    else:
+        chosen = set(picked) | {lid for lid in state["layers"] if lid not in ids}
+        state["layers"] = [lid for lid in order if lid in chosen]
     state["layers_ms"] = list(state["layers"])
+    if state.get(SELECTED_ONLY_KEY):
+        state["layers_version"] += 1
 
 
 def select_from_multiselect(state: MutableMapping[str, Any]) -> None:

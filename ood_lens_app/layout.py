@@ -182,3 +182,25 @@ def stale_banner() -> None:
             st.error(ss["run_error"], icon=":material/error:")
             return
         st.rerun()
+
+
+# ---------------------------------------------------------------------------- controls
+_TAGS = '[data-testid="stMultiSelectTagsContainer"]'
+CONTROLS_CSS = (
+    "<style>"
+    # selected multiselect chips: on several lines (the box grows) rather than scrolled away
+    # under a fade, each with its whole label (not "TPR(max_fpr=...")
+    f"{_TAGS}{{flex-wrap:wrap!important;overflow:visible!important;height:auto!important;"
+    "mask-image:none!important;-webkit-mask-image:none!important;row-gap:0.25rem;"
+    "padding-top:0.25rem;padding-bottom:0.25rem}"
+    f".stMultiSelect div:has(> {_TAGS}){{height:auto!important;max-height:none!important}}"
+    f"{_TAGS} span{{max-width:none!important;white-space:normal;overflow:visible!important;"
+    "text-overflow:clip!important;overflow-wrap:anywhere}"
+    "</style>"
+)
+"""CSS of the form pages: readable multiselect chips."""
+
+
+def controls_css() -> None:
+    """Inject :data:`CONTROLS_CSS` (the form pages call it)."""
+    st.html(CONTROLS_CSS)

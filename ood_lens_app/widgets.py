@@ -9,7 +9,7 @@ the description's flags (``low_exclusive`` / ``high_exclusive``), never from its
 from __future__ import annotations
 
 import math
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 from ood_lens_app.state import param_key
@@ -20,6 +20,22 @@ Desc = dict[str, Any]
 def none_key(owner: str, name: str) -> str:
     """State key of the "None" checkbox of a nullable parameter."""
     return f"{param_key(owner, name)}.none"
+
+
+def open_key(owner: str) -> str:
+    """State key of the flag keeping ``owner``'s panel (expander) open once it was edited."""
+    return f"open.{owner}"
+
+
+def mark_open(state: MutableMapping[str, Any], owner: str) -> None:
+    """A widget of ``owner`` changed: its panel stays open on the reruns that follow
+    (Streamlit redraws an expander whose title changed collapsed unless told otherwise)."""
+    state[open_key(owner)] = True
+
+
+def is_open(state: MutableMapping[str, Any], owner: str) -> bool:
+    """Whether ``owner``'s panel was edited (see :func:`mark_open`)."""
+    return bool(state.get(open_key(owner), False))
 
 
 def is_text_float(desc: Desc) -> bool:
@@ -129,13 +145,18 @@ def help_text(desc: Desc) -> str:
 
 
 def param_widgets(
-    owner: str, descs: Sequence[Desc], state: MutableMapping[str, Any] | None = None
+    owner: str,
+    descs: Sequence[Desc],
+    state: MutableMapping[str, Any] | None = None,
+    on_change: Callable[[], None] | None = None,
 ) -> None:
     """Draw one widget per parameter of ``owner`` in two columns; values live in ``state``
-    under :func:`~ood_lens_app.state.param_key` (read back by :func:`ood_lens_app.form.param_values`)."""
+    under :func:`~ood_lens_app.state.param_key` (read back by :func:`ood_lens_app.form.param_values`).
+    ``on_change`` is called when any of them changes (default: :func:`mark_open` of ``owner``)."""
     import streamlit as st
 
     ss = st.session_state if state is None else state
+    changed = on_change if on_change is not None else (lambda: mark_open(ss, owner))
     cols = st.columns(2)
     for i, desc in enumerate(descs):
         name = desc["name"]
@@ -147,11 +168,19 @@ def param_widgets(
                 nkey = none_key(owner, name)
                 ss.setdefault(nkey, desc.get("default") is None)
                 st.checkbox(
-                    f"{name}: None", key=nkey, help=f"Use None for {name} ({desc.get('help', '')})"
+                    f"{name}: None",
+                    key=nkey,
+                    help=f"Use None for {name} ({desc.get('help', '')})",
+                    on_change=changed,
                 )
                 disabled = bool(ss[nkey])
             kind = widget_kind(desc)
-            common = {"key": key, "help": help_text(desc), "disabled": disabled}
+            common = {
+                "key": key,
+                "help": help_text(desc),
+                "disabled": disabled,
+                "on_change": changed,
+            }
             if kind == "checkbox":
                 st.checkbox(name, **common)
             elif kind == "select":

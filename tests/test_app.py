@@ -394,3 +394,38 @@ def test_a_url_naming_no_saved_run_says_so() -> None:
         assert not at.exception
         assert any("Cannot open saved run" in e for e in _errors(at)), _errors(at)
         assert at.session_state["result"] is None
+
+
+def test_editing_a_score_parameter_keeps_its_panel_open() -> None:
+    at = _app(**{"w.scores": ["Softmax", "KNN"]})
+    at.switch_page("views/scores.py").run()
+    _assert_clean(at)
+
+    def panel(name: str) -> object:
+        return next(e for e in at.expander if e.label.startswith(f"**{name}**"))
+
+    assert not panel("KNN").proto.expanded
+    at.number_input(key="w.p.KNN.k").set_value(7).run()
+    _assert_clean(at)
+    assert "k=7" in panel("KNN").label  # the title changed ...
+    assert panel("KNN").proto.expanded  # ... and the panel stayed open
+    assert not panel("Softmax").proto.expanded
+    at.multiselect(key="w.L.KNN").set_value(["1-11"]).run()
+    assert panel("KNN").proto.expanded
+
+
+def test_layer_table_depth_filter_and_selected_only() -> None:
+    at = _app()
+    at.switch_page("views/layers.py").run()
+    _assert_clean(at)
+    every = list(at.dataframe[0].value["id"])
+    at.multiselect(key="layers_depths").set_value([0]).run()
+    _assert_clean(at)
+    shown = list(at.dataframe[0].value["id"])
+    assert shown and all(i.startswith("0-") for i in shown) and len(shown) < len(every)
+    at.multiselect(key="layers_depths").set_value([]).run()
+    assert list(at.dataframe[0].value["id"]) == every
+    at.toggle(key="layers_selected_only").set_value(True).run()
+    _assert_clean(at)
+    selected = list(at.session_state["layers"])
+    assert list(at.dataframe[0].value["id"]) == selected and 0 < len(selected) < len(every)

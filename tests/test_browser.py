@@ -311,3 +311,46 @@ def test_reload_restores_the_run_and_compare_shows_both(app: Any) -> None:
     assert f"A: {first}" in text and f"B: {second}" in text, text[:2000]
     _check_clean(app, "Runs")
     app.screenshot(ARTIFACTS / "8_runs_compare.png")
+
+
+def test_comfortable_controls_at_1280x800(app: Any) -> None:
+    """Run is visible without scrolling; chips show their whole label; a score's panel stays
+    open while its parameter is edited; the layer table has thousands separators and filters."""
+    page = app.page
+    app.open()
+    app.go("Scores", "Scores & scenarios")
+    _check_clean(app, "Scores & scenarios")
+    assert page.viewport_size == {"width": 1280, "height": 800}
+    box = page.locator(".st-key-run button").first.bounding_box()
+    assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= 800, box
+    page.screenshot(path=str(ARTIFACTS / "controls_scores_1280x800.png"))
+    # every selected chip shows its whole label (no "TPR(max_fpr=..." ellipsis)
+    cut = page.locator(
+        '[data-testid="stMultiSelectTagsContainer"] button[aria-label^="Remove "]'
+    ).evaluate_all(
+        """els => els.map(b => b.parentElement).filter(chip => {
+            const box = chip.closest('.stMultiSelect').getBoundingClientRect();
+            const r = chip.getBoundingClientRect();
+            return r.right > box.right + 1 || r.bottom > box.bottom + 1
+                || chip.scrollWidth > chip.clientWidth + 1;
+        }).map(chip => chip.textContent)"""
+    )
+    assert cut == [], cut
+    # editing a parameter keeps the panel open (its title changes with the value)
+    page.locator('[data-testid="stExpander"] summary', has_text="KNN(k=15)").first.click()
+    field = page.locator(".st-key-w-p-KNN-k input").first
+    field.fill("7")
+    field.press("Enter")
+    app.wait_idle()
+    knn = page.locator('[data-testid="stExpander"] details', has_text="KNN(k=7)").first
+    assert knn.get_attribute("open") is not None
+    assert page.locator(".st-key-w-p-KNN-k input").first.is_visible()
+    app.screenshot(ARTIFACTS / "controls_scores_edited.png")
+
+    app.go("Layers", "Layers")
+    grid = page.locator('[data-testid="stDataFrame"]').first
+    grid.wait_for(timeout=30_000)
+    page.locator(".st-key-layers_selected_only label").first.click()
+    app.wait_idle()
+    _check_clean(app, "Layers")
+    app.screenshot(ARTIFACTS / "controls_layers_selected_only.png")

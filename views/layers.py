@@ -38,28 +38,58 @@ def body() -> None:
             disabled=(key is not None and not pick),
             width="stretch",
         )
+    ss.setdefault(layers.DEPTHS_KEY, [])
+    ss.setdefault(layers.SELECTED_ONLY_KEY, False)
+    ss[layers.DEPTHS_KEY] = [d for d in ss[layers.DEPTHS_KEY] if d in layers.table_depths(table)]
+    f1, f2 = st.columns([3, 1], vertical_alignment="bottom")
+    f1.multiselect(
+        "Depths shown",
+        layers.table_depths(table),
+        key=layers.DEPTHS_KEY,
+        placeholder="All depths",
+        on_change=layers.rebuild_table,
+        args=(ss,),
+        help="Show only layers at these depths (0 = the whole network, 1 = its children, ...).",
+    )
+    f2.toggle(
+        "Selected only",
+        key=layers.SELECTED_ONLY_KEY,
+        on_change=layers.rebuild_table,
+        args=(ss,),
+        help="Show only the selected layers.",
+    )
+    shown = layers.filter_table(
+        table, ss[layers.DEPTHS_KEY], ss["layers"], ss[layers.SELECTED_ONLY_KEY]
+    )
+    visible = [str(i) for i in shown["id"]]
     st.dataframe(
-        layers.display_table(table),
+        layers.display_table(shown),
         key=layers.table_key(ss),
-        on_select=lambda: layers.select_rows(ss, ids),
+        on_select=lambda: layers.select_rows(ss, visible, ids),
         selection_mode="multi-row",
         hide_index=True,
-        height=min(38 + 35 * len(table), 560),
-        selection_default={"selection": {"rows": [ids.index(lid) for lid in ss["layers"]]}},
+        height=min(38 + 35 * max(len(shown), 1), 560),
+        selection_default={
+            "selection": {"rows": [visible.index(lid) for lid in ss["layers"] if lid in visible]}
+        },
         column_config={
-            "id": st.column_config.TextColumn("id", help="(depth, index) as 'd-i'", width="small"),
+            "id": st.column_config.TextColumn(
+                "id", help=f"Layer id: {layers.ID_NOTATION}", width="small"
+            ),
             "name": st.column_config.TextColumn("name", help="Module name (indented by depth)"),
             "type": "type",
             "input_shape": "input shape",
             "output_shape": "output shape",
             "params": st.column_config.NumberColumn(
-                "params", help="Parameters, children included", format="%d"
+                "params", help="Parameters, children included", format="localized"
             ),
             "params_pct": st.column_config.NumberColumn(
                 "params %", help="Own parameters, % of the network", format="%.2f"
             ),
         },
     )
+    if shown.empty:
+        st.caption("No layer matches the filters.")
     ss["layers_ms"] = list(ss["layers"])
     st.multiselect(
         "Selected layers",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pandas as pd
@@ -41,7 +42,9 @@ def _score_expander(row: dict, choices: layers.LayerChoices, problems: Problems)
     where = ("layers " + ", ".join(chosen)) if chosen else "logits only"
     title = f"**{name}**{f'({shown})' if shown else ''} · {where} · *{row['family']}*"
     bad = name in problems
-    with st.expander(title, expanded=bad, icon=":material/error:" if bad else None):
+    opened = widgets.is_open(ss, name)
+    keep_open = functools.partial(widgets.mark_open, ss, name)
+    with st.expander(title, expanded=bad or opened, icon=":material/error:" if bad else None):
         doc = re.sub(r":\w+:`", "`", row["doc"])  # drop reST roles such as :func:
         st.caption(f"{doc} ({row['reference']})")
         if cls.layer_rule == "none":
@@ -59,6 +62,7 @@ def _score_expander(row: dict, choices: layers.LayerChoices, problems: Problems)
                 "Layers",
                 options,
                 key=key,
+                on_change=keep_open,
                 max_selections=cls.max_layers,
                 format_func=lambda lid: f"{lid} · {names.get(lid, '')}",
                 help=f"{name} {RULE_TEXT[cls.layer_rule]}"
@@ -69,10 +73,11 @@ def _score_expander(row: dict, choices: layers.LayerChoices, problems: Problems)
                 st.checkbox(
                     "Evaluate each layer separately (layer sweep)",
                     key=sweep_key(name),
+                    on_change=keep_open,
                     help="One score per layer instead of one score on all of them; the "
                     "Results page then shows a layer heatmap.",
                 )
-        widgets.param_widgets(name, row["params"])
+        widgets.param_widgets(name, row["params"], on_change=keep_open)
         for msg in problems.get(name, []):
             st.error(msg, icon=":material/error:")
 
@@ -129,9 +134,10 @@ def scenarios_section(problems: Problems) -> None:
     for kind in ss["w.perts"]:
         row = perts[kind]
         if descs := [p.as_dict() for p in row["params"]]:
-            with st.expander(f"{row['title']}: parameters"):
+            owner = pert_owner(kind)
+            with st.expander(f"{row['title']}: parameters", expanded=widgets.is_open(ss, owner)):
                 st.caption(row["help"])
-                widgets.param_widgets(pert_owner(kind), descs)
+                widgets.param_widgets(owner, descs)
     bundled = [
         d["name"]
         for d in data_mod.list_bundled()
@@ -196,7 +202,8 @@ def evaluation_section(problems: Problems) -> None:
 
 
 def run_section(config: RunConfig | None, problems: Problems) -> None:
-    c1, c2 = st.columns([1, 3])
+    """Run and what it will compute, at the top of the page (visible without scrolling)."""
+    c1, c2 = st.columns([1, 4], vertical_alignment="center")
     clicked = c1.button(
         "Run",
         key="run",
@@ -214,7 +221,7 @@ def run_section(config: RunConfig | None, problems: Problems) -> None:
     for msg in problems.get("run", []):
         st.error(msg, icon=":material/error:")
     if problems and not problems.get("run"):
-        c2.error("Fix the problems shown above to run.", icon=":material/error:")
+        c2.error("Fix the problems shown below to run.", icon=":material/error:")
     if clicked and config is not None:
         result = runs.execute_run(config)
         if result is None:
@@ -257,6 +264,9 @@ def body() -> None:
     )
     choices = loaders.current_layer_choices()
     config, problems = form.build_config(ss, choices)
+    layout.controls_css()
+    with st.container(key="run_bar"):
+        run_section(config, problems)
     left, right = st.columns([3, 2], gap="large")
     with left:
         layout.guard(lambda: scores_section(choices, problems))
@@ -264,7 +274,6 @@ def body() -> None:
         layout.guard(lambda: scenarios_section(problems))
         layout.guard(lambda: evaluation_section(problems))
     st.divider()
-    run_section(config, problems)
     replay_section()
 
 
