@@ -65,3 +65,30 @@ class TinyConv(nn.Module):
     def relu_features(self, x):
         """The pooled ReLU features ``(n, 4)`` in float64 (what the fc layer reads)."""
         return self.relu(self.conv(x)).mean((2, 3)).double()
+
+
+@pytest.fixture()
+def net():
+    """A fresh :class:`TinyConv` (seed 0) in eval mode (test modules may define their own)."""
+    torch.manual_seed(0)
+    return TinyConv().eval()
+
+
+@pytest.fixture()
+def data():
+    """60 random 1x6x6 images in [0, 1] and labels in {0, 1, 2}, seeded."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(60, 1, 6, 6, generator=g)
+    y = torch.randint(0, 3, (60,), generator=g)
+    return x, y
+
+
+def fit_one(net, score, layers, x_fit, y_fit, x):
+    """Fit ``score`` on ``layers`` of ``net`` and return ``(logits, conformity)`` on ``x``."""
+    from ood_core.evaluation import Evaluation
+
+    score.layers = tuple(layers)
+    ev = Evaluation.for_net(net, x_fit)
+    ev.fit([score], x_fit, y_fit)
+    ((logits, conf),) = ev.confidences([score], x)
+    return logits, conf

@@ -9,34 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TinyConv
+from conftest import fit_one as run
 
 from ood_core.core import predicted_confidence
 from ood_core.engine import ActivationCache, FeatureKey
 from ood_core.evaluation import Evaluation
 from ood_core.scores import KNN, Energy, GradNorm, Gram, Softmax
-
-
-@pytest.fixture()
-def net():
-    torch.manual_seed(0)
-    return TinyConv().eval()
-
-
-@pytest.fixture()
-def data():
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(60, 1, 6, 6, generator=g)
-    y = torch.randint(0, 3, (60,), generator=g)
-    return x, y
-
-
-def run(net, score, layers, x_fit, y_fit, x):
-    score.layers = tuple(layers)
-    ev = Evaluation.for_net(net, x_fit)
-    ev.fit([score], x_fit, y_fit)
-    ((logits, conf),) = ev.confidences([score], x)
-    return logits, conf
 
 
 def test_engine_one_forward_per_batch_and_same_results_as_alone(net, data):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TinyConv
+from conftest import fit_one as run
 
 from ood_core.core import predicted_confidence
 from ood_core.evaluation import Evaluation
@@ -33,28 +34,6 @@ from ood_core.scores import (
     postprocess_conformity,
 )
 from ood_core.scores.gram import deviation, gram_stats
-
-
-@pytest.fixture()
-def net():
-    torch.manual_seed(0)
-    return TinyConv().eval()
-
-
-@pytest.fixture()
-def data():
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(60, 1, 6, 6, generator=g)
-    y = torch.randint(0, 3, (60,), generator=g)
-    return x, y
-
-
-def run(net, score, layers, x_fit, y_fit, x):
-    score.layers = tuple(layers)
-    eng = Evaluation.for_net(net, x_fit)
-    eng.fit([score], x_fit, y_fit)
-    ((logits, conf),) = eng.confidences([score], x)
-    return logits, conf
 
 
 # ---------------------------------------------------------------- logit family, closed forms
