@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ood_core.layer_ids import layers_text
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "parity"))
 import harness  # noqa: E402
 
@@ -88,7 +90,7 @@ def main() -> None:
         m0, f0 = aurocs(net, inputs, name, layers, default)
         m1, f1 = aurocs(net, inputs, name, layers, opt)
         extra = ", ".join(f"{k}={v!r}" for k, v in opt.items() if default.get(k) != v)
-        at = ", ".join(str(tuple(x)) for x in layers) or "logits"
+        at = layers_text(layers) or "logits"
         print(
             f"| `{name}` @ {at} | `{extra}` | {m0:.3f} -> {m1:.3f} | {f0:.3f} -> {f1:.3f} |",
             flush=True,

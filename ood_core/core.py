@@ -1,5 +1,5 @@
 """The base layer: types and small helpers shared by the recorder, the engine, the scores and the
-evaluation (imports nothing from ``ood_core``).
+evaluation (imports only :mod:`ood_core.layer_ids` from ``ood_core``).
 
 Conventions: a batch is ``(n, ...)``; a conformity is ``(n, n_classes)``, higher = more
 in-distribution; ``act_norm`` p-norms are taken per sample over all non-batch dims.
@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
-LayerId = tuple[int, int]
-"""torchinfo's ``(depth, depth_index)`` of a layer; ``(0, 1)`` is the whole network."""
+from ood_core.layer_ids import LayerId, layer_text, layers_text
+
+__all__ = ["LayerId", "layer_text", "layers_text"]
 
 Features = dict[str, Tensor]
 """A score's per-sample features of a batch or a dataset: ``{name: tensor (n, ...)}``."""
@@ -51,3 +53,18 @@ def normalise_activation(a: Tensor, p: float | None) -> Tensor:
 def predicted_confidence(logits: Tensor, conformity: Tensor) -> Tensor:
     """The conformity at the predicted class: ``conformity[i, argmax(logits[i])]`` -> ``(n,)``."""
     return conformity.gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
+
+
+def predicted_classes(net: torch.nn.Module, images: Tensor, batch_size: int = 256) -> np.ndarray:
+    """The network's predicted class of each image ``(n,)`` int64: ``argmax`` of its logits,
+    batched, without gradients, on the network's device and dtype."""
+    if len(images) == 0:
+        return np.zeros(0, dtype=np.int64)
+    param = next(iter(net.parameters()), None)
+    kw = {"device": param.device, "dtype": param.dtype} if param is not None else {}
+    out = []
+    with torch.no_grad():
+        for k in range(0, len(images), batch_size):
+            x = torch.as_tensor(images[k : k + batch_size]).to(**kw)
+            out.append(net(x).argmax(1).cpu().numpy())
+    return np.concatenate(out).astype(np.int64)

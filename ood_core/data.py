@@ -6,6 +6,7 @@ Convention: images are float32 tensors in [0, 1] of shape ``(N, C, H, W)``; labe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -337,3 +338,13 @@ def load(
         f"Don't know how to load '{source}': use a bundled name ({', '.join(BUNDLED)}), a .parquet "
         "or .npz file, an image folder, or a Hugging Face id like 'owner/name'."
     )
+
+
+def images_sha256(tensors: Sequence[torch.Tensor]) -> str:
+    """Fingerprint of the images a run scored (InD test set, then each OoD set, in order)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        arr = t.detach().cpu().contiguous().numpy()
+        digest.update(f"{arr.dtype}{arr.shape}".encode())
+        digest.update(arr.tobytes())
+    return digest.hexdigest()

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ood_core.layer_ids import layer_text
+
 
 class OodLensWarning(UserWarning):
     """A number was computed from a degenerate fit or set; the message says what and the remedy."""
@@ -28,7 +30,7 @@ def degenerate(
     whole score).
     """
     name = score if isinstance(score, str) else type(score).__name__
-    where = f"{name} @ {tuple(layer)}" if layer is not None else name
+    where = f"{name} @ {layer_text(layer)}" if layer is not None else name
     message = f"{where}: {problem}: {remedy}"
     warnings.warn(message, OodLensWarning, stacklevel=stacklevel + 1)
     return message

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from ood_core.core import StageProgress
 from ood_core.evaluation import Evaluation
+from ood_core.layer_ids import LayerId, parse_layer_ids
 from ood_core.metrics import AUC, AUPR, MCC, TNR, TPR, DetectionError, Metric, compute
 from ood_core.plots import summary_plot
-from ood_core.recorder import LayerId, iter_layer_ids
 from ood_core.report import results_frame, score_label, summary_table
 from ood_core.scores.base import BaseScore
 
@@ -103,7 +103,7 @@ def _pairs(scores_and_layers: ScoresAndLayers) -> list[tuple[BaseScore, tuple[La
                 "scores_and_layers must hold (score, layers) pairs such as "
                 f"(KNN(k=15), [(1, 11)]); got {item!r}."
             )
-        pairs.append((item[0], tuple(iter_layer_ids(item[1]))))
+        pairs.append((item[0], tuple(parse_layer_ids(item[1]))))
     return pairs
 
 

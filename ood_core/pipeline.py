@@ -23,6 +23,7 @@ import difflib
 import hashlib
 import json
 import platform
+import re
 import time
 import tomllib
 from collections.abc import Callable, Iterable
@@ -44,9 +45,9 @@ from ood_core.diagnostics import about, collect
 from ood_core.engine import ActivationCache
 from ood_core.eval import compute_metrics
 from ood_core.evaluation import Evaluation
+from ood_core.layer_ids import LayerId, layers_text, parse_layer_ids
 from ood_core.metrics import DEFAULT_METRICS, Metric, parse_metric
 from ood_core.perturbations import make_perturbation
-from ood_core.recorder import LayerId, iter_layer_ids
 from ood_core.report import confidences_frame, results_frame, score_label
 from ood_core.scores import make_score
 from ood_core.scores.base import BaseScore
@@ -94,7 +95,7 @@ class ScoreSpec:
         return make_score(self.name, **params)
 
     def layer_ids(self) -> tuple[LayerId, ...]:
-        return tuple(iter_layer_ids(self.layers))
+        return tuple(parse_layer_ids(self.layers))
 
     def key(self) -> tuple:
         return (
@@ -423,7 +424,7 @@ def _layer_problems(where: str, layers: list[Any]) -> tuple[list[LayerId], list[
     ids, problems = [], []
     for j, layer in enumerate(layers):
         try:
-            lid = iter_layer_ids([layer])[0]
+            lid = parse_layer_ids([layer])[0]
             if min(lid) < 0:
                 raise ValueError
             ids.append(lid)
@@ -706,6 +707,7 @@ def _resolve_baseline(
         return None, f"[evaluation] baseline = {value}: {expected}"
     from ood_core.scores import ALIASES
 
+    value = relabelled(value)
     names: list[str] = []
     for i, (_, spec, score) in enumerate(scores):
         candidates = [spec.name, ALIASES.get(spec.name, spec.name)]
@@ -718,6 +720,18 @@ def _resolve_baseline(
         None,
         f"[evaluation] baseline = {_show(value)}: no such score{_suggest(value, names)}; {expected}",
     )
+
+
+def relabelled(value: Any) -> Any:
+    """``"KNN(k=5) @ (1, 5), (1, 11)"`` (the notation of earlier exports) -> ``"KNN(k=5) @ 1-5, 1-11"``."""
+    if not isinstance(value, str) or " @ " not in value:
+        return value
+    name, _, layers = value.rpartition(" @ ")
+    try:
+        ids = parse_layer_ids(re.findall(r"\(\s*\d+\s*,\s*\d+\s*\)|\d+-\d+", layers))
+    except ValueError:
+        return value
+    return f"{name} @ {layers_text(ids)}" if ids else value
 
 
 def example_config() -> RunConfig:
@@ -794,6 +808,9 @@ class RunResult:
     """:class:`~ood_core.diagnostics.OodLensWarning` messages: degenerate fits and tied sets."""
     notes: list[str] = field(default_factory=list)
     """What the run adjusted, e.g. a sample size above the data's, lowered to it."""
+    restored_from: str | None = None
+    """The bundle folder when read back by :func:`ood_core.bundle.to_result` (its scores are
+    then bound to the network but not fitted); None for a result computed here."""
 
     def confidences_frame(self) -> pd.DataFrame:
         return confidences_frame(
@@ -815,21 +832,26 @@ def _data_key(cfg: RunConfig) -> tuple:
     )
 
 
-def run(
-    config: RunConfig, cache: RunCache | None = None, progress: StageProgress | None = None
-) -> RunResult:
-    """Load, fit, score and evaluate as ``config`` says (see the module docstring).
+@dataclass
+class RunInputs:
+    """What a config's run reads: the network, the calibration and InD test sets, the OoD
+    inputs (one tensor per scenario, in config order) and their titles; the sample sizes actually
+    used (None = all) and notes on sizes lowered to what the data holds."""
 
-    ``config`` is validated first (:meth:`RunConfig.validate`, :class:`ConfigError`). Sample sizes
-    above what the data holds are lowered to it: ``RunResult.notes`` says so and
-    ``RunResult.config`` records the sizes actually used."""
-    t0 = time.perf_counter()
-    config = config.validate()
-    cache = cache or RunCache()
-    say = progress or (lambda stage, frac: None)
-    metrics = config.metric_objects()
+    net: nn.Module
+    calib: data_mod.ImageDataset
+    ind: data_mod.ImageDataset
+    oods: list[torch.Tensor]
+    titles: list[str]
+    n_calibration: int | None
+    n_test: int | None
+    notes: list[str]
+
+
+def load_inputs(config: RunConfig, cache: RunCache) -> RunInputs:
+    """Load the model and draw the data of a validated ``config`` through ``cache``: the same
+    config (same seed) always draws the same samples."""
     notes: list[str] = []
-    say("Loading model and data", 0.0)
     net = cache.model(config.model_repo, config.model_entry, config.trust_repo)
     n_cal, n_test = config.n_calibration, config.n_test
     if config.calibration_split == config.test_split or data_mod.is_single_source(
@@ -878,6 +900,28 @@ def run(
                 )
             oods.append(ds.images)
         titles.append(sc.describe())
+    return RunInputs(net, calib, ind, oods, titles, n_cal, n_test, notes)
+
+
+def run(
+    config: RunConfig, cache: RunCache | None = None, progress: StageProgress | None = None
+) -> RunResult:
+    """Load, fit, score and evaluate as ``config`` says (see the module docstring).
+
+    ``config`` is validated first (:meth:`RunConfig.validate`, :class:`ConfigError`). Sample sizes
+    above what the data holds are lowered to it: ``RunResult.notes`` says so and
+    ``RunResult.config`` records the sizes actually used."""
+    t0 = time.perf_counter()
+    config = config.validate()
+    cache = cache or RunCache()
+    say = progress or (lambda stage, frac: None)
+    metrics = config.metric_objects()
+    notes: list[str] = []
+    say("Loading model and data", 0.0)
+    inputs = load_inputs(config, cache)
+    net, calib, ind, oods, titles = inputs.net, inputs.calib, inputs.ind, inputs.oods, inputs.titles
+    n_cal, n_test = inputs.n_calibration, inputs.n_test
+    notes.extend(inputs.notes)
     model_key = (config.model_repo, config.model_entry)
     evaluation = Evaluation.for_net(
         net, calib.images[:1], cache=cache.activations, model_key=model_key
@@ -1095,6 +1139,8 @@ def export(
             "operations": result.timings.to_dict("records"),
         },
         "accuracy": result.accuracy,
+        "ind_predictions": np.asarray(result.ind_predictions).astype(int).tolist(),
+        "images_sha256": data_mod.images_sha256([result.ind.images, *result.ood_images]),
         "n_calibration": cfg.n_calibration,
         "n_test": len(result.ind),
         "warnings": result.warnings,

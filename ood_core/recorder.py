@@ -15,7 +15,7 @@ Typical use (as in the reference library)::
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +24,10 @@ import torch
 import torchinfo
 from torch import nn
 
-LayerId = tuple[int, int]
-Progress = Callable[[int, int], None]
-"""A progress callback ``progress(done, total)``, counts in samples."""
+from ood_core.core import LayerId, Progress
+from ood_core.layer_ids import layer_text, layers_text, parse_layer_id, parse_layer_ids
+
+__all__ = ["LayerId", "LayerInfo", "Recorder", "parse_layer_ids"]
 
 
 @dataclass(frozen=True)
@@ -41,20 +42,6 @@ class LayerInfo:
     input_size: tuple
     output_size: tuple
     n_calls: int
-
-
-def _as_layer_id(layer: Any) -> LayerId:
-    if isinstance(layer, str):  # "1-5" or "(1, 5)"
-        parts = [p.strip() for p in layer.strip("() ").replace("-", ",").split(",")]
-        if all(p.isdigit() for p in parts):
-            layer = tuple(int(p) for p in parts)
-    if (
-        not isinstance(layer, Sequence)
-        or len(layer) != 2
-        or not all(isinstance(v, int) for v in layer)
-    ):
-        raise ValueError(f"A layer id is a (depth, index) pair of ints like (1, 5); got {layer!r}.")
-    return (int(layer[0]), int(layer[1]))
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:
@@ -176,14 +163,16 @@ class Recorder(nn.Module):
 
     def check_layer(self, layer: Any) -> LayerId:
         """Validate a layer id, raising ``ValueError`` naming the valid range if unknown."""
-        lid = _as_layer_id(layer)
+        lid = parse_layer_id(layer)
         if lid not in self._infos:
             depths = sorted({d for d, _ in self._infos})
+            last = {d: max(i for dd, i in self._infos if dd == d) for d in depths}
             per_depth = ", ".join(
-                f"depth {d}: 1-{max(i for dd, i in self._infos if dd == d)}" for d in depths
+                f"depth {d}: {d}-1" + (f" to {layer_text((d, n))}" if n > 1 else "")
+                for d, n in last.items()
             )
             raise ValueError(
-                f"Unknown layer id {lid} for {type(self.net).__name__}; valid ids are ({per_depth}). "
+                f"Unknown layer id {layer_text(lid)} for {type(self.net).__name__}; valid ids are ({per_depth}). "
                 "See the layer table (print the Recorder or call layer_table())."
             )
         return lid
@@ -197,7 +186,7 @@ class Recorder(nn.Module):
             own = li.leftover_params() if li.depth > 0 else 0
             rows.append(
                 {
-                    "id": f"{lid[0]}-{lid[1]}",
+                    "id": layer_text(lid),
                     "depth": lid[0],
                     "index": lid[1],
                     "name": self._names[lid] or "(network)",
@@ -298,7 +287,7 @@ class Recorder(nn.Module):
         missing = [lid for lid in self.recording if lid not in self.activations]
         if missing:
             raise RuntimeError(
-                f"Layer(s) {missing} were not reached in this forward pass (the example input "
+                f"Layer(s) {layers_text(missing)} were not reached in this forward pass (the example input "
                 "reached them when the layer table was built); is there a data-dependent branch?"
             )
         return out
@@ -332,14 +321,9 @@ class Recorder(nn.Module):
         return results
 
     def __repr__(self) -> str:
-        rec = ", ".join(str(lid) for lid in self.recording) or "None"
+        rec = layers_text(self.recording) or "None"
         line = "=" * len(str(self.summary).splitlines()[0])
         return (
             f"Recorder instance for the following network\n{self.summary}\n"
             f"Currently recording: {rec}\n{line}"
         )
-
-
-def iter_layer_ids(layers: Iterable[Any]) -> list[LayerId]:
-    """Normalise an iterable of layer ids (tuples or "d-i" strings) to tuples."""
-    return [_as_layer_id(layer) for layer in layers]

@@ -16,15 +16,12 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ood_core.layer_ids import layers_text
 from ood_core.metrics import Metric, bootstrap
 
 
-def layers_text(layers: Sequence[Any]) -> str:
-    return ", ".join(f"({d}, {i})" for d, i in layers)
-
-
 def score_label(score: Any, layers: Sequence[Any], multiline: bool = True) -> str:
-    """``'KNN(k=15)'`` plus its layers: ``'\\n↳ (1, 11)'`` (or ``' @ (1, 11)'`` on one line)."""
+    """``'KNN(k=15)'`` plus its layers: ``'\\n↳ 1-11'`` (or ``' @ 1-11'`` on one line)."""
     if not layers:
         return repr(score)
     return (

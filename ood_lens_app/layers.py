@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ood_core.layer_ids import layer_text
 from ood_core.recorder import Recorder
 from ood_lens_app.state import score_layer_key
 
@@ -39,16 +40,11 @@ class LayerChoices:
         return list(self.picks.get(key, []))
 
 
-def layer_id_text(lid: Sequence[int]) -> str:
-    """``(1, 11)`` -> ``"1-11"``."""
-    return f"{int(lid[0])}-{int(lid[1])}"
-
-
 def layer_choices(net: nn.Module, example: torch.Tensor) -> LayerChoices:
     """Trace ``net`` on ``example`` (a batch of one) once: its layer table and quick picks."""
     recorder = Recorder(net, input_data=example)
     try:
-        picks = {k: [layer_id_text(lid) for lid in v] for k, v in recorder.quick_picks().items()}
+        picks = {k: [layer_text(lid) for lid in v] for k, v in recorder.quick_picks().items()}
         return LayerChoices(recorder.layer_table(), picks)
     finally:
         recorder.close()

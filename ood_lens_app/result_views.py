@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ood_core import metrics, pipeline, plots
+from ood_core.layer_ids import layers_text
 from ood_core.pipeline import RunResult
 
 ALL_METRICS = "All metrics"
@@ -241,9 +242,7 @@ def layer_columns(
     """The heatmap's layer columns in **network order**: ``(order, labels)`` where ``order``
     lists the ``layers`` texts of the results frame sorted by the position of their layers in
     the network's layer table (the score's Recorder), and ``labels`` adds the module names
-    (``'(1, 11) · l3.conv'``). Layers of unbound scores keep their (depth, index) order."""
-    from ood_core.report import layers_text
-
+    (``'1-11 · l3.conv'``). Layers of unbound scores keep their (depth, index) order."""
     keys: dict[str, tuple] = {}
     labels: dict[str, str] = {}
     for score, layers in pairs:
@@ -356,23 +355,6 @@ def box_members(arrays: Sequence[Any], x0: float, x1: float, nbins: int = 60) ->
         c = np.clip(np.nan_to_num(_arr(a), nan=lo), lo, hi)
         out.append(np.flatnonzero((c >= x0) & (c <= x1)))
     return out
-
-
-def predicted_classes(net: Any, images: Any, batch_size: int = 256) -> np.ndarray:
-    """The network's predicted class of each image (``argmax`` of the logits, no gradients):
-    what the gallery writes under OoD thumbnails (a few dozen images)."""
-    import torch
-
-    if len(images) == 0:
-        return np.zeros(0, dtype=np.int64)
-    param = next(iter(net.parameters()), None)
-    kw = {"device": param.device, "dtype": param.dtype} if param is not None else {}
-    out = []
-    with torch.no_grad():
-        for k in range(0, len(images), batch_size):
-            x = torch.as_tensor(images[k : k + batch_size]).to(**kw)
-            out.append(net(x).argmax(1).cpu().numpy())
-    return np.concatenate(out).astype(np.int64)
 
 
 def class_name(names: Sequence[str], label: int) -> str:

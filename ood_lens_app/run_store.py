@@ -3,15 +3,14 @@
 run.json written last) in a folder named by the run's id, listed, read back, compared, deleted.
 
 No Streamlit here. The folder is ``$OOD_LENS_RUNS`` (default ``~/.cache/ood-lens/runs``). A run
-read back holds what the bundle holds (config, metric frame, confidences); the Results page needs
-a full :class:`~ood_core.pipeline.RunResult` (images, fitted scores), so the dashboard re-runs
-the saved config through its cache to show one (same seed: the same numbers).
+read back holds what the bundle holds (:class:`ood_core.bundle.Bundle`: config, metric frame,
+confidences, run.json); :func:`ood_core.bundle.to_result` turns it back into the
+:class:`~ood_core.pipeline.RunResult` the Results page shows, without fitting or scoring.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ood_core import pipeline
+from ood_core.bundle import Bundle, read_bundle
 from ood_core.pipeline import RunConfig, RunResult
 
 ENV_RUNS = "OOD_LENS_RUNS"
@@ -41,14 +41,27 @@ _ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 
 @dataclass(frozen=True)
 class StoredRun:
-    """A saved run read back: its id, config, metric frame (``RunResult.frame``), confidences
-    (long: score, dataset, sample, confidence) and run.json."""
+    """A saved run read back: its id and its bundle (config, metric frame as
+    ``RunResult.frame``, long confidences, run.json)."""
 
     run_id: str
-    config: RunConfig
-    metrics: pd.DataFrame
-    confidences: pd.DataFrame
-    info: dict[str, Any]
+    bundle: Bundle
+
+    @property
+    def config(self) -> RunConfig:
+        return self.bundle.config
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        return self.bundle.metrics
+
+    @property
+    def confidences(self) -> pd.DataFrame:
+        return self.bundle.confidences
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.bundle.info
 
 
 def runs_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -137,26 +150,13 @@ def exists(root: Path | str, run_id: str) -> bool:
 
 def load(root: Path | str, run_id: str, confidences: bool = True) -> StoredRun:
     """The saved run ``run_id`` (``confidences=False``: an empty confidences frame, for a
-    quick listing); ``FileNotFoundError`` when there is none."""
+    quick listing); ``FileNotFoundError`` when there is none, :class:`ood_core.bundle.BundleError`
+    (a ``ValueError``) when it cannot be read."""
     wait_pending()
     folder = _folder(root, run_id)
     if not (folder / "run.json").is_file():
         raise FileNotFoundError(f"No saved run {run_id} in {root}.")
-    config = RunConfig.from_toml((folder / "config.toml").read_text(encoding="utf-8"))
-    text = {c: str for c in ("score", "layers", "ood", "metric")}
-    metrics = pd.read_csv(folder / "metrics.csv", dtype=text, keep_default_na=False)
-    for column in ("value", "ci_low", "ci_high"):
-        if column in metrics:
-            metrics[column] = pd.to_numeric(metrics[column], errors="coerce")
-    return StoredRun(
-        run_id=run_id,
-        config=config,
-        metrics=metrics,
-        confidences=(
-            pd.read_parquet(folder / "confidences.parquet") if confidences else pd.DataFrame()
-        ),
-        info=json.loads((folder / "run.json").read_text(encoding="utf-8")),
-    )
+    return StoredRun(run_id, read_bundle(folder, confidences=confidences))
 
 
 def delete(root: Path | str, run_id: str) -> bool:

@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from ood_core import bundle as bundle_mod
 from ood_core import data as data_mod
 from ood_core import pipeline
 from ood_core.perturbations import PERTURBATIONS
@@ -82,12 +83,14 @@ def execute_run(
     save: bool = True,
     restore_settings: bool = False,
     run_id: str | None = None,
+    compute: Callable[[RunCache, Callable[[str, float], None]], RunResult] | None = None,
 ) -> RunResult | None:
     """Run ``config`` with a progress bar; store the result (or the error) in session state.
 
     ``save``: write it to the run store and put its id in the URL (``run_id``: the id of the
     saved run being shown again instead). ``restore_settings``: put ``config`` into every widget
-    at the next script run (a replayed or reopened config).
+    at the next script run (a replayed or reopened config). ``compute(cache, progress)``: how
+    the result is obtained (default: :func:`ood_core.pipeline.run` of ``config``).
     ``run_status`` is ``"running"`` during the call, so a run cut short by leaving the page is
     reported as cancelled (:func:`check_cancelled`)."""
     import streamlit as st
@@ -107,7 +110,10 @@ def execute_run(
     t0 = time.perf_counter()
     try:
         share_loaded(cache, config, loaders.load_model, loaders.load_dataset)
-        result = pipeline.run(config, cache, progress)
+        if compute is None:
+            result = pipeline.run(config, cache, progress)
+        else:
+            result = compute(cache, progress)
     except Exception as exc:  # noqa: BLE001 - the page shows the message, never a traceback
         if not is_expected(exc):
             LOG.error("Run failed:\n%s", traceback.format_exc())
@@ -152,8 +158,9 @@ def check_cancelled(state: MutableMapping[str, Any]) -> None:
 
 
 def restore_run(run_id: str) -> RunResult | None:
-    """Show saved run ``run_id`` again: its config into every widget, then re-run through the
-    session's cache (the bundle lacks the images and fitted scores the Results page shows)."""
+    """Show saved run ``run_id`` again: its config into every widget and its result read back
+    from its bundle (:func:`ood_core.bundle.to_result`: nothing fitted or scored; the images
+    drawn again through the session's cache and checked against the bundle's fingerprint)."""
     import streamlit as st
 
     ss = st.session_state
@@ -164,7 +171,14 @@ def restore_run(run_id: str) -> RunResult | None:
         ss["run_error"] = f"Cannot open saved run {run_id}: {exc}"
         return None
     apply_config(ss, stored.config)
-    return execute_run(stored.config, save=False, restore_settings=False, run_id=run_id)
+
+    def read_back(cache: RunCache, progress: Callable[[str, float], None]) -> RunResult:
+        progress(f"Opening saved run {run_id}", 0.1)
+        return bundle_mod.to_result(stored.bundle, cache)
+
+    return execute_run(
+        stored.config, save=False, restore_settings=False, run_id=run_id, compute=read_back
+    )
 
 
 def sync_url(state: MutableMapping[str, Any], params: MutableMapping[str, Any]) -> str | None:

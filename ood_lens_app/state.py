@@ -26,6 +26,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from ood_core import data as data_mod
+from ood_core.layer_ids import layer_text, parse_layer_id
 from ood_core.pipeline import RunConfig, example_config
 
 MODEL_SOURCES = ["Bundled", "GitHub (torch.hub)", "Local hub directory"]
@@ -81,10 +82,19 @@ def layer_sort_key(lid: str) -> tuple[int, int]:
         return (1 << 30, 1 << 30)
 
 
+def written_layer(layer: Any) -> str:
+    """A layer id in the one written form (``"1-11"``); text that is no layer id stays as is,
+    so that the page can name it in its error."""
+    try:
+        return layer_text(parse_layer_id(layer))
+    except ValueError:
+        return str(layer)
+
+
 def initial_layers(config: RunConfig) -> list[str]:
     """The Layers page's first selection: every layer the config's scores read, by (depth,
     index). Their own layer choices stay as the config gives them until this selection changes."""
-    layers = {str(lid) for spec in config.scores for lid in spec.layers}
+    layers = {written_layer(lid) for spec in config.scores for lid in spec.layers}
     return sorted(layers, key=layer_sort_key)
 
 

@@ -102,7 +102,7 @@ def test_run_matches_ood_core_eval_directly() -> None:
     assert at.title[0].value == "Results"
     table = at.dataframe[0].value  # the metric table comes first
     result = at.session_state["result"]
-    assert list(table.index) == ["Softmax()", "KNN(k=5) @ (1, 11)"]
+    assert list(table.index) == ["Softmax()", "KNN(k=5) @ 1-11"]
 
     # the same computation, straight through ood_core.eval on the same subsets
     calib = load_bundled("fashion_mnist", "calibration").subset(200, 0)
@@ -140,7 +140,7 @@ def test_run_matches_ood_core_eval_directly() -> None:
     _assert_clean(at)
     assert len(cache.fitted) == n_fitted + 1
     new = at.session_state["result"]
-    assert new.score_names[1] == "KNN(k=7) @ (1, 11)"
+    assert new.score_names[1] == "KNN(k=7) @ 1-11"
     np.testing.assert_array_equal(new.confs_ind[0], result.confs_ind[0])
     assert set(new.timings["score"]) == {"KNN(k=7)"}
 
@@ -153,7 +153,7 @@ def test_results_tabs_render_with_a_result() -> None:
     at.button(key="run_default").click().run()
     _assert_clean(at)
     result = at.session_state["result"]
-    assert result.score_names == ["Softmax()", "KNN(k=5) @ (1, 8)", "KNN(k=5) @ (1, 11)"]
+    assert result.score_names == ["Softmax()", "KNN(k=5) @ 1-8", "KNN(k=5) @ 1-11"]
     table = at.dataframe[0].value
     ci = [c for c in table.columns if c.endswith(" CI")]
     assert len(ci) == 2 * 4 and table[ci[0]].str.match(r"\[0\.\d{3}, [01]\.\d{3}\]").all()
@@ -329,7 +329,7 @@ def test_a_run_is_saved_and_named_in_the_url(_run_store_dir: Path) -> None:
     other.button(key="runs_open").click().run()
     _assert_clean(other)
     assert other.session_state["run_id"] == run_id
-    assert other.session_state["result"].score_names == ["Softmax()", "KNN(k=5) @ (1, 11)"]
+    assert other.session_state["result"].score_names == ["Softmax()", "KNN(k=5) @ 1-11"]
     assert other.session_state["w.scores"] == ["Softmax", "KNN"]
     other.switch_page("views/runs.py").run()
     other.button(key="runs_delete").click().run()
@@ -347,8 +347,13 @@ def test_url_with_a_run_id_restores_the_result_and_every_widget(_run_store_dir: 
     _assert_clean(at)
     result = at.session_state["result"]
     assert result is not None and at.session_state["run_id"] == run_id
-    assert result.score_names == shown.score_names == ["Softmax()", "KNN(k=5) @ (1, 11)"]
+    assert result.score_names == shown.score_names == ["Softmax()", "KNN(k=5) @ 1-11"]
     np.testing.assert_allclose(result.frame["value"], shown.frame["value"])
+    # read back from the bundle, not recomputed: nothing fitted in this session
+    assert result.restored_from and result.restored_from.endswith(run_id)
+    assert not at.session_state["run_cache"].fitted
+    np.testing.assert_array_equal(result.confs_ind, shown.confs_ind)
+    np.testing.assert_array_equal(result.ind_predictions, shown.ind_predictions)
     assert at.session_state["w.n_cal"] == 100 and at.session_state["w.n_test"] == 50
     assert not any("settings changed" in w for w in _warnings(at))
     at.switch_page("views/scores.py").run()
@@ -371,7 +376,7 @@ def test_banner_after_a_settings_change_and_its_run(_run_store_dir: Path) -> Non
     assert any("settings changed" in w for w in _warnings(at)), _warnings(at)
     at.button(key="stale_run").click().run()
     _assert_clean(at)
-    assert "KNN(k=7) @ (1, 11)" in at.session_state["result"].score_names
+    assert "KNN(k=7) @ 1-11" in at.session_state["result"].score_names
     assert not any("settings changed" in w for w in _warnings(at))
     assert _query_run(at) not in (None, run_id)
 

@@ -78,5 +78,7 @@ def test_chips_are_not_truncated() -> None:
 
 
 def test_layer_ids_have_one_notation() -> None:
-    assert layers.layer_id_text((1, 11)) == "1-11"
+    from ood_core.layer_ids import layer_text
+
+    assert layer_text((1, 11)) == "1-11"
     assert "1-11" in layers.ID_NOTATION

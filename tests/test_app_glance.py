@@ -28,12 +28,12 @@ def test_scenario_colours_fixed_and_stable() -> None:
 
 
 def test_score_colours_separate_palette_and_lookup() -> None:
-    names = ["Softmax()", "KNN(k=15) @ (1, 11)", "Gram() @ (1, 5), (1, 11)"]
+    names = ["Softmax()", "KNN(k=15) @ 1-11", "Gram() @ 1-5, 1-11"]
     colors = plots.score_colors(names)
     assert colors == plots.score_colors(names)
     assert list(colors.values()) == plots.SCORE_PALETTE[:3]
     assert not set(plots.SCORE_PALETTE) & set(plots.SCENARIO_PALETTE)
-    assert plots.score_color(colors, "KNN(k=15)") == colors["KNN(k=15) @ (1, 11)"]  # timings
+    assert plots.score_color(colors, "KNN(k=15)") == colors["KNN(k=15) @ 1-11"]  # timings
     assert plots.score_color(colors, "Nope()") is None
 
 
@@ -64,7 +64,7 @@ def test_every_chart_uses_the_same_colours() -> None:
         "flip": sc["flip"],
         "noise": sc["noise"],
     }
-    names = ["Softmax()", "KNN(k=5) @ (1, 2)"]
+    names = ["Softmax()", "KNN(k=5) @ 1-2"]
     colors = plots.score_colors(names)
     roc = plots.roc_figure(
         {n: (ind, ood1) for n in names}, operating_points={names[1]: (0.1, 0.5)}, colors=colors
@@ -95,11 +95,11 @@ def test_every_chart_uses_the_same_colours() -> None:
     hist_colors = {t.name: t.marker.color for t in grid.data if t.type == "histogram"}
     assert hist_colors == sc
     roc_colors = {t.name: t.line.color for t in grid.data if t.type == "scatter" and t.name}
-    assert roc_colors == plots.score_colors(["Softmax()", "KNN(k=5) @ (1, 2)"])
+    assert roc_colors == plots.score_colors(["Softmax()", "KNN(k=5) @ 1-2"])
 
 
 def test_subplot_titles_are_wrapped() -> None:
-    label = "Gram(order=3) @ (1, 5), (1, 11), (1, 12), (1, 13)"
+    label = "Gram(order=3) @ 1-5, 1-11, 1-12, 1-13"
     wrapped = plots.wrap_label(label, 20)
     assert wrapped.startswith("Gram(order=3)<br>@ ")
     assert all(len(line) <= 22 for line in wrapped.split("<br>"))
@@ -109,7 +109,7 @@ def test_subplot_titles_are_wrapped() -> None:
 # ---------------------------------------------------------------------------- headline table
 def _result(n_boot: int = 100) -> SimpleNamespace:
     rows = []
-    for score, layers in (("Softmax()", ""), ("KNN(k=5)", "(1, 2)")):
+    for score, layers in (("Softmax()", ""), ("KNN(k=5)", "1-2")):
         for ood, base in (("A", 0.6), ("B", 0.8)):
             for metric, shift in (("AUC()", 0.1), ("TPR(max_fpr=0.05)", 0.0)):
                 v = base + shift + (0.05 if layers else 0.0)
@@ -137,7 +137,7 @@ def test_headline_table_equals_the_metrics_frame() -> None:
     result = _result()
     head = rv.headline_table(result, "AUC()")
     assert list(head.values.columns) == ["A", "B", "mean"]
-    assert list(head.values.index) == ["Softmax()", "KNN(k=5) @ (1, 2)"]
+    assert list(head.values.index) == ["Softmax()", "KNN(k=5) @ 1-2"]
     frame = result.frame[result.frame["metric"] == "AUC()"]
     for _, row in frame.iterrows():
         label = row["score"] + (f" @ {row['layers']}" if row["layers"] else "")
@@ -147,7 +147,7 @@ def test_headline_table_equals_the_metrics_frame() -> None:
     assert head.text.at["Softmax()", "mean"] == "0.800"
     assert head.baseline_label == "Softmax()"
     plain = rv.headline_table(_result(n_boot=0), "TPR(max_fpr=0.05)")
-    assert not plain.has_intervals and plain.text.at["KNN(k=5) @ (1, 2)", "B"] == "0.850"
+    assert not plain.has_intervals and plain.text.at["KNN(k=5) @ 1-2", "B"] == "0.850"
 
 
 def test_headline_metric_defaults_to_auroc() -> None:
@@ -209,12 +209,12 @@ def test_heatmap_in_network_order_with_layer_names() -> None:
     score = SimpleNamespace(recorder_=rec)
     pairs = [(score, ((1, 11),)), (score, ((1, 3),)), (score, ((1, 10),)), (score, ((2, 1),))]
     order, labels = rv.layer_columns(pairs)
-    assert order == ["(1, 3)", "(1, 10)", "(1, 11)", "(2, 1)"]  # not string order
-    assert labels["(1, 11)"] == "(1, 11) · m1_11"
+    assert order == ["1-3", "1-10", "1-11", "2-1"]  # not string order
+    assert labels["1-11"] == "1-11 · m1_11"
     frame = pd.DataFrame(
         {
             "score": ["KNN"] * 4,
-            "layers": ["(1, 11)", "(1, 3)", "(1, 10)", "(2, 1)"],
+            "layers": ["1-11", "1-3", "1-10", "2-1"],
             "value": [0.4, 0.1, 0.3, 0.9],
         }
     )

@@ -50,7 +50,7 @@ def _frame() -> pd.DataFrame:
     return pd.DataFrame(
         {
             "score": ["KNN(k=5)", "KNN(k=5)", "Softmax()"],
-            "layers": ["(1, 1)", "(1, 2)", ""],
+            "layers": ["1-1", "1-2", ""],
             "ood": ["A", "A", "A"],
             "metric": ["AUC()"] * 3,
             "value": [0.7, 0.8, 0.6],
@@ -67,7 +67,7 @@ def test_heatmap_frame_and_intervals() -> None:
     assert rv.heatmap_frame(frame, "AUC()", ood="B").empty
     ci = rv.interval_columns(frame)
     assert ci.loc["Softmax()", "A | AUC() CI"] == "[0.500, 0.700]"
-    assert ci.loc["KNN(k=5) @ (1, 2)", "A | AUC() CI"] == "[0.700, 0.900]"
+    assert ci.loc["KNN(k=5) @ 1-2", "A | AUC() CI"] == "[0.700, 0.900]"
     assert rv.interval_columns(frame.assign(ci_low=np.nan)).empty
 
 
@@ -97,7 +97,7 @@ def _result(n_boot: int = 20, baseline: int | None = 2) -> SimpleNamespace:
         frame=pd.DataFrame(rows),
         config=SimpleNamespace(baseline=baseline, n_boot=n_boot),
         metrics=[metrics.AUC(), metrics.TPR(max_fpr=0.05)],
-        score_names=["KNN(k=5) @ (1, 1)", "KNN(k=5) @ (1, 2)", "Softmax()"],
+        score_names=["KNN(k=5) @ 1-1", "KNN(k=5) @ 1-2", "Softmax()"],
         ood_titles=["A", "B"],
         confs_ind=ind,
         confs_oods=[ind - 1, ind - 2],
@@ -108,7 +108,7 @@ def test_metric_table_all_and_one_metric() -> None:
     result = _result()
     table = rv.metric_table(result)
     assert table.baseline_label == "Softmax()" and table.has_intervals
-    assert list(table.frame.index) == ["KNN(k=5) @ (1, 1)", "KNN(k=5) @ (1, 2)", "Softmax()"]
+    assert list(table.frame.index) == ["KNN(k=5) @ 1-1", "KNN(k=5) @ 1-2", "Softmax()"]
     assert table.value_columns == [
         "A | AUC()",
         "A | TPR(max_fpr=0.05)",
@@ -148,7 +148,7 @@ def test_operating_points_and_confusion_rows() -> None:
     result = _result()
     thr = {0: 0.5, 2: 1.0}
     points = rv.operating_points(result, 1, thr)
-    assert list(points) == ["KNN(k=5) @ (1, 1)", "Softmax()"]
+    assert list(points) == ["KNN(k=5) @ 1-1", "Softmax()"]
     assert points["Softmax()"] == metrics.operating_point(
         result.confs_ind[2], result.confs_oods[1][2], 1.0
     )

@@ -410,7 +410,7 @@ def test_valid_config_values_are_accepted():
     """The good twins of the rows above: what the messages ask for is accepted."""
     text = config_text(
         lambda d: (
-            setv("evaluation.baseline", "KNN(k=5) @ (1, 11)")(d),
+            setv("evaluation.baseline", "KNN(k=5) @ 1-11")(d),
             setv("evaluation.n_boot", 10_000)(d),
             setv(
                 "scores",
@@ -841,7 +841,7 @@ CLI_ROWS = [
         lambda t: ["run", str(_write_cfg(t, config_text(knn(layers=["1-99"]))))],
         None,
         1,
-        ["the run failed", "(1, 99)"],
+        ["the run failed", "Unknown layer id 1-99", "depth 1: 1-1 to 1-12"],
     ),
     (
         "run-raises-value-error",

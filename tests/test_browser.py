@@ -116,7 +116,7 @@ def test_dashboard_flow_in_chromium(app: Any, tmp_path: Path) -> None:
     cells = table.evaluate(
         "e => Array.from(e.querySelectorAll('[role=gridcell], td')).map(x => x.textContent)"
     )
-    assert "Softmax()" in cells and "KNN(k=15) @ (1, 1), (1, 3)" in cells
+    assert "Softmax()" in cells and "KNN(k=15) @ 1-1, 1-3" in cells
     numbers = [float(c) for c in cells if re.fullmatch(r"[01](\.\d+)?", c or "")]
     assert len(numbers) == 2 * 4, cells  # 2 scores x 4 metrics
     assert all(0 <= v <= 1 for v in numbers)

@@ -95,7 +95,7 @@ def test_table_plot_frame_and_summary(toy):
         show=False,
     )
     assert table.row_count == 2 and len(table.columns) == 3
-    assert "↳ (1, 3)" in table.columns[0]._cells[1]
+    assert "↳ 1-3" in table.columns[0]._cells[1]
     cell = table.columns[1]._cells[1]
     assert f"{evals[1, 0, 0]:.3f}" in cell
     fig = summary_plot(confs_ind, confs_oods, scores_and_layers=pairs, oods_title=("x3", "shift"))
@@ -103,9 +103,7 @@ def test_table_plot_frame_and_summary(toy):
     assert kinds.count("histogram") == 2 * 3  # 2 scores x (InD + 2 OoD sets)
     assert (
         sum(
-            1
-            for t in fig.data
-            if t.type == "scatter" and t.name in ("Softmax()", "KNN(k=5) @ (1, 3)")
+            1 for t in fig.data if t.type == "scatter" and t.name in ("Softmax()", "KNN(k=5) @ 1-3")
         )
         == 4
     )

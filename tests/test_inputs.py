@@ -76,7 +76,11 @@ def _fit(net, x, y, score, layers):
 
 
 BAD_CALLS = [
-    ("unknown layer id", lambda n, x, y: _fit(n, x, y, scores.KNN(k=3), [(1, 99)]), r"\(1, 99\)"),
+    (
+        "unknown layer id",
+        lambda n, x, y: _fit(n, x, y, scores.KNN(k=3), [(1, 99)]),
+        r"Unknown layer id 1-99",
+    ),
     ("layer id as garbage", lambda n, x, y: _fit(n, x, y, scores.KNN(k=3), ["abc"]), r"abc"),
     (
         "no layer for a layer score",

@@ -236,7 +236,7 @@ def test_a_layer_that_contributes_nothing_warns_naming_score_and_layer():
     score.layers = (dead,)
     with pytest.warns(
         OodLensWarning,
-        match=rf"KNN @ \({dead[0]}, {dead[1]}\): the activation of "
+        match=rf"KNN @ {dead[0]}-{dead[1]}: the activation of "
         r"layer 'dead' is the same for all 40 calibration samples",
     ):
         engine.fit([score], x)

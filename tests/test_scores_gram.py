@@ -167,7 +167,7 @@ def test_1d_and_2d_activations_are_one_channel():
 def test_4d_per_sample_activations_are_rejected():
     score = Gram()
     score.layers = ((1, 1),)
-    with pytest.raises(ValueError, match=r"Gram @ \(1, 1\): per-sample activations must be 1-D"):
+    with pytest.raises(ValueError, match=r"Gram @ 1-1: per-sample activations must be 1-D"):
         score.extract(torch.zeros(2, 3), {(1, 1): torch.zeros(2, 2, 2, 2, 2)})
 
 

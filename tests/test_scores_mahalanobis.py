@@ -167,7 +167,7 @@ def test_pooling_flatten_default_and_mean_opt_in(conv_net):
     huge = torch.zeros(1, 256, 56, 56)  # 802,816 dims: a 2.3 TiB covariance
     with pytest.raises(
         ValueError,
-        match=r"DeepMahalanobis @ \(1, 3\): the activation \(256, 56, "
+        match=r"DeepMahalanobis @ 1-3: the activation \(256, 56, "
         r"56\) gives 802,816 feature dims.*use pooling='mean'",
     ):
         DeepMahalanobis().layer_features(huge, (1, 3))
@@ -177,7 +177,7 @@ def test_pooling_flatten_default_and_mean_opt_in(conv_net):
     flat.layers = mean.layers = ((1, 2),)  # ReLU output (4, 6, 6): 144 flattened dims
     with pytest.warns(
         OodLensWarning,
-        match=r"DeepMahalanobis @ \(1, 2\): 144 feature dimensions "
+        match=r"DeepMahalanobis @ 1-2: 144 feature dimensions "
         r"for 90 samples, covariance singular \(rank <= 87[;)].*try pooling='mean'",
     ):
         eng.fit([flat], x, y)
@@ -294,7 +294,7 @@ def test_singular_covariance_default_warns_and_pinv_is_finite():
         score = cls()
         messages = fit_quietly(score, {"1-1": h}, y, 2)
         assert (
-            f"{cls.__name__} @ (1, 1): 20 feature dimensions for 8 samples, covariance "
+            f"{cls.__name__} @ 1-1: 20 feature dimensions for 8 samples, covariance "
             "singular (rank <= 6)" in messages[0]
         )
         assert "try pooling='mean' (fewer dims) or inverse='pinv'" in messages[0]

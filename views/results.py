@@ -12,6 +12,7 @@ import numpy as np
 import streamlit as st
 
 from ood_core import plots
+from ood_core.core import predicted_classes
 from ood_core.pipeline import IND_TITLE, RunResult
 from ood_lens_app import form, layout, loaders, result_views, runs, state
 from ood_lens_app.result_views import ALL_METRICS, THRESHOLD_MODES, index_choice, name_choice
@@ -215,7 +216,7 @@ def _grid(
         return
     predicted = None
     if not ind and (net := _network(result)) is not None:
-        predicted = result_views.predicted_classes(net, images[np.asarray(idx)])
+        predicted = predicted_classes(net, images[np.asarray(idx)])
     caps = result_views.confidence_captions(
         conf,
         idx,

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ood_core.core import Features, LayerId, Timed
 from ood_core.evaluation import Evaluation
+from ood_core.layer_ids import layer_text
 from ood_core.params import Param, fmt_value
 from ood_core.recorder import Recorder
 
@@ -273,7 +274,7 @@ class BaseScore:
                 module = recorder.info(layer).module
                 if not any(p.requires_grad for p in module.parameters()):
                     raise ValueError(
-                        f"{name} needs layers holding parameters; {layer} "
+                        f"{name} needs layers holding parameters; {layer_text(layer)} "
                         f"({recorder.layer_name(layer)}) has none."
                     )
         return layers

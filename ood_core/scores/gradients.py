@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
+from ood_core.layer_ids import layer_text
 from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
@@ -78,7 +79,7 @@ class GradNorm(BaseScore):
         h = activations.inputs[layer].flatten(1).double()  # type: ignore[attr-defined]
         if not torch.equal(activations[layer], logits):
             raise RuntimeError(
-                f"{self!r}: layer {layer} is not the logits layer; cannot use the closed form."
+                f"{self!r}: layer {layer_text(layer)} is not the logits layer; cannot use the closed form."
             )
         z = logits.double()
         g = (torch.softmax(z / self.temperature, dim=1) - 1.0 / z.shape[1]) / self.temperature

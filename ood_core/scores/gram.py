@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from ood_core.diagnostics import degenerate
+from ood_core.layer_ids import LayerId, layer_text
 from ood_core.params import Param
-from ood_core.recorder import LayerId
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.registry import register_score
 
@@ -173,7 +173,7 @@ class Gram(BaseScore):
         """``(n, channels, values)`` view of one layer's activations."""
         if not 2 <= a.ndim <= 4:  # noqa: PLR2004 (1-D to 3-D per sample)
             raise ValueError(
-                f"Gram @ {tuple(layer)}: per-sample activations must be 1-D, 2-D or 3-D, got "
+                f"Gram @ {layer_text(layer)}: per-sample activations must be 1-D, 2-D or 3-D, got "
                 f"{a.ndim - 1}-D {tuple(a.shape[1:])}: pick another layer."
             )
         return a.reshape(a.shape[0], a.shape[1] if a.ndim == 4 else 1, -1)  # noqa: PLR2004

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from ood_core.core import normalise_activation
+from ood_core.layer_ids import LayerId
 from ood_core.params import Param
-from ood_core.recorder import LayerId
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.registry import register_score
 

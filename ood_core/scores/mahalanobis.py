@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from ood_core.core import normalise_activation
 from ood_core.diagnostics import degenerate
+from ood_core.layer_ids import layer_text
 from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
@@ -442,7 +443,7 @@ class DeepMahalanobis(_LayerWeighted):
         d = h.shape[1]
         size = d * d * h.element_size()
         if size > MAX_COVARIANCE_BYTES:
-            where = f" @ {tuple(layer)}" if layer is not None else ""
+            where = f" @ {layer_text(layer)}" if layer is not None else ""
             raise ValueError(
                 f"{type(self).__name__}{where}: the activation {tuple(a.shape[1:])} "
                 f"gives {d:,} feature dims (pooling={self.pooling!r}), whose "
@@ -777,7 +778,7 @@ class ViM(BaseScore):
             if not isinstance(module, nn.Linear):
                 raise ValueError(
                     f"ViM needs the final nn.Linear layer (the one producing the "
-                    f"logits from the penultimate features); {layer} "
+                    f"logits from the penultimate features); {layer_text(layer)} "
                     f"({recorder.layer_name(layer) or 'the network'}) is a "
                     f"{type(module).__name__}. Give the Linear layer's "
                     "id."
@@ -797,7 +798,7 @@ class ViM(BaseScore):
         if h.ndim != 2:
             raise ValueError(
                 f"ViM needs a Linear layer applied to (N, D) features; the input of "
-                f"{layer} has shape {tuple(h.shape)}."
+                f"{layer_text(layer)} has shape {tuple(h.shape)}."
             )
         return {"h": h, "f": activations[layer]}  # kept in the net's dtype (cast at use)
 

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from ood_core.core import normalise_activation
 from ood_core.diagnostics import degenerate
+from ood_core.layer_ids import LayerId
 from ood_core.params import Param
-from ood_core.recorder import LayerId
 from ood_core.scores.aggregation import AGGREGATIONS, AggregationParam, aggregate
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.features import pool_features

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ood_core.layer_ids import layer_text
 from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
@@ -58,12 +59,12 @@ class RankFeat(BaseScore):
                 info = recorder.info(layer)
                 if info.n_calls != 1:
                     raise ValueError(
-                        f"RankFeat: layer {layer} ({recorder.layer_name(layer)}) is "
+                        f"RankFeat: layer {layer_text(layer)} ({recorder.layer_name(layer)}) is "
                         "called more than once per forward pass; pick another."
                     )
                 if not info.output_size or len(info.output_size) < 3:
                     raise ValueError(
-                        f"RankFeat needs a feature map (N, C, H, W) or (N, C, L); layer {layer} "
+                        f"RankFeat needs a feature map (N, C, H, W) or (N, C, L); layer {layer_text(layer)} "
                         f"({recorder.layer_name(layer)}) outputs {info.output_size}. Pick a block."
                     )
         return layers

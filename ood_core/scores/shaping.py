@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ood_core.core import normalise_activation
+from ood_core.layer_ids import layer_text
 from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
@@ -165,9 +166,9 @@ class _ShapingScore(BaseScore):
                 size = math.prod(out[1:])
             if size != d:
                 raise ValueError(
-                    f"{name}: layer {layer} ({recorder.layer_name(layer) or net_name}, "
+                    f"{name}: layer {layer_text(layer)} ({recorder.layer_name(layer) or net_name}, "
                     f"{info.type}, output {tuple(out[1:])}) cannot feed the final Linear head "
-                    f"{head_id} ({recorder.layer_name(head_id)}, in_features={d}). {name} "
+                    f"{layer_text(head_id)} ({recorder.layer_name(head_id)}, in_features={d}). {name} "
                     "recomputes the logits as W @ avgpool(shaped output) + b, so it needs the head "
                     f"itself {head_id} (its input, the penultimate features, is shaped) or a layer "
                     f"whose output, averaged over its spatial dims if 4-D and flattened, has {d} "
@@ -215,7 +216,7 @@ class _ShapingScore(BaseScore):
             if not diff <= REPRODUCTION_TOL * (1.0 + float(ref.abs().max())):
                 raise ValueError(
                     f"{self!r}: the final Linear head applied to the average-pooled output of layer "
-                    f"{layer} does not reproduce the network's logits (max abs difference "
+                    f"{layer_text(layer)} does not reproduce the network's logits (max abs difference "
                     f"{diff:.3g}); the layer must feed the head through average pooling and "
                     "flattening only. Use the last feature map before the global average pooling, "
                     "the pooling output or the head itself."
