@@ -169,9 +169,11 @@ def add_rocs(
     showlegend: bool = True,
     colors: Mapping[str, str] | None = None,
     legend: str = "legend",
+    dashes: Mapping[str, str] | None = None,
 ) -> None:
     """ROC curves ``{score name: (conf_ind, conf_ood)}`` with the diagonal of chance, coloured by
-    ``colors`` (default :func:`score_colors` of the names)."""
+    ``colors`` (default :func:`score_colors` of the names), line dash by ``dashes`` (Plotly dash
+    names per curve; default solid)."""
     colors = colors or score_colors(list(curves))
     fig.add_trace(
         go.Scatter(
@@ -198,7 +200,7 @@ def add_rocs(
                 legendgroup=name,
                 showlegend=showlegend,
                 legend=legend,
-                line={"color": color},
+                line={"color": color, "dash": (dashes or {}).get(name, "solid")},
                 hovertemplate=f"{name}<br>FPR %{{x:.3f}}<br>TPR %{{y:.3f}}<extra></extra>",
             ),
             row=row,
@@ -227,13 +229,14 @@ def roc_figure(
     convex_hull: bool = False,
     operating_points: Mapping[str, tuple[float, float]] | None = None,
     colors: Mapping[str, str] | None = None,
+    dashes: Mapping[str, str] | None = None,
 ) -> go.Figure:
     """ROC curves of several scores on one OoD set; optional marked operating points
     ``{score: (fpr, tpr)}``, each in its score's colour (``colors``, default
-    :func:`score_colors` of the curves' names)."""
+    :func:`score_colors` of the curves' names); ``dashes``: line dash per curve."""
     fig = go.Figure()
     colors = colors or score_colors(list(curves))
-    add_rocs(fig, curves, convex_hull=convex_hull, colors=colors)
+    add_rocs(fig, curves, convex_hull=convex_hull, colors=colors, dashes=dashes)
     for name, (fpr, tpr) in (operating_points or {}).items():
         fig.add_trace(
             go.Scatter(

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ood_core import pipeline
+from ood_core import pipeline, plots
 from ood_core.bundle import Bundle, read_bundle
 from ood_core.pipeline import RunConfig, RunResult
 
@@ -181,8 +181,9 @@ def headline(metrics: pd.DataFrame, metric: str = HEADLINE) -> float:
 
 
 def list_runs(root: Path | str) -> pd.DataFrame:
-    """One row per complete saved run, newest first: id, when, model, data, scores, scenarios,
-    ``AUROC (mean)``. Unreadable folders are skipped."""
+    """One row per complete saved run, newest first: when, model, scores, ``AUROC (mean)``,
+    scenarios, data, id (what a reader scans first on the left). Unreadable folders are
+    skipped."""
     wait_pending()
     rows = []
     base = Path(root)
@@ -205,7 +206,7 @@ def list_runs(root: Path | str) -> pd.DataFrame:
                 "AUROC (mean)": headline(run.metrics),
             }
         )
-    columns = ["id", "when", "model", "data", "scores", "scenarios", "AUROC (mean)"]
+    columns = ["when", "model", "scores", "AUROC (mean)", "scenarios", "data", "id"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -223,6 +224,31 @@ def compare(a: StoredRun, b: StoredRun) -> pd.DataFrame:
     out = left.merge(right, on=keys, how="outer", sort=False)
     out["B - A"] = out["B"] - out["A"]
     return out
+
+
+RUN_DASHES = {"A": "solid", "B": "dash"}
+"""Line dash of each compared run's ROC curves (the colour is the score's)."""
+
+
+def compare_text(diff: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """:func:`compare` as shown: values with ``digits`` decimals, and ``"not in A"`` /
+    ``"not in B"`` (``"-"`` for the difference) where only one run has the row."""
+    out = diff.copy()
+    for column, missing in (("A", "not in A"), ("B", "not in B")):
+        out[column] = [f"{v:.{digits}f}" if v == v else missing for v in diff[column]]
+    out["B - A"] = [f"{v:+.{digits}f}" if v == v else "-" for v in diff["B - A"]]
+    return out
+
+
+def roc_styles(names: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Colours and dashes of the overlaid curves ``"<run> · <score>"`` (:func:`roc_inputs`):
+    one colour per score (the same score in both runs has the same colour), one dash per run
+    (:data:`RUN_DASHES`)."""
+    scores = list(dict.fromkeys(n.split(" · ", 1)[-1] for n in names))
+    palette = plots.score_colors(scores)
+    colors = {n: palette[n.split(" · ", 1)[-1]] for n in names}
+    dashes = {n: RUN_DASHES.get(n.split(" · ", 1)[0], "dot") for n in names}
+    return colors, dashes
 
 
 def common_scenarios(a: StoredRun, b: StoredRun) -> list[str]:

@@ -11,6 +11,7 @@ into the widgets at the start of the next script run), ``store_error``."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import tempfile
@@ -76,6 +77,17 @@ def run_summary(result: RunResult, seconds: float, when: str) -> dict[str, Any]:
         "n_scores": len(result.score_names),
         "n_oods": len(result.ood_titles),
     }
+
+
+def demo_config() -> RunConfig:
+    """The bundled demo: :func:`ood_core.pipeline.example_config` at the session's default
+    sizes (``OOD_LENS_DEFAULT_N``)."""
+    cfg = pipeline.example_config()
+    return dataclasses.replace(
+        cfg,
+        n_calibration=state_mod.default_n(cfg.n_calibration),
+        n_test=state_mod.default_n(cfg.n_test),
+    )
 
 
 def execute_run(

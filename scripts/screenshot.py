@@ -167,8 +167,9 @@ class Dashboard:
         self.wait_idle()
 
     def tab(self, label: str) -> None:
+        """Open a Results tab; the tabs are lazy (a click re-runs the page to draw that tab)."""
         self.page.locator('[data-testid="stTab"]', has_text=label).first.click()
-        self.page.wait_for_timeout(500)
+        self.wait_idle()
 
     # ------------------------------------------------------------------ checks / output
     def exceptions(self) -> int:

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from ood_lens_app import run_store
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 PAGES = ["views/model_data.py", "views/layers.py", "views/scores.py", "views/results.py"]
@@ -128,10 +130,12 @@ def test_run_matches_ood_core_eval_directly() -> None:
     at.switch_page("views/results.py").run()
     cache = at.session_state["run_cache"]
     n_fitted = len(cache.fitted)
-    at.radio(key="w.thr_mode").set_value("Raw threshold").run()
     at.selectbox(key="w.tbl_metric").set_value("AUC()").run()
+    _open_tab(at, "Threshold explorer")
+    at.radio(key="w.thr_mode").set_value("Raw threshold").run()
     _assert_clean(at)
     assert at.session_state["result"] is result and len(cache.fitted) == n_fitted
+    _open_tab(at, "Overview")
 
     # changing one score's parameter refits only that score
     at.switch_page("views/scores.py").run()
@@ -143,6 +147,13 @@ def test_run_matches_ood_core_eval_directly() -> None:
     assert new.score_names[1] == "KNN(k=7) @ 1-11"
     np.testing.assert_array_equal(new.confs_ind[0], result.confs_ind[0])
     assert set(new.timings["score"]) == {"KNN(k=7)"}
+
+
+def _open_tab(at: AppTest, name: str) -> None:
+    """Open a Results tab (what a click on it does: the tabs are lazy, on_change="rerun")."""
+    at.session_state["w.res_tab"] = name
+    at.run()
+    _assert_clean(at)
 
 
 def test_results_tabs_render_with_a_result() -> None:
@@ -157,8 +168,11 @@ def test_results_tabs_render_with_a_result() -> None:
     table = at.dataframe[0].value
     ci = [c for c in table.columns if c.endswith(" CI")]
     assert len(ci) == 2 * 4 and table[ci[0]].str.match(r"\[0\.\d{3}, [01]\.\d{3}\]").all()
-    assert len(at.get("plotly_chart")) >= 3 + 2  # histograms and ROC curves at least
+    assert len(at.get("plotly_chart")) == 3 + 2  # histograms and ROC curves: the open tab only
+    assert not at.get("download_button")  # lazy tabs: the Export tab is not drawn until opened
+    _open_tab(at, "Layers & timings")
     assert not [i for i in at.info if "several layer sets" in i.value]  # the sweep's heatmap
+    _open_tab(at, "Export")
     labels = {b.label for b in at.get("download_button")}
     assert {
         "Metrics (CSV)",
@@ -166,10 +180,15 @@ def test_results_tabs_render_with_a_result() -> None:
         "Report (HTML)",
         "Run config (TOML)",
     } <= labels
-    at.selectbox(key="w.gal_score").set_value(1).run()
-    at.slider(key="w.thr_accept").set_value(0.8).run()
-    at.selectbox(key="w.hm_ood").set_value(1).run()
-    _assert_clean(at)
+    for tab, set_one in (
+        ("Gallery", lambda: at.selectbox(key="w.gal_score").set_value(1)),
+        ("Threshold explorer", lambda: at.slider(key="w.thr_accept").set_value(0.8)),
+        ("Layers & timings", lambda: at.selectbox(key="w.hm_ood").set_value(1)),
+    ):
+        _open_tab(at, tab)
+        set_one().run()
+        _assert_clean(at)
+        assert at.session_state["w.res_tab"] == tab  # the open tab is kept across re-runs
     assert at.session_state["result"] is result
 
 
@@ -269,6 +288,11 @@ def test_run_the_demo_lands_on_results_with_the_headline(monkeypatch: pytest.Mon
     assert head.iloc[0, 0] == f"{first:.3f}"
     full = at.dataframe[0].value
     assert len([c for c in full.columns if " | " in c]) == 4 * len(result.metrics)
+    # the widgets now hold the demo's settings: no "settings changed" banner, its scores shown
+    assert not any("settings changed" in w.value for w in at.warning)
+    at.switch_page("views/scores.py").run()
+    _assert_clean(at)
+    assert at.multiselect(key="w.scores").value == [s.name for s in example_config().scores]
 
 
 # ==================================================================================================
@@ -311,6 +335,7 @@ def _saved_run(run_store_dir: Path) -> tuple[str, AppTest]:
     _assert_clean(at)
     run_id = _query_run(at)
     assert run_id and at.session_state["run_id"] == run_id
+    run_store.wait_pending()  # the bundle is written in the background, run.json last
     assert (run_store_dir / run_id / "run.json").is_file()
     return run_id, at
 
@@ -354,6 +379,9 @@ def test_url_with_a_run_id_restores_the_result_and_every_widget(_run_store_dir: 
     assert not at.session_state["run_cache"].fitted
     np.testing.assert_array_equal(result.confs_ind, shown.confs_ind)
     np.testing.assert_array_equal(result.ind_predictions, shown.ind_predictions)
+    for tab in ("Threshold explorer", "Gallery", "Layers & timings", "Export", "Overview"):
+        _open_tab(at, tab)  # every tab draws from the read-back result
+    assert at.session_state["result"] is result
     assert at.session_state["w.n_cal"] == 100 and at.session_state["w.n_test"] == 50
     assert not any("settings changed" in w for w in _warnings(at))
     at.switch_page("views/scores.py").run()

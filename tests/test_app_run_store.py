@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from ood_core import pipeline, plots
@@ -98,6 +100,30 @@ def test_compare_two_runs(small_result: pipeline.RunResult, tmp_path: Path) -> N
     assert all(len(ind) == 50 and len(ood) == 50 for ind, ood in curves.values())
     fig = plots.roc_figure(curves)
     assert {t.name for t in fig.data} >= set(curves)
+    colors, dashes = run_store.roc_styles(list(curves))
+    assert colors["A · Softmax()"] == colors["B · Softmax()"]  # colour = score, dash = run
+    assert dashes == {"A · Softmax()": "solid", "B · Softmax()": "dash"}
+    styled = plots.roc_figure(curves, colors=colors, dashes=dashes)
+    lines = {t.name: t.line for t in styled.data if t.name in curves}
+    assert lines["B · Softmax()"].dash == "dash" and lines["A · Softmax()"].dash == "solid"
+
+
+def test_compare_shows_what_only_one_run_has() -> None:
+    diff = pd.DataFrame(
+        {
+            "score": ["KNN(k=5)", "Softmax()", "Energy()"],
+            "layers": ["1-11", "", ""],
+            "ood": ["F"] * 3,
+            "metric": ["AUC()"] * 3,
+            "A": [0.8, 0.7, np.nan],
+            "B": [0.85, np.nan, 0.9],
+        }
+    ).assign(**{"B - A": lambda d: d["B"] - d["A"]})
+    text = run_store.compare_text(diff)
+    assert list(text["A"]) == ["0.800", "0.700", "not in A"]
+    assert list(text["B"]) == ["0.850", "not in B", "0.900"]
+    assert list(text["B - A"]) == ["+0.050", "-", "-"]
+    assert "None" not in text.to_string() and "nan" not in text.to_string()
 
 
 def test_apply_config_puts_every_setting_into_the_widgets() -> None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import streamlit as st
 
 from ood_core import data as data_mod
-from ood_core import hub, pipeline, plots
+from ood_core import hub, plots
 from ood_lens_app import layers, layout, loaders, result_views, runs, sources, state
 from ood_lens_app.state import DATA_SOURCES, MODEL_SOURCES, SEED, trust_key
 
@@ -252,23 +250,12 @@ QUESTION = (
 )
 
 
-def demo_config() -> pipeline.RunConfig:
-    """The bundled default run (:func:`ood_core.pipeline.example_config`) at the session's
-    default sizes (``OOD_LENS_DEFAULT_N``)."""
-    cfg = pipeline.example_config()
-    return dataclasses.replace(
-        cfg,
-        n_calibration=state.default_n(cfg.n_calibration),
-        n_test=state.default_n(cfg.n_test),
-    )
-
-
 def intro() -> None:
     """The question the app answers and the one-click demo."""
     with st.container(border=True):
         c1, c2 = st.columns([4, 1], vertical_alignment="center")
         c1.markdown(QUESTION)
-        cfg = demo_config()
+        cfg = runs.demo_config()
         c1.caption(
             "Set up a model, its data, layers, scores and OoD scenarios on these pages, or run "
             f"the bundled demo: {runs.describe_config(cfg)}."
@@ -280,7 +267,7 @@ def intro() -> None:
             icon=":material/play_arrow:",
             width="stretch",
         ):
-            if runs.execute_run(cfg) is None:
+            if runs.execute_run(cfg, restore_settings=True) is None:
                 st.error(ss["run_error"], icon=":material/error:")
                 return
             layout.go_to(layout.PAGE_RESULTS)

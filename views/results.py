@@ -22,6 +22,8 @@ ss = st.session_state
 
 BEST = "background-color: #c8e6c9; font-weight: bold"
 BASELINE = "background-color: #fff3e0; font-style: italic"
+RESULT_TAB = "w.res_tab"
+"""Session key of the Results page's open tab."""
 LEGEND_BELOW = {"orientation": "h", "x": 0, "font": {"size": 11}}
 
 
@@ -469,19 +471,22 @@ def body() -> None:
     for message in result.warnings:  # degenerate fits / tied sets: the numbers they concern
         st.warning(message, icon=":material/warning:")
     thr = result_views.explorer_thresholds(result, ss)
-    tabs = st.tabs(["Overview", "Threshold explorer", "Gallery", "Layers & timings", "Export"])
-    with tabs[0]:
-        layout.guard(lambda: metric_table(result))
-        layout.guard(lambda: histograms(result, thr))
-        layout.guard(lambda: rocs(result, thr))
-    with tabs[1]:
-        layout.guard(lambda: explorer(result, thr))
-    with tabs[2]:
-        layout.guard(lambda: gallery(result))
-    with tabs[3]:
-        layout.guard(lambda: layers_and_timings(result))
-    with tabs[4]:
-        layout.guard(lambda: export(result))
+    # lazy tabs: only the open one is computed and sent to the browser (a re-run redraws one
+    # tab's charts, not all five); the open tab is kept across re-runs (key)
+    sections = {
+        "Overview": lambda: (metric_table(result), histograms(result, thr), rocs(result, thr)),
+        "Threshold explorer": lambda: explorer(result, thr),
+        "Gallery": lambda: gallery(result),
+        "Layers & timings": lambda: layers_and_timings(result),
+        "Export": lambda: export(result),
+    }
+    if ss.get(RESULT_TAB) not in sections:
+        ss[RESULT_TAB] = "Overview"
+    tabs = st.tabs(list(sections), key=RESULT_TAB, on_change="rerun")
+    for tab, draw in zip(tabs, sections.values(), strict=True):
+        if tab.open:
+            with tab:
+                layout.guard(draw)
 
 
 layout.guard(body)

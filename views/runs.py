@@ -54,10 +54,9 @@ def compare(ids: list[str], labels: dict[str, str], root: object) -> None:
     a, b = run_store.load(root, a_id), run_store.load(root, b_id)
     st.markdown(f"**A:** {run_store.label(a)}  \n**B:** {run_store.label(b)}")
     diff = run_store.compare(a, b)
+    colours = diff[["B - A"]].map(_sign_colour)
     st.dataframe(
-        diff.style.format("{:.3f}", subset=["A", "B", "B - A"], na_rep="-").map(
-            _sign_colour, subset=["B - A"]
-        ),
+        run_store.compare_text(diff).style.apply(lambda _: colours, axis=None, subset=["B - A"]),
         hide_index=True,
         key="runs_diff",
         width="stretch",
@@ -68,7 +67,10 @@ def compare(ids: list[str], labels: dict[str, str], root: object) -> None:
         return
     ood = st.selectbox("OoD scenario", common, key="runs_ood")
     curves = run_store.roc_inputs({"A": a, "B": b}, ood)
-    fig = plots.roc_figure(curves, title=f"InD vs {ood}: A and B")
+    colors, dashes = run_store.roc_styles(list(curves))
+    fig = plots.roc_figure(
+        curves, title=f"InD vs {ood}: A solid, B dashed", colors=colors, dashes=dashes
+    )
     fig.update_layout(height=480, legend_title_text="run · score")
     st.plotly_chart(fig, key="runs_roc", config={"displaylogo": False})
 
