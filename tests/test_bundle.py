@@ -122,3 +122,25 @@ def test_incomplete_or_unreadable_bundles_say_so(exported, tmp_path: Path) -> No
     (broken / "metrics.csv").unlink()
     with pytest.raises(BundleError, match="Cannot read the run bundle"):
         read_bundle(broken)
+
+
+def test_a_bundle_never_grants_trust_to_its_model_repo(exported, tmp_path: Path) -> None:
+    """A shared bundle naming another hub repo does not run that repo's code unless the caller
+    passes trust_repo=True (exported configs never carry trust)."""
+    from ood_core.hub import UntrustedRepoError
+
+    _, folder = exported
+    hub_dir = tmp_path / "someone_hub"
+    hub_dir.mkdir()
+    (hub_dir / "hubconf.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('imported.marker').touch()\n"
+    )
+    shared = _copy(folder, tmp_path)
+    config = (shared / "config.toml").read_text()
+    assert 'repo = "bundled"' in config and "trust_repo" not in config
+    (shared / "config.toml").write_text(config.replace('"bundled"', f'"{hub_dir}"', 1))
+    bundle = read_bundle(shared)
+    assert bundle.config.model_repo == str(hub_dir) and not bundle.config.trust_repo
+    with pytest.raises(UntrustedRepoError):
+        to_result(bundle)
+    assert not (hub_dir / "imported.marker").exists(), "the repo's code ran"
