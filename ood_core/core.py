@@ -7,8 +7,11 @@ in-distribution; ``act_norm`` p-norms are taken per sample over all non-batch di
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -16,7 +19,34 @@ from torch import Tensor
 
 from ood_core.layer_ids import LayerId, layer_text, layers_text
 
-__all__ = ["LayerId", "layer_text", "layers_text"]
+__all__ = ["LayerId", "layer_text", "layers_text", "net_lock", "exclusive_eval"]
+
+_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def net_lock(net: torch.nn.Module) -> threading.RLock:
+    """The lock serialising every ood-lens pass over ``net`` (tracing, recording, gradient and
+    prediction passes), so that sessions or threads sharing one model object never see each
+    other's hooks or activations. Kept outside the model (a weak mapping); re-entrant."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(net)
+        if lock is None:
+            lock = _LOCKS[net] = threading.RLock()
+        return lock
+
+
+@contextmanager
+def exclusive_eval(net: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Hold :func:`net_lock` with ``net`` in eval mode; its training flag is restored after."""
+    with net_lock(net):
+        was_training = net.training
+        net.eval()
+        try:
+            yield net
+        finally:
+            net.train(was_training)
+
 
 Features = dict[str, Tensor]
 """A score's per-sample features of a batch or a dataset: ``{name: tensor (n, ...)}``."""
@@ -63,8 +93,8 @@ def predicted_classes(net: torch.nn.Module, images: Tensor, batch_size: int = 25
     param = next(iter(net.parameters()), None)
     kw = {"device": param.device, "dtype": param.dtype} if param is not None else {}
     out = []
-    with torch.no_grad():
+    with exclusive_eval(net), torch.no_grad():
         for k in range(0, len(images), batch_size):
-            x = torch.as_tensor(images[k : k + batch_size]).to(**kw)
+            x = torch.as_tensor(images[k : k + batch_size]).to(**kw, copy=True)
             out.append(net(x).argmax(1).cpu().numpy())
     return np.concatenate(out).astype(np.int64)

@@ -31,6 +31,7 @@ from ood_core.core import (
     LayerId,
     Progress,
     Timed,
+    exclusive_eval,
     normalise_activation,
     predicted_confidence,
 )
@@ -143,17 +144,14 @@ class Engine:
 
     @classmethod
     def for_net(cls, net: Recorder | nn.Module, example: Tensor) -> Engine:
-        """An engine for ``net`` (a Recorder, or a network whose Recorder is built once and kept
-        on it), traced with the example batch ``example``."""
+        """An engine for ``net`` (a Recorder, or a network traced here with the example batch
+        ``example``; nothing is stored on the network: callers that run often keep the Recorder,
+        as :class:`ood_core.pipeline.RunCache` does)."""
         if isinstance(net, Recorder):
             return cls(net)
         check_inputs(net, example)  # declared shape / dtype / range, before tracing on it
-        rec = net.__dict__.get("_ood_lens_recorder")
-        if rec is None or tuple(rec.input_shape) != tuple(example.shape[1:]):
-            device, dtype = _net_device_dtype(net)
-            rec = Recorder(net, input_data=example[:1].to(device=device, dtype=dtype))
-            object.__setattr__(net, "_ood_lens_recorder", rec)  # not a submodule
-        return cls(rec)
+        device, dtype = _net_device_dtype(net)
+        return cls(Recorder(net, input_data=example[:1].to(device=device, dtype=dtype)))
 
     # ------------------------------------------------------------------ batching
     def auto_batch_size(self, layers: Sequence[LayerId], sample_numel: int) -> int:
@@ -214,70 +212,76 @@ class Engine:
         n_calls = 0
         first: dict[LayerId, Tensor] = {}
         varies = dict.fromkeys(union, False)
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            n = len(data)
-            for start in range(0, n, bs):
-                stop = min(start + bs, n)
-                xb = data[start:stop].to(device=device, dtype=dtype)
-                if from_cache:
-                    logits = stored[None][0][start:stop].to(device)
-                    acts = {layer: stored[layer][0][start:stop].to(device) for layer in union}
-                    inputs = {
-                        layer: stored[layer][1][start:stop].to(device)
-                        for layer in union
-                        if stored[layer][1] is not None
-                    }
-                else:
-                    with Timed() as t, torch.no_grad():
-                        logits = rec(xb)
-                    t_forward += t.seconds
-                    n_calls += 1
-                    if not isinstance(logits, Tensor) or logits.ndim != 2:
-                        raise ValueError(
-                            "The network must return logits of shape (N, n_classes); got "
-                            f"{type(logits).__name__} {getattr(logits, 'shape', '')}."
-                        )
-                    acts, inputs = dict(rec.activations), dict(rec.inputs)
-                    for layer, (outs, ins) in keep.items():
-                        outs.append(acts[layer].detach().cpu())
-                        if layer in inputs:
-                            ins.append(inputs[layer].detach().cpu())
-                for layer in union:
-                    if not varies[layer] and isinstance(acts.get(layer), Tensor):
-                        ref = first.setdefault(layer, acts[layer][:1])
-                        varies[layer] = bool((acts[layer] != ref).any())
-                logits = logits.detach()
-                logits_chunks.append(logits)
-                for i, s in enumerate(scores):
-                    if s.needs_own_pass:
-                        continue
-                    with Timed() as t, torch.no_grad():
-                        a = LayerActivations(  # normalised per layer, or by the score after concat
-                            (
-                                layer,
-                                acts[layer]
-                                if s.normalises_concatenation
-                                else normalise_activation(acts[layer], s.act_norm),
+        # one pass at a time on a model shared by sessions or threads, in eval mode
+        with exclusive_eval(self.net):
+            try:
+                n = len(data)
+                for start in range(0, n, bs):
+                    stop = min(start + bs, n)
+                    # a copy: a network editing its input in place never changes the caller's data
+                    xb = data[start:stop].to(device=device, dtype=dtype, copy=True)
+                    if from_cache:
+                        logits = stored[None][0][start:stop].to(device)
+                        acts = {layer: stored[layer][0][start:stop].to(device) for layer in union}
+                        inputs = {
+                            layer: stored[layer][1][start:stop].to(device)
+                            for layer in union
+                            if stored[layer][1] is not None
+                        }
+                    else:
+                        with Timed() as t, torch.no_grad():
+                            logits = rec(xb)
+                        t_forward += t.seconds
+                        n_calls += 1
+                        if not isinstance(logits, Tensor) or logits.ndim != 2:
+                            raise ValueError(
+                                "The network must return logits of shape (N, n_classes); got "
+                                f"{type(logits).__name__} {getattr(logits, 'shape', '')}."
                             )
-                            for layer in s.layers
-                        )
-                        a.inputs = {layer: inputs[layer] for layer in s.layers if layer in inputs}
-                        chunks[i].append({k: v.detach() for k, v in s.extract(logits, a).items()})
-                    seconds[i] += t.seconds
-                for i, s in enumerate(scores):
-                    if not s.needs_own_pass:
-                        continue
-                    with Timed() as t:
-                        chunks[i].append({k: v.detach() for k, v in s.extract_own(rec, xb).items()})
-                    seconds[i] += t.seconds
-                if progress is not None:
-                    progress(stop, n)
-        finally:
-            self.net.train(was_training)
-            if not from_cache:
-                rec.record(*previous)
+                        acts, inputs = dict(rec.activations), dict(rec.inputs)
+                        for layer, (outs, ins) in keep.items():
+                            outs.append(acts[layer].detach().cpu())
+                            if layer in inputs:
+                                ins.append(inputs[layer].detach().cpu())
+                    for layer in union:
+                        if not varies[layer] and isinstance(acts.get(layer), Tensor):
+                            ref = first.setdefault(layer, acts[layer][:1])
+                            varies[layer] = bool((acts[layer] != ref).any())
+                    logits = logits.detach()
+                    logits_chunks.append(logits)
+                    for i, s in enumerate(scores):
+                        if s.needs_own_pass:
+                            continue
+                        with Timed() as t, torch.no_grad():
+                            a = LayerActivations(  # normalised per layer, or by the score after concat
+                                (
+                                    layer,
+                                    acts[layer]
+                                    if s.normalises_concatenation
+                                    else normalise_activation(acts[layer], s.act_norm),
+                                )
+                                for layer in s.layers
+                            )
+                            a.inputs = {
+                                layer: inputs[layer] for layer in s.layers if layer in inputs
+                            }
+                            chunks[i].append(
+                                {k: v.detach() for k, v in s.extract(logits, a).items()}
+                            )
+                        seconds[i] += t.seconds
+                    for i, s in enumerate(scores):
+                        if not s.needs_own_pass:
+                            continue
+                        with Timed() as t:
+                            chunks[i].append(
+                                {k: v.detach() for k, v in s.extract_own(rec, xb).items()}
+                            )
+                        seconds[i] += t.seconds
+                    if progress is not None:
+                        progress(stop, n)
+            finally:
+                if not from_cache:
+                    rec.record(*previous)
         all_logits = torch.cat(logits_chunks)
         if torch.isnan(all_logits).any():
             raise ValueError(

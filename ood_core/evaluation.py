@@ -56,8 +56,8 @@ class Evaluation:
 
     @classmethod
     def for_net(cls, net: Recorder | nn.Module, example: Tensor, **kwargs) -> Evaluation:
-        """An evaluation of ``net`` (a Recorder, or a network whose Recorder is built once and
-        kept on it), traced with the example batch ``example``."""
+        """An evaluation of ``net`` (a Recorder, or a network traced here with the example
+        batch ``example``; nothing is stored on the network)."""
         return cls(Engine.for_net(net, example).recorder, **kwargs)
 
     # ------------------------------------------------------------------ binding

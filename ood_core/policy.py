@@ -11,6 +11,11 @@ files are off unless the operator enables them:
 * ``OOD_LENS_DATA_ROOTS`` — folders (separated by ``:``, ``;`` on Windows) under which local data
   files and hub directories must lie; symlinks and ``..`` are resolved before the check.
 
+Every file a data loader reads goes through :func:`read_data_file` (or :func:`check_data_file`
+first): not only the file or folder named, but each image of a folder and each file an image row
+of a parquet references by path are resolved, confined to the roots, and must be regular files
+(a FIFO or a device would block or never end).
+
 The bundled models and datasets and Hugging Face dataset ids are always available.
 """
 
@@ -20,6 +25,7 @@ import difflib
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +77,97 @@ def confine_path(path: str | Path, roots: Iterable[str | Path]) -> Path:
             f"roots ({shown}). Use a file or folder under one of them."
         )
     return resolved
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_regular(path: str | Path, resolved: Path, mode: int) -> Exception:
+    from ood_core.data import DataUnavailableError
+
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    via = "" if Path(path) == resolved else f" (it resolves to {resolved})"
+    return DataUnavailableError(
+        f"'{path}' is {kind}{via}, not a regular file: data loaders read regular files only. "
+        "Point to (or copy the data into) a regular file."
+    )
+
+
+def _too_big(path: str | Path, size: int, max_bytes: int) -> Exception:
+    from ood_core.data import DataUnavailableError
+
+    return DataUnavailableError(
+        f"'{path}' is {size / 1e9:.3g} GB, above the {max_bytes / 1e9:.3g} GB a data file may "
+        "have (ood_core.data.MAX_BYTES): split it, or raise that limit."
+    )
+
+
+def check_data_file(
+    path: str | Path,
+    roots: Iterable[str | Path] | None = None,
+    *,
+    base: str | Path | None = None,
+    max_bytes: int | None = None,
+) -> tuple[Path, os.stat_result]:
+    """Check a file a data loader is about to open, without opening it: ``path`` resolved
+    (``~``, ``..``, symlinks; relative paths against ``base`` when given), inside one of
+    ``roots`` when they are given (:func:`confine_path`), an existing regular file (not a FIFO,
+    device, socket or folder) of at most ``max_bytes``. Returns the resolved path and its stat.
+
+    Raises :class:`SourceNotAllowedError` outside the roots, else
+    :class:`ood_core.data.DataUnavailableError` naming the file and the fix."""
+    from ood_core.data import DataUnavailableError
+
+    p = Path(path).expanduser()
+    if base is not None and not p.is_absolute():
+        p = Path(base) / p
+    resolved = confine_path(p, roots) if roots is not None else p.resolve()
+    try:
+        st = os.stat(resolved)
+    except FileNotFoundError:
+        raise DataUnavailableError(f"No such file: {path}.") from None
+    except OSError as exc:
+        raise DataUnavailableError(f"Cannot read '{path}': {exc.strerror or exc}.") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, resolved, st.st_mode)
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise _too_big(path, st.st_size, max_bytes)
+    return resolved, st
+
+
+def read_data_file(
+    path: str | Path,
+    roots: Iterable[str | Path] | None = None,
+    *,
+    base: str | Path | None = None,
+    max_bytes: int | None = None,
+) -> tuple[Path, bytes]:
+    """The bytes of a file a data loader reads, after :func:`check_data_file` (same arguments);
+    the only way loaders open files. The file is opened without following a last-moment symlink
+    and without blocking, and checked again once open (a file swapped for a FIFO is refused)."""
+    resolved, _ = check_data_file(path, roots, base=base, max_bytes=max_bytes)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(resolved, flags)
+    except OSError as exc:
+        from ood_core.data import DataUnavailableError
+
+        raise DataUnavailableError(f"Cannot read '{path}': {exc.strerror or exc}.") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, resolved, st.st_mode)
+        raw = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise _too_big(path, max(len(raw), st.st_size), max_bytes)
+    return resolved, raw
 
 
 def _parse_allow(text: str) -> frozenset[str]:

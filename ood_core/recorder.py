@@ -14,7 +14,7 @@ Typical use (as in the reference library)::
 
 from __future__ import annotations
 
-import weakref
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +24,10 @@ import torch
 import torchinfo
 from torch import nn
 
-from ood_core.core import LayerId, Progress
+from ood_core.core import LayerId, Progress, exclusive_eval, net_lock
 from ood_core.layer_ids import layer_text, layers_text, parse_layer_id, parse_layer_ids
 
-__all__ = ["LayerId", "LayerInfo", "Recorder", "parse_layer_ids"]
+__all__ = ["LayerId", "LayerInfo", "Recorder", "net_lock", "parse_layer_ids"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ def first_tensor(output: Any) -> torch.Tensor | None:
             if t is not None:
                 return t
     return None
+
+
+def _copies(args: tuple) -> tuple:
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 class Recorder(nn.Module):
@@ -88,27 +92,26 @@ class Recorder(nn.Module):
         example = tuple(input_data.shape) if input_data is not None else tuple(input_size or ())
         self.input_shape: tuple[int, ...] = tuple(int(d) for d in example[1:])
         """Per-sample shape of the example the layer table was traced with (no batch dim)."""
-        was_training = net.training
-        net.eval()
         try:
-            self.summary = torchinfo.summary(
-                net,
-                input_data=input_data,
-                input_size=input_size,
-                verbose=0,
-                depth=100,
-                col_names=("input_size", "output_size", "num_params", "params_percent"),
-                row_settings=("var_names", "depth"),
-                **summary_kwargs,
-            )
+            with exclusive_eval(net):  # torchinfo's hooks must see this trace only
+                self.summary = torchinfo.summary(
+                    net,
+                    input_data=_copies((input_data,))[0],  # the caller's example stays intact
+                    input_size=input_size,
+                    verbose=0,
+                    depth=100,
+                    col_names=("input_size", "output_size", "num_params", "params_percent"),
+                    row_settings=("var_names", "depth"),
+                    **summary_kwargs,
+                )
         except Exception as exc:  # torchinfo wraps the model's own error
             shape = tuple(input_data.shape) if input_data is not None else tuple(input_size or ())
+            cause = exc.__cause__ or exc  # torchinfo's own message says "see above"
             raise ValueError(
-                f"The network failed on an example input of shape {shape}: {exc}. Check that the "
-                "data matches what the model expects (channels, height, width)."
+                f"The network failed on an example input of shape {shape}: "
+                f"{type(cause).__name__}: {cause}. Check that the data matches what the model "
+                "expects (channels, height, width)."
             ) from exc
-        finally:
-            net.train(was_training)
         names = {id(m): name for name, m in net.named_modules()}
         self._infos = {(li.depth, li.depth_index): li for li in self.summary.summary_list}
         self._names = {lid: names.get(id(li.module), "") for lid, li in self._infos.items()}
@@ -122,8 +125,8 @@ class Recorder(nn.Module):
         self.activations: dict[LayerId, torch.Tensor] = {}
         self.inputs: dict[LayerId, torch.Tensor] = {}
         self._calls: dict[int, int] = {}
-        self._handles: list[Any] = []
-        self._finalizer = weakref.finalize(self, Recorder._remove_handles, self._handles)
+        self._versions: dict[tuple[LayerId, bool], int] = {}
+        self._copy: set[LayerId] = set()
 
     # ------------------------------------------------------------------ layer table
     @property
@@ -227,63 +230,84 @@ class Recorder(nn.Module):
         """Record these layer ids from now on (replaces the previous selection); returns self.
 
         As in the reference library, duplicates and the order given are ignored: ``recording``
-        lists the layers in network (call) order."""
+        lists the layers in network (call) order. Nothing is attached to the network here: the
+        hooks exist only while :meth:`forward` runs."""
         order = {lid: i for i, lid in enumerate(self.layer_ids)}
         ids = tuple(sorted({self.check_layer(layer) for layer in layers}, key=order.__getitem__))
-        self._remove_handles(self._handles)
         self.recording = ids
         self.activations = {}
-        if not ids:
-            return self
-        ref = weakref.ref(self)
-        root = self._infos[(0, 1)].module
-        self._handles.append(root.register_forward_pre_hook(lambda *_: Recorder._reset(ref)))
-        for mid in {id(self._infos[lid].module) for lid in ids}:
-            module = self._module_by_id[mid]
-            self._handles.append(module.register_forward_hook(Recorder._make_hook(ref, mid)))
+        self.inputs = {}
         return self
 
-    @staticmethod
-    def _reset(ref: weakref.ReferenceType[Recorder]) -> None:
-        self = ref()
-        if self is not None:
-            self._calls.clear()
-            self.activations = {}
-            self.inputs = {}
+    @property
+    def copied_layers(self) -> tuple[LayerId, ...]:
+        """Recorded layers whose output (or input) the network later modified in place (e.g. a
+        BatchNorm followed by ``ReLU(inplace=True)``): they are copied as they are returned."""
+        return tuple(sorted(self._copy))
 
-    @staticmethod
-    def _make_hook(ref: weakref.ReferenceType[Recorder], mid: int) -> Callable[..., None]:
+    def _hook(self, mid: int, owner: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self = ref()
-            if self is None:
+            if threading.get_ident() != owner:  # another thread's forward on the same module
                 return
             k = self._calls.get(mid, 0)
             self._calls[mid] = k + 1
             ids = self._ids_of_module[mid]
             if k < len(ids) and ids[k] in self.recording:
-                tensor = first_tensor(output)
-                if tensor is not None:
-                    self.activations[ids[k]] = tensor
-                    inp = first_tensor(args)
-                    if inp is not None:
-                        self.inputs[ids[k]] = inp
+                lid = ids[k]
+                for store, value in ((self.activations, output), (self.inputs, args)):
+                    tensor = first_tensor(value)
+                    if tensor is None:
+                        continue
+                    if lid in self._copy:
+                        tensor = tensor.clone()
+                    store[lid] = tensor
+                    self._versions[(lid, store is self.inputs)] = tensor._version
 
         return hook
 
-    @staticmethod
-    def _remove_handles(handles: list[Any]) -> None:
-        for h in handles:
-            h.remove()
-        handles.clear()
+    def _run(self, args: tuple, kwargs: dict) -> Any:
+        """One forward pass of the network with this recorder's hooks installed (removed after)."""
+        self._calls = {}
+        self.activations = {}
+        self.inputs = {}
+        self._versions = {}
+        owner = threading.get_ident()
+        handles = [
+            self._module_by_id[mid].register_forward_hook(self._hook(mid, owner))
+            for mid in {id(self._infos[lid].module) for lid in self.recording}
+        ]
+        try:
+            return self.net(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _modified_in_place(self) -> set[LayerId]:
+        """Recorded layers whose tensor was written in place after it was returned."""
+        out = set()
+        for (lid, is_input), version in self._versions.items():
+            tensor = (self.inputs if is_input else self.activations).get(lid)
+            if tensor is not None and tensor._version != version:
+                out.add(lid)
+        return out
 
     def close(self) -> None:
-        """Remove every hook from the wrapped network (also done when the Recorder is collected)."""
-        self._remove_handles(self._handles)
+        """Stop recording (the network carries no hook of this recorder between passes)."""
         self.recording = ()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the network; afterwards :attr:`activations` holds the recorded layers' outputs."""
-        out = self.net(*args, **kwargs)
+        """Run the network; afterwards :attr:`activations` holds the recorded layers' outputs.
+
+        Thread-safe: passes of every recorder on one network are serialised (:func:`net_lock`),
+        tensor arguments are copied so that a network editing its input in place never changes
+        the caller's tensors, and a recorded output that the network later modifies in place is
+        recorded again as a copy (the pass is rerun once; :attr:`copied_layers`)."""
+        with net_lock(self.net):
+            out = self._run(_copies(args), kwargs)
+            changed = self._modified_in_place() - self._copy
+            if changed:
+                self._copy |= changed
+                out = self._run(_copies(args), kwargs)
         missing = [lid for lid in self.recording if lid not in self.activations]
         if missing:
             raise RuntimeError(

@@ -18,6 +18,7 @@ from torch import nn
 
 from ood_core import data as data_mod
 from ood_core import hub
+from ood_core.core import predicted_classes
 from ood_core.hub import HubUnavailableError
 from ood_core.policy import SourcePolicy
 from ood_lens_app.layers import LayerChoices, layer_choices
@@ -51,15 +52,23 @@ def _load_model(repo: str, entry: str, trust_repo: bool) -> nn.Module:
 
 
 def load_dataset(source: str, split: str, config: str | None = None) -> data_mod.ImageDataset:
-    """Checked against :func:`source_policy` (local paths confined to its data roots), cached."""
+    """Checked against :func:`source_policy` (local paths confined to its data roots), cached
+    per content: a local file or folder rewritten in place (even with its mtime kept) is
+    loaded again (:func:`ood_core.data.source_fingerprint`)."""
     policy = source_policy()
     policy.check_data_source(source)
-    return _load_dataset(source, split, config, policy.load_roots())
+    roots = policy.load_roots()
+    fingerprint = data_mod.source_fingerprint(source, roots)
+    return _load_dataset(source, split, config, roots, fingerprint)
 
 
 @st.cache_resource(show_spinner="Loading data...", max_entries=12)
 def _load_dataset(
-    source: str, split: str, config: str | None, roots: tuple[str, ...] | None
+    source: str,
+    split: str,
+    config: str | None,
+    roots: tuple[str, ...] | None,
+    fingerprint: str | None = None,
 ) -> data_mod.ImageDataset:
     return data_mod.load(source, split, config, roots=roots)
 
@@ -116,24 +125,6 @@ def current_layer_choices() -> LayerChoices:
 
 
 # ---------------------------------------------------------------------------- predictions
-def predict(net: nn.Module, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-    """Predicted classes ``(N,)`` (argmax of the logits), batched, without gradients."""
-    param = next(net.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
-    out = []
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                x = images[start : start + batch_size].to(device=device, dtype=dtype)
-                out.append(net(x).argmax(1).cpu())
-    finally:
-        net.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
-
-
 @st.cache_data(show_spinner="Computing the model's accuracy...", max_entries=16)
 def test_predictions(
     repo: str, entry: str, source: str, split: str, config: str | None, n: int, seed: int
@@ -141,4 +132,4 @@ def test_predictions(
     """Predicted classes of the test subset a run scores (``n`` samples drawn with ``seed``)."""
     net = load_model(repo, entry)
     test = load_dataset(source, split, config).subset(n, seed)
-    return predict(net, test.images)
+    return predicted_classes(net, test.images)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 from torch import nn
@@ -82,15 +80,16 @@ def test_activations_equal_module_outputs(net):
     assert rec.recording[0] == (0, 1) and rec.recording.index((2, 1)) < rec.recording.index((1, 3))
 
 
-def test_direct_net_calls_are_recorded_too_and_reset(net):
+def test_calls_through_the_recorder_reset_and_direct_net_calls_touch_nothing(net):
     rec = Recorder(net, input_data=torch.rand(1, 3))
     rec.record((1, 4))
     x1, x2 = torch.rand(2, 3), torch.rand(2, 3)
-    net(x1)
-    net(x2)  # counters reset per forward: (1, 4) is still the second call of `shared`
-    torch.testing.assert_close(
-        rec.activations[(1, 4)], net.shared(net.shared(net.block(net.a(x2))))
-    )
+    rec(x1)
+    rec(x2)  # counters reset per forward: (1, 4) is still the second call of `shared`
+    expected = net.shared(net.shared(net.block(net.a(x2))))
+    torch.testing.assert_close(rec.activations[(1, 4)], expected)
+    net(x1)  # the network alone carries no hook of the recorder: nothing is recorded
+    torch.testing.assert_close(rec.activations[(1, 4)], expected)
 
 
 def test_unknown_layer_id_is_a_clear_error(net):
@@ -117,13 +116,18 @@ def test_layer_not_reached_is_a_clear_error():
         rec(-torch.ones(1, 2))
 
 
-def test_hooks_are_removed_when_recorder_is_gone(net):
+def test_the_network_carries_no_hook_or_attribute_between_passes(net):
+    before = set(net.__dict__)
     rec = Recorder(net, input_data=torch.rand(1, 3))
-    rec.record((1, 1), (1, 3))
-    assert len(net.a._forward_hooks) == 1
-    del rec
-    gc.collect()
-    assert len(net.a._forward_hooks) == 0 and len(net._forward_pre_hooks) == 0
+    rec.record((1, 1), (1, 3), (0, 1))
+    seen = []
+    net.a.register_forward_hook(lambda m, i, o: seen.append(len(net.a._forward_hooks)))
+    rec(torch.rand(2, 3))
+    assert seen == [2]  # the recorder's hook exists only while its pass runs
+    modules = [net, *net.modules()]
+    assert sum(len(m._forward_hooks) for m in modules) == 1  # the test's own hook only
+    assert not any(m._forward_pre_hooks for m in modules)
+    assert set(net.__dict__) == before
 
 
 def test_wrong_input_shape_names_the_shape(net):
