@@ -111,7 +111,7 @@ def apply_data(
         return False
     try:
         for split in dict.fromkeys((cal_split, test_split)):
-            load_dataset(source, split, config)
+            load_dataset(source, split, config).require_labels()  # InD data needs classes
     except Exception as exc:  # noqa: BLE001 - callbacks must never raise into the page
         state["data_error"] = load_message(exc, f"'{source}'")
         return False

@@ -7,9 +7,10 @@ import io
 
 import pandas as pd
 import pytest
+import torch
 
 from ood_core import pipeline
-from ood_core.data import DataUnavailableError
+from ood_core.data import DataUnavailableError, ImageDataset
 from ood_core.hub import HubUnavailableError
 from ood_core.pipeline import RunCache, RunConfig, ScenarioSpec, ScoreSpec, example_config
 from ood_lens_app import runs, sources, state
@@ -192,6 +193,9 @@ def test_apply_data_and_incompatible_layers() -> None:
     def load(source, split, config):
         if source == "missing.npz":
             raise DataUnavailableError("No such file: missing.npz")
+        labels = torch.full((4,), -1) if source == "flat_folder" else torch.arange(4) % 2
+        names = [] if source == "flat_folder" else ["a", "b"]
+        return ImageDataset(torch.zeros(4, 1, 2, 2), labels, names, name=source)
 
     def broken_picks() -> list[str]:
         raise ValueError("The network failed on an example input")
@@ -209,3 +213,7 @@ def test_apply_data_and_incompatible_layers() -> None:
     assert s["data_error"] == "No such file: missing.npz" and s["ind_source"] == "o/d"
     assert not sources.apply_data(s, "  ", "test", "test", None, load, broken_picks)
     assert "Give a dataset" in s["data_error"]
+    # an unlabelled folder (the usual OoD layout) cannot be the InD data: said, data kept
+    assert not sources.apply_data(s, "flat_folder", "test", "test", None, load, broken_picks)
+    assert "has no labels" in s["data_error"] and "OoD set" in s["data_error"]
+    assert s["ind_source"] == "o/d"
