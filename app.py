@@ -11,11 +11,18 @@ the run store folder.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from ood_lens_app import layout, runs, state
 
-st.set_page_config(layout="wide", page_title="ood-lens", page_icon=":material/center_focus_weak:")
+FAVICON = Path(__file__).resolve().parent / "assets" / "favicon.png"
+"""The browser-tab icon, served by this server: a ``:material/...:`` page_icon would make the
+browser fetch an SVG from fonts.gstatic.com on every page change (and fail offline); the page
+icons of the navigation are then never used as the favicon."""
+
+st.set_page_config(layout="wide", page_title="ood-lens", page_icon=str(FAVICON))
 state.init_state()
 runs.check_cancelled(st.session_state)
 if (pending := st.session_state.pop("pending_settings", None)) is not None:

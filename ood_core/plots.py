@@ -281,6 +281,23 @@ def wrap_label(text: str, width: int = 28) -> str:
     return "<br>".join(lines)
 
 
+SUMMARY_MAX_COLS = 6
+"""Columns of :func:`summary_plot`'s grid; more scores (or OoD sets) wrap onto further rows."""
+
+
+def grid_spacing(
+    n_rows: int, n_cols: int, vertical: float, horizontal: float
+) -> tuple[float, float]:
+    """``(vertical, horizontal)`` subplot spacing (fractions of the plot area) for an
+    ``n_rows`` x ``n_cols`` grid: the wanted values, lowered where needed to stay inside what
+    ``make_subplots`` accepts (``< 1 / (n - 1)``), so that any count of panels draws."""
+
+    def fit(wanted: float, n: int) -> float:
+        return 0.0 if n < 2 else min(wanted, 0.5 / (n - 1))
+
+    return fit(vertical, n_rows), fit(horizontal, n_cols)
+
+
 def summary_plot(
     confs_ind: Any,
     confs_oods: Sequence[Any],
@@ -289,10 +306,12 @@ def summary_plot(
     oods_title: Sequence[str] | None = None,
     convex_hull: bool = False,
 ) -> go.Figure:
-    """Seed-style grid. Row 1: one histogram per score, scenarios coloured (legend at the top
-    right). Row 2: one ROC per OoD set, scores coloured (legend at the bottom right). Subplot
-    titles are wrapped (:func:`wrap_label`) so they never overlap. ``confs_ind``
-    ``(n_scores, n_ind)``, ``confs_oods[i]`` ``(n_scores, n)``."""
+    """Seed-style grid. Top: one histogram per score, scenarios coloured (legend at the top
+    right). Bottom: one ROC per OoD set, scores coloured (legend at the bottom right). At most
+    :data:`SUMMARY_MAX_COLS` panels a row: more scores or OoD sets (a layer sweep) wrap onto
+    further rows, and the figure grows in height, so any count draws. Subplot titles are wrapped
+    (:func:`wrap_label`) so they never overlap. ``confs_ind`` ``(n_scores, n_ind)``,
+    ``confs_oods[i]`` ``(n_scores, n)``."""
     from ood_core.report import score_label
 
     ind = _np(confs_ind)
@@ -301,46 +320,57 @@ def summary_plot(
         list(oods_title) if oods_title is not None else [f"OoD {i + 1}" for i in range(len(oods))]
     )
     names = [score_label(s, layers, multiline=False) for s, layers in scores_and_layers]
-    n_cols = max(len(names), len(oods), 1)
+    n_cols = max(1, min(max(len(names), len(oods)), SUMMARY_MAX_COLS))
+    hist_rows = max(1, -(-len(names) // n_cols))
+    roc_rows = max(1, -(-len(oods) // n_cols))
+    n_rows = hist_rows + roc_rows
     width = max(12, 110 // n_cols)
+    hist_titles = [wrap_label(n, width) for n in names]
+    roc_titles = [wrap_label(f"InD vs {t}", width) for t in titles]
     subplot_titles = [
-        *[wrap_label(n, width) for n in names],
-        *[""] * (n_cols - len(names)),
-        *[wrap_label(f"InD vs {t}", width) for t in titles],
-        *[""] * (n_cols - len(oods)),
+        *hist_titles,
+        *[""] * (hist_rows * n_cols - len(names)),
+        *roc_titles,
+        *[""] * (roc_rows * n_cols - len(oods)),
     ]
     n_lines = max([t.count("<br>") + 1 for t in subplot_titles] or [1])
+    row_px, gap_px = 250, 60 + 16 * n_lines
+    plot_px = n_rows * row_px + (n_rows - 1) * gap_px
+    vertical, horizontal = grid_spacing(n_rows, n_cols, gap_px / plot_px, 0.05)
     fig = make_subplots(
-        rows=2,
+        rows=n_rows,
         cols=n_cols,
         subplot_titles=subplot_titles,
-        vertical_spacing=0.12 + 0.035 * n_lines,
-        horizontal_spacing=0.05,
+        vertical_spacing=vertical,
+        horizontal_spacing=horizontal,
     )
     sc_colors = scenario_colors(titles)
     s_colors = score_colors(names)
     for i in range(len(names)):
         series = {IND_NAME: ind[i], **{t: o[i] for t, o in zip(titles, oods, strict=True)}}
-        add_histograms(fig, series, row=1, col=i + 1, showlegend=(i == 0), colors=sc_colors)
+        row, col = 1 + i // n_cols, 1 + i % n_cols
+        add_histograms(fig, series, row=row, col=col, showlegend=(i == 0), colors=sc_colors)
     for j, ood in enumerate(oods):
         curves = {n: (ind[i], ood[i]) for i, n in enumerate(names)}
+        row, col = 1 + hist_rows + j // n_cols, 1 + j % n_cols
         add_rocs(
             fig,
             curves,
-            row=2,
-            col=j + 1,
+            row=row,
+            col=col,
             convex_hull=convex_hull,
             showlegend=(j == 0),
             colors=s_colors,
             legend="legend2",
         )
-        fig.update_xaxes(title_text="FPR", range=[0, 1], row=2, col=j + 1)
-        fig.update_yaxes(title_text="TPR" if j == 0 else None, range=[0, 1.02], row=2, col=j + 1)
+        fig.update_xaxes(title_text="FPR", range=[0, 1], row=row, col=col)
+        fig.update_yaxes(title_text="TPR" if col == 1 else None, range=[0, 1.02], row=row, col=col)
     fig.update_annotations(font_size=12)
+    top = 70 + 16 * n_lines
     fig.update_layout(
-        height=640 + 40 * n_lines,
+        height=plot_px + top + 80,
         barmode="overlay",
-        margin={"t": 70 + 16 * n_lines},
+        margin={"t": top},
         title={
             "text": "Confidence distributions (top) and ROC curves, OoD = positive (bottom)",
             "y": 0.99,
@@ -440,12 +470,13 @@ def image_grid_figure(
     n = len(imgs)
     n_cols = max(1, min(n_cols, n))
     n_rows = max(1, -(-n // n_cols))
+    vertical, horizontal = grid_spacing(n_rows, n_cols, 0.08, 0.01)
     fig = make_subplots(
         rows=n_rows,
         cols=n_cols,
         subplot_titles=list(captions)[:n],
-        horizontal_spacing=0.01,
-        vertical_spacing=0.08,
+        horizontal_spacing=horizontal,
+        vertical_spacing=vertical,
     )
     for k in range(n):
         img = imgs[k]

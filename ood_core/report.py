@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,12 +167,18 @@ def html_report(
     tables: Sequence[tuple[str, pd.DataFrame]] = (),
     notes: str = "",
     lead_tables: int = 0,
+    problems: list[str] | None = None,
 ) -> str:
     """A self-contained HTML page (plotly.js inlined once; no external URLs): works offline.
 
     Reads like the dashboard: the first ``lead_tables`` tables (e.g. warnings, a headline
     table) first, then the figures, then the other (long) tables, which wrap to the page width
-    (a horizontal scroll bar only for what cannot wrap)."""
+    (a horizontal scroll bar only for what cannot wrap).
+
+    A figure that cannot be drawn never costs the page: its place says so, and a "Figures not
+    drawn" list at the top names each figure and why (``problems``: those found by the caller
+    while building the figures; the ones found here are appended to it)."""
+    problems = [] if problems is None else problems
 
     def table_html(name: str, frame: pd.DataFrame) -> list[str]:
         body = frame.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")
@@ -192,26 +198,39 @@ def html_report(
         parts.append(f"<p>{html.escape(notes)}</p>")
     for name, frame in tables[:lead_tables]:
         parts += table_html(name, frame)
+    lead_at = len(parts)
+    js_included = False
     for k, (name, fig) in enumerate(figures):
         parts.append(f"<h2>{html.escape(name)}</h2>")
-        fig = go.Figure(fig).update_layout(autosize=True, width=None)
-        parts.append(
-            "<div class='figure'>"
-            + pio.to_html(
+        try:
+            fig = go.Figure(fig).update_layout(autosize=True, width=None)
+            body = pio.to_html(
                 fig,
-                include_plotlyjs=(k == 0),
+                include_plotlyjs=not js_included,
                 full_html=False,
                 include_mathjax=False,
                 div_id=f"figure-{k}",
                 default_width="100%",
                 config={"responsive": True, "displaylogo": False},
             )
-            + "</div>"
-        )
+        except Exception as exc:  # noqa: BLE001 - one figure must never cost the report
+            problems.append(figure_problem(name, exc))
+            parts.append(f"<p class='figure-failed'>{html.escape(problems[-1])}</p>")
+            continue
+        js_included = True
+        parts.append(f"<div class='figure'>{body}</div>")
     for name, frame in tables[lead_tables:]:
         parts += table_html(name, frame)
+    if problems:
+        items = "".join(f"<li>{html.escape(p)}</li>" for p in problems)
+        parts.insert(lead_at, f"<h2>Figures not drawn</h2><ul class='figure-failed'>{items}</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def figure_problem(name: str, exc: BaseException) -> str:
+    """The one-line message of a figure that could not be drawn: which one, and why."""
+    return f"Figure '{name}' could not be drawn ({type(exc).__name__}: {exc})."
 
 
 def write_bundle(
@@ -219,19 +238,26 @@ def write_bundle(
     *,
     metrics_frame: pd.DataFrame,
     confidences: pd.DataFrame,
-    report_html: str,
+    report_html: str | Callable[[], str],
     config_toml: str | None = None,
-    run_info: dict[str, Any] | None = None,
+    run_info: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
     force: bool = False,
     protect: Sequence[str | Path] = (),
 ) -> dict[str, Path]:
-    """Write ``metrics.csv``, ``confidences.parquet``, ``report.html`` (and ``config.toml``), then
-    ``run.json`` last (``run_info`` plus ``status`` and each file's size and sha256), into a new
-    folder renamed to ``out_dir`` at the end (:func:`ood_core.outdir.write_atomic`).
+    """Write ``metrics.csv``, ``confidences.parquet`` (and ``config.toml``), then ``report.html``,
+    then ``run.json`` last (``run_info`` plus ``status``, ``warnings`` and each file's size and
+    sha256), into a new folder renamed to ``out_dir`` at the end
+    (:func:`ood_core.outdir.write_atomic`).
 
-    An existing non-empty ``out_dir`` is refused unless ``force`` (then replaced once the new
-    folder is complete); links are never written through; files in ``protect`` are never
-    touched. Raises :class:`~ood_core.outdir.OutputDirError` (a ``ValueError``)."""
+    The numbers come first and never depend on the report: ``report_html`` may be a function,
+    called once they are written; if it fails, ``report.html`` says why, the failure is added to
+    run.json's ``warnings`` and the bundle is still written. ``run_info`` may be a function too
+    (called last, so it can hold what the report found).
+
+    An existing non-empty ``out_dir`` is refused unless ``force`` and it is an earlier ood-lens
+    bundle (then replaced once the new folder is complete); links are never written through;
+    files in ``protect`` are never touched. Raises :class:`~ood_core.outdir.OutputDirError` (a
+    ``ValueError``)."""
     import hashlib
     import io
     import json
@@ -258,15 +284,31 @@ def write_bundle(
         buf = io.BytesIO()
         confidences.to_parquet(buf, index=False)
         yield emit("confidences.parquet", buf.getvalue())
-        yield emit("report.html", report_html.encode("utf-8"))
         if config_toml is not None:
             yield emit("config.toml", config_toml.encode("utf-8"))
+        failed: list[str] = []
+        try:
+            page = report_html() if callable(report_html) else report_html
+        except Exception as exc:  # noqa: BLE001 - the report must never cost the numbers
+            failed.append(
+                f"report.html could not be drawn ({type(exc).__name__}: {exc}); metrics.csv, "
+                "confidences.parquet and config.toml hold every number."
+            )
+            page = (
+                "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ood-lens report</title>"
+                f"</head><body><h1>ood-lens report</h1><p>{html.escape(failed[0])}</p>"
+                "</body></html>"
+            )
+        yield emit("report.html", page.encode("utf-8"))
+        extra = (run_info() if callable(run_info) else run_info) or {}
         info = {
             "status": "complete",
-            **(run_info or {}),
+            **extra,
             "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "files": digests,
         }
+        if failed:
+            info["warnings"] = [*info.get("warnings", []), *failed]
         yield "run.json", (json.dumps(info, indent=2, default=str) + "\n").encode("utf-8")
 
     out = write_atomic(out_dir, files(), force=force, protect=protect)

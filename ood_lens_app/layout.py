@@ -101,18 +101,32 @@ def sidebar_lines(state: Mapping[str, Any]) -> list[str]:
     else:
         lines.append("**Last run:** none yet")
     if state.get("run_id"):
-        lines.append(f"**Saved as:** `{state['run_id']}`")
+        from ood_lens_app import run_store
+
+        saving = run_store.is_saving(state["run_id"])
+        lines.append(f"**{'Saving' if saving else 'Saved'} as:** `{state['run_id']}`")
     if state.get("run_status") == "cancelled":
         lines.append("**Run status:** the last run was cancelled")
     return lines
 
 
 def sidebar() -> None:
-    """Current model / data / layers / run status, and short help (shown on every page)."""
+    """Current model / data / layers / run status, and short help (shown on every page). A run
+    the store could not save is said so (a warning, here and on the page), never "Saved as"."""
+    from ood_lens_app import runs
+
+    shown = st.session_state.get("run_id")
+    problem = runs.check_saved(st.session_state)
+    if problem:
+        if shown and st.query_params.get("run") == shown:
+            del st.query_params["run"]  # the URL must not name a run that does not exist
+        st.warning(problem, icon=":material/warning:")
     with st.sidebar:
         st.markdown("### Current setup")
         for line in sidebar_lines(st.session_state):
             st.markdown(line)
+        if problem:
+            st.warning(problem, icon=":material/warning:")
         with st.expander("Help", icon=":material/help:"):
             st.markdown(HELP)
 
@@ -120,12 +134,14 @@ def sidebar() -> None:
 # ---------------------------------------------------------------------------- run state
 def restore_from_url() -> None:
     """A URL naming a saved run (``?run=ID``) that is not on screen: restore it (settings and
-    result); otherwise put the id on screen into the URL."""
+    result); otherwise put the id on screen into the URL. A saved run whose model repository is
+    not trusted in this session waits for its trust box (:func:`runs.restore_trust_prompt`)."""
     from ood_lens_app import runs
 
     asked = runs.sync_url(st.session_state, st.query_params)
-    if asked and runs.restore_run(asked) is None:
+    if asked and runs.restore_run(asked) is None and not st.session_state.get("trust_request"):
         st.error(st.session_state["run_error"], icon=":material/error:")
+    runs.restore_trust_prompt()
 
 
 def run_notices() -> None:

@@ -2,7 +2,12 @@
 (:func:`ood_core.pipeline.export`: config.toml, metrics.csv, confidences.parquet, report.html,
 run.json written last) in a folder named by the run's id, listed, read back, compared, deleted.
 
-No Streamlit here. The folder is ``$OOD_LENS_RUNS`` (default ``~/.cache/ood-lens/runs``). A run
+No Streamlit here. The folder is ``$OOD_LENS_RUNS`` (default ``~/.cache/ood-lens/runs``). A save
+never fails silently: :func:`save` raises :class:`StoreError` when the folder cannot take a run,
+and a background save that fails later (a full disk) is reported by :func:`save_error`, both as
+"not saved: <reason>; set OOD_LENS_RUNS to a writable folder". Ids sort strictly by creation
+time (microseconds, increasing within the process), so pruning to ``$OOD_LENS_RUNS_KEEP`` keeps
+the newest runs and never deletes the run being saved. A run
 read back holds what the bundle holds (:class:`ood_core.bundle.Bundle`: config, metric frame,
 confidences, run.json); :func:`ood_core.bundle.to_result` turns it back into the
 :class:`~ood_core.pipeline.RunResult` the Results page shows, without fitting or scoring.
@@ -11,8 +16,10 @@ confidences, run.json); :func:`ood_core.bundle.to_result` turns it back into the
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
@@ -36,7 +43,14 @@ KEEP = 50
 """Runs kept by default (a bundle is about 5 MB, most of it the HTML report)."""
 HEADLINE = "AUC()"
 """The metric the run list shows (mean over scores and scenarios)."""
-_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
+_ID = re.compile(r"^\d{8}-\d{6}(-\d{6})?-[0-9a-f]{6}$")
+"""``YYYYmmdd-HHMMSS-uuuuuu-xxxxxx`` (microseconds, then a hash); ids of earlier versions have no
+microseconds."""
+LOG = logging.getLogger("ood_lens.app")
+
+
+class StoreError(OSError):
+    """A run could not be saved to the store; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -71,15 +85,70 @@ def runs_dir(env: Mapping[str, str] | None = None) -> Path:
 
 
 def is_run_id(text: Any) -> bool:
-    """``YYYYmmdd-HHMMSS-xxxxxx`` (never a path)."""
+    """``YYYYmmdd-HHMMSS-uuuuuu-xxxxxx`` or, from earlier versions, ``YYYYmmdd-HHMMSS-xxxxxx``
+    (never a path)."""
     return isinstance(text, str) and bool(_ID.match(text))
 
 
+_CLOCK = threading.Lock()
+_LAST_US = 0
+
+
 def new_id(config_toml: str, when: float | None = None) -> str:
-    """Timestamp plus a short hash of the config and the time."""
-    now = time.time() if when is None else when
-    digest = hashlib.sha256(f"{config_toml}{now!r}{time.perf_counter_ns()}".encode()).hexdigest()
-    return time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + "-" + digest[:6]
+    """Local time to the microsecond plus a short hash of the config; ids made by this process
+    strictly increase (two in the same microsecond get consecutive ones), so sorting ids sorts
+    runs by creation time (:func:`sort_key`)."""
+    global _LAST_US
+    with _CLOCK:
+        us = time.time_ns() // 1000 if when is None else int(round(when * 1e6))
+        if when is None:
+            us = max(us, _LAST_US + 1)
+            _LAST_US = us
+    seconds, micro = divmod(us, 1_000_000)
+    digest = hashlib.sha256(f"{config_toml}{us}{secrets.token_hex(4)}".encode()).hexdigest()
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(seconds))}-{micro:06d}-{digest[:6]}"
+
+
+def sort_key(run_id: str) -> tuple[str, int]:
+    """Creation order of ids: the timestamp, then the microseconds (0 for earlier ids); never
+    the random hash."""
+    parts = run_id.split("-")
+    micro = int(parts[2]) if len(parts) == 4 else 0
+    return f"{parts[0]}-{parts[1]}", micro
+
+
+def not_saved(root: Path | str, exc: BaseException) -> str:
+    """The message of a run that could not be saved in ``root``: why, and what to do."""
+    if isinstance(exc, StoreError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        reason = f"{exc.strerror}{where}"
+    else:
+        reason = str(exc) or type(exc).__name__
+    return (
+        f"This run was not saved to the run store {root}: {reason}; set {ENV_RUNS} to a writable "
+        "folder (then Run again)."
+    )
+
+
+def check_root(root: Path | str) -> Path:
+    """Create the store folder if needed and prove it takes files (creates and removes a probe
+    file); :class:`StoreError` saying why when it cannot (a path under a file, ``/proc``, a
+    read-only place)."""
+    root = Path(root)
+    probe = root / f".ood-lens-probe-{secrets.token_hex(4)}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise StoreError(not_saved(root, exc)) from exc
+    return root
 
 
 def keep_count(env: Mapping[str, str] | None = None) -> int:
@@ -93,33 +162,70 @@ def keep_count(env: Mapping[str, str] | None = None) -> int:
 
 _PENDING: list[threading.Thread] = []
 """Saves still being written in the background (see :func:`wait_pending`)."""
+_SAVING: dict[str, threading.Thread] = {}
+"""Background save of each run id started by this process (see :func:`save_error`)."""
+_FAILED: dict[str, str] = {}
+"""Run id -> why its save failed (:func:`not_saved`)."""
 
 
 def save(
     result: RunResult, root: Path | str, keep: int | None = None, background: bool = False
 ) -> str:
     """Export ``result`` into ``root/<new id>``, then drop all but the newest ``keep`` runs
-    (:func:`keep_count`); returns the id. Raises ``TypeError`` / ``ValueError`` when the config
-    cannot be written as TOML (e.g. a parameter set to None). ``background``: write the bundle
-    (about 0.6 s, mostly the HTML report) in a thread, so that the result shows at once; the
-    export's temporary-folder-then-rename makes a run visible only once complete, and
-    :func:`wait_pending` waits for the writes (readers of the store call it first)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    (:func:`keep_count`; never the run just saved); returns the id.
+
+    Raises ``TypeError`` / ``ValueError`` when the config cannot be written as TOML (e.g. a
+    parameter set to None) and :class:`StoreError` (an ``OSError``) when the store cannot take
+    the run (:func:`check_root`; or, without ``background``, when writing it fails).
+    ``background``: write the bundle (about 0.6 s, mostly the HTML report) in a thread, so that
+    the result shows at once; the export's temporary-folder-then-rename makes a run visible only
+    once complete; :func:`save_error` says whether it was saved, and :func:`wait_pending` waits
+    for the writes (readers of the store call it first)."""
     text = result.config.to_toml()  # fails here, in the caller, when not writable as TOML
+    root = check_root(root)
     run_id = new_id(text)
 
     def write() -> None:
-        pipeline.export(result, root / run_id)
-        prune(root, keep_count() if keep is None else keep)
+        try:
+            pipeline.export(result, root / run_id)
+        except Exception as exc:  # noqa: BLE001 - reported by save_error, never lost silently
+            _FAILED[run_id] = not_saved(root, exc)
+            LOG.error("Run %s not saved: %s", run_id, exc)
+            if not background:
+                raise StoreError(_FAILED[run_id]) from exc
+            return
+        try:
+            prune(root, keep_count() if keep is None else keep, protect=(run_id,))
+        except OSError as exc:  # the run is saved; older ones stay
+            LOG.warning("Could not prune the run store %s: %s", root, exc)
 
     if not background:
         write()
         return run_id
     thread = threading.Thread(target=write, name=f"ood-lens-save-{run_id}", daemon=True)
     _PENDING.append(thread)
+    _SAVING[run_id] = thread
     thread.start()
     return run_id
+
+
+def save_error(run_id: str, timeout: float = 30.0) -> str | None:
+    """Why the save of ``run_id`` failed (:func:`not_saved`: "... not saved ...: <reason>; set
+    OOD_LENS_RUNS to a writable folder"), or None once it is saved (or when this process
+    started no save of it). Waits up to ``timeout`` seconds for a background save still being
+    written (see :func:`is_saving`)."""
+    thread = _SAVING.get(run_id)
+    if thread is not None:
+        thread.join(timeout)
+        if not thread.is_alive():
+            _SAVING.pop(run_id, None)
+    return _FAILED.get(run_id)
+
+
+def is_saving(run_id: str) -> bool:
+    """A background save of ``run_id`` is still being written."""
+    thread = _SAVING.get(run_id)
+    return thread is not None and thread.is_alive()
 
 
 def wait_pending(timeout: float = 60.0) -> None:
@@ -128,10 +234,12 @@ def wait_pending(timeout: float = 60.0) -> None:
         _PENDING.pop(0).join(timeout)
 
 
-def prune(root: Path | str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` saved runs; the ids deleted."""
-    ids = sorted((p.name for p in Path(root).iterdir() if is_run_id(p.name)), reverse=True)
-    gone = ids[max(1, keep) :]
+def prune(root: Path | str, keep: int, protect: tuple[str, ...] = ()) -> list[str]:
+    """Delete all but the newest ``keep`` saved runs (by creation time, :func:`sort_key`), never
+    one in ``protect`` (the run just saved); the ids deleted."""
+    ids = sorted((p.name for p in Path(root).iterdir() if is_run_id(p.name)), key=sort_key)
+    ids.reverse()
+    gone = [run_id for run_id in ids[max(1, keep) :] if run_id not in protect]
     for run_id in gone:
         delete(root, run_id)
     return gone
@@ -187,7 +295,8 @@ def list_runs(root: Path | str) -> pd.DataFrame:
     wait_pending()
     rows = []
     base = Path(root)
-    for folder in sorted(base.iterdir(), reverse=True) if base.is_dir() else []:
+    names = [p.name for p in base.iterdir() if is_run_id(p.name)] if base.is_dir() else []
+    for folder in [base / n for n in sorted(names, key=sort_key, reverse=True)]:
         if not exists(base, folder.name):
             continue
         try:

@@ -198,3 +198,64 @@ def test_background_save_appears_complete_or_not_at_all(tmp_path, small_result):
     assert (tmp_path / run_id / "run.json").is_file()
     assert run_id in run_store.list_runs(tmp_path)["id"].tolist()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+# ==================================================================================================
+# Issue 15: a run the store could not save is said so on the page ("not saved: <reason>; set
+# OOD_LENS_RUNS to a writable folder"), never "Saved as", and the URL never names it.
+# ==================================================================================================
+def _failing_store(how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import errno
+    import os
+
+    from ood_core import outdir
+
+    if how == "under-a-regular-file":
+        (tmp_path / "afile").write_text("x")
+        root = tmp_path / "afile" / "runs"
+    elif how == "proc":
+        root = Path("/proc/ood-lens-test/runs")
+    else:  # a full disk while the bundle is written in the background
+        root = tmp_path / "runs"
+        write = outdir._write_new
+
+        def full(path: Path, data: bytes) -> None:
+            if path.name == "confidences.parquet":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            write(path, data)
+
+        monkeypatch.setattr(outdir, "_write_new", full)
+    monkeypatch.setenv("OOD_LENS_RUNS", str(root))
+    return root
+
+
+@pytest.mark.parametrize("how", ["under-a-regular-file", "proc", "full-disk"])
+def test_the_page_says_a_run_was_not_saved(how: str, tmp_path: Path, monkeypatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    root = _failing_store(how, tmp_path, monkeypatch)
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=180)
+    for key, value in {
+        "w.n_cal": 100,
+        "w.n_test": 50,
+        "w.scores": ["Softmax"],
+        "w.perts": ["vertical_flip"],
+        "w.ood_bundled": [],
+    }.items():
+        at.session_state[key] = value
+    at.switch_page("views/scores.py").run()
+    at.button(key="run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.switch_page("views/results.py").run()  # where the Run leads (AppTest does not follow)
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["result"] is not None  # the result is shown all the same
+    said = [w.value for w in at.warning]
+    assert any("not saved" in w and "set OOD_LENS_RUNS to a writable folder" in w for w in said)
+    assert any("not saved" in w.value for w in at.sidebar.warning)
+    sidebar = " ".join(m.value for m in at.sidebar.markdown)
+    assert "Saved as" not in sidebar and "Saving as" not in sidebar
+    assert at.session_state["run_id"] is None and not at.query_params.get("run")
+    assert not (root.is_dir() and [p for p in root.iterdir() if run_store.is_run_id(p.name)])
+    if how == "full-disk":
+        assert "No space left on device" in " ".join(said)
+        assert list(root.iterdir()) == []  # no half-written run left either
