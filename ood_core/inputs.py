@@ -5,12 +5,15 @@ attribute (``input_shape``, and a value range such as ``"inputs in [0, 1]"`` in 
 A batch that does not match is refused before any forward pass, with a message saying what was
 expected, what was given and how to fix it: integer images, 0-255 floats for a [0, 1] model, the
 wrong size or number of channels would otherwise be scored silently (or end in a raw torch error).
+So are tensors without values (the ``meta`` device), sparse or complex tensors and infinite
+values; a value out of the declared range is named with its position and all its digits.
 """
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +39,20 @@ def declared_shape(net: nn.Module) -> tuple[int, ...] | None:
     return tuple(int(d) for d in shape) if shape is not None else None
 
 
+def show_value(value: float, dtype: torch.dtype = torch.float64) -> str:
+    """The shortest text that reads back as ``value`` in ``dtype`` (narrower dtypes than float64:
+    as float32), e.g. ``'1.0015'`` where ``:.4g`` would print ``'1.002'`` (and ``1.0005`` as
+    ``'1'``)."""
+    return repr(float(value)) if dtype == torch.float64 else str(np.float32(value))
+
+
+def _position(shape: tuple[int, ...], flat_index: int) -> str:
+    """``'sample 3, position (0, 14, 2)'`` of a flat index into a batch of ``shape``."""
+    index = np.unravel_index(flat_index, shape)
+    rest = tuple(int(i) for i in index[1:])
+    return f"sample {int(index[0])}" + (f", position {rest}" if rest else "")
+
+
 def check_inputs(
     net: nn.Module, data: Tensor, traced_shape: tuple[int, ...] | None = None, name: str = "inputs"
 ) -> None:
@@ -46,6 +63,16 @@ def check_inputs(
             f"The {name} must be a torch.Tensor batch (N, C, H, W); got "
             f"{type(data).__name__}. Convert with torch.as_tensor(...)."
         )
+    if data.device.type == "meta":
+        raise ValueError(
+            f"The {name} are on the 'meta' device: a shape without values. Load or compute "
+            "real images (e.g. torch.rand(...), or the data on 'cpu' / 'cuda')."
+        )
+    if data.layout != torch.strided:
+        raise ValueError(
+            f"The {name} must be a dense tensor; got layout {data.layout}. Convert them with "
+            "x.to_dense()."
+        )
     if data.ndim < 2:
         raise ValueError(
             f"The {name} must be a batch (N, ...) with a leading sample dimension; got "
@@ -53,6 +80,11 @@ def check_inputs(
         )
     if len(data) == 0:
         raise ValueError(f"Cannot compute scores on empty {name} (0 samples).")
+    if data.is_complex():
+        raise ValueError(
+            f"The {name} must be real float images; got complex dtype {data.dtype}. Pass "
+            "x.real (or x.abs() for magnitudes), in the model's input range."
+        )
     if not data.is_floating_point():
         hint = " (0-255 images: x.float() / 255)" if data.dtype == torch.uint8 else ""
         raise ValueError(
@@ -67,16 +99,29 @@ def check_inputs(
             f"The {name} have per-sample shape {got} but the model {source} {tuple(expected)} "
             "(C, H, W). Resize or convert them (channels, height, width) to match."
         )
-    if torch.isnan(data).any():
-        raise ValueError(f"The {name} contain NaN values; clean them before scoring.")
+    if not bool(torch.isfinite(data).all()):
+        for what, bad in (("NaN", torch.isnan(data)), ("infinite", torch.isinf(data))):
+            if bad.any():
+                first = _position(tuple(data.shape), int(bad.flatten().nonzero()[0]))
+                raise ValueError(
+                    f"The {name} contain {what} values ({int(bad.sum()):,}, the first at "
+                    f"{first}); clean them before scoring."
+                )
     bounds = declared_range(net)
     if bounds is not None:
         low, high = bounds
         lo, hi = float(data.min()), float(data.max())
         if lo < low - RANGE_TOLERANCE or hi > high + RANGE_TOLERANCE:
             hint = " (0-255 images? divide by 255)" if hi > 2 * max(1.0, high) else ""
+            flat = data.detach().flatten().double()
+            outside = (flat < low - RANGE_TOLERANCE) | (flat > high + RANGE_TOLERANCE)
+            excess = torch.maximum(low - flat, flat - high)
+            worst = int(excess.argmax())
+            show = [show_value(v, data.dtype) for v in (lo, hi, float(flat[worst]))]
             raise ValueError(
-                f"The {name} hold values in [{lo:.4g}, {hi:.4g}] but the model expects inputs in "
-                f"[{low:g}, {high:g}]{hint}. Rescale them (and do not normalise them yourself if "
-                "the model normalises internally)."
+                f"The {name} hold values in [{show[0]}, {show[1]}] but the model expects inputs "
+                f"in [{low:g}, {high:g}]{hint}. Rescale them (and do not normalise them yourself "
+                f"if the model normalises internally). {int(outside.sum()):,} value(s) lie "
+                f"outside [{low:g}, {high:g}] by more than the tolerance {RANGE_TOLERANCE:g}; the "
+                f"farthest is {show[2]} at {_position(tuple(data.shape), worst)}."
             )

@@ -2,6 +2,11 @@
 
 A :class:`Param` names a constructor argument, its type, default and allowed range, and validates
 values with messages that name the owner, the parameter, the value and the allowed range.
+
+Parameters that scale work or memory either declare a bound (``high``, with its reason in
+``help``, e.g. ``Gram(max_gram_order <= 64)``), which validation, widgets, the CLI and the README
+pick up, or the owner estimates the memory they need before computing and refuses with the
+number (:func:`ood_core.budget.check_budget`).
 """
 
 from __future__ import annotations

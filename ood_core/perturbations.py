@@ -59,6 +59,13 @@ __all__ = [
 ]
 
 
+MAX_SEED = 2**64 - 1
+"""Largest ``seed`` (``torch.Generator.manual_seed`` takes 64-bit seeds).
+
+No perturbation parameter scales work or memory beyond the image itself: every numeric one is
+bounded in its declaration (blur ``sigma <= 5`` pixels, ``patch <= 32``, ``bits <= 8``...)."""
+
+
 class Perturbation:
     """Base class: a deterministic map from a batch of images to a perturbed batch.
 
@@ -81,8 +88,15 @@ class Perturbation:
         if unknown:
             expected = ", ".join(known) or "no parameters"
             raise ValueError(f"{name}: unknown parameter(s) {unknown}; expected {expected}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ValueError(f"{name}: parameter 'seed' must be a non-negative int, got {seed!r}")
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, numbers.Integral)
+            or not 0 <= seed <= MAX_SEED
+        ):
+            raise ValueError(
+                f"{name}: parameter 'seed' must be an int in [0, 2**64 - 1] (the range of "
+                f"torch.Generator seeds), got {seed!r}"
+            )
         self.seed = int(seed)
         self.values: dict[str, Any] = {
             p.name: p.validate(params.get(p.name, p.default), name) for p in self.params

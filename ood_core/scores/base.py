@@ -376,9 +376,15 @@ class BaseScore:
             raise ValueError(
                 f"{self!r}: {len(logits)} calibration samples but {len(labels)} labels."
             )
-        self.n_classes = logits.shape[1]
-        self._fit(features, logits, labels)
-        self.fitted = True
+        before = dict(self.__dict__)
+        try:
+            self.n_classes = logits.shape[1]
+            self._fit(features, logits, labels)
+            self.fitted = True
+        except BaseException:  # failed or interrupted (Ctrl-C, a Streamlit rerun): as it was
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
 
     def bind(self, recorder: Recorder, layers: Sequence[LayerId]) -> None:
         """Bind the score to a network: validate ``layers`` (:meth:`check_layers`, which also

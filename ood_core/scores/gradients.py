@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
+from ood_core.budget import check_budget, forward_bytes_per_sample
 from ood_core.layer_ids import layer_text
 from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
@@ -31,6 +32,12 @@ class GradNorm(BaseScore):
     When the only layer is the final ``nn.Linear`` producing the logits, the gradient has the
     closed form ``g ⊗ h`` (``g = (softmax(f/T) - 1/C) / T``, ``h`` the layer's input), so the norm
     is computed inside the shared gradient-free pass; both paths agree (see the tests).
+
+    Frozen layers (parameters with ``requires_grad=False``) are scored too: the per-sample
+    gradients are taken w.r.t. detached copies of the parameters (``torch.func``), so the
+    network's ``requires_grad`` flags are neither needed nor changed. The memory of a batch's
+    per-sample gradients (``batch x parameters of the layers``) is checked before they are
+    computed (:func:`~ood_core.budget.check_budget`).
 
     Huang, Geng & Li, "On the Importance of Gradients for Detecting Distributional Shifts in the
     Wild", NeurIPS 2021.
@@ -58,7 +65,10 @@ class GradNorm(BaseScore):
     def check_layers(
         self, layers: tuple[LayerId, ...], recorder: Recorder | None = None
     ) -> tuple[LayerId, ...]:
-        layers = super().check_layers(layers, recorder)
+        if recorder is not None:
+            layers = self._check_parameters(tuple(layers), recorder)
+        # the generic checks (at least one layer...); the layers' parameters are checked above
+        layers = super().check_layers(layers, None)
         self.__dict__["closed_form"] = False
         self.__dict__["needs_param_grad"] = True
         if recorder is not None and len(layers) == 1:
@@ -71,6 +81,22 @@ class GradNorm(BaseScore):
                 self.__dict__["closed_form"] = True
                 self.__dict__["needs_param_grad"] = False
                 self.__dict__["_has_bias"] = info.module.bias is not None
+        return layers
+
+    def _check_parameters(
+        self, layers: tuple[LayerId, ...], recorder: Recorder
+    ) -> tuple[LayerId, ...]:
+        """The layers in network (call) order without duplicates (as the base class orders
+        them), each holding parameters, trainable or frozen (``requires_grad=False`` is fine:
+        gradients are taken w.r.t. detached copies)."""
+        order = {lid: i for i, lid in enumerate(recorder.layer_ids)}
+        layers = tuple(sorted({recorder.check_layer(lay) for lay in layers}, key=order.__getitem__))
+        for layer in layers:
+            if next(recorder.info(layer).module.parameters(), None) is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs layers holding parameters; "
+                    f"{layer_text(layer)} ({recorder.layer_name(layer)}) has none."
+                )
         return layers
 
     # closed form, inside the shared pass ------------------------------------------------------
@@ -103,6 +129,15 @@ class GradNorm(BaseScore):
         )
         sub = {k: params[k] for k in names}
         t = self.temperature
+        n_params = sum(v.numel() for v in sub.values())
+        check_budget(  # per-sample gradients (and their float64 concatenation), forward + backward
+            f"{self!r}: the per-sample gradients of a batch of {len(x):,} inputs w.r.t. "
+            f"{n_params:,} parameters",
+            len(x)
+            * (n_params * (2 * x.element_size() + 8) + 3 * forward_bytes_per_sample(recorder)),
+            "lower batch_size or choose a layer with fewer parameters",
+            x.device,
+        )
 
         def loss(sub_params: dict[str, Tensor], x1: Tensor) -> Tensor:
             out = functional_call(net, ({**params, **sub_params}, buffers), (x1.unsqueeze(0),))

@@ -7,13 +7,21 @@ import math
 import torch
 from torch import Tensor
 
+from ood_core.budget import check_budget, net_device_dtype, per_sample_numel
 from ood_core.diagnostics import degenerate
 from ood_core.layer_ids import LayerId, layer_text
 from ood_core.params import Param
 from ood_core.scores.base import BaseScore, Features
+from ood_core.scores.labels import UsesLabels
 from ood_core.scores.registry import register_score
 
 PRECISIONS = {"input": None, "float64": torch.float64}
+MAX_GRAM_ORDER = 64
+"""Highest ``max_gram_order`` accepted. Order ``p`` raises activations to the power ``2p``: at
+``p = 64`` any value outside ``[0.5, 2]`` already overflows or underflows float32 (``[2^-8,
+2^8]`` for float64), so higher orders only add NaN or zero statistics, while each order costs
+one more batched ``(ch x L) (L x ch)`` product per sample and ``ch`` (or ``2 ch``) more float64
+features per sample and layer (the paper uses orders up to 10; the default is 8)."""
 CHUNK = 256
 """Test samples per ``(chunk, n_classes, n_stats)`` deviation block in :meth:`Gram._conformity`."""
 
@@ -91,7 +99,7 @@ def deviation(stats: Tensor, low: Tensor, high: Tensor) -> Tensor:
 
 
 @register_score
-class Gram(BaseScore):
+class Gram(UsesLabels, BaseScore):
     """Gram-matrix score (Sastry & Oore), with quantile bands as in OODEEL.
 
     Per layer, Gram statistics of orders ``1..max_gram_order`` (:func:`gram_stats`). Channels: a
@@ -125,6 +133,12 @@ class Gram(BaseScore):
       (``tiniest`` calibrated without the class MNIST digits fall in: AUROC Fashion-MNIST vs
       MNIST 0.40 -> 0.92 on the logits).
 
+    Bounds and memory: ``max_gram_order`` is at most :data:`MAX_GRAM_ORDER` (64). The
+    calibration features (``n x P x S`` float64 per layer), each batch's ``(ch, ch)`` Gram
+    matrices and the ``(chunk, C, P S)`` deviation blocks of the scoring are estimated before
+    they are computed (the features before any forward pass) and refused, with the estimate,
+    when they cannot fit (:func:`~ood_core.budget.check_budget`).
+
     Sastry & Oore, "Detecting Out-of-Distribution Examples with Gram Matrices", ICML 2020.
     """
 
@@ -133,7 +147,16 @@ class Gram(BaseScore):
     layer_rule = "any"
     suggested_layers = ("last_block", "penultimate", "logits")
     params = (
-        Param("max_gram_order", "int", 8, low=1, help="Highest Gram order P."),
+        Param(
+            "max_gram_order",
+            "int",
+            8,
+            low=1,
+            high=MAX_GRAM_ORDER,
+            help=f"Highest Gram order P (at most {MAX_GRAM_ORDER}: beyond it the powers "
+            "overflow or underflow for almost any activation; each order is one more Gram "
+            "product per sample).",
+        ),
         Param(
             "cut_off",
             "float",
@@ -168,6 +191,49 @@ class Gram(BaseScore):
         ),
     )
 
+    @property
+    def uses_labels(self) -> bool:
+        return self.calib_labels == "true"
+
+    # ------------------------------------------------------------------ memory
+    def _n_stats(self, channels: int) -> int:
+        """Statistics per sample and layer: ``P x S`` (``S = ch``, or ``2 ch`` with
+        ``separate_diagonal``)."""
+        return self.max_gram_order * channels * (2 if self.separate_diagonal else 1)
+
+    def check_calibration(self, n_samples: int, class_counts: list[int] | None = None) -> None:
+        """Before any forward pass: the float64 calibration features (``n x P x S`` per layer)
+        and the scoring's deviation blocks must fit in memory."""
+        super().check_calibration(n_samples, class_counts)
+        rec = self.recorder_
+        if rec is None or not self.layers:
+            return
+        device, _ = net_device_dtype(rec.net)
+        stats = []
+        for layer in self.layers:
+            size = tuple(rec.info(layer).output_size)
+            stats.append(self._n_stats(size[1] if len(size) == 4 else 1))  # noqa: PLR2004
+        n_classes = per_sample_numel(rec.info((0, 1)).output_size)
+        check_budget(
+            f"{type(self).__name__}: the float64 Gram features of {n_samples:,} calibration "
+            f"samples ({sum(stats):,} statistics each, max_gram_order={self.max_gram_order})",
+            8 * n_samples * sum(stats),
+            "lower max_gram_order, use fewer calibration samples or layers with fewer channels",
+            device,
+        )
+        self._check_deviation_memory(min(n_samples, CHUNK), n_classes, max(stats), device)
+
+    def _check_deviation_memory(
+        self, n_rows: int, n_classes: int, n_stats: int, device: torch.device
+    ) -> None:
+        check_budget(
+            f"{type(self).__name__}: the ({n_rows:,}, {n_classes:,}, {n_stats:,}) float64 "
+            "deviations from the class bands",
+            4 * 8 * n_rows * n_classes * n_stats,  # below, above, where and the result
+            "lower max_gram_order or use layers with fewer channels",
+            device,
+        )
+
     # ------------------------------------------------------------------ features
     def _channels_view(self, a: Tensor, layer: LayerId) -> Tensor:
         """``(n, channels, values)`` view of one layer's activations."""
@@ -180,6 +246,17 @@ class Gram(BaseScore):
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         dtype = PRECISIONS[self.precision]
+        for d, i in self.layers:  # each batch's (n, ch, ch) Gram matrices, before computing them
+            f = self._channels_view(activations[(d, i)], (d, i))
+            n, ch = f.shape[0], f.shape[1]
+            itemsize = (dtype or f.dtype).itemsize if f.is_floating_point() else 8
+            check_budget(
+                f"{type(self).__name__} @ {layer_text((d, i))}: the ({n:,}, {ch:,}, {ch:,}) Gram "
+                "matrices of a batch",
+                3 * n * ch * ch * itemsize,
+                "lower batch_size or use a layer with fewer channels",
+                f.device,
+            )
         return {
             f"{d}-{i}": gram_stats(
                 self._channels_view(activations[(d, i)], (d, i)),
@@ -196,8 +273,8 @@ class Gram(BaseScore):
 
     # ------------------------------------------------------------------ calibration
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
-        groups = logits.argmax(1) if self.calib_labels == "pred" else labels
         n, n_classes = logits.shape
+        groups = logits.argmax(1) if self.calib_labels == "pred" else labels
         members = [groups == c for c in range(n_classes)]
         counts = [int(m.sum()) for m in members]
         self._warn_sparse_classes(counts)
@@ -313,6 +390,9 @@ class Gram(BaseScore):
         for key, stats in features.items():
             low, high = self.bounds[key]
             expected = self.expected[key]
+            self._check_deviation_memory(
+                min(len(stats), CHUNK), logits.shape[1], low.shape[1], logits.device
+            )
             flat = stats.flatten(1).double()
             if bool(flat.isnan().any()):
                 self._warn_nan(flat, stats.shape[1], self._layer_of(key), "scored")

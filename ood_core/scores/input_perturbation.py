@@ -12,12 +12,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ood_core.budget import (
+    check_budget,
+    forward_bytes_per_sample,
+    net_device_dtype,
+    numel,
+    per_sample_numel,
+)
 from ood_core.diagnostics import degenerate
 from ood_core.engine import Engine
 from ood_core.params import Param
 from ood_core.recorder import Recorder
 from ood_core.scores.aggregation import AGGREGATIONS, AggregationParam, aggregate
 from ood_core.scores.base import BaseScore, Features
+from ood_core.scores.labels import UsesLabels
 from ood_core.scores.registry import register_score
 
 Squeezer = Callable[[Tensor], Tensor]
@@ -68,6 +76,14 @@ def median_smooth(x: Tensor, size: int, style: str = "reference") -> Tensor:
     if size == 1:
         return x
     dims = (1,) if x.ndim == 2 else (x.ndim - 2, x.ndim - 1)
+    window = size ** len(dims)
+    check_budget(  # the windows are materialised (and copied once by the selection)
+        f"median squeezing 'median:{size}' of a batch of {len(x):,} inputs (x{window:,} "
+        "values per pixel)",
+        3 * x.numel() * window * x.element_size(),
+        "use a smaller median window or a smaller batch_size",
+        x.device,
+    )
     windows = x
     for d in dims:
         windows = windows.index_select(
@@ -241,7 +257,7 @@ def _merge_moments(
 
 
 @register_score
-class Odds(BaseScore):
+class Odds(UsesLabels, BaseScore):
     """The odds are odd. With ``g_{y,z}(x) = f_z(x) - f_y(x)`` (log-odds of class ``z`` against
     ``y``) and ``x + eta`` noisy copies of ``x`` (``eta`` uniform in ``[-epsilon, epsilon]`` per
     input element), calibration records, for every class ``y`` and over all pairs (calibration
@@ -260,7 +276,11 @@ class Odds(BaseScore):
     later call continues the same stream (so a second call on the same inputs gives other,
     statistically equivalent, numbers; refit to restart it). On CPU the draws do not depend on
     ``batch_size``, so they equal the reference's exactly. The inputs are kept as features: the
-    noisy passes run at fit and scoring time, ``batch_size`` noisy inputs at a time.
+    noisy passes run at fit and scoring time, ``batch_size`` noisy inputs at a time (but all
+    ``noise_samples`` copies of an input in one pass, so a pass holds at least
+    ``noise_samples`` rows). Memory: the noisy passes are estimated before they start (the
+    fit's before any forward pass) and refused, with the estimate, when they cannot fit
+    (:func:`~ood_core.budget.check_budget`); lower ``noise_samples`` or ``batch_size``.
 
     Extras (not in the reference): ``noise`` (``gaussian``: std ``epsilon``; ``sign``: +-epsilon)
     and ``two_sided`` (aggregate ``|s_yz|``, which also flags inputs whose prediction the noise
@@ -284,7 +304,14 @@ class Odds(BaseScore):
             required=True,
             help="Noise scale: bound of the uniform noise (std of gaussian, size of sign noise).",
         ),
-        Param("noise_samples", "int", 256, low=1, help="Number of noise draws per input."),
+        Param(
+            "noise_samples",
+            "int",
+            256,
+            low=1,
+            help="Number of noise draws per input (each one a forward pass; all draws of an "
+            "input run in one pass, whose memory is checked before it starts).",
+        ),
         Param(
             "z_aggregation",
             "choice",
@@ -350,14 +377,54 @@ class Odds(BaseScore):
         signs = torch.randint(0, 2, shape, generator=self._rng, device=like.device).to(like.dtype)
         return self.epsilon * (1 - 2 * signs)
 
+    def _inputs_per_pass(self, rec: Recorder, n_inputs: int, sample_numel: int) -> int:
+        """Inputs whose ``noise_samples`` noisy copies go through one forward pass."""
+        bs = self.batch_size
+        if bs is None:
+            bs = Engine(rec).auto_batch_size((), sample_numel)
+        return n_inputs if bs == 0 else max(1, bs // self.noise_samples)
+
+    def check_memory(
+        self,
+        rec: Recorder,
+        n_inputs: int,
+        sample_numel: int,
+        itemsize: int,
+        device: torch.device,
+        n_classes: int,
+    ) -> None:
+        """Refuse (:class:`~ood_core.budget.BudgetError`) noisy passes over ``n_inputs`` inputs
+        whose estimated memory (:func:`~ood_core.budget.forward_bytes_per_sample` per noisy row,
+        plus the float64 noisy logits) exceeds the limit."""
+        k = self.noise_samples
+        per_pass = min(n_inputs, self._inputs_per_pass(rec, n_inputs, sample_numel))
+        rows = per_pass * k
+        n_bytes = rows * (forward_bytes_per_sample(rec, itemsize) + 3 * 8 * n_classes)
+        check_budget(
+            f"{type(self).__name__}: a noisy forward pass of {per_pass:,} input(s) x "
+            f"noise_samples={k:,} = {rows:,} rows",
+            n_bytes,
+            "lower noise_samples or batch_size",
+            device,
+        )
+
+    def check_calibration(self, n_samples: int, class_counts: list[int] | None = None) -> None:
+        super().check_calibration(n_samples, class_counts)
+        rec = self.recorder_
+        if rec is None:
+            return
+        device, dtype = net_device_dtype(rec.net)
+        n_classes = per_sample_numel(rec.info((0, 1)).output_size)
+        largest = max(class_counts) if class_counts else n_samples  # fit: one class at a time
+        self.check_memory(rec, largest, numel(rec.input_shape), dtype.itemsize, device, n_classes)
+
     def _noisy_logits(self, x: Tensor) -> Iterable[tuple[slice, Tensor]]:
         """Yield ``(rows of x, noisy logits (m, noise_samples, C))``, chunk by chunk in order."""
         rec = self._noise_recorder
         k = self.noise_samples
-        bs = self.batch_size
-        if bs is None:
-            bs = Engine(rec).auto_batch_size((), x[0].numel())
-        per_chunk = len(x) if bs == 0 else max(1, bs // k)
+        n_classes = per_sample_numel(rec.info((0, 1)).output_size)
+        self.check_memory(rec, len(x), x[0].numel(), x.element_size(), x.device, n_classes)
+        per_chunk = self._inputs_per_pass(rec, len(x), x[0].numel())
         was_training = rec.net.training
         rec.net.eval()
         try:
@@ -380,8 +447,6 @@ class Odds(BaseScore):
         x, c = features["inputs"], logits.shape[1]
         if c < 2:
             raise ValueError(f"{name} needs at least 2 classes (log-odds between classes).")
-        if int(labels.max()) >= c or int(labels.min()) < 0:
-            raise ValueError(f"{name}: calibration labels must lie in [0, {c - 1}].")
         seed = self.rng_seed
         self._rng = None if seed is None else torch.Generator(x.device).manual_seed(seed)
         mean = torch.full((c, c), float("nan"), dtype=torch.float64, device=logits.device)

@@ -7,11 +7,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ood_core.budget import check_budget, net_device_dtype, per_sample_numel
 from ood_core.core import normalise_activation
 from ood_core.layer_ids import LayerId
 from ood_core.params import Param
+from ood_core.recorder import Recorder
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.registry import register_score
+
+SEARCH_CHUNK = 1024
+"""Queries per block when exact float64 distances are recomputed from the neighbours' features
+(see :func:`ood_core.scores.neighbours.search`)."""
 
 INDEX_METRIC = Param(
     "index_metric",
@@ -48,6 +54,59 @@ def check_k(owner: BaseScore, k: int, n_calib: int) -> None:
         )
 
 
+def feature_dims(recorder: Recorder, layers: tuple[LayerId, ...], pooling: str = "flatten") -> int:
+    """Length of the per-sample feature vector of ``layers`` concatenated: each layer's output
+    flattened, or (``pooling='mean'``) its channels when 4-D."""
+    dims = 0
+    for layer in layers:
+        size = tuple(recorder.info(layer).output_size)
+        pooled = pooling == "mean" and len(size) == 4  # noqa: PLR2004
+        dims += int(size[1]) if pooled else per_sample_numel(size)
+    return dims
+
+
+def check_bank(owner: BaseScore, n_samples: int, dims: int, copies: int = 2) -> None:
+    """Refuse (:class:`~ood_core.budget.BudgetError`) a float32 feature bank of ``n_samples x
+    dims`` kept ``copies`` times (the extracted features and the faiss index) that cannot fit."""
+    rec = owner.recorder_
+    device = net_device_dtype(rec.net)[0] if rec is not None else None
+    check_budget(
+        f"{owner!r}: the feature bank of {n_samples:,} calibration samples x {dims:,} dims "
+        f"(x{copies}: features and index)",
+        4 * n_samples * dims * copies,
+        "use pooling='mean' (where offered), smaller or fewer layers, or fewer calibration samples",
+        device,
+    )
+
+
+def check_search(
+    owner: BaseScore,
+    n_query: int,
+    k: int,
+    *,
+    dims: int = 0,
+    exact: bool = False,
+    n_classes: int = 0,
+) -> None:
+    """Refuse a search of the ``k`` nearest neighbours of ``n_query`` queries that cannot fit:
+    faiss' ``(n_query, k)`` distances and ids and their float64 / int64 copies (28 bytes per
+    neighbour), with ``exact`` the float64 ``(chunk, k, dims)`` neighbour features gathered to
+    recompute exact distances, and with ``n_classes`` the ``(n_query, k, C)`` one-hot labels
+    of the neighbours (int64). Neighbour searches run on the CPU."""
+    n_bytes = 28 * n_query * k
+    if exact:
+        n_bytes += 3 * 8 * min(n_query, SEARCH_CHUNK) * k * dims
+    if n_classes:
+        n_bytes += 8 * n_query * k * n_classes
+    check_budget(
+        f"{owner!r}: the search of the k={k:,} nearest neighbours of {n_query:,} samples",
+        n_bytes,
+        "lower k"
+        + (" or use pooling='mean' (fewer dims)" if exact else "")
+        + (" or score fewer samples per call" if n_query > k else ""),
+    )
+
+
 @register_score
 class KNN(BaseScore):
     """Deep nearest neighbours: conformity ``-d_k(x)``, the squared L2 distance from the (by
@@ -74,6 +133,11 @@ class KNN(BaseScore):
 
     normalises_concatenation = True
 
+    def check_calibration(self, n_samples: int, class_counts: list[int] | None = None) -> None:
+        super().check_calibration(n_samples, class_counts)
+        if self.recorder_ is not None and self.layers:
+            check_bank(self, n_samples, feature_dims(self.recorder_, self.layers))
+
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         return {"x": normalise_activation(flat_features(activations, self.layers), self.act_norm)}
 
@@ -82,6 +146,7 @@ class KNN(BaseScore):
         self.index = flat_index(features["x"], self.index_metric)
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        check_search(self, len(features["x"]), self.k)
         dist, _ = self.index.search(to_faiss(features["x"]), self.k)
         kth = torch.from_numpy(dist[:, -1].astype(np.float64)).to(logits.device)
         return -kth if self.index_metric == "l2" else kth

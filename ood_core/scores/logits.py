@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ood_core.budget import check_budget, net_device_dtype, per_sample_numel
 from ood_core.diagnostics import degenerate
 from ood_core.params import Param
 from ood_core.recorder import Recorder
 from ood_core.scores.base import BaseScore, Features
+from ood_core.scores.labels import UsesLabels
 from ood_core.scores.registry import register_score
 
 TEMPERATURE = Param("temperature", "float", 1.0, low=0, low_exclusive=True, help="Temperature T.")
@@ -122,7 +124,7 @@ class GEN(_LogitScore):
 
 
 @register_score
-class TemperatureScaling(_LogitScore):
+class TemperatureScaling(UsesLabels, _LogitScore):
     """Temperature scaling: conformity ``softmax(f / T)`` (per class), with ``T`` fitted by
     minimising the calibration negative log-likelihood (LBFGS on log T).
 
@@ -262,7 +264,7 @@ ISOMAX_MAX_STEPS = 100_000
 
 
 @register_score
-class IsoMax(BaseScore):
+class IsoMax(UsesLabels, BaseScore):
     """Post-hoc IsoMax in logit space: prototypes ``P`` (C x C) start at zero (as the paper's
     training) and are fitted with Adam (``lr``, ``eps = 1e-8``, ``1e-4`` for half precision;
     ``n_steps`` full-batch steps) to minimise the cross-entropy of ``softmax(-s ||f - P_c||_p)``
@@ -270,6 +272,10 @@ class IsoMax(BaseScore):
     ``softmax(-s ||f - P_c||_p)_c`` (per class, sums to 1 over classes). As the reference library:
     the fit runs in the logits' dtype, and the score uses the same entropic scale as the fit (the
     paper scores with the plain softmax of ``-distance``).
+
+    Memory: every step holds the ``(n, C, C)`` differences between the logits and the
+    prototypes, with their gradients; the fit refuses before starting, with the estimate, when
+    they cannot fit (:func:`~ood_core.budget.check_budget`), as does scoring.
 
     Extra (not in the reference): ``init="class_means"`` starts the prototypes at the class means
     of the calibration logits (a class absent from the labels: the mean of all logits), which
@@ -318,6 +324,29 @@ class IsoMax(BaseScore):
         ),
     )
 
+    def check_calibration(self, n_samples: int, class_counts: list[int] | None = None) -> None:
+        super().check_calibration(n_samples, class_counts)
+        rec = self.recorder_
+        if rec is not None:
+            device, dtype = net_device_dtype(rec.net)
+            n_classes = per_sample_numel(rec.info((0, 1)).output_size)
+            self.check_memory(n_samples, n_classes, dtype.itemsize, device, fit=True)
+
+    def check_memory(
+        self, n: int, n_classes: int, itemsize: int, device: torch.device, *, fit: bool
+    ) -> None:
+        """Refuse (:class:`~ood_core.budget.BudgetError`) when the ``(n, C, C)`` logit-prototype
+        differences (x4 with the autograd graph of a fit step, x2 when scoring) cannot fit."""
+        n_bytes = (4 if fit else 2) * n * n_classes * n_classes * itemsize
+        what = "fit" if fit else "scoring"
+        check_budget(
+            f"{type(self).__name__} {what}: the ({n:,}, {n_classes:,}, {n_classes:,}) "
+            "logit-prototype differences",
+            n_bytes,
+            "use fewer " + ("calibration samples" if fit else "inputs per call"),
+            device,
+        )
+
     def distances(self, logits: Tensor, prototypes: Tensor | None = None) -> Tensor:
         """``(n, C)`` p-norm distances of the logits to the prototypes (exact differences, in the
         prototypes' dtype)."""
@@ -327,11 +356,9 @@ class IsoMax(BaseScore):
         )
 
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
-        name = type(self).__name__
         z = logits.detach()
         c = z.shape[1]
-        if int(labels.max()) >= c or int(labels.min()) < 0:
-            raise ValueError(f"{name}: calibration labels must lie in [0, {c - 1}].")
+        self.check_memory(len(z), c, z.element_size(), z.device, fit=True)
         counts = torch.bincount(labels, minlength=c)
         absent = (counts == 0).nonzero().squeeze(1).tolist()
         if absent:
@@ -367,6 +394,9 @@ class IsoMax(BaseScore):
             )
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
+        self.check_memory(
+            len(logits), logits.shape[1], self.prototypes.element_size(), logits.device, fit=False
+        )
         return torch.softmax(-self.entropic_scale * self.distances(logits), dim=1).double()
 
 

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ood_core.budget import check_budget, net_device_dtype, per_sample_numel
 from ood_core.core import normalise_activation
 from ood_core.diagnostics import degenerate
 from ood_core.layer_ids import layer_text
@@ -48,6 +49,7 @@ from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.features import pool_features
+from ood_core.scores.labels import UsesLabels
 from ood_core.scores.logits import fgm_direction
 from ood_core.scores.registry import register_score
 
@@ -325,19 +327,53 @@ def _check_calibration(owner: BaseScore, labels: Tensor, n_classes: int) -> None
             f"{owner!r} needs at least 2 calibration samples to estimate a "
             f"covariance; got {len(labels)}."
         )
-    if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
-        raise ValueError(
-            f"{owner!r}: calibration labels must lie in [0, {n_classes - 1}] (the "
-            f"network has {n_classes} outputs); got [{int(labels.min())}, "
-            f"{int(labels.max())}]."
-        )
 
 
-class _LayerWeighted(BaseScore):
+def _layer_dims(recorder: Recorder, layer: LayerId, pooled: bool) -> int:
+    """Feature dims of a layer: its output flattened, or its channels when ``pooled`` and 4-D."""
+    size = tuple(recorder.info(layer).output_size)
+    return int(size[1]) if pooled and len(size) == 4 else per_sample_numel(size)  # noqa: PLR2004
+
+
+def check_covariance_memory(
+    owner: BaseScore, layer: LayerId, n_samples: int, dims: int, itemsize: int, device: Any
+) -> None:
+    """Refuse (:class:`~ood_core.budget.BudgetError`) a layer whose calibration features
+    ``(n, D)`` and ``(D, D)`` covariance with its inverse / eigendecomposition (4 float64
+    ``D x D`` matrices) cannot fit in memory."""
+    check_budget(
+        f"{owner!r} @ {layer_text(layer)}: {n_samples:,} x {dims:,} calibration features and "
+        f"their {dims:,} x {dims:,} covariance",
+        n_samples * dims * itemsize + 4 * 8 * dims * dims,
+        "use pooling='mean' (where offered), a smaller layer or fewer calibration samples",
+        device,
+    )
+
+
+class _LayerWeighted(UsesLabels, BaseScore):
     """Shared by the multi-layer Mahalanobis scores: pooled features and per-layer weights."""
 
     family = "mahalanobis"
     layer_rule = "any"
+    pools: bool = True
+    """Whether 4-D activations are averaged over space (MultiMahalanobis; DeepMahalanobis with
+    ``pooling="mean"``)."""
+
+    def check_calibration(self, n_samples: int, class_counts: list[int] | None = None) -> None:
+        """Also refuses, before any forward pass, layers whose features and covariance cannot
+        fit in memory."""
+        super().check_calibration(n_samples, class_counts)
+        rec = self.recorder_
+        if rec is None:
+            return
+        device, dtype = net_device_dtype(rec.net)
+        for layer in self.layers:
+            dims = _layer_dims(rec, layer, self.pools)
+            self.check_dims(dims, layer, tuple(rec.info(layer).output_size[1:]), dtype.itemsize)
+            check_covariance_memory(self, layer, n_samples, dims, 8, device)
+
+    def check_dims(self, dims: int, layer: LayerId, shape: tuple, itemsize: int) -> None:
+        """Hook: refuse a layer of ``dims`` feature dims (default: any is fine)."""
 
     def check_params(self) -> None:
         super().check_params()
@@ -440,18 +476,26 @@ class DeepMahalanobis(_LayerWeighted):
         :data:`MAX_COVARIANCE_BYTES`."""
         dtype = torch.float64 if self.inverse == "pinv" else work_dtype(a)
         h = pool_features(a, dtype) if self.pooling == "mean" else a.flatten(1).to(dtype)
-        d = h.shape[1]
-        size = d * d * h.element_size()
+        self.check_dims(h.shape[1], layer, tuple(a.shape[1:]), h.element_size())
+        return h
+
+    @property
+    def pools(self) -> bool:  # type: ignore[override]
+        return self.pooling == "mean"
+
+    def check_dims(self, dims: int, layer: LayerId | None, shape: tuple, itemsize: int) -> None:
+        """ValueError when the ``(D, D)`` covariance of ``dims`` features would exceed
+        :data:`MAX_COVARIANCE_BYTES` (checked before any forward pass, and on every batch)."""
+        size = dims * dims * (8 if self.inverse == "pinv" else max(4, itemsize))
         if size > MAX_COVARIANCE_BYTES:
             where = f" @ {layer_text(layer)}" if layer is not None else ""
             raise ValueError(
-                f"{type(self).__name__}{where}: the activation {tuple(a.shape[1:])} "
-                f"gives {d:,} feature dims (pooling={self.pooling!r}), whose "
+                f"{type(self).__name__}{where}: the activation {shape} "
+                f"gives {dims:,} feature dims (pooling={self.pooling!r}), whose "
                 f"covariance would take {size / 2**30:,.0f} GiB (limit "
                 f"MAX_COVARIANCE_BYTES = {MAX_COVARIANCE_BYTES / 2**30:g} GiB); use "
                 "pooling='mean' or a smaller layer."
             )
-        return h
 
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         weights = self.layer_weights()
@@ -791,6 +835,16 @@ class ViM(BaseScore):
             )
             self.__dict__["_linear"] = (w, b)
         return layers
+
+    def check_calibration(self, n_samples: int, class_counts: list[int] | None = None) -> None:
+        """Also refuses, before any forward pass, features and a ``(D, D)`` eigenproblem that
+        cannot fit in memory."""
+        super().check_calibration(n_samples, class_counts)
+        linear = self.__dict__.get("_linear")
+        if self.recorder_ is not None and linear is not None and self.layers:
+            device = net_device_dtype(self.recorder_.net)[0]
+            d = linear[0].shape[1]
+            check_covariance_memory(self, self.layers[0], n_samples, d, 8, device)
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         (layer,) = self.layers

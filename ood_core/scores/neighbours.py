@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from scipy.stats import chi2
 from torch import Tensor
 
+from ood_core.budget import check_budget, per_sample_numel
 from ood_core.core import normalise_activation
 from ood_core.diagnostics import degenerate
 from ood_core.layer_ids import LayerId
@@ -35,10 +37,25 @@ from ood_core.params import Param
 from ood_core.scores.aggregation import AGGREGATIONS, AggregationParam, aggregate
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.features import pool_features
-from ood_core.scores.knn import INDEX_METRIC, check_k, flat_features, flat_index, to_faiss
+from ood_core.scores.knn import (
+    INDEX_METRIC,
+    SEARCH_CHUNK,
+    check_bank,
+    check_k,
+    check_search,
+    feature_dims,
+    flat_features,
+    flat_index,
+    to_faiss,
+)
+from ood_core.scores.labels import UsesLabels
 from ood_core.scores.registry import register_score
 
-_CHUNK = 1024
+_CHUNK = SEARCH_CHUNK
+JTLA_MAX_CLASSES = 100_000
+"""Largest ``n_classes_hint``: JTLA keeps a ``(C, C)`` table of expected class counts per layer
+and label group and ``(C, n, C)`` test terms, so 100,000 classes already need 80 GB per table;
+the memory of a fit is also estimated before it starts."""
 
 POOLING = Param(
     "pooling",
@@ -128,14 +145,6 @@ def class_counts(labels: Tensor, n_classes: int) -> Tensor:
     return torch.bincount(labels, minlength=n_classes)
 
 
-def check_labels(owner: BaseScore, labels: Tensor, n_classes: int) -> None:
-    if len(labels) and int(labels.max()) >= n_classes:
-        raise ValueError(
-            f"{owner!r}: labels go up to {int(labels.max())} but the network has "
-            f"{n_classes} classes."
-        )
-
-
 def warn_missing_classes(
     owner: BaseScore,
     labels: Tensor,
@@ -160,6 +169,13 @@ class _NeighbourScore(BaseScore):
     family = "neighbours"
     layer_rule = "any"
 
+    def check_calibration(self, n_samples: int, class_counts: list[int] | None = None) -> None:
+        """Also refuses, before any forward pass, a feature bank that cannot fit in memory."""
+        super().check_calibration(n_samples, class_counts)
+        if self.recorder_ is not None and self.layers:
+            pooling = self.values.get("pooling", "mean")
+            check_bank(self, n_samples, feature_dims(self.recorder_, self.layers, pooling))
+
     def _features(self, activations: dict[LayerId, Tensor]) -> dict[LayerId, Tensor]:
         return layer_features(activations, self.layers, self.values.get("pooling", "mean"))
 
@@ -179,7 +195,7 @@ K_HELP = "Number k of nearest calibration neighbours."
 
 # ---------------------------------------------------------------------------- DkNN
 @register_score
-class DkNN(_NeighbourScore):
+class DkNN(UsesLabels, _NeighbourScore):
     """Deep k-nearest neighbours (per class), as the reference library computes it. One index per
     layer; ``n_l(x, c)`` = how many of the k nearest calibration samples of ``x`` in layer ``l``
     are labelled ``c``.
@@ -254,7 +270,6 @@ class DkNN(_NeighbourScore):
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         labels = labels.cpu()
         n_classes = int(self.n_classes or logits.shape[1])
-        check_labels(self, labels, n_classes)
         self.labels_ = labels
         self.n_classes_ = n_classes
         if self.statistic == "raw":
@@ -280,6 +295,7 @@ class DkNN(_NeighbourScore):
                 "or add data."
             )
         rows = torch.zeros(len(xs) if self.per_layer else 1, n)
+        check_search(self, n, k + 1)
         for r, (key, index) in enumerate(self.indexes_):
             _, idx = self_query_search(index, xs[key], k)
             rows[r if self.per_layer else 0] += (labels[idx] == labels[:, None]).sum(1)
@@ -304,6 +320,7 @@ class DkNN(_NeighbourScore):
         n_classes = self.n_classes_
         n_rows = len(self.indexes_) if self.per_layer else 1
         n = len(next(iter(features.values())))
+        check_search(self, n, self.k, n_classes=n_classes)
         test = torch.zeros(n_rows, n, n_classes)
         for r, (key, index) in enumerate(self.indexes_):
             _, idx = faiss_search(index, features[key].cpu(), self.k)
@@ -351,6 +368,14 @@ class DkNN(_NeighbourScore):
         nonconf = []
         for key, space in self.spaces_:
             q = features[key].cpu()
+            check_search(
+                self,
+                len(q),
+                self.k,
+                dims=q.shape[1],
+                exact=self.per_class and self.index_metric == "l2",
+                n_classes=0 if self.per_class else n_classes,
+            )
             if not self.per_class:
                 _, idx = faiss_search(space, q, self.k)
                 nonconf.append(1.0 - label_counts(self.labels_, idx, n_classes) / self.k)
@@ -406,7 +431,9 @@ class LID(_NeighbourScore):
         self.index_ = flat_index(x, "l2")
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
-        sq, _ = search(self.index_, self.calib_, features["x"].cpu(), self.k)
+        q = features["x"]
+        check_search(self, len(q), self.k, dims=q.shape[1], exact=True)
+        sq, _ = search(self.index_, self.calib_, q.cpu(), self.k)
         d = sq.clamp_min(0).sqrt()
         lid = lid_mle(d) if self.duplicates == "skip" else lid_reference(d)
         return -lid.to(logits.device)
@@ -433,7 +460,7 @@ def lid_mle(d: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------- Trust
 @register_score
-class Trust(_NeighbourScore):
+class Trust(UsesLabels, _NeighbourScore):
     """Trust score (per class): per class ``c``, the calibration samples labelled ``c`` minus the
     ``floor(alpha * n_c)`` of them with the largest k-NN radius (Euclidean distance to their k-th
     nearest *other* sample of class ``c``) form the kept set ``H_c``; with ``d_c`` the Euclidean
@@ -477,7 +504,6 @@ class Trust(_NeighbourScore):
         x, labels = features["x"].cpu(), labels.cpu()
         check_k(self, self.k, len(x))
         n_classes = int(self.n_classes or logits.shape[1])
-        check_labels(self, labels, n_classes)
         self.kept_: list[tuple[faiss.Index, Tensor] | None] = []
         small = []
         for c in range(n_classes):
@@ -490,6 +516,7 @@ class Trust(_NeighbourScore):
                 if len(xc) <= self.k:
                     small.append(c)
                 kk = min(self.k, len(xc) - 1)
+                check_search(self, len(xc), kk + 1, dims=xc.shape[1], exact=True)
                 sq, _ = search_loo(flat_index(xc, "l2"), xc, kk)
                 order = sq[:, -1].argsort(descending=True, stable=True)
                 xc = xc[order[n_remove:].sort().values]
@@ -517,6 +544,7 @@ class Trust(_NeighbourScore):
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
         q = features["x"].cpu()
+        check_search(self, len(q), 1, dims=q.shape[1], exact=True)
         d = torch.full((len(q), len(self.kept_)), torch.inf, dtype=torch.float64)
         for c, kept in enumerate(self.kept_):
             if kept is not None:
@@ -563,6 +591,7 @@ class NNGuide(_NeighbourScore):
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
         z = F.normalize(features["x"].cpu().double(), dim=1)
+        check_search(self, len(z), self.k)
         sims, _ = faiss_search(self.index_, z, self.k)
         energy = torch.logsumexp(logits.double(), dim=1)
         return energy * sims.mean(1).to(logits.device)
@@ -810,7 +839,7 @@ def joint_tail_counts(calib: Tensor, query: Tensor, tuples: list[Tensor]) -> Ten
 
 
 @register_score
-class JTLA(_NeighbourScore):
+class JTLA(UsesLabels, _NeighbourScore):
     """Joint statistical Testing across Layers for Anomalies (per class), as the reference library
     computes it (multinomial tests on neighbour label counts).
 
@@ -853,6 +882,12 @@ class JTLA(_NeighbourScore):
     ``n_classes_hint`` (ours): length of the histograms when the labels have more classes than
     the logits (None: the number of logits). Differences with the authors' code (as in the
     reference library): no bootstrap for the p-values, no dimension reduction before the search.
+
+    Bounds and memory: ``n_classes_hint`` is at most :data:`JTLA_MAX_CLASSES`; the fit (before
+    any forward pass, then before its searches) and the scoring estimate the class histograms
+    ``(n, k, C)``, the test terms ``(C, n, C)``, the expected counts ``(C, C)`` per layer and the
+    layer tuples of ``layer_aggregation``, and refuse, with the estimate, what cannot fit
+    (:func:`~ood_core.budget.check_budget`).
 
     Raghuram et al., "A General Framework for Detecting Anomalous Inputs to DNN Classifiers",
     ICML 2021 (JTLA).
@@ -911,8 +946,10 @@ class JTLA(_NeighbourScore):
             "int",
             None,
             low=2,
+            high=JTLA_MAX_CLASSES,
             nullable=True,
-            help="Length of the class-count vectors (None: the number of logits).",
+            help="Length of the class-count vectors (None: the number of logits; at most "
+            f"{JTLA_MAX_CLASSES:,}: memory grows with its square).",
         ),
         POOLING,
     )
@@ -929,6 +966,64 @@ class JTLA(_NeighbourScore):
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         return self._per_layer(activations)
 
+    def label_classes(self, logits: Tensor) -> int | None:
+        """Labels may index ``n_classes_hint`` classes (more than the logits)."""
+        return max(self.n_classes_hint or 0, int(logits.shape[1]))
+
+    # ------------------------------------------------------------------ memory
+    def check_calibration(self, n_samples: int, class_counts: list[int] | None = None) -> None:
+        """Also refuses, before any forward pass, tests that cannot fit in memory (with a bound
+        network, else from ``n_classes_hint`` alone)."""
+        super().check_calibration(n_samples, class_counts)
+        rec = self.recorder_
+        n_classes = self.n_classes_hint
+        if rec is not None:
+            n_classes = max(n_classes or 0, per_sample_numel(rec.info((0, 1)).output_size))
+        if n_classes:
+            self.check_memory(n_samples, n_classes, max(1, len(self.layers)))
+            self._check_tuples(n_samples, max(1, len(self.layers)))
+
+    def check_memory(self, n: int, n_classes: int, n_layers: int) -> None:
+        """Refuse (:class:`~ood_core.budget.BudgetError`) the histograms and tests of ``n``
+        samples that cannot fit: one-hot neighbour labels ``(n, k, C)`` int64 and ``(C, n, C)``
+        float32 test terms (x2) for one layer at a time, plus, per layer and label group, the
+        ``(C, C)`` expected counts and ``(C, n)`` tests."""
+        k, c = self.test["k"], n_classes
+        if self.pvalues == "conformal":
+            n_bytes = 8 * n * k * c + 3 * 8 * n * c + n_layers * 8 * c * c
+        else:
+            groups = 2 if self.pred_conditional else 1
+            per_layer = max(8 * n * (k + 1) * c, 2 * 4 * c * n * c)
+            n_bytes = per_layer + groups * n_layers * (8 * c * c + 4 * c * n)
+        check_budget(
+            f"{self!r}: the class histograms and tests of {n:,} samples x {c:,} classes "
+            f"(k={k}, {n_layers} layer(s))",
+            n_bytes,
+            "lower n_classes_hint (None: the number of logits), test['k'] or the number of samples",
+        )
+
+    def _check_tuples(self, n: int, n_layers: int) -> None:
+        """Refuse layer tuples (``layer_aggregation='agg:n1,n2'``) whose index tensors and
+        joint tail counts over ``n`` calibration samples cannot fit."""
+        method, _, sizes = parse_layer_aggregation(self.layer_aggregation)
+        if method == "lpe":
+            return
+        n_bytes = 0
+        for size in sizes:
+            if size > n_layers:
+                continue
+            if self.layer_aggregation_consecutive:
+                n_tuples = n_layers - size + 1
+            else:
+                n_tuples = math.comb(n_layers, size)
+            n_bytes += 8 * n_tuples * size + max(2**24, n * n_tuples * size)
+        check_budget(
+            f"{self!r}: the joint p-values of layer_aggregation {self.layer_aggregation!r} "
+            f"over {n_layers} layers",
+            n_bytes,
+            "use smaller tuple sizes, layer_aggregation_consecutive=True or fewer layers",
+        )
+
     # ------------------------------------------------------------------ calibration
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         self.check_params()
@@ -943,6 +1038,8 @@ class JTLA(_NeighbourScore):
             )
         n, k = len(labels), self.test["k"]
         check_k(self, k, n)
+        self.check_memory(n, n_classes, len(features))
+        self._check_tuples(n, len(features))
         if k == n:
             raise ValueError(
                 f"{self!r}: k={k} leave-one-out neighbours need k + 1 = {n + 1} "
@@ -1055,6 +1152,9 @@ class JTLA(_NeighbourScore):
     def _fit_lpe(self, lpe_k: int) -> None:
         self.lpe_k_ = lpe_k
         self.lpe_ = {}
+        n = self.calib_tests_["true"].shape[1]
+        if 3 * lpe_k // 2 < n:  # else aK-LPE is undefined (warned below), nothing searched
+            check_search(self, n, 3 * lpe_k // 2 + 1)
         for g, tests in self.calib_tests_.items():
             normed = normalise_rows(tests, self.act_norm)
             indexes = [flat_index(t, self.index_metric) for t in normed]
@@ -1078,6 +1178,11 @@ class JTLA(_NeighbourScore):
         if self.pvalues == "conformal":
             return self._conformity_conformal(features, logits)
         k, n_classes = self.test["k"], self.n_classes_
+        n_query = len(next(iter(features.values())))
+        check_search(self, n_query, k, n_classes=n_classes)
+        self.check_memory(n_query, n_classes, len(self.keys_))
+        if self.lpe_ is not None and 3 * self.lpe_k_ // 2 <= len(self.labels_):
+            check_search(self, n_query, 3 * self.lpe_k_ // 2)
         counts = []
         for key, index in zip(self.keys_, self.indexes_, strict=True):
             _, idx = faiss_search(index, features[key].cpu(), k)
@@ -1139,6 +1244,7 @@ class JTLA(_NeighbourScore):
         )
         self.layers_: list[tuple[Tensor, Tensor, list[Tensor]]] = []
         for index, x in zip(self.indexes_, xs, strict=True):
+            check_search(self, len(x), k + 1, dims=x.shape[1], exact=self.index_metric == "l2")
             _, idx = search_loo(index, x, k, self.index_metric)
             counts = label_counts(labels, idx, n_classes)
             sums = torch.zeros(n_classes, n_classes, dtype=torch.float64)
@@ -1150,6 +1256,12 @@ class JTLA(_NeighbourScore):
             self.layers_.append((x, log_p, sorted_stats))
 
     def _conformity_conformal(self, features: Features, logits: Tensor) -> Tensor:
+        n_query = len(next(iter(features.values())))
+        dims = max(x.shape[1] for x, _, _ in self.layers_)
+        exact = self.index_metric == "l2"
+        check_search(
+            self, n_query, self.test["k"], dims=dims, exact=exact, n_classes=self.n_classes_
+        )
         pvals = []
         for key, index, (x, log_p, sorted_stats) in zip(
             self.keys_, self.indexes_, self.layers_, strict=True

@@ -29,6 +29,7 @@ import math
 import torch
 from torch import Tensor
 
+from ood_core.budget import check_budget
 from ood_core.core import normalise_activation
 from ood_core.layer_ids import layer_text
 from ood_core.params import Param
@@ -457,7 +458,9 @@ class fDBD(_ShapingScore):  # noqa: N801 (the paper's name)
     ``mean_{k != c} |f_c - f_k| / ||w_c - w_k|| / ||z - m||`` (per sample), the mean distance of
     ``z`` to the decision boundaries of the predicted class divided by its distance to the mean
     calibration features ``m``; higher = more in-distribution. Zero denominators are floored at
-    1e-12. Nothing is shaped: it shares the head-locating machinery.
+    1e-12. Nothing is shaped: it shares the head-locating machinery. The ``(C, C, D)`` float64
+    differences of the head's weight rows are formed at every scoring call: their memory is
+    checked before any forward pass and before they are computed.
 
     Liu & Qin, "Fast Decision Boundary based Out-of-Distribution Detector", ICML 2024.
     """
@@ -469,12 +472,28 @@ class fDBD(_ShapingScore):  # noqa: N801 (the paper's name)
         _, z = self.read_layer(logits, activations)
         return {"z": z}
 
+    def check_calibration(self, n_samples: int, class_counts: list[int] | None = None) -> None:
+        super().check_calibration(n_samples, class_counts)
+        if self._head_w is not None:
+            self.check_memory(self._head_w.shape[0], self._head_w.shape[1])
+
+    def check_memory(self, n_classes: int, dims: int) -> None:
+        """Refuse the ``(C, C, D)`` float64 weight-row differences that cannot fit."""
+        check_budget(
+            f"{self!r}: the ({n_classes:,}, {n_classes:,}, {dims:,}) float64 differences of the "
+            "head's weight rows",
+            2 * 8 * n_classes * n_classes * dims,
+            "use a head with fewer classes or features",
+            self._head_w.device if self._head_w is not None else None,
+        )
+
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         self.mean = features["z"].double().mean(0)
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
         z = features["z"].double()
         w, _ = self._head_params(z.device)
+        self.check_memory(w.shape[0], w.shape[1])
         f = self.head(z)
         c = f.argmax(1, keepdim=True)
         gaps = (f.gather(1, c) - f).abs()  # (n, C), 0 at c
