@@ -12,6 +12,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from ood_core.layer_ids import LayerId, layer_text, layers_text
 
-__all__ = ["LayerId", "layer_text", "layers_text", "net_lock", "exclusive_eval"]
+__all__ = ["LayerId", "check_labels", "exclusive_eval", "layer_text", "layers_text", "net_lock"]
 
 _LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -98,3 +99,56 @@ def predicted_classes(net: torch.nn.Module, images: Tensor, batch_size: int = 25
             x = torch.as_tensor(images[k : k + batch_size]).to(**kw, copy=True)
             out.append(net(x).argmax(1).cpu().numpy())
     return np.concatenate(out).astype(np.int64)
+
+
+def _owner_text(owner: Any) -> str:
+    return owner if isinstance(owner, str) else repr(owner)
+
+
+def check_labels(
+    owner: Any, labels: Any, n_classes: int | None = None, what: str = "calibration labels"
+) -> Tensor:
+    """``labels`` as an int64 tensor, after checking that they are class indices: a 1-D integer
+    tensor (or floats holding whole numbers), finite, ``>= 0`` and, with ``n_classes``,
+    ``<= n_classes - 1``. ``ValueError`` naming ``owner`` (a score or a text), the first
+    offending value and its index otherwise."""
+    name = _owner_text(owner)
+    t = torch.as_tensor(labels)
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(
+            f"{name}: {what} must be integer class indices; got dtype {t.dtype}. Pass "
+            "torch.as_tensor(labels, dtype=torch.long)."
+        )
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: {what} are on the 'meta' device (no values); pass real labels.")
+    flat = t.reshape(-1)
+    if t.is_floating_point():
+        bad = ~torch.isfinite(flat)
+        kind = "not finite"
+        if not bool(bad.any()):
+            bad = flat != flat.round()
+            kind = "not a whole number"
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(
+                f"{name}: {what} must be integer class indices; label {i} is "
+                f"{float(flat[i])!r} ({kind}; {int(bad.sum())} such label(s)). Pass the true "
+                "class of every calibration sample as an integer."
+            )
+    t = t.long()
+    flat = t.reshape(-1)
+    if not len(flat):
+        return t
+    bad = flat < 0 if n_classes is None else (flat < 0) | (flat >= n_classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        rule = (
+            "must be class indices >= 0"
+            if n_classes is None
+            else f"must lie in [0, {n_classes - 1}] ({n_classes} classes)"
+        )
+        raise ValueError(
+            f"{name}: {what} {rule}; got [{int(flat.min())}, {int(flat.max())}], e.g. "
+            f"{int(flat[i])} at index {i} ({int(bad.sum())} such label(s))."
+        )
+    return t

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ood_core.core import LayerId, Progress, Timed, predicted_confidence
+from ood_core.core import LayerId, Progress, Timed, check_labels, predicted_confidence
 from ood_core.diagnostics import collect, degenerate, warn_if_tied
 from ood_core.engine import ActivationCache, Engine, Extraction
 from ood_core.recorder import Recorder
@@ -117,17 +117,21 @@ class Evaluation:
         emitted and kept in ``score.fit_warnings``."""
         self.bind(scores)
         counts = None
-        if labels is not None and torch.as_tensor(labels).ndim == 1 and len(labels):
-            counts = torch.bincount(torch.as_tensor(labels).long().clamp_min(0)).tolist()
+        if labels is not None:  # class indices, checked before anything is allocated for them
+            out = tuple(self.recorder.info((0, 1)).output_size or ())
+            hints = [int(getattr(s, "n_classes_hint", 0) or 0) for s in scores]
+            limit = max([out[-1] if len(out) == 2 else 0, *hints]) or None
+            owner = scores[0] if len(scores) == 1 else "calib_labels"
+            labels = check_labels(owner, labels, limit)
+            if labels.ndim != 1 or len(labels) != len(data):
+                raise ValueError(
+                    f"calib_labels must have shape ({len(data)},); got {tuple(labels.shape)}."
+                )
+            if len(labels):
+                counts = torch.bincount(labels).tolist()
         for s in scores:  # before any forward pass: fail fast
             s.check_calibration(len(data), counts)
         ex = self.extract(scores, data, batch_size=batch_size, progress=progress, data_key=data_key)
-        if labels is not None:
-            labels = torch.as_tensor(labels)
-            if labels.ndim != 1 or len(labels) != len(ex.logits):
-                raise ValueError(
-                    f"calib_labels must have shape ({len(ex.logits)},); got {tuple(labels.shape)}."
-                )
         shares = self._share(scores, ex)
         for s, feats, share in zip(scores, ex.features, shares, strict=True):
             with Timed() as t, collect() as messages:

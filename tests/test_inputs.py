@@ -344,3 +344,22 @@ def test_gradnorm_scores_frozen_layers_without_changing_the_model(net, data):
     assert set(layers) <= set(scores.GradNorm.allowed_layers(rec))
     with pytest.raises(ValueError, match=r"GradNorm needs layers holding parameters; 1-2 \(relu\)"):
         fit_one(net, scores.GradNorm(), [(1, 2)], x, y, x)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (10**11, r"calib_labels: calibration labels must lie in \[0, 2\].*e\.g\. 100000000000"),
+        (-5, r"calib_labels: calibration labels must lie in \[0, 2\]"),
+        (1.5, r"calib_labels: .*not a whole number"),
+    ],
+)
+def test_labels_of_a_joint_fit_are_checked_before_any_work(net, data, value, message):
+    """Several scores at once, one of which ignores labels: the evaluation itself refuses
+    labels that are no class of the network, before counting them (1e11 would ask ~800 GB)."""
+    x, y = data
+    bad = y.double().clone()
+    bad[1] = value
+    pairs = [(scores.Softmax(), []), (scores.Gram(), [(1, 1)])]
+    with pytest.raises(ValueError, match=message):
+        fit_scores(pairs, net, x, bad, progress=False)

@@ -15,61 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
-
-def _owner_text(owner: Any) -> str:
-    return owner if isinstance(owner, str) else repr(owner)
-
-
-def check_labels(
-    owner: Any, labels: Any, n_classes: int | None = None, what: str = "calibration labels"
-) -> Tensor:
-    """``labels`` as an int64 tensor, after checking that they are class indices: a 1-D integer
-    tensor (or floats holding whole numbers), finite, ``>= 0`` and, with ``n_classes``,
-    ``<= n_classes - 1``. ``ValueError`` naming ``owner`` (a score or a text), the first
-    offending value and its index otherwise."""
-    name = _owner_text(owner)
-    t = torch.as_tensor(labels)
-    if t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(
-            f"{name}: {what} must be integer class indices; got dtype {t.dtype}. Pass "
-            "torch.as_tensor(labels, dtype=torch.long)."
-        )
-    if t.device.type == "meta":
-        raise ValueError(f"{name}: {what} are on the 'meta' device (no values); pass real labels.")
-    flat = t.reshape(-1)
-    if t.is_floating_point():
-        bad = ~torch.isfinite(flat)
-        kind = "not finite"
-        if not bool(bad.any()):
-            bad = flat != flat.round()
-            kind = "not a whole number"
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise ValueError(
-                f"{name}: {what} must be integer class indices; label {i} is "
-                f"{float(flat[i])!r} ({kind}; {int(bad.sum())} such label(s)). Pass the true "
-                "class of every calibration sample as an integer."
-            )
-    t = t.long()
-    flat = t.reshape(-1)
-    if not len(flat):
-        return t
-    bad = flat < 0 if n_classes is None else (flat < 0) | (flat >= n_classes)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        rule = (
-            "must be class indices >= 0"
-            if n_classes is None
-            else f"must lie in [0, {n_classes - 1}] ({n_classes} classes)"
-        )
-        raise ValueError(
-            f"{name}: {what} {rule}; got [{int(flat.min())}, {int(flat.max())}], e.g. "
-            f"{int(flat[i])} at index {i} ({int(bad.sum())} such label(s))."
-        )
-    return t
+from ood_core.core import check_labels
 
 
 class UsesLabels:
