@@ -77,7 +77,7 @@ class RankFeat(BaseScore):
             handle = module.register_forward_hook(lambda m, args, out: remove_rank1(out))
             try:
                 with torch.no_grad():
-                    logits = recorder.net(x)
+                    logits = recorder.net(x.clone())  # a network may edit its input
             finally:
                 handle.remove()
             energies.append(t * torch.logsumexp(logits.double() / t, dim=1))
