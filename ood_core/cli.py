@@ -3,6 +3,7 @@
 ood-lens example-config > run.toml     # the bundled default (seed workload + MNIST)
 ood-lens run run.toml --out results/   # table in the terminal, files in results/
 ood-lens run run.toml --out results/ --force   # replace an earlier run's results/
+ood-lens run run.toml --trust-repo     # let a non-bundled hub repo named in run.toml run its code
 ood-lens layers --entry tiniest        # a model's layer table with (depth, idx) ids
 ood-lens scores                        # every registered score
 """
@@ -55,7 +56,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         text = path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise _Failed(f"cannot read the config {path}: {exc}", 2) from None
-    if args.out:  # before importing torch: a bad --out fails in well under a second
+    if args.out is not None:  # before importing torch: a bad --out fails in well under a second
         from ood_core.outdir import OutputDirError, check_out_dir
 
         try:
@@ -69,7 +70,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = RunConfig.from_toml(text, source=str(path))
     except ConfigError as exc:
         raise _Failed(str(exc), 2) from None
-    config.trust_repo = config.trust_repo or args.trust_repo
+    from ood_core.hub import is_bundled
+
+    # trust comes from the person at the keyboard (--trust-repo), never from the file
+    config.trust_repo = bool(args.trust_repo)
+    if config.trust_requested and not args.trust_repo and not is_bundled(config.model_repo):
+        raise _Failed(
+            f"{path}: [model] trust_repo = true is a request, not consent: a config file cannot "
+            f"let the hub repository '{config.model_repo}' run its code (hubconf.py and the "
+            "model) on this machine. If you trust it, pass --trust-repo on the command line.",
+            2,
+        )
     quiet = args.quiet or os.environ.get("OOD_LENS_QUIET", "") not in ("", "0")
     from ood_core.hub import UntrustedRepoError
 
@@ -108,7 +119,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     for message in [*result.notes, *result.warnings]:
         _warn(message)
-    if args.out:
+    if args.out is not None:
         from ood_core.outdir import OutputDirError
 
         try:
@@ -211,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "--trust-repo",
         action="store_true",
         help="let a non-bundled hub repository (GitHub or local folder) run its code "
-        "on this machine",
+        "on this machine (a config's trust_repo = true is only a request; this flag is consent)",
     )
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser(

@@ -9,8 +9,10 @@ A *hub reference* is one of
 Only the bundled repository is trusted implicitly. Any other repository (a local hub directory,
 a GitHub repository, cached or not) runs its ``hubconf.py`` and model code on this machine, so
 :func:`load_model` and :func:`list_entries` refuse it with :class:`UntrustedRepoError` unless
-called with ``trust_repo=True`` (the CLI's ``--trust-repo`` / config ``trust_repo = true``, the
-dashboard's trust checkbox).
+called with ``trust_repo=True``. Trust comes only from the person at the keyboard: the CLI's
+``--trust-repo``, the dashboard's trust checkbox, ``trust_repo=True`` in Python; never from a
+file (a config's or bundle's ``trust_repo = true`` is only a request, see
+:attr:`ood_core.pipeline.RunConfig.trust_requested`).
 
 A model may carry an ``ood_lens`` dict attribute declaring ``input_shape`` ``(C, H, W)``,
 ``class_names``, ``normalisation`` and ``test_accuracy``; :func:`model_info` reads it.
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ood_core.core import exclusive_eval
 from ood_core.data import network_available
 
 BUNDLED_HUB = Path(__file__).resolve().parents[1] / "assets" / "hub"
@@ -44,10 +47,10 @@ class UntrustedRepoError(HubUnavailableError):
         super().__init__(
             f"Refusing to use the torch.hub repository '{repo}' without your trust: loading it "
             "runs its hubconf.py and model code on this machine, with your permissions. If you "
-            "trust it, pass --trust-repo to ood-lens (or set trust_repo = true in the [model] "
-            "section of the run config), tick the trust box in the dashboard, or call "
-            "load_model(..., trust_repo=True) in Python. Only the bundled models are trusted "
-            "without asking."
+            "trust it, pass --trust-repo to ood-lens on the command line (trust_repo = true in "
+            "a config file or bundle is only a request: a file never grants trust), tick the "
+            "trust box in the dashboard, or call load_model(..., trust_repo=True) in Python. "
+            "Only the bundled models are trusted without asking."
         )
 
 
@@ -71,6 +74,14 @@ def is_bundled(repo: str | Path) -> bool:
         return Path(repo).expanduser().resolve() == BUNDLED_HUB
     except (OSError, RuntimeError, ValueError):
         return False
+
+
+def require_trust(repo: str | Path, trust_repo: bool) -> None:
+    """Raise :class:`UntrustedRepoError` unless ``repo`` is the bundled repository or the caller
+    passed ``trust_repo=True``: checked on every use, a model loaded (and cached) for a caller
+    who trusted it is never handed to one who did not."""
+    if trust_repo is not True and not is_bundled(repo):
+        raise UntrustedRepoError(str(repo))
 
 
 def repo_kind(repo: str | Path) -> str:
@@ -265,7 +276,7 @@ def check_compatible(
         dtype=param.dtype if param is not None else torch.float32,
     )
     try:
-        with torch.no_grad():
+        with exclusive_eval(net), torch.no_grad():
             out = net(x)
     except Exception as exc:
         raise ValueError(

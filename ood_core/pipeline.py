@@ -7,7 +7,10 @@ TOML (``to_toml`` / ``from_toml``): the dashboard exports it and ``ood-lens run`
 Loading validates every key before anything is computed (pydantic models with unknown keys
 forbidden, then the score, perturbation and metric registries): a :class:`ConfigError` lists each
 problem as ``[section] key = value: expected ...``, with a "did you mean" for misspelt names.
-Scenario titles must be unique and differ from ``"InD"``; results are keyed by position.
+Scenario titles must be unique and differ from ``"InD"``, compared after Unicode normalisation
+(:func:`title_key`: look-alikes count as the same title); results are keyed by position. A config
+file never grants trust: ``[model] trust_repo = true`` is read as a request
+(:attr:`RunConfig.trust_requested`), never as consent (:attr:`RunConfig.trust_repo`).
 
 :func:`run` returns a :class:`RunResult` (confidences, metrics, tidy tables, timings). It reuses a
 :class:`RunCache` across calls: models and datasets are loaded once, fitted scores and their
@@ -26,6 +29,7 @@ import platform
 import re
 import time
 import tomllib
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +52,7 @@ from ood_core.evaluation import Evaluation
 from ood_core.layer_ids import LayerId, layers_text, parse_layer_ids
 from ood_core.metrics import DEFAULT_METRICS, Metric, parse_metric
 from ood_core.perturbations import make_perturbation
+from ood_core.recorder import Recorder
 from ood_core.report import confidences_frame, results_frame, score_label
 from ood_core.scores import make_score
 from ood_core.scores.base import BaseScore
@@ -62,6 +67,12 @@ MAX_BATCH_SIZE = 65_536
 MAX_SEED = 2**31 - 1
 IND_TITLE = "InD"
 """The in-distribution test set's label in every table; no scenario may use it as its title."""
+MAX_CONFIG_CHARS = 10_000_000
+"""Longest run config read, in characters (a config is a few kB)."""
+MAX_CONFIG_DEPTH = 32
+"""Deepest nesting of arrays and tables in a config, and most parts of one dotted key."""
+MAX_SHOWN_PROBLEMS = 10
+"""How many problems a :class:`ConfigError` message lists (``problems`` holds them all)."""
 
 
 class ConfigError(ValueError):
@@ -71,13 +82,13 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str], source: str | None = None) -> None:
         self.problems = list(problems)
         self.source = source
-        body = (
-            self.problems[0]
-            if len(self.problems) == 1
-            else (
-                f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
-            )
-        )
+        shown = self.problems[:MAX_SHOWN_PROBLEMS]
+        if len(self.problems) == 1:
+            body = shown[0]
+        else:  # the first few: a message stays readable whatever the file holds
+            body = f"{len(self.problems):,} problems:\n" + "\n".join(f"  - {p}" for p in shown)
+            if len(self.problems) > len(shown):
+                body += f"\n  - ... and {len(self.problems) - len(shown):,} more"
         super().__init__(f"{source}: {body}" if source else body)
 
 
@@ -110,7 +121,9 @@ class ScenarioSpec:
     """A perturbation of the InD test images (``kind`` + params) or a real dataset (``dataset``).
 
     Results are keyed by the scenario's position, and its title (``describe()``) labels it in
-    tables and plots: titles must be unique within a run and differ from ``"InD"``."""
+    tables and plots: titles must be unique within a run and differ from ``"InD"``, compared by
+    :func:`title_key` (so look-alikes count as the same). A given ``title`` is kept as
+    :func:`clean_title` makes it (NFC, no invisible characters, no surrounding spaces)."""
 
     kind: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -124,6 +137,8 @@ class ScenarioSpec:
             raise ValueError(
                 "A scenario is either a perturbation (kind=...) or a dataset (dataset=...)."
             )
+        if isinstance(self.title, str):
+            self.title = clean_title(self.title)
 
     def describe(self) -> str:
         """The title: ``title`` if set, else one made from the kind and params or from the
@@ -161,8 +176,11 @@ class RunConfig:
     model_repo: str = "bundled"
     model_entry: str = "tiniest"
     trust_repo: bool = False
-    """Run the code of a non-bundled hub repository (its ``hubconf.py``); never exported, so a
-    shared config does not hand over this consent."""
+    """Consent to run the code of a non-bundled hub repository (its ``hubconf.py``), given only
+    by the person at the keyboard: ``RunConfig(trust_repo=True)`` in Python, ``ood-lens run
+    --trust-repo``, the dashboard's trust box. Never read from a file (:meth:`from_toml` and
+    :meth:`from_dict` leave it False; see :attr:`trust_requested`) and never exported, so a
+    shared config or bundle cannot hand over this consent."""
     ind_dataset: str = "fashion_mnist"
     calibration_split: str = "calibration"
     test_split: str = "test"
@@ -175,6 +193,9 @@ class RunConfig:
     baseline: int | str | None = 0
     n_boot: int = 0
     batch_size: int | None = None
+    trust_requested: bool = field(default=False, compare=False, repr=False)
+    """The file said ``[model] trust_repo = true``: a request, never consent (``ood-lens run``
+    then asks for ``--trust-repo``; everything else ignores it)."""
 
     def metric_objects(self) -> list[Metric]:
         return [parse_metric(m) for m in self.metrics]
@@ -222,16 +243,38 @@ class RunConfig:
 
     @classmethod
     def from_toml(cls, text: str, source: str | None = None) -> RunConfig:
+        """Parse and validate TOML text (:meth:`from_dict`). A leading UTF-8 byte-order mark is
+        ignored; a text longer than :data:`MAX_CONFIG_CHARS` or nested deeper than
+        :data:`MAX_CONFIG_DEPTH` is refused before it is parsed."""
+        text = text.removeprefix("\ufeff")
+        if len(text) > MAX_CONFIG_CHARS:
+            raise ConfigError(
+                [
+                    f"the config is {len(text):,} characters long; a run config is at most "
+                    f"{MAX_CONFIG_CHARS:,}"
+                ],
+                source,
+            )
+        if (problem := _toml_nesting_problem(text)) is not None:
+            raise ConfigError([problem], source)
         try:
             d = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"not valid TOML: {exc}"], source) from None
+        except RecursionError:
+            raise ConfigError(
+                [f"not read: nested more than {MAX_CONFIG_DEPTH} levels deep"], source
+            ) from None
         return cls.from_dict(d, source)
 
     def validate(self, source: str | None = None) -> RunConfig:
         """A checked copy (``baseline`` resolved to an index), or :class:`ConfigError`."""
         try:
             d = self.to_dict()
+        except RecursionError:
+            raise ConfigError(
+                [f"cannot read the config: nested more than {MAX_CONFIG_DEPTH} levels deep"], source
+            ) from None
         except (TypeError, ValueError) as exc:
             raise ConfigError([f"cannot read the config: {exc}"], source) from None
         checked = RunConfig.from_dict(d, source)
@@ -270,7 +313,8 @@ class _ModelSection(_Section):
     trust_repo: bool = Field(
         False,
         description=(
-            "true or false: whether the repository's code may run on this machine (bundled: always)"
+            "true or false; only a request: a file never lets a repository's code run "
+            "(pass --trust-repo, tick the dashboard's trust box or trust_repo=True in Python)"
         ),
     )
 
@@ -358,18 +402,129 @@ _ENTRIES: dict[str, type[_Section]] = {"scores": _ScoreEntry, "scenarios": _Scen
 
 
 def _show(value: Any, limit: int = 80) -> str:
-    """A value as TOML would write it (strings in double quotes, true/false), shortened."""
+    """A value as TOML would write it (strings in double quotes, true/false), shortened;
+    invisible characters in strings are written as ``\\uXXXX`` escapes (:func:`_visible`)."""
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
-    elif isinstance(value, list | tuple):
-        text = "[" + ", ".join(_show(v, limit) for v in value) + "]"
-    elif isinstance(value, dict):
-        text = "{" + ", ".join(f"{k} = {_show(v, limit)}" for k, v in value.items()) + "}"
+        text = _visible(json.dumps(value[: 2 * limit], ensure_ascii=False))
+    elif isinstance(value, list | tuple | dict):
+        table = isinstance(value, dict)
+        parts: list[str] = []
+        for k, v in value.items() if table else enumerate(value):
+            parts.append(f"{_visible(str(k))} = {_show(v, limit)}" if table else _show(v, limit))
+            if sum(map(len, parts)) > limit:  # long enough: a huge value costs nothing more
+                break
+        text = ", ".join(parts)
+        text = "{" + text + "}" if table else "[" + text + "]"
     else:
         text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _invisible(ch: str) -> bool:
+    category = unicodedata.category(ch)
+    return category in ("Cf", "Cc", "Zl", "Zp") or (category == "Zs" and ch != " ")
+
+
+def _visible(text: str) -> str:
+    """``text`` with invisible characters (zero-width spaces and joiners, other format and
+    control characters, spaces other than U+0020) written as ``\\uXXXX`` escapes."""
+    return "".join(f"\\u{ord(ch):04x}" if _invisible(ch) else ch for ch in text)
+
+
+def _short_key(key: Any, limit: int = 40) -> str:
+    """A key as a message shows it: invisible characters escaped, at most ``limit`` characters."""
+    text = _visible(str(key))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def clean_title(text: str) -> str:
+    """A scenario title as kept and shown: Unicode NFC, without format characters (zero-width
+    spaces and joiners, byte-order marks, direction marks) and without surrounding whitespace."""
+    text = unicodedata.normalize("NFC", text)
+    return "".join(ch for ch in text if unicodedata.category(ch) != "Cf").strip()
+
+
+def title_key(text: str) -> str:
+    """What scenario titles are compared by (duplicates, the reserved ``"InD"``):
+    :func:`clean_title`, then NFKC (full-width letters, ligatures), case folded, inner runs of
+    whitespace as one space. ``"Café"`` in NFC and NFD, ``"InD\\u200b"``, ``"A "`` and ``"a"``
+    are each the same title as their plain twin."""
+    return " ".join(unicodedata.normalize("NFKC", clean_title(text)).casefold().split())
+
+
+def _as_written(texts: list[str], plain: str | None = None) -> str:
+    """For a message on look-alike titles: how ``texts`` were written (every non-ASCII character
+    escaped), unless each is exactly ``plain`` (default: the first)."""
+    if all(t == (texts[0] if plain is None else plain) for t in texts):
+        return ""
+    listed = " and ".join(json.dumps(t[:80]) for t in texts)
+    return (
+        f" (written {listed}; titles are compared after Unicode normalisation, without "
+        "invisible characters, surrounding spaces or case)"
+    )
+
+
+_TOML_TOKEN = re.compile(r"[\"'#\[\]{}=,.\n]")
+
+
+def _toml_nesting_problem(text: str, limit: int = MAX_CONFIG_DEPTH) -> str | None:
+    """Why ``text`` is refused before parsing (arrays / inline tables nested deeper than
+    ``limit``, or a dotted key of more than ``limit`` parts), or None. A cheap scan that skips
+    strings and comments: the parser would recurse, or take quadratic time, on such input."""
+    depth = dots = 0
+    i, n = 0, len(text)
+    while (m := _TOML_TOKEN.search(text, i)) is not None:
+        ch, i = m.group(), m.start()
+        if ch in "\"'":  # skip the string (basic strings have escapes)
+            mark = ch * 3 if text.startswith(ch * 3, i) else ch
+            j = i + len(mark)
+            while j < n and not text.startswith(mark, j):
+                if len(mark) == 1 and text[j] == "\n":
+                    break  # unterminated: the parser reports it
+                j += 2 if ch == '"' and text[j] == "\\" else 1
+            i = j + len(mark)
+            continue
+        if ch == "#":
+            i = n if (j := text.find("\n", i)) < 0 else j
+            continue
+        if ch in "[{":
+            depth, dots = depth + 1, 0
+            if depth > limit:
+                line = text.count("\n", 0, i) + 1
+                return (
+                    f"not read: arrays or tables nested more than {limit} levels deep (line {line})"
+                )
+        elif ch in "]}":
+            depth, dots = max(0, depth - 1), 0
+        elif ch == ".":
+            dots += 1
+            if dots >= limit:
+                line = text.count("\n", 0, i) + 1
+                return f"not read: a dotted key of more than {limit} parts (line {line})"
+        else:  # "=", "," or a new line: a new key or value
+            dots = 0
+        i += 1
+    return None
+
+
+def _nesting_problem(d: Any, limit: int = MAX_CONFIG_DEPTH) -> str | None:
+    """Where ``d`` (a parsed config) nests deeper than ``limit``, or None (iterative: no
+    recursion however deep)."""
+    stack: list[tuple[Any, int, str]] = [(d, 0, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if depth > limit:
+            return (
+                f"{_short_key(path, 80)}: nested more than {limit} levels deep; a run config "
+                "needs a few levels"
+            )
+        if isinstance(value, dict):
+            stack += [(v, depth + 1, f"{path}.{k}" if path else str(k)) for k, v in value.items()]
+        elif isinstance(value, list | tuple):
+            stack += [(v, depth + 1, f"{path}[{j}]") for j, v in enumerate(value)]
+    return None
 
 
 def _kind(value: Any) -> str:
@@ -399,15 +554,14 @@ def _explain(exc: ValidationError, where: str, model: type[_Section]) -> list[st
     """One message per pydantic error: location, value, what is expected."""
     fields = model.model_fields
     out: list[str] = []
+    seen: set[str] = set()
     for err in exc.errors(include_url=False):
         loc = err["loc"]
         key = str(loc[0]) if loc else ""
         path = key + "".join(f"[{x}]" for x in loc[1:] if isinstance(x, int))
         if err["type"] == "extra_forbidden":
-            msg = (
-                f"{where} {key}: unknown key{_suggest(key, fields)}; "
-                f"known keys: {', '.join(fields)}"
-            )
+            hint = _suggest(key, fields) if len(key) <= 100 else ""
+            msg = f"{where} {_short_key(key)}: unknown key{hint}; known keys: {', '.join(fields)}"
         elif err["type"] == "missing":
             msg = f"{where}: missing key '{key}': expected {fields[key].description}"
         elif key in fields:
@@ -415,7 +569,8 @@ def _explain(exc: ValidationError, where: str, model: type[_Section]) -> list[st
             msg = f"{where} {path} = {_show(value)} ({_kind(value)}): expected {fields[key].description}"
         else:
             msg = f"{where}: {err['msg']}"
-        if msg not in out:
+        if msg not in seen:
+            seen.add(msg)
             out.append(msg)
     return out
 
@@ -486,7 +641,7 @@ def _scenario_problems(where: str, e: _ScenarioEntry) -> tuple[ScenarioSpec | No
             f'images) or dataset = "..." (a dataset of real images), {both}'
         ]
     problems: list[str] = []
-    if e.title is not None and not e.title.strip():
+    if e.title is not None and not clean_title(e.title):
         problems.append(f"{where} title = {_show(e.title)}: expected a non-empty label")
     if e.kind is not None:
         if e.kind not in PERTURBATIONS:
@@ -542,13 +697,20 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
     """The config described by ``d`` (TOML layout) and every problem found in it."""
     if not isinstance(d, dict):
         return RunConfig(), [f"expected a table of sections, got {_kind(d)}"]
+    if (deep := _nesting_problem(d)) is not None:
+        return RunConfig(), [deep]
     problems: list[str] = []
     known = [*_SECTIONS, *_ENTRIES]
     unknown = [k for k in d if k not in known]
     if unknown:
-        hints = "".join(_suggest(u, known).replace("?)", f" for {_show(u)}?)") for u in unknown)
+        shown = unknown[:MAX_SHOWN_PROBLEMS]
+        hints = "".join(
+            _suggest(u, known).replace("?)", f" for {_show(u)}?)") for u in shown if len(u) <= 100
+        )
+        more = f" and {len(unknown) - len(shown):,} more" if len(unknown) > len(shown) else ""
         problems.append(
-            f"Unknown section(s) {unknown} in the config{hints}; expected {sorted(known)}"
+            f"Unknown section(s) {[_short_key(u) for u in shown]}{more} in the config{hints}; "
+            f"expected {sorted(known)}"
         )
     sections: dict[str, Any] = {}
     for name, model in _SECTIONS.items():
@@ -580,11 +742,7 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
                 if name == "scores"
                 else (e.get("title") or e.get("kind") or e.get("dataset"))
             )
-            label = (
-                (label if len(label) <= 40 else label[:37] + "...")
-                if isinstance(label, str)
-                else None
-            )
+            label = _short_key(label) if isinstance(label, str) else None
             where = f"[[{name}]] #{i + 1}" + (f" ({label})" if label else "")
             try:
                 entries[name].append((where, model.model_validate(e)))
@@ -599,12 +757,12 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
             score, probs = _score_problems(where, spec)
             problems += probs
             scores.append((where, spec, None if probs else score))
-    scenarios: list[tuple[str, ScenarioSpec | None]] = []
+    scenarios: list[tuple[str, ScenarioSpec | None, str | None]] = []  # with the title as written
     for where, e in entries["scenarios"] or []:
         if e is not None:
             spec, probs = _scenario_problems(where, e)
             problems += probs
-            scenarios.append((where, spec))
+            scenarios.append((where, spec, e.title))
     # whole-config checks
     if entries["scores"] == []:
         problems.append(
@@ -626,23 +784,26 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
                 "layers): remove one"
             )
         first_of.setdefault(spec.key(), where)
-    titled: dict[str, str] = {}
-    for where, spec in scenarios:
+    titled: dict[str, tuple[str, str]] = {}
+    for where, spec, written in scenarios:
         if spec is None:
             continue
         title = spec.describe()
-        norm = title.strip().casefold()
-        if norm == IND_TITLE.casefold():
+        text = written if written is not None else title
+        norm = title_key(title)  # look-alikes (NFC/NFD, zero-width, spaces, case) are equal
+        if norm == title_key(IND_TITLE):
             problems.append(
-                f"{where}: the title {_show(title)} is the in-distribution test set's "
-                'label; set another title = "..."'
+                f"{where}: the title {_show(text)}{_as_written([text], IND_TITLE)} is the "
+                'in-distribution test set\'s label; set another title = "..."'
             )
         elif norm in titled:
+            first, first_text = titled[norm]
             problems.append(
-                f"{where} and {titled[norm]} are both titled {_show(title)}: results "
-                'are reported per title, so give each a distinct title = "..."'
+                f"{where} and {first} are both titled {_show(text)}"
+                f"{_as_written([text, first_text])}: results are reported per title, so give "
+                'each a distinct title = "..."'
             )
-        titled.setdefault(norm, where)
+        titled.setdefault(norm, (where, text))
     data, ev = sections.get("data"), sections.get("evaluation")
     if data is not None and data.ind_dataset in data_mod.BUNDLED:
         splits = data_mod.BUNDLED[data.ind_dataset]["splits"]
@@ -677,7 +838,8 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
     config = RunConfig(
         model_repo=model.repo,
         model_entry=model.entry,
-        trust_repo=model.trust_repo,
+        trust_repo=False,  # a file never grants trust: only the caller does
+        trust_requested=model.trust_repo,
         ind_dataset=data.ind_dataset,
         calibration_split=data.calibration_split,
         test_split=data.test_split,
@@ -685,7 +847,7 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
         n_test=data.n_test,
         seed=data.seed,
         scores=[spec for _, spec, _ in scores],
-        scenarios=[s for _, s in scenarios if s is not None],
+        scenarios=[s for _, s, _ in scenarios if s is not None],
         metrics=list(ev.metrics),
         baseline=baseline,
         n_boot=ev.n_boot,
@@ -766,8 +928,23 @@ class RunCache:
     activations: ActivationCache = field(default_factory=ActivationCache)
     """Recorded activations per (model, dataset, layer): a changed or added score is fitted and
     scored from them without any forward pass."""
+    recorders: dict[tuple, Recorder] = field(default_factory=dict)
+    """One traced :class:`Recorder` per (model, input shape), kept here, never on the model."""
+
+    def recorder(self, model_key: tuple, net: nn.Module, example: torch.Tensor) -> Recorder:
+        """The Recorder of ``net`` for inputs shaped like ``example`` (traced once)."""
+        key = (model_key, id(net), tuple(example.shape[1:]))
+        if key not in self.recorders:
+            for stale in [k for k in self.recorders if k[0] == model_key]:  # a reloaded model
+                del self.recorders[stale]
+            self.recorders[key] = Evaluation.for_net(net, example).recorder
+        return self.recorders[key]
 
     def model(self, repo: str, entry: str, trust_repo: bool = False) -> nn.Module:
+        """``entry`` of hub repository ``repo``, loaded once. Trust is checked on every call,
+        cached or not: a repository other than the bundled one needs ``trust_repo=True`` from
+        this caller (else :class:`~ood_core.hub.UntrustedRepoError`), whoever loaded it first."""
+        hub.require_trust(repo, trust_repo)
         key = (repo, entry)
         if key not in self.models:
             self.models[key] = hub.load_model(repo, entry, trust_repo=trust_repo)
@@ -776,9 +953,24 @@ class RunCache:
     def dataset(
         self, source: str, split: str, n: int | None, seed: int, config: str | None = None
     ) -> data_mod.ImageDataset:
+        """The dataset ``source`` (subset ``n`` drawn with ``seed``), loaded once. A local file or
+        folder whose content changed since (checked by content fingerprint, so a rewrite that
+        kept the mtime counts) is loaded again, with the data roots it was loaded under, and
+        everything computed from cached data (fits, confidences, activations) is dropped."""
         key = (source, split, n, seed, config)
+        full_key = (source, split, None, 0, config)
+        full = self.datasets.get(full_key)
+        if full is not None and data_mod.is_stale(full):
+            for k in [k for k in self.datasets if k[0] == source]:
+                del self.datasets[k]
+            self.fitted.clear()
+            self.confidences.clear()
+            self.warnings.clear()
+            self.activations.clear()
+            self.datasets[full_key] = data_mod.load(
+                source, split, config, roots=full.meta.get("roots")
+            )
         if key not in self.datasets:
-            full_key = (source, split, None, 0, config)
             if full_key not in self.datasets:
                 self.datasets[full_key] = data_mod.load(source, split, config)
             self.datasets[key] = self.datasets[full_key].subset(n, seed)
@@ -923,20 +1115,20 @@ def run(
     n_cal, n_test = inputs.n_calibration, inputs.n_test
     notes.extend(inputs.notes)
     model_key = (config.model_repo, config.model_entry)
-    evaluation = Evaluation.for_net(
-        net, calib.images[:1], cache=cache.activations, model_key=model_key
+    evaluation = Evaluation(
+        cache.recorder(model_key, net, calib.images[:1]),
+        cache=cache.activations,
+        model_key=model_key,
     )
     base_key = (model_key, _data_key(config))
     pairs: list[tuple[BaseScore, tuple[LayerId, ...]]] = []
     todo_fit: list[BaseScore] = []
     for spec in config.scores:
-        key = (base_key, spec.key())
-        score = cache.fitted.get(key)
+        score = cache.fitted.get((base_key, spec.key()))
         if score is None:
             score = spec.build()
             score.bind(evaluation.recorder, spec.layer_ids())
             todo_fit.append(score)
-            cache.fitted[key] = score
         pairs.append((score, score.layers))
     timings = []
     if todo_fit:
@@ -944,19 +1136,18 @@ def run(
         def fit_progress(done: int, total: int) -> None:
             say(f"Extracting + fitting {len(todo_fit)} score(s) on calibration data", done / total)
 
-        try:
-            evaluation.fit(
-                todo_fit,
-                calib.images,
-                calib.labels,
-                batch_size=config.batch_size,
-                progress=fit_progress,
-                data_key=(_data_key(config), "__calibration__"),
-            )
-        except Exception:
-            for spec in config.scores:
-                cache.fitted.pop((base_key, spec.key()), None)
-            raise
+        evaluation.fit(
+            todo_fit,
+            calib.images,
+            calib.labels,
+            batch_size=config.batch_size,
+            progress=fit_progress,
+            data_key=(_data_key(config), "__calibration__"),
+        )
+        # cached only once fitted: a run that fails or is interrupted (Ctrl-C, a Streamlit
+        # rerun: BaseExceptions) leaves no half-fitted score behind
+        for spec, (score, _) in zip(config.scores, pairs, strict=True):
+            cache.fitted.setdefault((base_key, spec.key()), score)
         for s, shared in zip(todo_fit, evaluation.last_shared_seconds, strict=True):
             timings.append(
                 {
@@ -1060,29 +1251,47 @@ def run(
     )
 
 
-def result_figures(result: RunResult) -> list[tuple[str, Any]]:
-    """The report's figures: summary grid, one histogram per score, one ROC per scenario."""
-    from ood_core import plots
+def result_figures(result: RunResult, problems: list[str] | None = None) -> list[tuple[str, Any]]:
+    """The report's figures: summary grid, one histogram per score, one ROC per scenario.
 
-    figs = [
-        (
-            "Summary",
-            plots.summary_plot(
-                result.confs_ind,
-                result.confs_oods,
-                scores_and_layers=result.scores_and_layers,
-                oods_title=result.ood_titles,
-            ),
+    ``problems``: when given, a figure that fails is left out and its failure (which figure,
+    why: :func:`ood_core.report.figure_problem`) appended there, so the other figures and the
+    numbers are kept; without it the error propagates."""
+    from ood_core import plots
+    from ood_core.report import figure_problem
+
+    def summary() -> Any:
+        return plots.summary_plot(
+            result.confs_ind,
+            result.confs_oods,
+            scores_and_layers=result.scores_and_layers,
+            oods_title=result.ood_titles,
         )
-    ]
-    for i, name in enumerate(result.score_names):
+
+    def histogram(i: int, name: str) -> Any:
         series = {"InD": result.confs_ind[i]} | {
             t: c[i] for t, c in zip(result.ood_titles, result.confs_oods, strict=True)
         }
-        figs.append((f"Confidences: {name}", plots.histogram_figure(series, title=name)))
-    for t, c in zip(result.ood_titles, result.confs_oods, strict=True):
+        return plots.histogram_figure(series, title=name)
+
+    def roc(t: str, c: Any) -> Any:
         curves = {n: (result.confs_ind[i], c[i]) for i, n in enumerate(result.score_names)}
-        figs.append((f"ROC: InD vs {t}", plots.roc_figure(curves, title=f"InD vs {t}")))
+        return plots.roc_figure(curves, title=f"InD vs {t}")
+
+    builders: list[tuple[str, Callable[[], Any]]] = [("Summary", summary)]
+    for i, name in enumerate(result.score_names):
+        builders.append((f"Confidences: {name}", lambda i=i, name=name: histogram(i, name)))
+    for t, c in zip(result.ood_titles, result.confs_oods, strict=True):
+        builders.append((f"ROC: InD vs {t}", lambda t=t, c=c: roc(t, c)))
+    figs = []
+    for title, build in builders:
+        if problems is None:
+            figs.append((title, build()))
+            continue
+        try:
+            figs.append((title, build()))
+        except Exception as exc:  # noqa: BLE001 - one figure must never cost the others
+            problems.append(figure_problem(title, exc))
     return figs
 
 
@@ -1102,56 +1311,68 @@ def export(
     force: bool = False,
     config_path: str | Path | None = None,
 ) -> dict[str, Path]:
-    """Write metrics.csv, confidences.parquet, config.toml, a self-contained report.html and,
-    last, run.json (status, versions, config sha256, timings, warnings, notes) into ``out_dir``.
+    """Write metrics.csv, confidences.parquet, config.toml, then a self-contained report.html
+    and, last, run.json (status, versions, config sha256, timings, warnings, notes, files) into
+    ``out_dir``.
 
-    The files go to a new sibling folder renamed into place at the end: an existing non-empty
-    ``out_dir`` is refused unless ``force`` (:class:`~ood_core.outdir.OutputDirError`), links are
-    never written through, and ``config_path`` (the input config, hashed into run.json) is never
-    touched. See :func:`ood_core.report.write_bundle`."""
+    The numbers never depend on the figures: the report is drawn after they are written, a
+    figure that fails is named in the report ("Figures not drawn": which figure and why) and in
+    run.json's ``warnings``, and the bundle is still complete. The files go to a new sibling
+    folder renamed into place at the end: an existing non-empty ``out_dir`` is refused unless
+    ``force`` and it is an earlier ood-lens bundle (:class:`~ood_core.outdir.OutputDirError`),
+    links are never written through, and ``config_path`` (the input config, hashed into
+    run.json) is never touched. See :func:`ood_core.report.write_bundle`."""
     from ood_core import __version__
     from ood_core.report import html_report, write_bundle
 
     t0 = time.perf_counter()
     cfg = result.config
-    notes = (
-        f"Model {cfg.model_entry} from {cfg.model_repo}; InD {cfg.ind_dataset} "
-        f"({len(result.ind)} test samples, accuracy {result.accuracy:.2%}); "
-        f"run time {result.seconds:.1f} s."
-    )
-    tables = [("Metrics", metrics_wide(result)), ("All values", result.frame)]
-    if result.notes:
-        tables.insert(0, ("Notes", pd.DataFrame({"note": result.notes})))
-    if result.warnings:
-        tables.insert(0, ("Warnings", pd.DataFrame({"warning": result.warnings})))
-    page = html_report("ood-lens report", result_figures(result), tables, notes)
+    problems: list[str] = []  # figures that could not be drawn
+
+    def report_page() -> str:
+        notes = (
+            f"Model {cfg.model_entry} from {cfg.model_repo}; InD {cfg.ind_dataset} "
+            f"({len(result.ind)} test samples, accuracy {result.accuracy:.2%}); "
+            f"run time {result.seconds:.1f} s."
+        )
+        tables = [("Metrics", metrics_wide(result)), ("All values", result.frame)]
+        if result.notes:
+            tables.insert(0, ("Notes", pd.DataFrame({"note": result.notes})))
+        if result.warnings:
+            tables.insert(0, ("Warnings", pd.DataFrame({"warning": result.warnings})))
+        figures = result_figures(result, problems)
+        return html_report("ood-lens report", figures, tables, notes, problems=problems)
+
     config_toml = cfg.to_toml()
     source = Path(config_path).read_bytes() if config_path is not None else config_toml.encode()
-    run_info = {
-        "ood_lens_version": __version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "config_source": str(config_path) if config_path is not None else None,
-        "config_sha256": hashlib.sha256(source).hexdigest(),
-        "timings": {
-            "run_seconds": round(result.seconds, 3),
-            "export_seconds": round(time.perf_counter() - t0, 3),
-            "operations": result.timings.to_dict("records"),
-        },
-        "accuracy": result.accuracy,
-        "ind_predictions": np.asarray(result.ind_predictions).astype(int).tolist(),
-        "images_sha256": data_mod.images_sha256([result.ind.images, *result.ood_images]),
-        "n_calibration": cfg.n_calibration,
-        "n_test": len(result.ind),
-        "warnings": result.warnings,
-        "notes": result.notes,
-    }
+
+    def run_info() -> dict[str, Any]:  # called last, once the report is drawn
+        return {
+            "ood_lens_version": __version__,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "config_source": str(config_path) if config_path is not None else None,
+            "config_sha256": hashlib.sha256(source).hexdigest(),
+            "timings": {
+                "run_seconds": round(result.seconds, 3),
+                "export_seconds": round(time.perf_counter() - t0, 3),
+                "operations": result.timings.to_dict("records"),
+            },
+            "accuracy": result.accuracy,
+            "ind_predictions": np.asarray(result.ind_predictions).astype(int).tolist(),
+            "images_sha256": data_mod.images_sha256([result.ind.images, *result.ood_images]),
+            "n_calibration": cfg.n_calibration,
+            "n_test": len(result.ind),
+            "warnings": [*result.warnings, *problems],
+            "notes": result.notes,
+        }
+
     protect = [config_path] if config_path is not None else []
     return write_bundle(
         out_dir,
         metrics_frame=result.frame,
         confidences=result.confidences_frame(),
-        report_html=page,
+        report_html=report_page,
         config_toml=config_toml,
         run_info=run_info,
         force=force,

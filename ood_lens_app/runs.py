@@ -7,7 +7,12 @@ Session keys set here: ``run_id`` (the saved run on screen), ``result_request`` 
 that made the result, before sizes were lowered to the data), ``run_status`` (``"running"``
 while a run is in progress; ``"cancelled"`` when a later script run found it never finished),
 ``run_request`` (the config of the last run started), ``pending_settings`` (a config to put
-into the widgets at the start of the next script run), ``store_error``."""
+into the widgets at the start of the next script run), ``store_error``, ``trust_request`` (a
+saved run waiting for its trust box: ``{"run_id", "repo"}``).
+
+Trust: a run or a saved run whose model comes from a non-bundled hub repository runs that
+repository's code only when the person ticked its trust box in this session (``trusted_repos``);
+a saved run or bundle never grants trust itself (:func:`restore_run`)."""
 
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from torch import nn
 
 from ood_core import bundle as bundle_mod
 from ood_core import data as data_mod
-from ood_core import pipeline
+from ood_core import hub, pipeline
 from ood_core.perturbations import PERTURBATIONS
 from ood_core.pipeline import RunCache, RunConfig, RunResult
 from ood_core.scores import get_score_class
@@ -116,6 +121,7 @@ def execute_run(
     def progress(stage: str, frac: float) -> None:
         bar.progress(min(1.0, max(0.0, float(frac))), text=stage)
 
+    config = with_session_trust(ss, config)
     ss["run_request"] = config
     ss["run_status"] = "running"
     ss["run_started"] = time.strftime("%H:%M:%S")
@@ -155,11 +161,27 @@ def save_result(state: MutableMapping[str, Any], result: RunResult) -> str | Non
     """Save ``result`` to the run store; its id, or None (and ``store_error`` says why)."""
     try:
         run_id = run_store.save(result, run_store.runs_dir(), background=True)
+    except run_store.StoreError as exc:  # "not saved: <reason>; set OOD_LENS_RUNS to ..."
+        state["store_error"] = str(exc)
+        return None
     except (OSError, TypeError, ValueError) as exc:
         state["store_error"] = f"This run was not saved to the run store: {exc}"
         return None
     state["store_error"] = None
     return run_id
+
+
+def check_saved(state: MutableMapping[str, Any]) -> str | None:
+    """Whether the run on screen was really saved (waits for its background save): when it was
+    not, its id is forgotten (never shown as "Saved as", never restored from the URL) and
+    ``store_error`` says why; returns ``store_error`` (None: nothing to report)."""
+    run_id = state.get("run_id")
+    if run_id:
+        problem = run_store.save_error(run_id)
+        if problem:
+            state["run_id"], state["restore_tried"] = None, run_id
+        state["store_error"] = problem
+    return state.get("store_error")
 
 
 def check_cancelled(state: MutableMapping[str, Any]) -> None:
@@ -169,28 +191,95 @@ def check_cancelled(state: MutableMapping[str, Any]) -> None:
         state["run_status"] = "cancelled"
 
 
-def restore_run(run_id: str) -> RunResult | None:
+def repo_trusted(state: Mapping[str, Any], repo: str) -> bool:
+    """Bundled, or ticked in its trust box in this session (``trusted_repos``)."""
+    return hub.is_bundled(repo) or repo in state.get("trusted_repos", ())
+
+
+def with_session_trust(state: Mapping[str, Any], config: RunConfig) -> RunConfig:
+    """``config`` with ``trust_repo`` as this session's person decided (:func:`repo_trusted`):
+    the only source of trust in the dashboard."""
+    return dataclasses.replace(config, trust_repo=repo_trusted(state, config.model_repo))
+
+
+def trust_refusal(run_id: str, repo: str) -> str:
+    """What the dashboard says when a saved run names a repository not trusted in this session."""
+    return (
+        f"Saved run {run_id} uses a model from the hub repository '{repo}', which is not "
+        "bundled: opening it runs that repository's code (hubconf.py and the model) on this "
+        "machine. A saved run or bundle never grants trust: tick the trust box naming the "
+        "repository to open it."
+    )
+
+
+def restore_run(run_id: str, trust: bool = False) -> RunResult | None:
     """Show saved run ``run_id`` again: its config into every widget and its result read back
     from its bundle (:func:`ood_core.bundle.to_result`: nothing fitted or scored; the images
-    drawn again through the session's cache and checked against the bundle's fingerprint)."""
+    drawn again through the session's cache and checked against the bundle's fingerprint).
+
+    A run whose model repository is not bundled and not trusted in this session opens only
+    with ``trust=True`` (its trust box ticked: :func:`restore_trust_prompt`); until then nothing
+    is loaded or changed, ``trust_request`` names the run and the repository and
+    ``run_error`` says why."""
     import streamlit as st
 
     ss = st.session_state
     ss["restore_tried"] = run_id
+    ss.pop("trust_request", None)
     try:
         stored = run_store.load(run_store.runs_dir(), run_id)
     except (OSError, ValueError, KeyError) as exc:
         ss["run_error"] = f"Cannot open saved run {run_id}: {exc}"
         return None
+    repo = stored.config.model_repo
+    if not repo_trusted(ss, repo):
+        if not trust:
+            ss["trust_request"] = {"run_id": run_id, "repo": repo}
+            ss["run_error"] = trust_refusal(run_id, repo)
+            return None
+        ss["trusted_repos"] = list(dict.fromkeys([*ss.get("trusted_repos", []), repo]))
     apply_config(ss, stored.config)
 
     def read_back(cache: RunCache, progress: Callable[[str, float], None]) -> RunResult:
         progress(f"Opening saved run {run_id}", 0.1)
-        return bundle_mod.to_result(stored.bundle, cache)
+        return bundle_mod.to_result(stored.bundle, cache, trust_repo=repo_trusted(ss, repo))
 
     return execute_run(
         stored.config, save=False, restore_settings=False, run_id=run_id, compute=read_back
     )
+
+
+def restore_trust_key(repo: str) -> str:
+    """State key of the trust box of a saved run's repository (not a ``w.`` key: never kept)."""
+    return f"trust_open.{repo.strip()}"
+
+
+def restore_trust_prompt() -> RunResult | None:
+    """While a saved run waits for trust (``trust_request``, see :func:`restore_run`): the
+    refusal and a trust box naming the repository, unticked; ticking it opens the run (its
+    result, or None and ``run_error``)."""
+    import streamlit as st
+
+    ss = st.session_state
+    request = ss.get("trust_request")
+    if not request:
+        return None
+    run_id, repo = request["run_id"], request["repo"]
+    st.error(trust_refusal(run_id, repo), icon=":material/gpp_maybe:")
+    ticked = st.checkbox(
+        f"I trust `{repo.replace('`', '')}`: open saved run {run_id}, which runs its code "
+        "(hubconf.py and the model) on this machine",
+        key=restore_trust_key(repo),
+        value=False,
+        help="Only the bundled models are trusted without asking. Tick this only for a "
+        "repository whose code you would run yourself.",
+    )
+    if not ticked:
+        return None
+    result = restore_run(run_id, trust=True)
+    if result is None:
+        st.error(ss["run_error"], icon=":material/error:")
+    return result
 
 
 def sync_url(state: MutableMapping[str, Any], params: MutableMapping[str, Any]) -> str | None:

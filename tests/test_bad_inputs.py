@@ -361,6 +361,107 @@ CONFIG_FILE_ROWS = [
         scenarios({"dataset": "mnist", "title": "Vertical flip"}, {"kind": "vertical_flip"}),
         ['both titled "Vertical flip"'],
     ),
+    # issue 15: file edge cases (a byte-order mark, runaway nesting, thousands of problems)
+    (
+        "bom-then-a-bad-value",
+        raw("\ufeff" + config_text(setv("data.n_test", "100"))),
+        ['[data] n_test = "100"', "a string"],  # located: the BOM was read, not a TOML error
+    ),
+    (
+        "arrays-100k-deep",
+        raw("x = " + "[" * 100_000 + "]" * 100_000 + "\n"),
+        ["not read: arrays or tables nested more than 32 levels deep (line 1)"],
+    ),
+    (
+        "inline-tables-100k-deep",
+        raw("[data]\nx = " + "{a = " * 100_000 + "1" + "}" * 100_000 + "\n"),
+        ["nested more than 32 levels deep (line 2)"],
+    ),
+    (
+        "dotted-key-100k-parts",
+        raw("a" + ".a" * 100_000 + " = 1\n"),
+        ["not read: a dotted key of more than 32 parts (line 1)"],
+    ),
+    (
+        "params-40-deep",
+        knn(
+            params={
+                "k": [
+                    [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[5]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]
+                ]
+            }
+        ),
+        ["nested more than 32 levels deep"],
+    ),
+    (
+        "unknown-keys-10k",
+        lambda d: d["data"].update({f"k{i}": 1 for i in range(10_000)}),
+        ["10,000 problems:", "[data] k0: unknown key", "  - ... and 9,990 more"],
+    ),
+    (
+        "unknown-sections-10k",
+        lambda d: d.update({f"s{i}": {} for i in range(10_000)}),
+        ["Unknown section(s) ['s0', 's1', ", "'s9'] and 9,990 more in the config"],
+    ),
+    (
+        "unknown-key-huge-name",
+        setv("data." + "k" * 100_000, 1),
+        ["[data] kkkkkkkkkk", "...: unknown key; known keys"],
+    ),
+    # issue 15: look-alike titles are normalised before the duplicate / reserved-label checks
+    (
+        "title-ind-zero-width",
+        scenarios({"kind": "darker", "title": "InD\u200b"}),
+        ['the title "InD\\u200b"', "in-distribution"],
+    ),
+    (
+        "title-ind-fullwidth",
+        scenarios({"kind": "darker", "title": "\uff29\uff4e\uff24"}),
+        ['written "\\uff29\\uff4e\\uff24"', "in-distribution"],
+    ),
+    (
+        "title-ind-no-break-space",
+        scenarios({"kind": "darker", "title": "\u00a0InD\u00a0"}),
+        ['the title "\\u00a0InD\\u00a0"', "in-distribution"],
+    ),
+    (
+        "titles-duplicate-nfc-nfd",
+        scenarios(
+            {"kind": "vertical_flip", "title": "Caf\u00e9"},
+            {"kind": "darker", "title": "Cafe\u0301"},
+        ),
+        ["both titled", 'written "Cafe\\u0301" and "Caf\\u00e9"', "distinct title"],
+    ),
+    (
+        "titles-duplicate-trailing-spaces-and-bom",
+        scenarios(
+            {"kind": "vertical_flip", "title": "A"}, {"kind": "darker", "title": "A \ufeff "}
+        ),
+        ['[[scenarios]] #2 (A \\ufeff ) and [[scenarios]] #1 (A) are both titled "A \\ufeff "'],
+    ),
+    (
+        "titles-duplicate-zero-width",
+        scenarios(
+            {"kind": "vertical_flip", "title": "Flip"}, {"kind": "darker", "title": "Fl\u200bip"}
+        ),
+        ['both titled "Fl\\u200bip"', 'written "Fl\\u200bip" and "Flip"'],
+    ),
+    (
+        "titles-duplicate-inner-spaces",
+        scenarios({"kind": "vertical_flip", "title": "A B"}, {"kind": "darker", "title": "A \t B"}),
+        ["both titled", "distinct title"],
+    ),
+    (
+        "title-zero-width-only",
+        scenarios({"kind": "darker", "title": "\u200b\u2060"}),
+        ['title = "\\u200b\\u2060"', "non-empty label"],
+    ),
+    # issue 15: a file never grants trust; its trust_repo is a request (true or false only)
+    (
+        "trust-repo-string",
+        setv("model.trust_repo", "yes"),
+        ['[model] trust_repo = "yes" (a string)', "only a request"],
+    ),
 ]
 
 
@@ -679,20 +780,26 @@ def test_run_json_is_written_last_and_describes_the_run(fake_run, tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.toml", "out"]  # no temp left
 
 
+def _earlier_run(out: Path, text: str = "old run") -> Path:
+    """A folder an earlier run wrote: its run.json lists its files (what --force replaces)."""
+    data = text.encode()
+    manifest = {"status": "complete", "files": {"metrics.csv": {"bytes": len(data)}}}
+    outdir.write_atomic(out, [("metrics.csv", data), ("run.json", json.dumps(manifest).encode())])
+    return out
+
+
 def test_force_replaces_an_earlier_run_only_when_complete(fake_run, tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "metrics.csv").write_text("old run")
+    out = _earlier_run(tmp_path / "out")
     (out / "report.html").symlink_to(tmp_path / "victim.html")  # a link planted in the folder
     (tmp_path / "victim.html").write_text("must stay")
     assert main(["run", str(fake_run), "--out", str(out), "--quiet"]) == 2
+    assert main(["run", str(fake_run), "--out", str(out), "--quiet", "--force"]) == 2  # the link
+    assert "report.html is a symbolic link" in " ".join(capsys.readouterr().err.split())
     assert (out / "metrics.csv").read_text() == "old run"
+    (out / "report.html").unlink()
     assert main(["run", str(fake_run), "--out", str(out), "--quiet", "--force"]) == 0
     assert (out / "metrics.csv").read_text() != "old run"
-    assert (
-        not (out / "report.html").is_symlink()
-        and (tmp_path / "victim.html").read_text() == "must stay"
-    )
+    assert (tmp_path / "victim.html").read_text() == "must stay"
     assert sorted(p.name for p in out.iterdir()) == sorted(outdir.BUNDLE_FILES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.toml", "out", "victim.html"]
 
@@ -721,8 +828,7 @@ def test_ctrl_c_during_export_leaves_nothing_half_written(
 ):
     out = tmp_path / "out"
     if force:
-        out.mkdir()
-        (out / "metrics.csv").write_text("earlier run")
+        _earlier_run(out, "earlier run")
     before = _snapshot(tmp_path)
     if where == "swap":
 
@@ -778,9 +884,7 @@ def test_a_real_ctrl_c_mid_run_exits_130_with_one_line(tmp_path):
 
 
 def test_swap_failure_restores_the_earlier_run(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "metrics.csv").write_text("earlier run")
+    out = _earlier_run(tmp_path / "out", "earlier run")
     real_rename = os.rename
 
     def flaky(src: Any, dst: Any) -> None:
@@ -864,7 +968,67 @@ CLI_ROWS = [
         2,
         ["unrecognized arguments"],
     ),
+    # issue 15: config file edge cases and trust asked for by the file
+    (
+        "config-utf8-bom",
+        lambda t: [
+            "run",
+            str(_write_cfg(t, b"\xef\xbb\xbf" + config_text(lambda d: None).encode())),
+        ],
+        _raise(ValueError("reached the run")),
+        1,
+        ["error: the run failed: reached the run"],  # the BOM was read as nothing
+    ),
+    (
+        "config-100k-nested",
+        lambda t: ["run", str(_write_cfg(t, "x = " + "[" * 100_000 + "]" * 100_000))],
+        None,
+        2,
+        ["nested more than 32 levels deep"],
+    ),
+    (
+        "config-10k-unknown-keys",
+        lambda t: ["run", str(_write_cfg(t, _many_unknown_keys()))],
+        None,
+        2,
+        ["10,000 problems:", "and 9,990 more"],
+    ),
+    (
+        "config-asks-trust-for-a-local-repo",
+        lambda t: ["run", str(_write_cfg(t, _asking_trust(t, "true")))],
+        _raise(AssertionError("ran without --trust-repo")),
+        2,
+        ["[model] trust_repo = true is a request, not consent", "someone_hub'", "--trust-repo"],
+    ),
+    (
+        "config-asks-trust-with-a-string",
+        lambda t: ["run", str(_write_cfg(t, _asking_trust(t, '"yes"')))],
+        _raise(AssertionError("ran")),
+        2,
+        ['[model] trust_repo = "yes" (a string)'],
+    ),
+    (
+        "config-asks-trust-for-a-github-repo",
+        lambda t: ["run", str(_write_cfg(t, _asking_trust(t, "true", "someone/models")))],
+        _raise(AssertionError("ran without --trust-repo")),
+        2,
+        ["a request, not consent", "'someone/models'", "--trust-repo"],
+    ),
 ]
+
+
+def _many_unknown_keys() -> str:
+    return config_text(lambda d: d["data"].update({f"k{i}": 1 for i in range(10_000)}))
+
+
+def _asking_trust(tmp: Path, flag: str, repo: str | None = None) -> str:
+    """A config naming someone's hub repo (a local folder unless ``repo``) with trust_repo."""
+    if repo is None:
+        (tmp / "someone_hub").mkdir(exist_ok=True)
+        (tmp / "someone_hub" / "hubconf.py").write_text("raise SystemExit('the repo code ran')\n")
+        repo = str(tmp / "someone_hub")
+    text = config_text(setv("model.repo", repo))
+    return text.replace("[model]\n", f"[model]\ntrust_repo = {flag}\n", 1)
 
 
 @pytest.mark.parametrize(("argv", "fake", "code", "needles"), _row_params(CLI_ROWS))
@@ -919,6 +1083,24 @@ TITLE_ROWS = [
     ("distinct-titles-distinct-rows", [FLIP | {"title": "A"}, DARK | {"title": "B"}], None),
     ("same-data-two-titles", [FLIP | {"title": "A"}, FLIP | {"title": "B"}], None),
     ("dataset-and-perturbation", [{"dataset": "mnist", "title": "A"}, DARK | {"title": "B"}], None),
+    # issue 15: look-alike titles (normalised: NFC, no invisible characters or outer spaces)
+    (
+        "nfc-nfd-duplicate-rejected",
+        [FLIP | {"title": "Caf\u00e9"}, DARK | {"title": "Cafe\u0301"}],
+        'both titled "Café"',
+    ),
+    ("zero-width-ind-rejected", [FLIP | {"title": "InD\u200b"}], 'title "InD"'),
+    ("fullwidth-ind-rejected", [FLIP | {"title": "\uff29\uff4e\uff24"}], "in-distribution"),
+    (
+        "trailing-space-duplicate-rejected",
+        [FLIP | {"title": "A"}, DARK | {"title": "A \u200b "}],
+        'both titled "A"',
+    ),
+    (
+        "cleaned-titles-label-rows",
+        [FLIP | {"title": " Flip\u200b"}, DARK | {"title": "Cafe\u0301"}],
+        None,
+    ),
 ]
 
 

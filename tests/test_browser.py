@@ -354,3 +354,60 @@ def test_comfortable_controls_at_1280x800(app: Any) -> None:
     app.wait_idle()
     _check_clean(app, "Layers")
     app.screenshot(ARTIFACTS / "controls_layers_selected_only.png")
+
+
+# ==================================================================================================
+# Issue 15: two users at once. Two browser contexts (two sessions of one server, sharing its
+# cached model object) click Run together; both complete, with the numbers of a serial run.
+# ==================================================================================================
+def test_two_sessions_running_at_once_match_a_serial_run(server_url: str, tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+    import pandas as pd
+
+    from ood_core.pipeline import RunCache, RunConfig, run
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = shots.launch(p)
+        try:
+            apps = []
+            for _ in range(2):
+                context = browser.new_context(viewport=shots.VIEWPORT, accept_downloads=True)
+                apps.append(shots.Dashboard(context.new_page(), server_url))
+            for app in apps:
+                app.open()
+                app.go("Scores", "Scores & scenarios")
+                for chip in ("GradNorm", "Darker", "Uniformly random"):
+                    app.remove_chip(chip)
+            for app in apps:  # both Runs in flight at once
+                app.page.locator(".st-key-run button").first.click()
+            frames, configs = [], []
+            for i, app in enumerate(apps):
+                app.page.wait_for_selector('h1:has-text("Results")', timeout=180_000)
+                app.wait_idle(180_000)
+                app.page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+                _check_clean(app, f"Results of session {i + 1}")
+                app.screenshot(ARTIFACTS / f"concurrent_{i + 1}.png")
+                app.tab("Export")
+                (tmp_path / str(i)).mkdir()
+                frames.append(pd.read_csv(_download(app, "Metrics (CSV)", tmp_path / str(i))))
+                configs.append(_download(app, "Run config (TOML)", tmp_path / str(i)).read_text())
+        finally:
+            browser.close()
+    assert configs[0] == configs[1]
+    serial = run(RunConfig.from_toml(configs[0]), RunCache())
+    want = pd.read_csv(io.StringIO(serial.frame.to_csv(index=False)))
+    assert len(want) >= 3 * 2  # scores x scenarios
+    for got in frames:
+        assert list(got.columns) == list(want.columns)
+        pd.testing.assert_frame_equal(
+            got.select_dtypes(exclude=np.number), want.select_dtypes(exclude=np.number)
+        )
+        np.testing.assert_allclose(
+            got.select_dtypes(np.number).to_numpy(),
+            want.select_dtypes(np.number).to_numpy(),
+            rtol=0,
+            atol=1e-9,
+        )

@@ -75,3 +75,55 @@ def test_run_prints_degenerate_warnings_and_reports_them(tmp_path, capsys):
     assert "Softmax" not in err
     html = (tmp_path / "out" / "report.html").read_text()
     assert "<h2>Warnings</h2>" in html and "Energy: all 100 confidences on" in html
+
+
+# Issue 15: trust comes from the person at the keyboard (--trust-repo), never from the file.
+@pytest.mark.parametrize(
+    ("repo", "in_file", "flag", "code", "trusted"),
+    [
+        ("local", "true", False, 2, None),  # a request, not consent: refused before the run
+        ("local", "true", True, 1, True),
+        ("local", None, True, 1, True),
+        ("local", "false", True, 1, True),
+        ("local", None, False, 1, False),  # the run itself then refuses the repo
+        ("bundled", "true", False, 1, False),  # bundled needs no trust; the request is moot
+    ],
+)
+def test_trust_comes_from_the_command_line_never_from_the_file(
+    repo, in_file, flag, code, trusted, tmp_path, monkeypatch, capsys
+):
+    seen = []
+
+    def fake_run(config, cache=None, progress=None):
+        seen.append(config.trust_repo)
+        raise ValueError("stopped after the trust check")
+
+    monkeypatch.setattr("ood_core.pipeline.run", fake_run)
+    cfg = example_config()
+    if repo == "local":
+        (tmp_path / "hub").mkdir()
+        (tmp_path / "hub" / "hubconf.py").write_text("raise SystemExit('the repo code ran')\n")
+        cfg.model_repo = str(tmp_path / "hub")
+    text = cfg.to_toml()
+    if in_file is not None:
+        text = text.replace("[model]\n", f"[model]\ntrust_repo = {in_file}\n", 1)
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    assert main(["run", str(path), "--quiet", *(["--trust-repo"] if flag else [])]) == code
+    err = capsys.readouterr().err
+    assert seen == ([] if trusted is None else [trusted])
+    if trusted is None:
+        assert f"'{tmp_path / 'hub'}'" in err and "--trust-repo" in err and str(path) in err
+        assert "request, not consent" in err and "Traceback" not in err
+
+
+def test_a_config_with_a_bom_or_thousands_of_problems_reads_well(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + example_config().to_toml().encode())
+    assert RunConfig.from_toml(path.read_text(encoding="utf-8")) == example_config()
+    unknown = "".join(f"key{i} = {i}\n" for i in range(10_000))
+    path.write_text(example_config().to_toml().replace("[data]\n", "[data]\n" + unknown, 1))
+    assert main(["run", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "10,000 problems:" in err and "... and 9,990 more" in err
+    assert len(err) < 2_000 and err.count("\n") < 15  # was 1.1 MB

@@ -533,12 +533,16 @@ def test_cli_runs_a_local_repo_only_with_explicit_trust(tmp_path, capsys, how):
     assert "myhub" in err and "--trust-repo" in err and "Traceback" not in err
     if how == "flag":
         assert main(["run", str(path), "--quiet", "--trust-repo"]) == 0
-    else:
+    else:  # issue 15: the file's trust_repo = true is a request, not consent
         path.write_text(
             cfg.to_toml().replace('entry = "tiny"', 'entry = "tiny"\ntrust_repo = true')
         )
-        assert RunConfig.from_toml(path.read_text()).trust_repo
-        assert main(["run", str(path), "--quiet"]) == 0
+        asked = RunConfig.from_toml(path.read_text())
+        assert asked.trust_requested and not asked.trust_repo
+        assert main(["run", str(path), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "myhub" in err and "--trust-repo" in err and "a request, not consent" in err
+        assert main(["run", str(path), "--quiet", "--trust-repo"]) == 0
     assert "Evaluation of 1 scores" in capsys.readouterr().out
     assert "trust_repo" not in RunConfig.from_toml(path.read_text()).to_toml()  # never exported
 
@@ -551,3 +555,236 @@ def test_cli_layers_needs_trust_for_a_local_repo(tmp_path, capsys):
     assert "--trust-repo" in capsys.readouterr().err
     assert main(["layers", "--repo", str(hub_dir), "--entry", "tiny", "--trust-repo"]) == 0
     assert "Linear" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- every file opened
+def _png(path: Path, value: int) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((28, 28), value, np.uint8), "L").save(path)
+    return path
+
+
+def _rows_parquet(path: Path, ref: str) -> str:
+    """A parquet in HF's Image layout whose one row names its image file by path (no bytes)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Features, Image, Value
+
+    features = Features({"image": Image(), "label": Value("int64")}).to_dict()
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"image": pa.array([{"bytes": None, "path": ref}], struct), "label": [0]})
+    meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    return str(path)
+
+
+def _linked_images(t: dict[str, Path]) -> str:
+    _png(t["root"] / "imgs" / "a.png", 1)
+    (t["root"] / "imgs" / "b.png").symlink_to(_png(t["outside"] / "s.png", 7))
+    return str(t["root"] / "imgs")
+
+
+def _linked_class(t: dict[str, Path]) -> str:
+    _png(t["root"] / "cls" / "cat" / "a.png", 1)
+    _png(t["outside"] / "dogs" / "d.png", 7)
+    (t["root"] / "cls" / "dog").symlink_to(t["outside"] / "dogs", target_is_directory=True)
+    return str(t["root"] / "cls")
+
+
+def _via_link_dir(t: dict[str, Path]) -> str:
+    _png(t["root"] / "deep" / "a.png", 1)
+    _png(t["outside"] / "s.png", 7)
+    (t["root"] / "deep" / "more").symlink_to(t["link_dir"], target_is_directory=True)
+    return str(t["root"] / "deep")
+
+
+# id: build(tree) -> a source inside the root whose loader would open a file outside it
+SECOND_HOP_ROWS = {
+    "folder_with_symlinked_image": _linked_images,
+    "folder_with_symlinked_class_folder": _linked_class,
+    "folder_with_subfolder_via_link_dir": _via_link_dir,
+    "parquet_image_row_absolute_path": lambda t: _rows_parquet(
+        t["root"] / "abs.parquet", str(_png(t["outside"] / "s.png", 7))
+    ),
+    "parquet_image_row_dotdot_path": lambda t: (
+        _png(t["outside"] / "s.png", 7),
+        _rows_parquet(t["root"] / "rel.parquet", "../outside/s.png"),
+    )[1],
+    "parquet_image_row_via_link_dir": lambda t: (
+        _png(t["outside"] / "s.png", 7),
+        _rows_parquet(t["root"] / "ln.parquet", "link_dir/s.png"),
+    )[1],
+}
+
+
+@pytest.mark.parametrize("via", ["data.load", "dashboard"])
+@pytest.mark.parametrize("row", list(SECOND_HOP_ROWS))
+def test_network_mode_confines_every_file_a_loader_opens(row, via, tree, monkeypatch):
+    """The named folder or parquet lies inside the root (the policy check passes), but an image
+    it leads to lies outside: the loader refuses before reading it."""
+    from ood_lens_app import loaders
+
+    source = SECOND_HOP_ROWS[row](tree)
+    env = {"OOD_LENS_ALLOW": "local_files", "OOD_LENS_DATA_ROOTS": str(tree["root"])}
+    policy = SourcePolicy.from_env("0.0.0.0", env)
+    policy.check_data_source(source)  # the named path itself is allowed
+    monkeypatch.setattr(loaders, "source_policy", lambda: policy)
+    loaders._load_dataset.clear()
+    load = {
+        "data.load": lambda: data.load(source, roots=policy.load_roots()),
+        "dashboard": lambda: loaders.load_dataset(source, "test"),
+    }[via]
+    with pytest.raises(SourceNotAllowedError, match="outside the allowed data roots"):
+        load()
+    inside = _png(tree["root"] / "ok" / "a.png", 9)  # what lies inside the root loads
+    assert data.load(str(inside.parent), roots=policy.load_roots()).images.max() == 9 / 255
+
+
+# ---------------------------------------------------------------------------- issue 15: trust
+# Trust comes only from the person at the keyboard (an argument, --trust-repo, a ticked box),
+# never from a file, and is checked on every use of a model, cached or not.
+def test_a_cached_model_is_never_handed_to_a_caller_who_did_not_trust_it(tmp_path, monkeypatch):
+    import re
+
+    from ood_core.pipeline import RunCache, RunConfig, ScenarioSpec, ScoreSpec, load_inputs
+
+    monkeypatch.setattr(hub, "network_available", lambda *a, **k: pytest.fail("network tried"))
+    _cached_repo(tmp_path, monkeypatch)
+    cache = RunCache()
+    for repo in (str(_hub_dir(tmp_path / "myhub")), "someone/models"):
+        net = cache.model(repo, "linear", trust_repo=True)
+        assert cache.model(repo, "linear", trust_repo=True) is net  # cached for who trusts it
+        for untrusting in (False, "yes", 1):
+            with pytest.raises(hub.UntrustedRepoError, match=re.escape(f"'{repo}'")):
+                cache.model(repo, "linear", untrusting)
+        config = RunConfig(
+            model_repo=repo,
+            model_entry="linear",
+            scores=[ScoreSpec("Softmax")],
+            scenarios=[ScenarioSpec(kind="vertical_flip")],
+        )
+        with pytest.raises(hub.UntrustedRepoError):
+            load_inputs(config, cache)
+    cache.models[("elsewhere", "x")] = torch.nn.Linear(1, 1)  # put there by other code
+    with pytest.raises(hub.UntrustedRepoError, match="'elsewhere'"):
+        cache.model("elsewhere", "x")
+    assert cache.model("bundled", "tiniest") is cache.model("bundled", "tiniest")
+
+
+@pytest.mark.parametrize("kind", ["local_dir", "cached_github"])
+def test_cli_a_config_asking_for_trust_runs_the_repo_only_with_the_flag(
+    kind, tmp_path, monkeypatch, capsys
+):
+    from ood_core.cli import main
+    from ood_core.pipeline import ScenarioSpec, ScoreSpec, example_config
+
+    monkeypatch.setattr(hub, "network_available", lambda *a, **k: pytest.fail("network tried"))
+    cached = _cached_repo(tmp_path, monkeypatch)
+    repo = "someone/models" if kind == "cached_github" else str(_hub_dir(tmp_path / "myhub"))
+    marker = (cached if kind == "cached_github" else Path(repo)) / "imported.marker"
+    cfg = example_config()
+    cfg.model_repo, cfg.model_entry, cfg.n_calibration, cfg.n_test = repo, "linear", 50, 30
+    cfg.scores, cfg.scenarios = [ScoreSpec("Softmax")], [ScenarioSpec(kind="vertical_flip")]
+    path = tmp_path / "run.toml"
+    path.write_text(cfg.to_toml().replace("[model]\n", "[model]\ntrust_repo = true\n", 1))
+    assert main(["run", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{repo}'" in err and "--trust-repo" in err and "request, not consent" in err
+    assert not marker.exists(), "the repo's code ran on the file's say-so"
+    assert main(["run", str(path), "--quiet", "--trust-repo"]) == 0
+    assert marker.exists() and "Evaluation of 1 scores" in capsys.readouterr().out
+
+
+def _saved_run_of(repo: str, runs: Path, asks_trust: bool) -> str:
+    """A saved run (an export bundle in the run store) whose model comes from ``repo``; its
+    config.toml says ``trust_repo = true`` when ``asks_trust``. The marker its run left is gone."""
+    from ood_core.pipeline import RunCache, RunConfig, ScenarioSpec, ScoreSpec, run
+    from ood_lens_app import run_store
+
+    config = RunConfig(
+        model_repo=repo,
+        model_entry="linear",
+        trust_repo=True,
+        n_calibration=50,
+        n_test=30,
+        scores=[ScoreSpec("Softmax")],
+        scenarios=[ScenarioSpec(kind="vertical_flip")],
+        metrics=["AUC()"],
+    )
+    run_id = run_store.save(run(config, RunCache()), runs)
+    if asks_trust:
+        toml = runs / run_id / "config.toml"
+        toml.write_text(toml.read_text().replace("[model]\n", "[model]\ntrust_repo = true\n", 1))
+    (Path(repo) / "imported.marker").unlink()
+    return run_id
+
+
+@pytest.mark.parametrize("via", ["url", "runs_page"])
+def test_dashboard_opens_a_saved_run_of_another_repo_only_once_its_box_is_ticked(
+    via, tmp_path, monkeypatch
+):
+    runs_dir = tmp_path / "runs"
+    monkeypatch.setenv("OOD_LENS_RUNS", str(runs_dir))
+    repo = str(_hub_dir(tmp_path / "someone_hub"))
+    run_id = _saved_run_of(repo, runs_dir, asks_trust=True)
+    marker = Path(repo) / "imported.marker"
+    with _server_address("127.0.0.1"):
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
+        if via == "url":
+            at.query_params["run"] = run_id
+            at.run()
+        else:
+            at.switch_page("views/runs.py").run()
+            at.button(key="runs_open").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert any(f"'{repo}'" in e and "never grants trust" in e for e in _errors(at))
+        box = at.checkbox(key=f"trust_open.{repo}")
+        assert repo in box.label and "runs its code" in box.label and box.value is False
+        assert at.session_state["result"] is None and at.session_state["model_repo"] == "bundled"
+        assert not marker.exists(), "the saved run's repo code ran without the box ticked"
+        box.check().run()
+        assert not at.exception, [e.value for e in at.exception]
+        result = at.session_state["result"]
+        assert result is not None and result.restored_from.endswith(run_id)
+        assert at.session_state["run_id"] == run_id and marker.exists()
+        assert at.session_state["model_repo"] == repo and repo in at.session_state["trusted_repos"]
+        at.run()  # the next script run: nothing left to ask, the result stays
+        assert not at.exception and at.session_state["result"] is result
+        assert not [c for c in at.checkbox if c.key == f"trust_open.{repo}"]
+
+
+def test_dashboard_runs_a_ticked_repo_and_never_an_unticked_one(tmp_path, monkeypatch):
+    """The run itself checks trust too (RunCache.model on every call): a ticked repo runs; once
+    the session no longer trusts it, the model the cache holds is refused."""
+    monkeypatch.setenv("OOD_LENS_RUNS", str(tmp_path / "runs"))
+    repo = str(_hub_dir(tmp_path / "h"))
+    with _server_address("127.0.0.1"):
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
+        at.run()
+        at = _choose_model(at, "Local hub directory", repo)
+        at.checkbox(key=f"w.trust.{repo}").check().run()
+        at.button(key="load_model").click().run()
+        assert at.session_state["model_repo"] == repo, _errors(at)
+        for key, value in {
+            "w.n_cal": 50,
+            "w.n_test": 30,
+            "w.scores": ["Softmax"],
+            "w.perts": ["vertical_flip"],
+            "w.ood_bundled": [],
+        }.items():
+            at.session_state[key] = value
+        at.switch_page("views/scores.py").run()
+        at.button(key="run").click().run()
+        assert not at.exception and at.session_state["result"] is not None, _errors(at)
+        assert at.session_state["result"].config.trust_repo is True  # the session's consent
+        at.session_state["trusted_repos"] = []  # the session's trust withdrawn
+        at.session_state["result"] = None
+        at.switch_page("views/scores.py").run()
+        at.button(key="run").click().run()
+    assert not at.exception
+    assert at.session_state["result"] is None
+    assert any(f"'{repo}'" in e and "trust box" in e for e in _errors(at)), _errors(at)

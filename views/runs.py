@@ -26,6 +26,8 @@ def open_delete(ids: list[str], labels: dict[str, str], root: object) -> None:
     pick = c1.selectbox("Run", ids, key="runs_pick", format_func=labels.get)
     if c2.button("Open", key="runs_open", type="primary", icon=":material/open_in_new:"):
         if runs.restore_run(pick) is None:
+            if ss.get("trust_request"):
+                st.rerun()  # the trust box naming its repository is drawn above every page
             st.error(ss["run_error"], icon=":material/error:")
         else:
             layout.go_to(layout.PAGE_RESULTS)
