@@ -126,6 +126,10 @@ class Recorder(nn.Module):
         self.inputs: dict[LayerId, torch.Tensor] = {}
         self._calls: dict[int, int] = {}
         self._versions: dict[tuple[LayerId, bool], int] = {}
+        self._head: LayerId | None | bool = False  # False: not looked for yet
+        self._example = (
+            input_data[:1].detach().clone() if isinstance(input_data, torch.Tensor) else None
+        )
         self._copy: set[LayerId] = set()
 
     # ------------------------------------------------------------------ layer table
@@ -151,12 +155,39 @@ class Recorder(nn.Module):
 
     def head(self) -> LayerId | None:
         """The classifier head: the last ``nn.Linear`` (below the network itself) whose output has
-        the network's per-sample output shape; None if there is none. The one head rule of the
-        package (quick picks, activation shaping, GradNorm's closed form)."""
+        the network's per-sample output shape **and is the network's output** (checked once on
+        the traced example: a head whose logits the network averages with another head's, or
+        changes after it, is not the head); None if there is none. The one head rule of the
+        package (quick picks, activation shaping, ViM, GradNorm's closed form)."""
+        if self._head is False:
+            self._head = self._find_head()
+        return self._head
+
+    def _find_head(self) -> LayerId | None:
         out = tuple(self._infos[(0, 1)].output_size or ())[1:]
-        for lid in reversed(self.layer_ids[1:]):
-            li = self._infos[lid]
-            if isinstance(li.module, nn.Linear) and tuple(li.output_size or ())[1:] == out:
+        candidates = [
+            lid
+            for lid in reversed(self.layer_ids[1:])
+            if isinstance(self._infos[lid].module, nn.Linear)
+            and tuple(self._infos[lid].output_size or ())[1:] == out
+        ]
+        if not candidates or self._example is None:
+            return candidates[0] if candidates else None
+        previous = self.recording
+        try:
+            self.record(*candidates)
+            with torch.no_grad():
+                logits = self(self._example)
+            acts = dict(self.activations)
+        except Exception:  # noqa: BLE001 - a network the example cannot run: the shape rule
+            return candidates[0]
+        finally:
+            self.record(*previous)
+        if not isinstance(logits, torch.Tensor):
+            return candidates[0]
+        for lid in candidates:
+            a = acts.get(lid)
+            if a is not None and a.shape == logits.shape and torch.allclose(a, logits, 1e-4, 1e-5):
                 return lid
         return None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,15 @@ def score_label(score: Any, layers: Sequence[Any], multiline: bool = True) -> st
     )
 
 
+class SummaryTable(Table):
+    """A rich ``Table`` that also prints well with ``print`` / ``str`` (plain text, no colours)."""
+
+    def __str__(self) -> str:
+        console = Console(file=io.StringIO(), width=120, color_system=None, record=True)
+        console.print(self)
+        return console.export_text().rstrip("\n")
+
+
 def summary_table(
     evals: np.ndarray,
     *,
@@ -38,14 +48,15 @@ def summary_table(
     baseline: int | None = None,
     show: bool = True,
     digits: int = 3,
-) -> Table:
+) -> SummaryTable:
     """Rich table as in the reference library: a row per score (with a "↳ layers" line), a column
     per OoD set, ``m1 / m2`` cells. The best value of each metric per column is green; the
-    ``baseline`` row (index) is underlined and values beating it are bold. Printed if ``show``."""
+    ``baseline`` row (index) is underlined and values beating it are bold. Printed if ``show``;
+    the returned table prints as plain text with ``print(...)`` too."""
     evals = np.asarray(evals)
     n_scores, n_oods, n_metrics = evals.shape
     titles = list(oods_title) if oods_title is not None else [f"OoD {i + 1}" for i in range(n_oods)]
-    table = Table(
+    table = SummaryTable(
         title=f"Evaluation of {n_scores} scores against {n_oods} OoD sets and {n_metrics} metrics:\n"
         + " / ".join(repr(m) for m in metrics),
         box=box.HEAVY_HEAD,

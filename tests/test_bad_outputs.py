@@ -783,42 +783,5 @@ def test_the_favicon_is_a_local_file(monkeypatch):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 16_384
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-
-
-@pytest.mark.browser
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
-def test_served_dashboard_requests_only_its_own_server(tmp_path):
-    """A page load and two page changes in headless Chromium: every request goes to the
-    dashboard's own server (127.0.0.1), none to a font, emoji or icon host."""
-    import importlib.util
-
-    sync_api = pytest.importorskip("playwright.sync_api")
-    spec = importlib.util.spec_from_file_location(
-        "ood_lens_shots", ROOT / "scripts" / "screenshot.py"
-    )
-    assert spec is not None and spec.loader is not None
-    shots = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(shots)
-    urls: list[str] = []
-    with shots.serve(n_default=100) as url, sync_api.sync_playwright() as p:
-        browser = shots.launch(p)
-        try:
-            page = browser.new_page(viewport=shots.VIEWPORT)
-            page.on("request", lambda r: urls.append(r.url))
-            app = shots.Dashboard(page, url)
-            app.open()
-            app.go("Layers", "Layers")
-            app.wait_idle()
-            app.go("Runs", "Runs")
-            app.wait_idle()
-            page.wait_for_timeout(1000)
-            icon = page.evaluate(
-                "() => Array.from(document.querySelectorAll('link[rel~=icon]')).map(l => l.href)"
-            )
-        finally:
-            browser.close()
-    assert urls, "no request recorded"
-    outside = sorted({u for u in urls if not u.startswith(("http://127.0.0.1:", "data:", "blob:"))})
-    assert outside == [], outside
-    assert icon and all(h.startswith(url) for h in icon), icon
+# The Chromium check of every request a page load makes: tests/test_browser.py
+# (test_served_dashboard_requests_only_its_own_server, on the shared served app).

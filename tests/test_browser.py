@@ -411,3 +411,34 @@ def test_two_sessions_running_at_once_match_a_serial_run(server_url: str, tmp_pa
             rtol=0,
             atol=1e-9,
         )
+
+
+# ==================================================================================================
+# Issue 15: a local-only tool makes no outside request (favicon, fonts, icons).
+# ==================================================================================================
+def test_served_dashboard_requests_only_its_own_server(server_url: str) -> None:
+    """A page load and two page changes: every request goes to the dashboard's own server
+    (127.0.0.1), none to a font, emoji or icon host."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    urls: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = shots.launch(p)
+        try:
+            page = browser.new_page(viewport=shots.VIEWPORT)
+            page.on("request", lambda r: urls.append(r.url))
+            app = shots.Dashboard(page, server_url)
+            app.open()
+            app.go("Layers", "Layers")
+            app.wait_idle()
+            app.go("Runs", "Runs")
+            app.wait_idle()
+            page.wait_for_timeout(1000)
+            icon = page.evaluate(
+                "() => Array.from(document.querySelectorAll('link[rel~=icon]')).map(l => l.href)"
+            )
+        finally:
+            browser.close()
+    assert urls, "no request recorded"
+    outside = sorted({u for u in urls if not u.startswith(("http://127.0.0.1:", "data:", "blob:"))})
+    assert outside == [], outside
+    assert icon and all(h.startswith(server_url) for h in icon), icon

@@ -158,3 +158,24 @@ def test_seed_tutorial_runs_on_ood_core_and_matches_sklearn(capsys):
     # sanity on real data: every score beats chance on uniform noise; for AUC(max_fpr=0.2)
     # (area over FPR in [0, 0.2] divided by 0.2) chance is 0.1
     assert (evals[:, 2, 0] > 0.2).all()
+
+
+def test_summary_table_prints_well_with_print(capsys):
+    from ood_core.eval import summary_table
+    from ood_core.metrics import AUC, TPR
+    from ood_core.scores import KNN, Softmax
+
+    evals = np.array([[[0.91, 0.5]], [[0.875, 0.25]]])  # 2 scores x 1 OoD set x 2 metrics
+    pairs = [(Softmax(), []), (KNN(k=3), [(1, 11)])]
+    table = summary_table(
+        evals,
+        scores_and_layers=pairs,
+        oods_title=["MNIST"],
+        metrics=[AUC(), TPR(max_fpr=0.05)],
+        show=False,
+    )
+    text = str(table)
+    print(table)
+    assert capsys.readouterr().out.strip() == text
+    assert "object at 0x" not in text
+    assert "0.910 / 0.500" in text and "0.875 / 0.250" in text and "↳ 1-11" in text

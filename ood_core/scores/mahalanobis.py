@@ -827,6 +827,19 @@ class ViM(BaseScore):
                     f"{type(module).__name__}. Give the Linear layer's "
                     "id."
                 )
+            head = recorder.head()
+            if layer != head:
+                where = (
+                    f"the head is {layer_text(head)} ({recorder.layer_name(head)})"
+                    if head is not None
+                    else "no nn.Linear layer produces the network's output (e.g. two heads "
+                    "averaged), so ViM does not apply to this network"
+                )
+                raise ValueError(
+                    f"ViM @ {layer_text(layer)}: the output of "
+                    f"{recorder.layer_name(layer) or 'this layer'} is not the network's output, "
+                    f"so its logits are not the ones the network returns: {where}."
+                )
             w = module.weight.detach().double().clone()
             b = (
                 module.bias.detach().double().clone()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from math import prod
+
 import torch
 from torch import Tensor
 
@@ -66,6 +68,13 @@ class RankFeat(BaseScore):
                     raise ValueError(
                         f"RankFeat needs a feature map (N, C, H, W) or (N, C, L); layer {layer_text(layer)} "
                         f"({recorder.layer_name(layer)}) outputs {info.output_size}. Pick a block."
+                    )
+                if prod(info.output_size[2:]) == 1:
+                    raise ValueError(
+                        f"RankFeat @ {layer_text(layer)} ({recorder.layer_name(layer)}): the "
+                        f"feature map {info.output_size} is 1x1, so each sample's (C, H*W) matrix "
+                        "is one column and removing its rank-1 part leaves zero (one constant "
+                        "confidence). Pick an earlier block with a spatial map."
                     )
         return layers
 
