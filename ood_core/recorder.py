@@ -92,18 +92,36 @@ class Recorder(nn.Module):
         example = tuple(input_data.shape) if input_data is not None else tuple(input_size or ())
         self.input_shape: tuple[int, ...] = tuple(int(d) for d in example[1:])
         """Per-sample shape of the example the layer table was traced with (no batch dim)."""
+        # the outputs of the network and of its Linear layers during the trace, per call: the
+        # head check compares them without another forward pass
+        self._traced_outputs: dict[int, list[torch.Tensor | None]] = {}
+        owner = threading.get_ident()
+
+        def grab(module: nn.Module, args: Any, output: Any) -> None:
+            if threading.get_ident() == owner:
+                t = first_tensor(output)
+                self._traced_outputs.setdefault(id(module), []).append(
+                    t.detach().clone() if t is not None else None
+                )
+
+        watched = [m for m in net.modules() if m is net or isinstance(m, nn.Linear)]
         try:
             with exclusive_eval(net):  # torchinfo's hooks must see this trace only
-                self.summary = torchinfo.summary(
-                    net,
-                    input_data=_copies((input_data,))[0],  # the caller's example stays intact
-                    input_size=input_size,
-                    verbose=0,
-                    depth=100,
-                    col_names=("input_size", "output_size", "num_params", "params_percent"),
-                    row_settings=("var_names", "depth"),
-                    **summary_kwargs,
-                )
+                handles = [m.register_forward_hook(grab) for m in watched]
+                try:
+                    self.summary = torchinfo.summary(
+                        net,
+                        input_data=_copies((input_data,))[0],  # the caller's example stays intact
+                        input_size=input_size,
+                        verbose=0,
+                        depth=100,
+                        col_names=("input_size", "output_size", "num_params", "params_percent"),
+                        row_settings=("var_names", "depth"),
+                        **summary_kwargs,
+                    )
+                finally:
+                    for h in handles:
+                        h.remove()
         except Exception as exc:  # torchinfo wraps the model's own error
             shape = tuple(input_data.shape) if input_data is not None else tuple(input_size or ())
             cause = exc.__cause__ or exc  # torchinfo's own message says "see above"
@@ -127,9 +145,6 @@ class Recorder(nn.Module):
         self._calls: dict[int, int] = {}
         self._versions: dict[tuple[LayerId, bool], int] = {}
         self._head: LayerId | None | bool = False  # False: not looked for yet
-        self._example = (
-            input_data[:1].detach().clone() if isinstance(input_data, torch.Tensor) else None
-        )
         self._copy: set[LayerId] = set()
 
     # ------------------------------------------------------------------ layer table
@@ -161,6 +176,7 @@ class Recorder(nn.Module):
         package (quick picks, activation shaping, ViM, GradNorm's closed form)."""
         if self._head is False:
             self._head = self._find_head()
+            self._traced_outputs = {}
         return self._head
 
     def _find_head(self) -> LayerId | None:
@@ -171,23 +187,22 @@ class Recorder(nn.Module):
             if isinstance(self._infos[lid].module, nn.Linear)
             and tuple(self._infos[lid].output_size or ())[1:] == out
         ]
-        if not candidates or self._example is None:
-            return candidates[0] if candidates else None
-        previous = self.recording
-        try:
-            self.record(*candidates)
-            with torch.no_grad():
-                logits = self(self._example)
-            acts = dict(self.activations)
-        except Exception:  # noqa: BLE001 - a network the example cannot run: the shape rule
-            return candidates[0]
-        finally:
-            self.record(*previous)
-        if not isinstance(logits, torch.Tensor):
-            return candidates[0]
+        seen = self._traced_outputs
+        logits = seen.get(id(self.net), [None])[-1]
+        if not candidates or not isinstance(logits, torch.Tensor):
+            return candidates[0] if candidates else None  # nothing to check against: shape rule
         for lid in candidates:
-            a = acts.get(lid)
-            if a is not None and a.shape == logits.shape and torch.allclose(a, logits, 1e-4, 1e-5):
+            module_id = id(self._infos[lid].module)
+            ids = self._ids_of_module[module_id]
+            calls = seen.get(module_id, [])
+            if not calls or len(calls) % len(ids):
+                continue  # the trace did not show this module as the table did
+            a = calls[len(calls) - len(ids) + ids.index(lid)]  # its calls in the last pass
+            if (
+                isinstance(a, torch.Tensor)
+                and a.shape == logits.shape
+                and torch.allclose(a, logits, 1e-4, 1e-5)
+            ):
                 return lid
         return None
 
