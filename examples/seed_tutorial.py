@@ -58,8 +58,11 @@ confs_ind, confs_oods = compute_confidence(
 )
 
 # 5. Visualize the results
+from matplotlib import rcParams  # noqa: E402
+
 from ood_core.eval import summary_plot  # noqa: E402
 
+rcParams["figure.figsize"] = (15, 9)  # Adjust tutorial layout (summary_plot honours it)
 fig = summary_plot(
     confs_ind,
     confs_oods,

@@ -7,6 +7,7 @@ curves plot TPR (OoD flagged) against FPR (InD flagged), OoD being the positive 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -379,7 +380,23 @@ def summary_plot(
         legend={"title": {"text": "dataset"}, "y": 1.0, "yanchor": "top"},
         legend2={"title": {"text": "score"}, "y": 0.0, "yanchor": "bottom"},
     )
+    size = matplotlib_figsize()
+    if size is not None:  # the reference tutorial sets rcParams["figure.figsize"] = (15, 9)
+        w, h = size
+        fig.update_layout(width=round(w * 100), height=max(round(h * 50 * n_rows), 300))
     return fig
+
+
+def matplotlib_figsize() -> tuple[float, float] | None:
+    """``rcParams["figure.figsize"]`` (inches) when matplotlib is imported and it was changed
+    from matplotlib's default, else None. :func:`summary_plot` honours it as the reference's
+    matplotlib figure does (100 px per inch; the height is per two rows, as the seed's grid)."""
+    mpl = sys.modules.get("matplotlib")
+    if mpl is None:
+        return None
+    size = tuple(float(v) for v in mpl.rcParams["figure.figsize"])
+    default = tuple(float(v) for v in mpl.rcParamsDefault["figure.figsize"])
+    return (size[0], size[1]) if size != default and len(size) == 2 else None
 
 
 def heatmap_figure(

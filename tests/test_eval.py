@@ -145,7 +145,14 @@ def test_bad_inputs_are_explained(toy):
 
 @pytest.mark.slow
 def test_seed_tutorial_runs_on_ood_core_and_matches_sklearn(capsys):
-    ns = runpy.run_path(str(ROOT / "examples" / "seed_tutorial.py"))
+    import matplotlib
+
+    try:
+        ns = runpy.run_path(str(ROOT / "examples" / "seed_tutorial.py"))
+        # the tutorial's rcParams["figure.figsize"] = (15, 9) line is honoured
+        assert (ns["fig"].layout.width, ns["fig"].layout.height) == (1500, 900)
+    finally:
+        matplotlib.rcdefaults()
     out = capsys.readouterr().out
     assert "Evaluation of 4 scores against 3 OoD sets and 2 metrics" in out
     assert "Currently recording: None" in out and "ScoreTimer report" in out
@@ -179,3 +186,14 @@ def test_summary_table_prints_well_with_print(capsys):
     assert capsys.readouterr().out.strip() == text
     assert "object at 0x" not in text
     assert "0.910 / 0.500" in text and "0.875 / 0.250" in text and "↳ 1-11" in text
+
+
+def test_summary_plot_ignores_matplotlib_defaults():
+    import matplotlib
+
+    from ood_core.scores import Softmax
+
+    matplotlib.rcdefaults()
+    ind, ood = np.random.default_rng(0).random((2, 1, 50))
+    fig = summary_plot(ind, [ood], scores_and_layers=[(Softmax(), [])])
+    assert fig.layout.width is None  # the default figsize: Plotly's own autosize
