@@ -121,3 +121,18 @@ def apply_data(
         state["ind_source"], state["ind_config"], state["cal_split"], state["test_split"] = new
         reset_layers(state, picks)
     return True
+
+
+def fit_sizes(
+    n_cal: int | None, n_test: int | None, cal_avail: int, test_avail: int, shared: bool
+) -> tuple[int, int]:
+    """Calibration / test sizes that the data can give: each in [1, its split's size] (empty =
+    all); when both are drawn from one pool (``shared``: same split, or a single-file source)
+    and together exceed it, they are scaled down in proportion so that they add up to it (a
+    1,000-image file with the default 1,000 / 1,000 gives 500 / 500, never a Run refused)."""
+    cal = max(1, min(int(n_cal or cal_avail), cal_avail))
+    test = max(1, min(int(n_test or test_avail), test_avail))
+    if shared and cal + test > cal_avail and cal_avail >= 2:
+        cal = min(cal_avail - 1, max(1, round(cal_avail * cal / (cal + test))))
+        test = cal_avail - cal
+    return cal, test

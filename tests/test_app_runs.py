@@ -217,3 +217,19 @@ def test_apply_data_and_incompatible_layers() -> None:
     assert not sources.apply_data(s, "flat_folder", "test", "test", None, load, broken_picks)
     assert "has no labels" in s["data_error"] and "OoD set" in s["data_error"]
     assert s["ind_source"] == "o/d"
+
+
+@pytest.mark.parametrize(
+    ("sizes", "avail", "shared", "expected"),
+    [
+        ((1000, 1000), (1000, 1000), True, (500, 500)),  # a 1,000-image file, the defaults
+        ((1000, 1000), (5000, 5000), False, (1000, 1000)),  # two splits: unchanged
+        ((300, 100), (1000, 1000), True, (300, 100)),  # fits: kept as entered
+        ((900, 300), (1000, 1000), True, (750, 250)),  # scaled in proportion
+        ((None, None), (40, 40), True, (20, 20)),  # empty = all, then shared
+        ((5000, 5000), (800, 300), False, (800, 300)),  # each lowered to its split
+        ((0, 10), (1, 1), True, (1, 1)),  # one sample: at least one each
+    ],
+)
+def test_dashboard_sizes_fit_the_data(sizes, avail, shared, expected) -> None:
+    assert sources.fit_sizes(*sizes, *avail, shared) == expected

@@ -131,8 +131,10 @@ def _local_file_inputs() -> None:
 
 def _sizes() -> None:
     calib, test = loaders.dataset("cal_split"), loaders.dataset("test_split")
-    for key, n in (("w.n_cal", len(calib)), ("w.n_test", len(test))):
-        ss[key] = max(1, min(int(ss[key] or n), n))
+    shared = ss["cal_split"] == ss["test_split"] or data_mod.is_single_source(ss["ind_source"])
+    ss["w.n_cal"], ss["w.n_test"] = sources.fit_sizes(
+        ss["w.n_cal"], ss["w.n_test"], len(calib), len(test), shared
+    )
     c1, c2 = st.columns(2)
     c1.number_input(
         f"Calibration samples (of {len(calib):,})",
