@@ -16,6 +16,12 @@ size such as ``8GB``, ``512MiB``, ``2e9`` (bytes), or ``off`` to disable the che
 
 Estimates are deliberately simple (the dominant tensors, with a small factor for temporaries):
 they are meant to tell "fits" from "cannot possibly fit", not to predict the peak to the byte.
+
+Reading an estimate without computing: inside :func:`estimating`, :func:`check_budget` records
+each estimate as a :class:`Need` instead of checking it. A score's pre-flight checks
+(``check_calibration``) are its estimates: :meth:`ood_core.scores.base.BaseScore.
+resource_estimates` runs them on a bound copy of the score under :func:`estimating`, so what a
+UI shows beside a score is exactly what the fit will check.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +64,55 @@ _OFF = ("off", "none", "inf", "unlimited", "no")
 
 class BudgetError(ValueError):
     """A computation would need more memory than is available (see :func:`check_budget`)."""
+
+
+@dataclass(frozen=True)
+class Need:
+    """One pre-flight estimate, as :func:`check_budget` receives it: ``what`` needs ``n_bytes``
+    on ``device`` (None: the host); ``remedy`` says how to need less."""
+
+    what: str
+    n_bytes: float
+    remedy: str
+    device: str | None = None
+
+    def check(self) -> None:
+        """:func:`check_budget` of this estimate."""
+        check_budget(self.what, self.n_bytes, self.remedy, self.device)
+
+
+@dataclass
+class Estimates:
+    """What :func:`estimating` collected: every :class:`Need` and the warnings (``notes``,
+    e.g. a covariance that will take minutes) the checks raised."""
+
+    needs: list[Need] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> Need | None:
+        """The largest need (None when nothing was estimated)."""
+        return max(self.needs, key=lambda n: n.n_bytes, default=None)
+
+    def over_limit(self) -> list[Need]:
+        """The needs beyond :func:`memory_limit` of their device (those a fit would refuse)."""
+        return [n for n in self.needs if n.n_bytes > memory_limit(n.device)[0]]
+
+
+_COLLECTING: ContextVar[Estimates | None] = ContextVar("ood_lens_estimating", default=None)
+
+
+@contextmanager
+def estimating() -> Iterator[Estimates]:
+    """Inside the block, :func:`check_budget` records each estimate into the yielded
+    :class:`Estimates` instead of checking it (per thread / context: concurrent dashboard
+    sessions do not see each other's)."""
+    collected = Estimates()
+    token = _COLLECTING.set(collected)
+    try:
+        yield collected
+    finally:
+        _COLLECTING.reset(token)
 
 
 def parse_size(text: str) -> float:
@@ -129,7 +187,13 @@ def check_budget(
 ) -> None:
     """Raise :class:`BudgetError` when ``what`` (e.g. ``"Odds: the noisy forward passes"``)
     would need ``n_bytes`` (an estimate) beyond :func:`memory_limit` of ``device``; the message
-    gives both in GB and ``remedy`` (e.g. ``"lower noise_samples or batch_size"``)."""
+    gives both in GB and ``remedy`` (e.g. ``"lower noise_samples or batch_size"``). Inside
+    :func:`estimating` it only records the estimate."""
+    collected = _COLLECTING.get()
+    if collected is not None:
+        dev = None if device is None else str(device)
+        collected.needs.append(Need(what, float(n_bytes), remedy, dev))
+        return
     limit, source = memory_limit(device)
     if n_bytes <= limit:
         return
@@ -184,8 +248,11 @@ def forward_bytes_per_sample(recorder: Any, itemsize: int | None = None) -> int:
 __all__ = [
     "ENV_VAR",
     "BudgetError",
+    "Estimates",
+    "Need",
     "available_memory",
     "check_budget",
+    "estimating",
     "fmt_gb",
     "forward_bytes_per_sample",
     "memory_limit",

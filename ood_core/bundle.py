@@ -576,9 +576,7 @@ def to_result(
             f"{run_json}: n_test = {info['n_test']}; expected {len(inputs.ind)}, the InD test "
             "samples its config draws"
         )
-    recorder = cache.recorder(
-        (config.model_repo, config.model_entry), inputs.net, inputs.ind.images[:1]
-    )
+    recorder = cache.recorder(config.model_key(), inputs.net, inputs.ind.images[:1])
     pairs = []
     for spec in config.scores:
         score = spec.build()

@@ -29,13 +29,16 @@ from torch import Tensor, nn
 from ood_core.core import (
     Features,
     LayerId,
+    OutputError,
+    OutputKey,
     Progress,
     Timed,
     exclusive_eval,
+    logits_problem,
     normalise_activation,
     predicted_confidence,
 )
-from ood_core.inputs import check_inputs
+from ood_core.inputs import InputRange, check_inputs
 from ood_core.recorder import Recorder
 
 CPU_BATCH_BYTES = 256 * 2**20
@@ -143,15 +146,30 @@ class Engine:
         self.net = recorder.net
 
     @classmethod
-    def for_net(cls, net: Recorder | nn.Module, example: Tensor) -> Engine:
+    def for_net(
+        cls,
+        net: Recorder | nn.Module,
+        example: Tensor,
+        *,
+        output: OutputKey | None = None,
+        input_range: InputRange = None,
+    ) -> Engine:
         """An engine for ``net`` (a Recorder, or a network traced here with the example batch
-        ``example``; nothing is stored on the network: callers that run often keep the Recorder,
-        as :class:`ood_core.pipeline.RunCache` does)."""
+        ``example``, reading output element ``output`` and checking inputs against
+        ``input_range``, as :class:`Recorder` does; nothing is stored on the network: callers
+        that run often keep the Recorder, as :class:`ood_core.pipeline.RunCache` does)."""
         if isinstance(net, Recorder):
+            if output is not None or input_range is not None:
+                raise ValueError(
+                    "This Recorder is already traced: give output= and input_range= to "
+                    "Recorder(net, ...) itself, or pass the network instead."
+                )
             return cls(net)
-        check_inputs(net, example)  # declared shape / dtype / range, before tracing on it
+        # declared shape / dtype / range, before tracing on it
+        check_inputs(net, example, input_range=input_range)
         device, dtype = _net_device_dtype(net)
-        return cls(Recorder(net, input_data=example[:1].to(device=device, dtype=dtype)))
+        example = example[:1].to(device=device, dtype=dtype)
+        return cls(Recorder(net, input_data=example, output=output, input_range=input_range))
 
     # ------------------------------------------------------------------ batching
     def auto_batch_size(self, layers: Sequence[LayerId], sample_numel: int) -> int:
@@ -187,7 +205,9 @@ class Engine:
         after a pass otherwise. Scores with their own passes always run them on ``data``.
         """
         rec = self.recorder
-        check_inputs(self.net, data, rec.input_shape)
+        if rec.output_problem:  # before any pass: the traced output is no logits
+            raise OutputError(rec.output_problem)
+        check_inputs(self.net, data, rec.input_shape, input_range=rec.input_range)
         plain = [s for s in scores if not s.needs_own_pass]
         union = tuple(l for l in rec.layer_ids if any(l in s.layers for s in plain))  # noqa: E741
         use_cache = cache is not None and model_key is not None and data_key is not None
@@ -233,11 +253,9 @@ class Engine:
                             logits = rec(xb)
                         t_forward += t.seconds
                         n_calls += 1
-                        if not isinstance(logits, Tensor) or logits.ndim != 2:
-                            raise ValueError(
-                                "The network must return logits of shape (N, n_classes); got "
-                                f"{type(logits).__name__} {getattr(logits, 'shape', '')}."
-                            )
+                        problem = logits_problem(logits, rec.output)
+                        if problem:
+                            raise OutputError(problem)
                         acts, inputs = dict(rec.activations), dict(rec.inputs)
                         for layer, (outs, ins) in keep.items():
                             outs.append(acts[layer].detach().cpu())

@@ -24,8 +24,9 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
-from ood_core.core import StageProgress
+from ood_core.core import OutputKey, StageProgress
 from ood_core.evaluation import Evaluation
+from ood_core.inputs import InputRange
 from ood_core.layer_ids import LayerId, parse_layer_ids
 from ood_core.metrics import AUC, AUPR, MCC, TNR, TPR, DetectionError, Metric, compute
 from ood_core.plots import summary_plot
@@ -115,15 +116,21 @@ def fit_scores(
     *,
     batch_size: int | None = None,
     progress: bool | StageProgress = True,
+    output: OutputKey | None = None,
+    input_range: InputRange = None,
 ) -> FittedScores:
     """Calibrate every score on ``calib_data`` ``(n, ...)`` with one shared forward pass.
 
-    ``calib_labels`` ``(n,)`` default to the network's predictions. Returns the fitted pairs.
+    ``calib_labels`` ``(n,)`` default to the network's predictions. ``output``: the element of
+    the network's output holding the logits (an index or a key, for a network returning a tuple,
+    list, dict or object); ``input_range``: ``(low, high)``, ``"any"`` or None (the model's
+    declared range, else ``[0, 1]``), as for :class:`~ood_core.recorder.Recorder`. Returns the
+    fitted pairs.
     """
     pairs = _pairs(scores_and_layers)
     if not pairs:
         raise ValueError("fit_scores needs at least one (score, layers) pair.")
-    evaluation = Evaluation.for_net(net, calib_data[:1])
+    evaluation = Evaluation.for_net(net, calib_data[:1], output=output, input_range=input_range)
     scores = [s for s, _ in pairs]
     evaluation.bind(scores, [layers for _, layers in pairs])
     with _Bars(progress) as bars:

@@ -22,9 +22,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ood_core.core import LayerId, Progress, Timed, check_labels, predicted_confidence
+from ood_core.core import (
+    LayerId,
+    OutputKey,
+    Progress,
+    Timed,
+    check_labels,
+    predicted_confidence,
+)
 from ood_core.diagnostics import collect, degenerate, warn_if_tied
 from ood_core.engine import ActivationCache, Engine, Extraction
+from ood_core.inputs import InputRange
 from ood_core.recorder import Recorder
 
 if TYPE_CHECKING:  # the scores import this module; the evaluation only calls their hooks
@@ -55,10 +63,20 @@ class Evaluation:
         shared forward pass (0 for scores with their own passes), included in its timer."""
 
     @classmethod
-    def for_net(cls, net: Recorder | nn.Module, example: Tensor, **kwargs) -> Evaluation:
+    def for_net(
+        cls,
+        net: Recorder | nn.Module,
+        example: Tensor,
+        *,
+        output: OutputKey | None = None,
+        input_range: InputRange = None,
+        **kwargs,
+    ) -> Evaluation:
         """An evaluation of ``net`` (a Recorder, or a network traced here with the example
-        batch ``example``; nothing is stored on the network)."""
-        return cls(Engine.for_net(net, example).recorder, **kwargs)
+        batch ``example``, ``output`` and ``input_range`` as for :class:`Recorder`; nothing is
+        stored on the network)."""
+        engine = Engine.for_net(net, example, output=output, input_range=input_range)
+        return cls(engine.recorder, **kwargs)
 
     # ------------------------------------------------------------------ binding
     def bind(

@@ -29,7 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ood_core.core import exclusive_eval
+from ood_core.core import (
+    OutputError,
+    exclusive_eval,
+    logits_problem,
+    output_key,
+    select,
+    viewed_net,
+)
 from ood_core.data import network_available
 
 BUNDLED_HUB = Path(__file__).resolve().parents[1] / "assets" / "hub"
@@ -261,7 +268,9 @@ def check_compatible(
     net: nn.Module, sample_shape: tuple[int, ...], n_classes: int | None = None, name: str = "model"
 ) -> None:
     """Raise ``ValueError`` with an actionable message if ``net`` can't take ``sample_shape`` inputs
-    (one forward pass on a zero batch) or predicts a different number of classes."""
+    (one forward pass on a zero batch), returns no logits ``(N, n_classes)`` (a tuple, dict...
+    without a chosen element: the message lists what it returns and how to choose, see
+    :func:`~ood_core.core.select_output`) or predicts a different number of classes."""
     info = model_info(net, name)
     if info.input_shape is not None and tuple(info.input_shape) != tuple(sample_shape):
         raise ValueError(
@@ -275,16 +284,21 @@ def check_compatible(
         device=param.device if param is not None else "cpu",
         dtype=param.dtype if param is not None else torch.float32,
     )
+    key = output_key(net)
     try:
         with exclusive_eval(net), torch.no_grad():
-            out = net(x)
+            raw = viewed_net(net)(x)
+            out = raw if key is None else select(raw, key)
+    except OutputError as exc:
+        raise OutputError(f"{name}: {exc}") from None
     except Exception as exc:
         raise ValueError(
             f"{name} failed on inputs of shape {tuple(sample_shape)}: {exc}. Pick data with the "
             "channels and size the model was trained on."
         ) from exc
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise ValueError(f"{name} must return logits of shape (N, n_classes); got {type(out)}.")
+    problem = logits_problem(out, key, raw)
+    if problem:
+        raise OutputError(f"{name}: {problem}")
     if n_classes is not None and out.shape[1] < n_classes:
         raise ValueError(
             f"{name} predicts {out.shape[1]} classes but the dataset has {n_classes} classes."

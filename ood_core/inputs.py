@@ -6,12 +6,18 @@ A batch that does not match is refused before any forward pass, with a message s
 expected, what was given and how to fix it: integer images, 0-255 floats for a [0, 1] model, the
 wrong size or number of channels would otherwise be scored silently (or end in a raw torch error).
 So are tensors without values (the ``meta`` device), sparse or complex tensors and infinite
-values; a value out of the declared range is named with its position and all its digits.
+values; a value out of the expected range is named with its position and all its digits.
+
+The expected range (:func:`expected_range`): the user's ``input_range=(low, high)`` (given to
+``Recorder`` / ``fit_scores``), else the model's declared range, else ``[0, 1]``;
+``input_range="any"`` switches the range check off.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -20,6 +26,14 @@ from torch import Tensor, nn
 _RANGE = re.compile(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]")
 RANGE_TOLERANCE = 1e-3
 """Values this far outside a declared range still pass (rounding of stored images)."""
+BYTE_LIKE_MAX = 10.0
+"""Non-negative inputs above this (for a model without a declared range) look like 0-255 images."""
+DEFAULT_RANGE = (0.0, 1.0)
+"""The range assumed for a model that declares none (images in [0, 1])."""
+
+InputRange = tuple[float, float] | Literal["any"] | None
+"""A user's input range: ``(low, high)``; ``"any"`` (no range check); None (the model's declared
+range, else :data:`DEFAULT_RANGE`)."""
 
 
 def declared_range(net: nn.Module) -> tuple[float, float] | None:
@@ -31,6 +45,47 @@ def declared_range(net: nn.Module) -> tuple[float, float] | None:
         return float(low), float(high)
     match = _RANGE.search(str(meta.get("normalisation", "")))
     return (float(match.group(1)), float(match.group(2))) if match else None
+
+
+def check_input_range(input_range: Any) -> InputRange:
+    """``input_range`` if it is None, ``"any"`` or two finite numbers ``low < high``;
+    ``ValueError`` else."""
+    if input_range is None or input_range == "any":
+        return input_range
+    try:
+        low, high = (float(v) for v in input_range)
+        ok = not isinstance(input_range, str) and math.isfinite(low + high) and low < high
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            "input_range must be (low, high) with finite low < high, e.g. (0, 1) or (-2.2, 2.7), "
+            f"or 'any' (no range check), or None (the model's declared range, else [0, 1]); got "
+            f"{input_range!r}."
+        )
+    return low, high
+
+
+def expected_range(
+    net: nn.Module, input_range: InputRange = None
+) -> tuple[tuple[float, float] | None, str]:
+    """``(bounds, source)``: the user's ``input_range`` (``"given"``), else the model's declared
+    range (``"declared"``), else ``[0, 1]`` (``"default"``); bounds None for ``"any"``."""
+    input_range = check_input_range(input_range)
+    if input_range == "any":
+        return None, "given"
+    if input_range is not None:
+        return input_range, "given"
+    declared = declared_range(net)
+    if declared is not None:
+        return declared, "declared"
+    return DEFAULT_RANGE, "default"
+
+
+def _outward(value: float, up: bool) -> str:
+    """``value`` rounded outward to one decimal, as typed (``-2.2``, ``2.7``, ``255``)."""
+    v = (math.ceil if up else math.floor)(value * 10) / 10
+    return f"{v:g}"
 
 
 def declared_shape(net: nn.Module) -> tuple[int, ...] | None:
@@ -54,10 +109,15 @@ def _position(shape: tuple[int, ...], flat_index: int) -> str:
 
 
 def check_inputs(
-    net: nn.Module, data: Tensor, traced_shape: tuple[int, ...] | None = None, name: str = "inputs"
+    net: nn.Module,
+    data: Tensor,
+    traced_shape: tuple[int, ...] | None = None,
+    name: str = "inputs",
+    input_range: InputRange = None,
 ) -> None:
     """Raise ``ValueError`` unless ``data`` is a float batch ``(N, ...)`` of the model's declared
-    (else traced) per-sample shape, free of NaN, within its declared value range."""
+    (else traced) per-sample shape, free of NaN, within the expected value range
+    (:func:`expected_range` of ``input_range``)."""
     if not isinstance(data, Tensor):
         raise ValueError(
             f"The {name} must be a torch.Tensor batch (N, C, H, W); got "
@@ -107,21 +167,43 @@ def check_inputs(
                     f"The {name} contain {what} values ({int(bad.sum()):,}, the first at "
                     f"{first}); clean them before scoring."
                 )
-    bounds = declared_range(net)
+    bounds, source = expected_range(net, input_range)
     if bounds is not None:
         low, high = bounds
         lo, hi = float(data.min()), float(data.max())
         if lo < low - RANGE_TOLERANCE or hi > high + RANGE_TOLERANCE:
-            hint = " (0-255 images? divide by 255)" if hi > 2 * max(1.0, high) else ""
+            if source == "declared":
+                byte_like = hi > 2 * max(1.0, high)
+            else:  # no negative value and a maximum far above 1
+                byte_like = lo >= low - RANGE_TOLERANCE and hi > BYTE_LIKE_MAX
+            hint = " (0-255 images? divide by 255)" if byte_like else ""
             flat = data.detach().flatten().double()
             outside = (flat < low - RANGE_TOLERANCE) | (flat > high + RANGE_TOLERANCE)
             excess = torch.maximum(low - flat, flat - high)
             worst = int(excess.argmax())
             show = [show_value(v, data.dtype) for v in (lo, hi, float(flat[worst]))]
+            where = (
+                f"{int(outside.sum()):,} value(s) lie outside [{low:g}, {high:g}] by more than the "
+                f"tolerance {RANGE_TOLERANCE:g}; the farthest is {show[2]} at "
+                f"{_position(tuple(data.shape), worst)}."
+            )
+            if source == "default":
+                fit = f"({_outward(min(lo, low), False)}, {_outward(max(hi, high), True)})"
+                raise ValueError(
+                    f"The {name} hold values in [{show[0]}, {show[1]}] but the model declares no "
+                    f"input range, so inputs in [0, 1] are assumed{hint}. If the model takes "
+                    f"other inputs (e.g. normalised ones), pass input_range={fit} (or "
+                    "input_range='any' to switch this check off) to Recorder(...) or "
+                    f"fit_scores(...). {where}"
+                )
+            if source == "given":
+                raise ValueError(
+                    f"The {name} hold values in [{show[0]}, {show[1]}] but input_range="
+                    f"({low:g}, {high:g}) was given{hint}. Rescale them, or pass the range they "
+                    f"are in (or input_range='any' to switch this check off). {where}"
+                )
             raise ValueError(
                 f"The {name} hold values in [{show[0]}, {show[1]}] but the model expects inputs "
                 f"in [{low:g}, {high:g}]{hint}. Rescale them (and do not normalise them yourself "
-                f"if the model normalises internally). {int(outside.sum()):,} value(s) lie "
-                f"outside [{low:g}, {high:g}] by more than the tolerance {RANGE_TOLERANCE:g}; the "
-                f"farthest is {show[2]} at {_position(tuple(data.shape), worst)}."
+                f"if the model normalises internally). {where}"
             )

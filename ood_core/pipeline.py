@@ -44,7 +44,7 @@ from torch import nn
 
 from ood_core import data as data_mod
 from ood_core import hub
-from ood_core.core import predicted_confidence
+from ood_core.core import predicted_confidence, select_output
 from ood_core.diagnostics import about, collect
 from ood_core.engine import ActivationCache
 from ood_core.eval import compute_metrics
@@ -72,6 +72,8 @@ MAX_CONFIG_CHARS = 10_000_000
 MAX_CONFIG_DEPTH = 32
 """Deepest nesting of arrays and tables in a config, and most parts of one dotted key."""
 MAX_SHOWN_PROBLEMS = 10
+MAX_OUTPUT_KEY = 200
+"""Longest ``[model] output`` key, in characters."""
 """How many problems a :class:`ConfigError` message lists (``problems`` holds them all)."""
 
 
@@ -181,6 +183,9 @@ class RunConfig:
     --trust-repo``, the dashboard's trust box. Never read from a file (:meth:`from_toml` and
     :meth:`from_dict` leave it False; see :attr:`trust_requested`) and never exported, so a
     shared config or bundle cannot hand over this consent."""
+    output: int | str | None = None
+    """``[model] output``: the element of the model's output holding the logits, an index or a
+    key (:func:`~ood_core.core.select_output`); None: the whole output."""
     ind_dataset: str = "fashion_mnist"
     calibration_split: str = "calibration"
     test_split: str = "test"
@@ -200,11 +205,17 @@ class RunConfig:
     def metric_objects(self) -> list[Metric]:
         return [parse_metric(m) for m in self.metrics]
 
+    def model_key(self) -> tuple:
+        """The model's identity in caches: ``(repo, entry)``, plus the output element if any."""
+        base = (self.model_repo, self.model_entry)
+        return base if self.output is None else (*base, self.output)
+
     # ---------------------------------------------------------------- TOML round trip
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         out: dict[str, Any] = {
-            "model": {"repo": d["model_repo"], "entry": d["model_entry"]},
+            "model": {"repo": d["model_repo"], "entry": d["model_entry"]}
+            | ({} if d["output"] is None else {"output": d["output"]}),
             "data": {k: d[k] for k in ("ind_dataset", "calibration_split", "test_split", "seed")},
             "evaluation": {"metrics": d["metrics"], "n_boot": d["n_boot"]},
             "scores": [
@@ -315,6 +326,14 @@ class _ModelSection(_Section):
         description=(
             "true or false; only a request: a file never lets a repository's code run "
             "(pass --trust-repo, tick the dashboard's trust box or trust_repo=True in Python)"
+        ),
+    )
+    output: int | str | None = Field(
+        None,
+        description=(
+            "the element of the model's output holding the logits: an index >= 0 (0 for a "
+            'model returning (logits, features)) or a key of at most 200 characters (e.g. "logits"); '
+            "leave the key out for the whole output"
         ),
     )
 
@@ -833,6 +852,16 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
             if problem:
                 problems.append(problem)
     model = sections.get("model", _ModelSection())
+    output = model.output
+    if output is not None and (
+        (isinstance(output, int) and output < 0)
+        or (isinstance(output, str) and not 1 <= len(output.strip()) <= MAX_OUTPUT_KEY)
+    ):
+        problems.append(
+            f"[model] output = {_show(output)} ({_kind(output)}): expected "
+            f"{_ModelSection.model_fields['output'].description}"
+        )
+        output = None
     data = data or _DataSection()
     ev = ev or _EvaluationSection()
     config = RunConfig(
@@ -840,6 +869,7 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
         model_entry=model.entry,
         trust_repo=False,  # a file never grants trust: only the caller does
         trust_requested=model.trust_repo,
+        output=output,
         ind_dataset=data.ind_dataset,
         calibration_split=data.calibration_split,
         test_split=data.test_split,
@@ -932,13 +962,20 @@ class RunCache:
     """One traced :class:`Recorder` per (model, input shape), kept here, never on the model."""
 
     def recorder(self, model_key: tuple, net: nn.Module, example: torch.Tensor) -> Recorder:
-        """The Recorder of ``net`` for inputs shaped like ``example`` (traced once)."""
+        """The Recorder of ``net`` for inputs shaped like ``example`` (traced once); ``net`` is
+        what :func:`load_inputs` gives (the output view of a config's ``output``) and
+        ``model_key`` is :meth:`RunConfig.model_key`."""
         key = (model_key, id(net), tuple(example.shape[1:]))
         if key not in self.recorders:
             for stale in [k for k in self.recorders if k[0] == model_key]:  # a reloaded model
                 del self.recorders[stale]
             self.recorders[key] = Evaluation.for_net(net, example).recorder
         return self.recorders[key]
+
+    def network(self, config: RunConfig) -> nn.Module | None:
+        """The loaded network of ``config`` read through its ``output`` (None if not loaded)."""
+        net = self.models.get((config.model_repo, config.model_entry))
+        return None if net is None else select_output(net, config.output)
 
     def model(self, repo: str, entry: str, trust_repo: bool = False) -> nn.Module:
         """``entry`` of hub repository ``repo``, loaded once. Trust is checked on every call,
@@ -1026,7 +1063,8 @@ def _data_key(cfg: RunConfig) -> tuple:
 
 @dataclass
 class RunInputs:
-    """What a config's run reads: the network, the calibration and InD test sets, the OoD
+    """What a config's run reads: the network (read through the config's ``output``,
+    :func:`~ood_core.core.select_output`), the calibration and InD test sets, the OoD
     inputs (one tensor per scenario, in config order) and their titles; the sample sizes actually
     used (None = all) and notes on sizes lowered to what the data holds."""
 
@@ -1044,7 +1082,9 @@ def load_inputs(config: RunConfig, cache: RunCache) -> RunInputs:
     """Load the model and draw the data of a validated ``config`` through ``cache``: the same
     config (same seed) always draws the same samples."""
     notes: list[str] = []
-    net = cache.model(config.model_repo, config.model_entry, config.trust_repo)
+    net = select_output(
+        cache.model(config.model_repo, config.model_entry, config.trust_repo), config.output
+    )
     n_cal, n_test = config.n_calibration, config.n_test
     if config.calibration_split == config.test_split or data_mod.is_single_source(
         config.ind_dataset
@@ -1114,7 +1154,7 @@ def run(
     net, calib, ind, oods, titles = inputs.net, inputs.calib, inputs.ind, inputs.oods, inputs.titles
     n_cal, n_test = inputs.n_calibration, inputs.n_test
     notes.extend(inputs.notes)
-    model_key = (config.model_repo, config.model_entry)
+    model_key = config.model_key()
     evaluation = Evaluation(
         cache.recorder(model_key, net, calib.images[:1]),
         cache=cache.activations,

@@ -24,7 +24,20 @@ import torch
 import torchinfo
 from torch import nn
 
-from ood_core.core import LayerId, Progress, exclusive_eval, net_lock
+from ood_core.core import (
+    LayerId,
+    OutputError,
+    OutputKey,
+    Progress,
+    exclusive_eval,
+    logits_problem,
+    net_lock,
+    output_key,
+    select,
+    select_output,
+    viewed_net,
+)
+from ood_core.inputs import InputRange, check_input_range
 from ood_core.layer_ids import layer_text, layers_text, parse_layer_id, parse_layer_ids
 
 __all__ = ["LayerId", "LayerInfo", "Recorder", "net_lock", "parse_layer_ids"]
@@ -44,6 +57,11 @@ class LayerInfo:
     n_calls: int
 
 
+TRACE_NUMEL = 2**20
+"""Module outputs of at most this many values are kept from the trace for the head and feature
+checks (the head's input and the network's output are always kept)."""
+
+
 def first_tensor(output: Any) -> torch.Tensor | None:
     """The tensor a module returned, or the first tensor of a tuple/list/dict output."""
     if isinstance(output, torch.Tensor):
@@ -58,6 +76,13 @@ def first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
+def _same_values(a: Any, b: torch.Tensor) -> bool:
+    """``a`` is a tensor holding ``b``'s values per sample (compared flattened, float tolerance)."""
+    if not isinstance(a, torch.Tensor) or a.shape[:1] != b.shape[:1] or a.numel() != b.numel():
+        return False
+    return bool(torch.allclose(a.reshape(b.shape).to(b.dtype), b, 1e-4, 1e-5))
+
+
 def _copies(args: tuple) -> tuple:
     return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
@@ -66,15 +91,25 @@ class Recorder(nn.Module):
     """Wraps a network to record the outputs of chosen layers during its forward passes.
 
     Args:
-        net: the classifier; its forward returns logits ``(N, n_classes)``.
+        net: the classifier; its forward returns logits ``(N, n_classes)``, or a tuple / list /
+            dict / object holding them (then say which with ``output``).
         input_data: an example batch (e.g. ``x[[0]]``) used once to trace the layer table.
         input_size: alternatively, the example input shape including the batch dimension.
+        output: the element of ``net``'s output that holds the logits: an index (``0`` for
+            ``(logits, feats)``) or a key / attribute name (``"logits"``); the recorder then
+            runs :func:`~ood_core.core.select_output` of ``net`` (same layer ids). None: the
+            whole output.
+        input_range: the range input batches are checked against: ``(low, high)``, ``"any"``
+            (no check) or None (the model's declared range, else ``[0, 1]``).
         **summary_kwargs: passed to ``torchinfo.summary`` (e.g. ``dtypes``, ``device``).
 
     Attributes:
         activations: ``{layer_id: tensor}`` for the recorded layers, from the last forward pass.
         inputs: ``{layer_id: tensor}``, the (first tensor) input of each recorded layer.
         recording: the recorded layer ids, in the order given to :meth:`record`.
+        output_problem: why the traced output is not logits ``(N, n_classes)`` (what the
+            network returns and how to choose ``output``), or None; the engine refuses to run
+            while it is set.
     """
 
     def __init__(
@@ -83,31 +118,46 @@ class Recorder(nn.Module):
         *,
         input_data: torch.Tensor | None = None,
         input_size: Sequence[int] | None = None,
+        output: OutputKey | None = None,
+        input_range: InputRange = None,
         **summary_kwargs: Any,
     ) -> None:
         super().__init__()
         if input_data is None and input_size is None:
             raise ValueError("Recorder needs `input_data` (an example batch) or `input_size`.")
+        net = select_output(net, output)
         self.net = net
+        self.output: OutputKey | None = output_key(net)  # also when given a view
+        self.input_range: InputRange = check_input_range(input_range)
+        self.output_problem: str | None = None
         example = tuple(input_data.shape) if input_data is not None else tuple(input_size or ())
         self.input_shape: tuple[int, ...] = tuple(int(d) for d in example[1:])
         """Per-sample shape of the example the layer table was traced with (no batch dim)."""
-        # the outputs of the network and of its Linear layers during the trace, per call: the
-        # head check compares them without another forward pass
+        # the outputs of every module during the trace, per call (those of up to TRACE_NUMEL
+        # values), and the inputs of the Linear layers: the head check and the feature pick
+        # compare them without another forward pass
         self._traced_outputs: dict[int, list[torch.Tensor | None]] = {}
+        self._traced_inputs: dict[int, list[torch.Tensor | None]] = {}
         owner = threading.get_ident()
 
         def grab(module: nn.Module, args: Any, output: Any) -> None:
             if threading.get_ident() == owner:
                 t = first_tensor(output)
+                small = t is not None and (module is net or t.numel() <= TRACE_NUMEL)
                 self._traced_outputs.setdefault(id(module), []).append(
-                    t.detach().clone() if t is not None else None
+                    t.detach().clone() if small else None
                 )
+                if isinstance(module, nn.Linear):
+                    i = first_tensor(args)
+                    self._traced_inputs.setdefault(id(module), []).append(
+                        i.detach().clone() if i is not None else None
+                    )
 
-        watched = [m for m in net.modules() if m is net or isinstance(m, nn.Linear)]
+        watched = list(net.modules())
         try:
             with exclusive_eval(net):  # torchinfo's hooks must see this trace only
                 handles = [m.register_forward_hook(grab) for m in watched]
+                handles.append(viewed_net(net).register_forward_hook(self._output_hook(owner)))
                 try:
                     self.summary = torchinfo.summary(
                         net,
@@ -125,6 +175,8 @@ class Recorder(nn.Module):
         except Exception as exc:  # torchinfo wraps the model's own error
             shape = tuple(input_data.shape) if input_data is not None else tuple(input_size or ())
             cause = exc.__cause__ or exc  # torchinfo's own message says "see above"
+            if isinstance(cause, OutputError):  # a bad `output`: its message lists the output
+                raise OutputError(str(cause)) from None
             raise ValueError(
                 f"The network failed on an example input of shape {shape}: "
                 f"{type(cause).__name__}: {cause}. Check that the data matches what the model "
@@ -145,6 +197,7 @@ class Recorder(nn.Module):
         self._calls: dict[int, int] = {}
         self._versions: dict[tuple[LayerId, bool], int] = {}
         self._head: LayerId | None | bool = False  # False: not looked for yet
+        self._features: LayerId | None = None
         self._copy: set[LayerId] = set()
 
     # ------------------------------------------------------------------ layer table
@@ -174,10 +227,33 @@ class Recorder(nn.Module):
         the traced example: a head whose logits the network averages with another head's, or
         changes after it, is not the head); None if there is none. The one head rule of the
         package (quick picks, activation shaping, ViM, GradNorm's closed form)."""
+        self._read_trace()
+        return self._head  # type: ignore[return-value]
+
+    def head_features(self) -> LayerId | None:
+        """The layer whose output is the head's input (the penultimate features), checked on the
+        traced example: of the layers called just before the head whose output, flattened per
+        sample, equals the head's input, the shallowest and then the first, Flatten and Dropout
+        skipped (torchvision ResNet's ``avgpool``, timm ViT's pooled ``fc_norm`` (an Identity),
+        timm ConvNeXt's ``head.norm``). None without a head or when no layer returns its input
+        (e.g. the head reads a token the network slices out itself)."""
+        self._read_trace()
+        return self._features
+
+    def _read_trace(self) -> None:
         if self._head is False:
             self._head = self._find_head()
-            self._traced_outputs = {}
-        return self._head
+            self._features = self._find_features(self._head) if self._head else None
+            self._traced_outputs, self._traced_inputs = {}, {}
+
+    def _traced(self, seen: dict[int, list[torch.Tensor | None]], lid: LayerId) -> Any:
+        """What ``seen`` kept of layer ``lid``'s call in the trace's last pass (None if nothing)."""
+        module_id = id(self._infos[lid].module)
+        ids = self._ids_of_module[module_id]
+        calls = seen.get(module_id, [])
+        if not calls or len(calls) % len(ids):
+            return None  # the trace did not show this module as the table did
+        return calls[len(calls) - len(ids) + ids.index(lid)]
 
     def _find_head(self) -> LayerId | None:
         out = tuple(self._infos[(0, 1)].output_size or ())[1:]
@@ -187,24 +263,30 @@ class Recorder(nn.Module):
             if isinstance(self._infos[lid].module, nn.Linear)
             and tuple(self._infos[lid].output_size or ())[1:] == out
         ]
-        seen = self._traced_outputs
-        logits = seen.get(id(self.net), [None])[-1]
+        logits = self._traced_outputs.get(id(self.net), [None])[-1]
         if not candidates or not isinstance(logits, torch.Tensor):
             return candidates[0] if candidates else None  # nothing to check against: shape rule
         for lid in candidates:
-            module_id = id(self._infos[lid].module)
-            ids = self._ids_of_module[module_id]
-            calls = seen.get(module_id, [])
-            if not calls or len(calls) % len(ids):
-                continue  # the trace did not show this module as the table did
-            a = calls[len(calls) - len(ids) + ids.index(lid)]  # its calls in the last pass
-            if (
-                isinstance(a, torch.Tensor)
-                and a.shape == logits.shape
-                and torch.allclose(a, logits, 1e-4, 1e-5)
-            ):
+            a = self._traced(self._traced_outputs, lid)
+            if _same_values(a, logits):
                 return lid
         return None
+
+    def _find_features(self, head: LayerId) -> LayerId | None:
+        x = self._traced(self._traced_inputs, head)
+        if not isinstance(x, torch.Tensor):
+            return None
+        ids = self.layer_ids
+        run: list[LayerId] = []
+        for lid in reversed(ids[1 : ids.index(head)]):
+            if not _same_values(self._traced(self._traced_outputs, lid), x):
+                break
+            if not isinstance(self._infos[lid].module, nn.Flatten | nn.Dropout):
+                run.append(lid)
+        if not run:
+            return None
+        depth = min(lid[0] for lid in run)
+        return [lid for lid in run if lid[0] == depth][-1]
 
     def layer_name(self, layer: LayerId) -> str:
         """Dotted module name of a layer (``""`` for the whole network)."""
@@ -251,25 +333,39 @@ class Recorder(nn.Module):
         return pd.DataFrame(rows)
 
     def quick_picks(self) -> dict[str, list[LayerId]]:
-        """Common layer choices: ``logits`` (the final Linear producing the output),
-        ``penultimate`` (the layer feeding it, skipping Flatten/Dropout/Identity), ``blocks``
-        (depth-1 layers with at least two sub-layers, e.g. residual blocks)."""
-        ids = self.layer_ids
-        head = [lid for lid in [self.head()] if lid is not None]
-        picks: dict[str, list[LayerId]] = {"logits": head, "penultimate": [], "blocks": []}
-        if head:
-            depth = head[-1][0]
-            skip = (nn.Flatten, nn.Dropout, nn.Identity)
-            before = [
-                lid
-                for lid in ids[: ids.index(head[-1])]
-                if lid[0] == depth and not isinstance(self._infos[lid].module, skip)
-            ]
-            picks["penultimate"] = before[-1:]
-        picks["blocks"] = [
-            lid for lid in ids if lid[0] == 1 and len(list(self._infos[lid].module.children())) >= 2
+        """Common layer choices, each checked on the traced example: ``logits`` (the head, see
+        :meth:`head`), ``penultimate`` (the layer whose output is the head's input, see
+        :meth:`head_features`) and ``blocks`` (one layer per stage or block, see
+        :meth:`blocks`)."""
+        head = self.head()
+        features = self.head_features()
+        return {
+            "logits": [head] if head is not None else [],
+            "penultimate": [features] if features is not None else [],
+            "blocks": self.blocks(),
+        }
+
+    def blocks(self) -> list[LayerId]:
+        """The network's stages or blocks, in call order: the shallowest group of at least three
+        sibling modules of one class that each hold two or more sub-modules (torchvision ResNet's
+        ``layer1..4``, timm ConvNeXt's ``stages.0..3``, timm ViT's ``blocks.0..11``); failing
+        that, the depth-1 layers with two or more sub-layers. A module called several times
+        counts once (its first call)."""
+        groups: dict[tuple[str, type], list[LayerId]] = {}
+        for lid in self.layer_ids[1:]:
+            module = self._infos[lid].module
+            if len(list(module.children())) < 2 or self._ids_of_module[id(module)][0] != lid:
+                continue
+            parent = self._names[lid].rpartition(".")[0]
+            groups.setdefault((parent, type(module)), []).append(lid)
+        repeated = [ids for ids in groups.values() if len(ids) >= 3]  # noqa: PLR2004
+        if repeated:
+            return min(repeated, key=lambda ids: (ids[0][0], ids[0]))
+        return [
+            lid
+            for lid in self.layer_ids
+            if lid[0] == 1 and len(list(self._infos[lid].module.children())) >= 2
         ]
-        return picks
 
     # ------------------------------------------------------------------ recording
     def record(self, *layers: Any) -> Recorder:
@@ -290,6 +386,21 @@ class Recorder(nn.Module):
         """Recorded layers whose output (or input) the network later modified in place (e.g. a
         BatchNorm followed by ``ReLU(inplace=True)``): they are copied as they are returned."""
         return tuple(sorted(self._copy))
+
+    def _output_hook(self, owner: int) -> Callable[..., None]:
+        """A trace hook on the network the view reads (the network itself without a view): sets
+        :attr:`output_problem` from the output it returns."""
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if threading.get_ident() != owner:
+                return
+            try:
+                chosen = output if self.output is None else select(output, self.output)
+            except OutputError:
+                return  # the view raises it, listing the output
+            self.output_problem = logits_problem(chosen, self.output, output)
+
+        return hook
 
     def _hook(self, mid: int, owner: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:

@@ -253,6 +253,8 @@ def build_config(
     for missing, what in ((scores, "score"), (scenarios, "OoD scenario"), (metrics, "metric")):
         if not missing:
             problems.setdefault("run", []).append(f"Choose at least one {what}.")
+    if state.get("output_error"):  # the model's Output field holds text that is no choice
+        problems.setdefault("run", []).append(state["output_error"])
     if problems:
         return None, problems
     names = [s.name for s in scores]
@@ -260,6 +262,7 @@ def build_config(
     config = RunConfig(
         model_repo=state["model_repo"],
         model_entry=state["model_entry"],
+        output=state.get("model_output"),
         ind_dataset=state["ind_source"],
         calibration_split=state["cal_split"],
         test_split=state["test_split"],

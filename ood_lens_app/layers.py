@@ -14,6 +14,7 @@ from torch import nn
 
 from ood_core.layer_ids import layer_text
 from ood_core.recorder import Recorder
+from ood_core.scores import SCORES
 from ood_lens_app.state import score_layer_key
 
 TABLE_COLUMNS = ["id", "name", "type", "input_shape", "output_shape", "params", "params_pct"]
@@ -22,11 +23,15 @@ TABLE_COLUMNS = ["id", "name", "type", "input_shape", "output_shape", "params", 
 
 @dataclass(frozen=True)
 class LayerChoices:
-    """A network's layer table (``Recorder.layer_table``: ``id`` is ``"d-i"``) and its quick
-    picks as ``"d-i"`` ids: ``logits``, ``penultimate`` and ``blocks`` (``Recorder.quick_picks``)."""
+    """A network's layer table (``Recorder.layer_table``: ``id`` is ``"d-i"``), its quick
+    picks as ``"d-i"`` ids (``logits``, ``penultimate``, ``blocks``: ``Recorder.quick_picks``)
+    and, per registered score, the layers it accepts (``BaseScore.allowed_layers``: its own
+    rules, e.g. ViM only on the checked head) and its defaults (``BaseScore.default_layers``)."""
 
     table: pd.DataFrame
     picks: dict[str, list[str]] = field(default_factory=dict)
+    allowed: dict[str, list[str]] = field(default_factory=dict)
+    defaults: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ids(self) -> list[str]:
@@ -41,11 +46,17 @@ class LayerChoices:
 
 
 def layer_choices(net: nn.Module, example: torch.Tensor) -> LayerChoices:
-    """Trace ``net`` on ``example`` (a batch of one) once: its layer table and quick picks."""
+    """Trace ``net`` on ``example`` (a batch of one) once: its layer table, quick picks and
+    every score's accepted and default layers."""
     recorder = Recorder(net, input_data=example)
     try:
         picks = {k: [layer_text(lid) for lid in v] for k, v in recorder.quick_picks().items()}
-        return LayerChoices(recorder.layer_table(), picks)
+        allowed, defaults = {}, {}
+        for name, cls in SCORES.items():
+            if cls.layer_rule != "none":
+                allowed[name] = [layer_text(lid) for lid in cls.allowed_layers(recorder)]
+                defaults[name] = [layer_text(lid) for lid in cls.default_layers(recorder)]
+        return LayerChoices(recorder.layer_table(), picks, allowed, defaults)
     finally:
         recorder.close()
 
@@ -68,15 +79,23 @@ def layer_options(table: pd.DataFrame, rule: str) -> list[str]:
 
 
 def default_layers(
-    selected: Sequence[str], choices: LayerChoices, rule: str, max_layers: int | None = None
+    selected: Sequence[str],
+    choices: LayerChoices,
+    rule: str,
+    max_layers: int | None = None,
+    name: str | None = None,
 ) -> list[str]:
-    """The Layers page selection filtered for a score: allowed by its rule, at most
-    ``max_layers`` (keeping the last ones, the deepest features). If nothing is left, the first
-    quick pick (penultimate features, then logits; logits only for ``"params"``) the rule allows."""
-    allowed = layer_options(choices.table, rule)
+    """The Layers page selection filtered for a score: the layers score ``name`` accepts
+    (``choices.allowed``; without a name, those its ``rule`` allows), at most ``max_layers``
+    (keeping the last ones, the deepest features). If nothing is left, the score's own default
+    layers (``choices.defaults``), else the first quick pick (penultimate features, then logits;
+    logits only for ``"params"``) the rule allows."""
+    allowed = score_options(choices, rule, name)
     if not allowed:
         return []
     keep = [lid for lid in selected if lid in allowed]
+    if not keep and name in choices.defaults:
+        keep = [lid for lid in choices.defaults[name] if lid in allowed]
     if not keep:
         fallback = ([] if rule == "params" else choices.pick("penultimate")) + choices.pick(
             "logits"
@@ -85,6 +104,14 @@ def default_layers(
     if max_layers is not None:
         keep = keep[-max_layers:]
     return keep
+
+
+def score_options(choices: LayerChoices, rule: str, name: str | None = None) -> list[str]:
+    """The layers score ``name`` accepts on this network (its own rules), or, for a name
+    ``choices`` does not know, those its ``layer_rule`` allows (:func:`layer_options`)."""
+    if name is not None and name in choices.allowed:
+        return list(choices.allowed[name])
+    return layer_options(choices.table, rule)
 
 
 def sync_score_layers(
@@ -97,14 +124,14 @@ def sync_score_layers(
     """Keep score ``name``'s layer choice in step with the Layers page: when the selection
     changed since the score's layers were set (or they are invalid for this network), reset them
     to the selection filtered by the score's rule. Returns the layers the score may use."""
-    options = layer_options(choices.table, rule)
+    options = score_options(choices, rule, name)
     key = score_layer_key(name)
     src = state.setdefault("score_layers_src", {})
     current = tuple(state["layers"])
     stored = state.get(key)
     invalid = stored is None or any(lid not in options for lid in stored)
     if src.get(name) != current or invalid:
-        state[key] = default_layers(state["layers"], choices, rule, max_layers)
+        state[key] = default_layers(state["layers"], choices, rule, max_layers, name)
         src[name] = current
     return options
 

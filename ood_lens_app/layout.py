@@ -13,6 +13,7 @@ from typing import Any
 import streamlit as st
 
 from ood_core import data as data_mod
+from ood_core.core import output_text
 from ood_lens_app.errors import is_expected, page_message
 
 LOG = logging.getLogger("ood_lens.app")
@@ -86,8 +87,11 @@ def sidebar_lines(state: Mapping[str, Any]) -> list[str]:
     repo = state["model_repo"]
     title = data_mod.BUNDLED.get(state["ind_source"], {}).get("title", state["ind_source"])
     n_cal, n_test = (state[k] if state[k] is not None else "all" for k in ("w.n_cal", "w.n_test"))
+    output = state.get("model_output")
+    read = "" if output is None else f", output `{output_text(output).replace('`', '')}`"
     lines = [
-        f"**Model:** `{state['model_entry']}` ({'bundled hub' if repo == 'bundled' else repo})",
+        f"**Model:** `{state['model_entry']}` ({'bundled hub' if repo == 'bundled' else repo})"
+        + read,
         f"**InD data:** {title}  \n{n_cal} calibration / {n_test} test",
         f"**Layers:** {fmt_layers(state['layers'])}",
     ]

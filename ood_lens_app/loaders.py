@@ -18,7 +18,7 @@ from torch import nn
 
 from ood_core import data as data_mod
 from ood_core import hub
-from ood_core.core import predicted_classes
+from ood_core.core import OutputKey, predicted_classes, select_output
 from ood_core.hub import HubUnavailableError
 from ood_core.policy import SourcePolicy
 from ood_lens_app.layers import LayerChoices, layer_choices
@@ -74,9 +74,10 @@ def _load_dataset(
 
 
 def model_for_run() -> nn.Module:
-    """The session's current model."""
+    """The session's current model, read through its chosen output (``model_output``,
+    :func:`ood_core.core.select_output`)."""
     ss = st.session_state
-    return load_model(ss["model_repo"], ss["model_entry"])
+    return select_output(load_model(ss["model_repo"], ss["model_entry"]), ss.get("model_output"))
 
 
 def dataset(split_key: str) -> data_mod.ImageDataset:
@@ -113,23 +114,37 @@ def bundled_entries() -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------- layers
 @st.cache_data(show_spinner="Reading the layer table...", max_entries=16)
-def _layer_choices(repo: str, entry: str, shape: tuple[int, ...]) -> LayerChoices:
-    return layer_choices(load_model(repo, entry), torch.zeros(1, *shape))
+def _layer_choices(
+    repo: str, entry: str, shape: tuple[int, ...], output: OutputKey | None = None
+) -> LayerChoices:
+    # a fixed random image in [0, 1]: the head and feature checks compare values, which an
+    # all-zero example can make equal by accident
+    example = torch.rand(1, *shape, generator=torch.Generator().manual_seed(0))
+    return layer_choices(select_output(load_model(repo, entry), output), example)
 
 
 def current_layer_choices() -> LayerChoices:
     """Layer table and quick picks of the current model, traced on the InD images' shape."""
     ss = st.session_state
     calib = dataset("cal_split")
-    return _layer_choices(ss["model_repo"], ss["model_entry"], tuple(calib.sample_shape))
+    shape = tuple(calib.sample_shape)
+    return _layer_choices(ss["model_repo"], ss["model_entry"], shape, ss.get("model_output"))
 
 
 # ---------------------------------------------------------------------------- predictions
 @st.cache_data(show_spinner="Computing the model's accuracy...", max_entries=16)
 def test_predictions(
-    repo: str, entry: str, source: str, split: str, config: str | None, n: int, seed: int
+    repo: str,
+    entry: str,
+    source: str,
+    split: str,
+    config: str | None,
+    n: int,
+    seed: int,
+    output: OutputKey | None = None,
 ) -> np.ndarray:
-    """Predicted classes of the test subset a run scores (``n`` samples drawn with ``seed``)."""
-    net = load_model(repo, entry)
+    """Predicted classes of the test subset a run scores (``n`` samples drawn with ``seed``),
+    the model read through ``output``."""
+    net = select_output(load_model(repo, entry), output)
     test = load_dataset(source, split, config).subset(n, seed)
     return predicted_classes(net, test.images)

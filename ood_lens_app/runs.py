@@ -320,11 +320,19 @@ def _apply_params(
 
 
 def apply_config(state: MutableMapping[str, Any], config: RunConfig) -> None:
-    """Put ``config`` into every widget: model, data, sizes, Layers page selection, scores with
+    """Put ``config`` into every widget: model (and its output), data, sizes, Layers page selection, scores with
     their parameters, layers and layer sweeps, scenarios with their parameters, metrics,
     bootstrap, baseline. Call before the widgets are drawn in a script run."""
     defaults = state_mod.default_state(config, env={})
-    skip = {"result", "model_error", "data_error", "run_error", "last_run", "layers_version"}
+    skip = {
+        "result",
+        "model_error",
+        "output_error",
+        "data_error",
+        "run_error",
+        "last_run",
+        "layers_version",
+    }
     for key, value in defaults.items():
         if key not in skip and key != "score_layers_src":
             state[key] = value
@@ -374,7 +382,7 @@ def settings_key(config: RunConfig) -> dict[str, Any]:
         for sc in config.scenarios
     ]
     return dict(
-        model=(config.model_repo, config.model_entry),
+        model=config.model_key(),
         data=(config.ind_dataset, config.calibration_split, config.test_split),
         sizes=(config.n_calibration, config.n_test, config.seed),
         scores=[(n, p, [str(lid) for lid in layer]) for n, p, layer in scores],

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from ood_core import data as data_mod
+from ood_core.core import parse_output
 from ood_lens_app.errors import load_message
 from ood_lens_app.layers import set_selection
 from ood_lens_app.state import DATA_SOURCES, MODEL_SOURCES, trust_key
@@ -27,6 +28,22 @@ def model_request(state: Mapping[str, Any]) -> tuple[str, str, bool | None]:
     )
     repo = state[repo_key]
     return repo, state[entry_key], bool(state.get(trust_key(repo), False))
+
+
+def apply_output(state: State, text: str) -> bool:
+    """Read the Output field's ``text`` (:func:`ood_core.core.parse_output`: empty = the whole
+    output, digits = an index, other text = a key); on success make it ``state["model_output"]``,
+    else keep the current one and put a short message in ``state["output_error"]`` (the text
+    stays in the field). The layer selection is kept: layer ids do not depend on the output.
+    Returns whether it was read."""
+    try:
+        output = parse_output(text)
+    except ValueError as exc:
+        state["output_error"] = f"Output {str(text).strip()!r}: {exc}"
+        return False
+    state["output_error"] = None
+    state["model_output"] = output
+    return True
 
 
 def bundled_splits(splits: Sequence[str]) -> tuple[str, str]:

@@ -7,7 +7,9 @@ alone by ``AppTest``).
 
 Keys
 ----
-* canonical choices: ``model_repo``, ``model_entry``, ``ind_source``, ``ind_config``,
+* canonical choices: ``model_repo``, ``model_entry``, ``model_output`` (the element of the
+  model's output holding the logits: None, an index or a key; typed in ``w.model_output``,
+  :func:`ood_core.core.parse_output`), ``ind_source``, ``ind_config``,
   ``cal_split``, ``test_split``, ``layers`` (the Layers page selection, ``"d-i"`` ids),
   ``result`` (the last :class:`~ood_core.pipeline.RunResult`), ``run_cache`` (one
   :class:`~ood_core.pipeline.RunCache` per session, so a parameter change recomputes only that
@@ -26,6 +28,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from ood_core import data as data_mod
+from ood_core.core import output_text
 from ood_core.layer_ids import layer_text, parse_layer_id
 from ood_core.pipeline import RunConfig, example_config
 
@@ -130,6 +133,7 @@ def default_state(
     return {
         "model_repo": cfg.model_repo,
         "model_entry": cfg.model_entry,
+        "model_output": cfg.output,
         "ind_source": cfg.ind_dataset,
         "ind_config": None,
         "cal_split": cfg.calibration_split,
@@ -138,6 +142,7 @@ def default_state(
         "layers_version": 0,
         "result": None,
         "model_error": None,
+        "output_error": None,
         "data_error": None,
         "run_error": None,
         "last_run": None,
@@ -150,6 +155,7 @@ def default_state(
         "w.gh_entry": "" if bundled_model else cfg.model_entry,
         "w.local_dir": "",
         "w.local_entry": "",
+        "w.model_output": output_text(cfg.output),
         "w.data_src": DATA_SOURCES[0] if ind_bundled else DATA_SOURCES[2],
         "w.bundled_data": cfg.ind_dataset if ind_bundled else bundled_data,
         "w.data_path": "",

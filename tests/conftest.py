@@ -83,12 +83,13 @@ def data():
     return x, y
 
 
-def fit_one(net, score, layers, x_fit, y_fit, x):
-    """Fit ``score`` on ``layers`` of ``net`` and return ``(logits, conformity)`` on ``x``."""
+def fit_one(net, score, layers, x_fit, y_fit, x, input_range=None):
+    """Fit ``score`` on ``layers`` of ``net`` and return ``(logits, conformity)`` on ``x``
+    (inputs checked against ``input_range``: None, [0, 1] for these undeclared nets)."""
     from ood_core.evaluation import Evaluation
 
     score.layers = tuple(layers)
-    ev = Evaluation.for_net(net, x_fit)
+    ev = Evaluation.for_net(net, x_fit, input_range=input_range)
     ev.fit([score], x_fit, y_fit)
     ((logits, conf),) = ev.confidences([score], x)
     return logits, conf

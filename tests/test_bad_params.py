@@ -9,6 +9,7 @@ same values on every machine.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -125,6 +126,15 @@ def net(kind: str) -> nn.Module:
             "deep": Deep,
         }[kind]().eval()
     return NETS[kind]
+
+
+def limited(limit: str, fn: Callable[[], object]) -> object:
+    """``fn()`` with the memory limit pinned to ``limit`` (then back to :data:`LIMIT`)."""
+    os.environ[budget.ENV_VAR] = limit
+    try:
+        return fn()
+    finally:
+        os.environ[budget.ENV_VAR] = LIMIT
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
@@ -303,15 +313,16 @@ ROWS = [
         rf"needs {GB}",
         lambda: run("small", fDBD(), ["fc"], n_test=4),
     ),
-    # --- estimates right before the work (after the shared forward pass)
-    Row(
+    Row(  # chunked per-sample gradients: the batch size no longer matters, the layer does
         "GradNorm per-sample gradients of a large layer",
-        lambda c: run("big", GradNorm(), ["big"], n_fit=1100, batch_size=1024),
-        rf"GradNorm\(\): the per-sample gradients of a batch of 1,024 inputs w.r.t. 266,240 "
-        rf"parameters needs {GB}.*lower batch_size",
-        lambda: run("big", GradNorm(), ["big"], n_fit=20, batch_size=10),
-        before_forward=False,
+        lambda c: limited("4MB", lambda: run("big", GradNorm(), ["big"], calls=c)),
+        r"GradNorm\(\): the per-sample gradients w\.r\.t\. the 266,240 parameters of 1-3 "
+        r"\(big\), 1 input\(s\) at a time .*needs ~[\d.]+ GB of memory but 0\.004 GB are "
+        r"available \(OOD_LENS_MEMORY_LIMIT\); choose a layer with fewer parameters \(e\.g\. "
+        r"the head 1-5",
+        lambda: run("big", GradNorm(), ["big"], n_fit=300, batch_size=1024),  # 2 chunks
     ),
+    # --- estimates right before the work (after the shared forward pass)
     Row(
         "FeatureSqueezing median window",
         lambda c: run("small", FeatureSqueezing(squeezers=["median:400"]), n_fit=200),

@@ -59,7 +59,7 @@ def toy():
 def test_shapes_and_values_match_sklearn(toy):
     net, calib, ind, oods = toy
     pairs = ((Softmax(), []), (Energy(), []), (KNN(k=5), [(1, 3)]))
-    fitted = fit_scores(pairs, net, calib, progress=False)
+    fitted = fit_scores(pairs, net, calib, progress=False, input_range=(-0.5, 3))  # toy OoD sets
     confs_ind, confs_oods = compute_confidence(fitted, ind=ind, oods=oods, progress=False)
     assert confs_ind.shape == (3, 50) and [c.shape for c in confs_oods] == [(3, 50), (3, 40)]
     assert confs_ind.dtype == torch.float64
@@ -80,7 +80,7 @@ def test_shapes_and_values_match_sklearn(toy):
 def test_table_plot_frame_and_summary(toy):
     net, calib, ind, oods = toy
     pairs = ((Softmax(), []), (KNN(k=5), [(1, 3)]))
-    fitted = fit_scores(pairs, net, calib, progress=False)
+    fitted = fit_scores(pairs, net, calib, progress=False, input_range=(-0.5, 3))  # toy OoD sets
     confs_ind, confs_oods = compute_confidence(
         fitted, ind=ind, oods=oods, oods_title=("x3", "shift"), progress=False
     )

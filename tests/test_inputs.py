@@ -154,9 +154,11 @@ def test_good_batches_pass_and_ranges_are_read_from_the_declaration(tiniest):
     assert declared_range(tiniest) == (0.0, 1.0)
     net = torch.nn.Linear(4, 2)
     assert declared_range(net) is None
-    check_inputs(
-        net, torch.randn(3, 4) * 1000, traced_shape=(4,)
-    )  # nothing declared: no range check
+    wide = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)) * 1000
+    with pytest.raises(ValueError, match=r"declares no input range, so inputs in \[0, 1\] are"):
+        check_inputs(net, wide, traced_shape=(4,))  # nothing declared: [0, 1] assumed
+    check_inputs(net, wide, traced_shape=(4,), input_range="any")  # the check switched off
+    check_inputs(net, wide, traced_shape=(4,), input_range=(-3000, 3000))
     net.ood_lens = {"input_range": (-1, 1)}
     with pytest.raises(ValueError, match=r"expects inputs in \[-1, 1\]"):
         check_inputs(net, torch.full((3, 4), 2.0), traced_shape=(4,))
@@ -317,9 +319,7 @@ def test_bad_labels_are_refused_by_the_score_label_check(net, data, make, layers
 def test_good_labels_pass_as_int_or_whole_floats_and_jtla_hint(net, data):
     x, y = data
     for lab in (y, y.double(), y.int()):
-        fit_scores(
-            [(scores.DeepMahalanobis(pooling="mean"), [(1, 3)])], net, x, lab, progress=False
-        )
+        fit_scores([(scores.DeepMahalanobis(), [(1, 3)])], net, x, lab, progress=False)
     jtla = scores.JTLA(test={"type": "multinomial", "mode": "mle", "k": 3}, n_classes_hint=5)
     fit_scores([(jtla, [(1, 5)])], net, x, _labels(y, 0, 4), progress=False)  # 4 < hint
 

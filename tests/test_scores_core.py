@@ -160,7 +160,9 @@ def test_parameters_are_validated_with_clear_messages():
 def test_repr_and_config_round_trip():
     s = KNN(k=15)
     assert repr(s) == "KNN(k=15)" and repr(Softmax()) == "Softmax()"
-    assert s.full_repr() == "KNN(act_norm=2, index_metric='l2', k=15, mode='raw')"
+    assert (
+        s.full_repr() == "KNN(act_norm=2, index_metric='l2', k=15, mode='raw', pooling='flatten')"
+    )
     cfg = Gram(max_gram_order=3, cut_off=0.05).config()
     assert make_score(**cfg) == Gram(max_gram_order=3, cut_off=0.05)
 
@@ -210,7 +212,10 @@ def test_gram_deviation_is_relative_outside_the_band():
 
 def test_gram_scores_inside_band_as_most_conforming(net, data):
     x, y = data
-    logits, conf = run(net, Gram(max_gram_order=2), [(1, 1), (1, 5)], x, y, torch.cat([x, x * 8]))
+    test = torch.cat([x, x * 8])  # amplified inputs, beyond [0, 1]
+    logits, conf = run(
+        net, Gram(max_gram_order=2), [(1, 1), (1, 5)], x, y, test, input_range=(0, 8)
+    )
     c = predicted_confidence(logits, conf)
     assert c.shape == (120,) and c.max() <= 0
     assert c[:60].mean() > c[60:].mean()  # amplified inputs deviate more

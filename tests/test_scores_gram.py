@@ -47,7 +47,7 @@ def data():
 
 def fit_score(net, score, layers, x, y):
     score.layers = tuple(layers)
-    eng = Evaluation.for_net(net, x)
+    eng = Evaluation.for_net(net, x, input_range="any")  # standard-normal data, not images
     eng.fit([score], x, y)
     return eng
 

@@ -59,11 +59,15 @@ def _linear_net() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).double().eval()
 
 
+NORMAL_RANGE = {"input_range": (-20, 20)}
+"""Declared by the nets these tests feed standard-normal inputs (not [0, 1] images)."""
+
+
 def _mlp_net() -> nn.Module:
     torch.manual_seed(4)
-    return (
-        nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)).double().eval()
-    )
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    net.ood_lens = NORMAL_RANGE
+    return net.eval()
 
 
 # ------------------------------------------------------------------------------ registry
@@ -480,6 +484,7 @@ def test_odds_degenerate_fits_warn() -> None:
         Odds(epsilon=0.1, noise_samples=1).fit(net, x[:3], torch.tensor([0, 1, 2]))
     # a network blind to its input: every shift is 0, zero variance
     blind = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).double()
+    blind.ood_lens = NORMAL_RANGE
     with torch.no_grad():
         blind[1].weight.zero_()
         blind[1].bias.copy_(torch.tensor([1.0, 0.0, -1.0]))

@@ -110,10 +110,16 @@ def conv_data(n, seed):
     return x, y
 
 
+NORMAL_RANGE = {"input_range": (-20, 20)}
+"""Declared by the nets these tests feed standard-normal inputs (not [0, 1] images)."""
+
+
 @pytest.fixture(scope="module")
 def conv_net():
     torch.manual_seed(0)
-    return TinyConv().eval()
+    net = TinyConv().eval()
+    net.ood_lens = NORMAL_RANGE  # conv_data: standard-normal patterns plus noise
+    return net
 
 
 # ------------------------------------------------------------------------------- DeepMahalanobis
@@ -297,7 +303,9 @@ def test_singular_covariance_default_warns_and_pinv_is_finite():
             f"{cls.__name__} @ 1-1: 20 feature dimensions for 8 samples, covariance "
             "singular (rank <= 6)" in messages[0]
         )
-        assert "try pooling='mean' (fewer dims) or inverse='pinv'" in messages[0]
+        # (N, D) features: no pooling would shrink them, so none is suggested
+        assert "calibrate on more samples, or try inverse='pinv'" in messages[0]
+        assert "pooling" not in messages[0]
         assert score.condition_numbers[(1, 1)] == math.inf
         if cls is RelativeMahalanobis:  # the global covariance (rank <= 7) is singular too
             assert any("global covariance singular (rank <= 7)" in m for m in messages)
@@ -546,7 +554,9 @@ def test_multi_mahalanobis_shrinkage_param():
 @pytest.fixture(scope="module")
 def mlp():
     torch.manual_seed(1)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    net.ood_lens = NORMAL_RANGE
+    return net
 
 
 def np_vim(w, b, h_cal, f_cal, h, f, dim):

@@ -59,10 +59,10 @@ def test_pool_activation_means_space_and_flattens_the_rest():
     assert torch.equal(pool_activation(one), one.reshape(5, 3))
     flat = torch.randn(5, 2, 3)
     assert torch.equal(pool_activation(flat), flat.reshape(5, 6))
-    s = LID(k=2, pooling="mean")
+    s = LID(k=2, pooling="mean")  # 3-D activations are (N, L, D) tokens: averaged over L
     s.layers = (A, B)
     feats = s.extract(torch.zeros(5, 2), {A: a, B: flat})
-    assert torch.allclose(feats["x"], torch.cat([a.mean(dim=(2, 3)), flat.reshape(5, 6)], 1))
+    assert torch.allclose(feats["x"], torch.cat([a.mean(dim=(2, 3)), flat.mean(1)], 1))
     s = LID(k=2)  # default: flattened, as the reference library
     s.layers = (A, B)
     feats = s.extract(torch.zeros(5, 2), {A: a, B: flat})
@@ -909,7 +909,7 @@ def test_knn_lid_trust_normalise_the_concatenation_of_several_layers():
 
     score = KNN(k=4)  # act_norm=2 by default, as the reference
     score.layers = layers
-    eng = Evaluation.for_net(net, xc)
+    eng = Evaluation.for_net(net, xc, input_range=(0, 3))  # the inputs are 3 x [0, 1]
     eng.fit([score], xc)
     ((logits, conf),) = eng.confidences([score], xt)
     d2 = torch.cdist(normed(concat(xt)), normed(concat(xc))).pow(2)

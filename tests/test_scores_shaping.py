@@ -69,7 +69,9 @@ def layer_values(net: nn.Sequential, x: torch.Tensor, layer: tuple[int, int]) ->
 def run(score, layer, net, x_calib, x_test):
     """Fit ``score`` on ``layer`` with the engine, return ``(logits, conformity)`` on ``x_test``."""
     score.layers = (layer,)
-    eng = Evaluation.for_net(net, x_calib)
+    eng = Evaluation.for_net(
+        net, x_calib, input_range=(0, 1.5)
+    )  # ``data``'s test set: 1.5 x [0, 1]
     eng.fit([score], x_calib)
     ((logits, conf),) = eng.confidences([score], x_test)
     return logits, conf
@@ -146,7 +148,7 @@ def test_react_refit_on_spatial_map_uses_new_thresholds(net, data) -> None:
 
 def test_react_seed_style_matches_engine(net, data) -> None:
     x, x_test = data
-    rnet = Recorder(net, input_data=x[:1])
+    rnet = Recorder(net, input_data=x[:1], input_range=(0, 1.5))  # as ``run``
     rnet.record(MAP)
     score = ReAct(output="energy")
     score.fit(rnet, x)

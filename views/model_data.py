@@ -6,6 +6,7 @@ import streamlit as st
 
 from ood_core import data as data_mod
 from ood_core import hub, plots
+from ood_core.core import output_text
 from ood_lens_app import layers, layout, loaders, result_views, runs, sources, state
 from ood_lens_app.state import DATA_SOURCES, MODEL_SOURCES, SEED, trust_key
 
@@ -20,6 +21,10 @@ def _picks() -> list[str]:
 
 def _on_load_model() -> None:
     sources.apply_model(ss, *sources.model_request(ss), loaders.load_model, _picks)
+
+
+def _on_output() -> None:
+    sources.apply_output(ss, ss["w.model_output"])
 
 
 def _on_load_data() -> None:
@@ -99,6 +104,17 @@ def model_section() -> None:
         )
     if ss["model_error"]:
         st.error(ss["model_error"], icon=":material/error:")
+    st.text_input(
+        "Output (index or key)",
+        key="w.model_output",
+        on_change=_on_output,
+        placeholder="empty: the model returns the logits",
+        help="For a model that returns a tuple, list or dict (or an object such as a Hugging "
+        "Face ModelOutput): the element holding the logits, e.g. 0 for (logits, features) or "
+        "logits for {'logits': ...}. Empty: the whole output. Layer ids do not change.",
+    )
+    if ss["output_error"]:
+        st.error(ss["output_error"], icon=":material/error:")
     net = loaders.model_for_run()
     info = hub.model_info(net, ss["model_entry"])
     n_params = sum(p.numel() for p in net.parameters())
@@ -107,6 +123,10 @@ def model_section() -> None:
         f"**Current model:** `{ss['model_entry']}` from {where} · {type(net).__name__}, "
         f"{n_params:,} parameters"
     ]
+    if ss["model_output"] is not None:
+        lines.append(
+            f"logits read from output `{output_text(ss['model_output']).replace('`', '')}`"
+        )
     if info.input_shape:
         lines.append(f"expects inputs {tuple(info.input_shape)} (C, H, W)")
     st.markdown("  \n".join(lines))
@@ -222,6 +242,7 @@ def check_and_preview() -> None:
         ss["ind_config"],
         n_test,
         SEED + 1,
+        ss["model_output"],
     )
     subset = test.subset(n_test, SEED + 1)
     acc = float((pred == subset.labels.numpy()).mean())

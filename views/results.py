@@ -231,10 +231,10 @@ def _grid(
 
 
 def _network(result: RunResult) -> Any:
-    """The run's network from the session's run cache (None when it is not there)."""
+    """The run's network (read through its config's output) from the session's run cache
+    (None when it is not there)."""
     cache = ss.get("run_cache")
-    key = (result.config.model_repo, result.config.model_entry)
-    return cache.models.get(key) if cache is not None else None
+    return cache.network(result.config) if cache is not None else None
 
 
 def gallery(result: RunResult) -> None:

@@ -12,7 +12,7 @@ from ood_core import data as data_mod
 from ood_core.perturbations import list_perturbations
 from ood_core.pipeline import RunConfig
 from ood_core.scores import get_score_class, list_scores
-from ood_lens_app import form, layers, layout, loaders, runs, state, widgets
+from ood_lens_app import estimates, form, layers, layout, loaders, runs, state, widgets
 from ood_lens_app.form import Problems
 from ood_lens_app.state import pert_owner, score_layer_key, sweep_key
 
@@ -80,6 +80,13 @@ def _score_expander(row: dict, choices: layers.LayerChoices, problems: Problems)
         widgets.param_widgets(name, row["params"], on_change=keep_open)
         for msg in problems.get(name, []):
             st.error(msg, icon=":material/error:")
+        if not bad:  # its memory estimate before Run (what the fit checks, nothing computed)
+            sweep = bool(ss.get(sweep_key(name), False))
+            for kind, text in estimates.score_messages(name, params, chosen, sweep):
+                if kind == "caption":
+                    st.caption(text)
+                else:
+                    getattr(st, kind)(text, icon=":material/memory:")
 
 
 def scores_section(choices: layers.LayerChoices, problems: Problems) -> None:

@@ -25,18 +25,21 @@ How a score plugs into the single-pass engine (:mod:`ood_core.engine`)
 
 from __future__ import annotations
 
+import copy
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import Tensor
+from torch import Tensor, nn
 
+from ood_core.budget import Estimates, estimating
 from ood_core.core import Features, LayerId, Timed
 from ood_core.evaluation import Evaluation
-from ood_core.layer_ids import layer_text
+from ood_core.layer_ids import layer_text, layers_text
 from ood_core.params import Param, fmt_value
 from ood_core.recorder import Recorder
 
@@ -263,10 +266,7 @@ class BaseScore:
         if self.layer_rule == "none":
             return ()
         if not layers:
-            raise ValueError(
-                f"{name} reads internal activations: give it at least one layer id, "
-                "e.g. the penultimate features."
-            )
+            raise ValueError(self._no_layers_message(recorder))
         if self.max_layers is not None and len(layers) > self.max_layers:
             raise ValueError(f"{name} takes at most {self.max_layers} layer(s); got {len(layers)}.")
         if self.layer_rule == "params" and recorder is not None:
@@ -279,16 +279,50 @@ class BaseScore:
                     )
         return layers
 
+    def _no_layers_message(self, recorder: Recorder | None) -> str:
+        """Why no layer was given: the layers to give, or (with a recorder) why this network
+        has none this score accepts, in the words of its own check on the last Linear layer."""
+        name = type(self).__name__
+        text = f"{name} reads internal activations: give it at least one layer id"
+        if recorder is None:
+            return text + ", e.g. the penultimate features."
+        defaults = type(self).default_layers(recorder)
+        if defaults:
+            return text + f", e.g. {layers_text(defaults)} (its default layers on this network)."
+        linear = [
+            lid
+            for lid in recorder.layer_ids[1:]
+            if isinstance(recorder.info(lid).module, nn.Linear)
+        ]
+        probe = type(self)(**{p.name: p.default for p in self.all_params() if p.required})
+        for lid in (linear or recorder.layer_ids[1:])[-1:]:
+            try:
+                probe.check_layers((lid,), recorder)
+            except ValueError as exc:
+                return f"{name} accepts no layer of this network: {exc}"
+        return f"{name} accepts no layer of this network."
+
     @classmethod
     def default_layers(cls, recorder: Recorder) -> tuple[LayerId, ...]:
-        """Sensible default layers for this score on ``recorder``'s network: its
-        ``suggested_layers`` quick picks, in network order (empty for logits-only scores)."""
+        """Sensible default layers for this score on ``recorder``'s network, in network order:
+        its ``suggested_layers`` quick picks that the score accepts (:meth:`allowed_layers`;
+        ``last_block`` is the last accepted block), at most ``max_layers`` (the deepest); when
+        none is accepted, the last accepted penultimate layer, block or head, in that order.
+        Empty for logits-only scores, or when the score accepts none of the quick picks (it then
+        refuses when fitted, naming the reason)."""
         if cls.layer_rule == "none":
             return ()
         picks = recorder.quick_picks()
+        allowed = set(cls.allowed_layers(recorder))
+        picks = {key: [lid for lid in ids if lid in allowed] for key, ids in picks.items()}
         picks["last_block"] = picks["blocks"][-1:]
         out = {lid for key in cls.suggested_layers for lid in picks.get(key, [])}
-        return tuple(lid for lid in recorder.layer_ids if lid in out)
+        for key in ("penultimate", "blocks", "logits"):
+            if out:
+                break
+            out = set(picks[key][-1:])
+        chosen = tuple(lid for lid in recorder.layer_ids if lid in out)
+        return chosen[-cls.max_layers :] if cls.max_layers else chosen
 
     suggest_layers = default_layers  # the former name
 
@@ -324,6 +358,40 @@ class BaseScore:
                 f"{self!r}: k={k} neighbours but only {n_samples} calibration samples; "
                 f"use k <= {n_samples} or more calibration data."
             )
+
+    def resource_estimates(
+        self,
+        recorder: Recorder,
+        n_samples: int,
+        layers: Sequence[LayerId] | None = None,
+        class_counts: Sequence[int] | None = None,
+    ) -> Estimates:
+        """The pre-flight memory estimates of fitting this score on ``n_samples`` calibration
+        samples of ``recorder``'s network, on ``layers`` (default: its own), without computing
+        anything: the very :class:`~ood_core.budget.Need` s its :meth:`check_calibration` checks
+        before a fit (run on a bound copy of the score under
+        :func:`~ood_core.budget.estimating`; this score is left as it is), plus the warnings
+        those checks raise (``notes``). Raises what binding and :meth:`check_calibration` raise
+        for a choice that cannot run (a layer it does not read, a pooling that does not apply,
+        ``k`` above ``n_samples``, a covariance too large to compute...)."""
+        probe = copy.copy(self)
+        probe.__dict__["values"] = dict(self.values)
+        probe.__dict__["_given"] = set(self._given)
+        probe.bind(recorder, self.layers if layers is None else layers)
+        with estimating() as out, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            probe.check_calibration(n_samples, list(class_counts) if class_counts else None)
+        out.notes.extend(str(w.message) for w in caught)
+        return out
+
+    def estimate_bytes(
+        self, recorder: Recorder, n_samples: int, layers: Sequence[LayerId] | None = None
+    ) -> int | None:
+        """The largest of :meth:`resource_estimates` in bytes, e.g. a neighbour bank or a
+        covariance (None when this score estimates nothing: nothing it holds grows with the
+        calibration set or the layers beyond the shared forward pass)."""
+        peak = self.resource_estimates(recorder, n_samples, layers).peak
+        return None if peak is None else int(peak.n_bytes)
 
     # ------------------------------------------------------------------ engine hooks
     @property

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ood_core.budget import check_budget, net_device_dtype, per_sample_numel
+from ood_core.budget import check_budget, memory_limit, net_device_dtype, per_sample_numel
 from ood_core.diagnostics import degenerate
 from ood_core.layer_ids import LayerId, layer_text
 from ood_core.params import Param
@@ -24,6 +24,10 @@ one more batched ``(ch x L) (L x ch)`` product per sample and ``ch`` (or ``2 ch`
 features per sample and layer (the paper uses orders up to 10; the default is 8)."""
 CHUNK = 256
 """Test samples per ``(chunk, n_classes, n_stats)`` deviation block in :meth:`Gram._conformity`."""
+GRAM_BATCH_BYTES = 2**30
+"""Estimated memory of the ``(n, ch, ch)`` Gram matrices computed at once (3 copies: the power,
+the product and its root): a batch is split into chunks of that many bytes' worth of samples (at
+least one), so the batch size never multiplies a wide layer's ``ch x ch`` matrices beyond it."""
 
 
 def _rank_one_is_exact(f: Tensor, max_order: int) -> bool:
@@ -134,10 +138,12 @@ class Gram(UsesLabels, BaseScore):
       MNIST 0.40 -> 0.92 on the logits).
 
     Bounds and memory: ``max_gram_order`` is at most :data:`MAX_GRAM_ORDER` (64). The
-    calibration features (``n x P x S`` float64 per layer), each batch's ``(ch, ch)`` Gram
-    matrices and the ``(chunk, C, P S)`` deviation blocks of the scoring are estimated before
-    they are computed (the features before any forward pass) and refused, with the estimate,
-    when they cannot fit (:func:`~ood_core.budget.check_budget`).
+    calibration features (``n x P x S`` float64 per layer), the ``(chunk, ch, ch)`` Gram matrices
+    (computed :data:`GRAM_BATCH_BYTES` at a time, at most half the memory limit, at least one
+    sample) and the ``(chunk, C, P S)``
+    deviation blocks of the scoring are estimated before any forward pass and refused, with the
+    estimate, when they cannot fit (:func:`~ood_core.budget.check_budget`). A 3-D ``(N, L, D)``
+    token output is one channel of ``L D`` values (a ``1 x 1`` Gram matrix per order).
 
     Sastry & Oore, "Detecting Out-of-Distribution Examples with Gram Matrices", ICML 2020.
     """
@@ -208,11 +214,14 @@ class Gram(UsesLabels, BaseScore):
         rec = self.recorder_
         if rec is None or not self.layers:
             return
-        device, _ = net_device_dtype(rec.net)
+        device, dtype = net_device_dtype(rec.net)
+        itemsize = (PRECISIONS[self.precision] or dtype).itemsize
         stats = []
         for layer in self.layers:
             size = tuple(rec.info(layer).output_size)
-            stats.append(self._n_stats(size[1] if len(size) == 4 else 1))  # noqa: PLR2004
+            channels = size[1] if len(size) == 4 else 1  # noqa: PLR2004
+            stats.append(self._n_stats(channels))
+            self._check_gram_memory(layer, n_samples, channels, itemsize, device)
         n_classes = per_sample_numel(rec.info((0, 1)).output_size)
         check_budget(
             f"{type(self).__name__}: the float64 Gram features of {n_samples:,} calibration "
@@ -222,6 +231,24 @@ class Gram(UsesLabels, BaseScore):
             device,
         )
         self._check_deviation_memory(min(n_samples, CHUNK), n_classes, max(stats), device)
+
+    def _check_gram_memory(
+        self, layer: LayerId, n: int, channels: int, itemsize: int, device: torch.device | str
+    ) -> int:
+        """Refuse the ``(chunk, ch, ch)`` Gram matrices (x3) of ``n`` samples computed
+        :data:`GRAM_BATCH_BYTES` (at most half the memory limit) at a time that cannot fit;
+        return the chunk size."""
+        per_sample = 3 * channels * channels * itemsize
+        room = min(GRAM_BATCH_BYTES, memory_limit(device)[0] / 2)
+        chunk = max(1, min(n, int(room // per_sample)))
+        check_budget(
+            f"{type(self).__name__} @ {layer_text(layer)}: the ({chunk:,}, {channels:,}, "
+            f"{channels:,}) Gram matrices of {chunk:,} sample(s) at a time",
+            chunk * per_sample,
+            "use a layer with fewer channels",
+            device,
+        )
+        return chunk
 
     def _check_deviation_memory(
         self, n_rows: int, n_classes: int, n_stats: int, device: torch.device
@@ -246,26 +273,23 @@ class Gram(UsesLabels, BaseScore):
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         dtype = PRECISIONS[self.precision]
-        for d, i in self.layers:  # each batch's (n, ch, ch) Gram matrices, before computing them
-            f = self._channels_view(activations[(d, i)], (d, i))
-            n, ch = f.shape[0], f.shape[1]
+        chunks = {}
+        for layer in self.layers:  # the (chunk, ch, ch) Gram matrices, before computing them
+            f = self._channels_view(activations[layer], layer)
             itemsize = (dtype or f.dtype).itemsize if f.is_floating_point() else 8
-            check_budget(
-                f"{type(self).__name__} @ {layer_text((d, i))}: the ({n:,}, {ch:,}, {ch:,}) Gram "
-                "matrices of a batch",
-                3 * n * ch * ch * itemsize,
-                "lower batch_size or use a layer with fewer channels",
-                f.device,
+            chunks[layer] = self._check_gram_memory(
+                layer, f.shape[0], f.shape[1], itemsize, f.device
             )
-        return {
-            f"{d}-{i}": gram_stats(
-                self._channels_view(activations[(d, i)], (d, i)),
-                self.max_gram_order,
-                self.separate_diagonal,
-                dtype,
-            )
-            for d, i in self.layers
-        }
+        out = {}
+        for layer in self.layers:
+            f = self._channels_view(activations[layer], layer)
+            step = max(1, chunks[layer])
+            parts = [
+                gram_stats(f[s : s + step], self.max_gram_order, self.separate_diagonal, dtype)
+                for s in range(0, max(1, len(f)), step)
+            ]
+            out[layer_text(layer)] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return out
 
     def _layer_of(self, key: str) -> LayerId:
         d, i = key.split("-")

@@ -1,17 +1,26 @@
-"""Nearest-neighbour score on recorded features, with a faiss flat index."""
+"""Nearest-neighbour score on recorded features, with a faiss flat index.
+
+Features are pooled per layer (``pooling``, :mod:`ood_core.scores.features`: ``flatten`` by
+default, as the reference library; ``mean`` / ``cls`` for 4-D maps and 3-D ViT tokens) and
+concatenated. The float32 feature bank and every neighbour search are estimated before they are
+computed (:func:`check_bank`, :func:`check_search`), with remedies that fit the layers' shapes.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import faiss
 import numpy as np
 import torch
 from torch import Tensor
 
-from ood_core.budget import check_budget, net_device_dtype, per_sample_numel
+from ood_core.budget import check_budget, net_device_dtype
 from ood_core.core import normalise_activation
 from ood_core.layer_ids import LayerId
 from ood_core.params import Param
 from ood_core.recorder import Recorder
+from ood_core.scores import features as feat
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.registry import register_score
 
@@ -28,9 +37,24 @@ INDEX_METRIC = Param(
 )
 
 
-def flat_features(activations: dict[LayerId, Tensor], layers: tuple[LayerId, ...]) -> Tensor:
-    """Concatenate the layers' activations flattened per sample -> float32 ``(batch, D)``."""
-    return torch.cat([activations[layer].flatten(1).float() for layer in layers], dim=1)
+POOLING = feat.pooling_param(
+    "flatten",
+    "Layer features (each layer, before concatenation). flatten: the whole activation per "
+    "sample (the reference's); mean: a 4-D (N, C, H, W) map averaged over H, W -> (N, C), 3-D "
+    "(N, L, D) tokens (ViT / DeiT blocks) averaged over the L tokens -> (N, D); cls: token 0 of "
+    "3-D (N, L, D) tokens -> (N, D).",
+)
+"""The ``pooling`` parameter of KNN and the neighbour scores (default ``flatten``)."""
+
+
+def flat_features(
+    activations: dict[LayerId, Tensor], layers: tuple[LayerId, ...], pooling: str = "flatten"
+) -> Tensor:
+    """Concatenate the layers' activations pooled per sample (:func:`~ood_core.scores.features.
+    pool`; default flattened) -> float32 ``(batch, D)``."""
+    return torch.cat(
+        [feat.pool(activations[layer], pooling, torch.float32) for layer in layers], dim=1
+    )
 
 
 def to_faiss(x: Tensor) -> np.ndarray:
@@ -54,27 +78,27 @@ def check_k(owner: BaseScore, k: int, n_calib: int) -> None:
         )
 
 
-def feature_dims(recorder: Recorder, layers: tuple[LayerId, ...], pooling: str = "flatten") -> int:
-    """Length of the per-sample feature vector of ``layers`` concatenated: each layer's output
-    flattened, or (``pooling='mean'``) its channels when 4-D."""
-    dims = 0
-    for layer in layers:
-        size = tuple(recorder.info(layer).output_size)
-        pooled = pooling == "mean" and len(size) == 4  # noqa: PLR2004
-        dims += int(size[1]) if pooled else per_sample_numel(size)
-    return dims
+def feature_dims(recorder: Recorder, layers: Sequence[LayerId], pooling: str = "flatten") -> int:
+    """Length of the per-sample feature vector of ``layers`` concatenated, each pooled by
+    ``pooling`` (:func:`ood_core.scores.features.pooled_size`: e.g. ``D`` for ``mean`` or
+    ``cls`` on ``(N, L, D)`` tokens)."""
+    return feat.feature_dims(recorder, layers, pooling)
 
 
 def check_bank(owner: BaseScore, n_samples: int, dims: int, copies: int = 2) -> None:
     """Refuse (:class:`~ood_core.budget.BudgetError`) a float32 feature bank of ``n_samples x
-    dims`` kept ``copies`` times (the extracted features and the faiss index) that cannot fit."""
+    dims`` kept ``copies`` times (the extracted features and the faiss index) that cannot fit;
+    the remedy names the pooling that would shrink the owner's layers, when one would."""
     rec = owner.recorder_
     device = net_device_dtype(rec.net)[0] if rec is not None else None
+    remedy = feat.join_remedies(
+        feat.owner_pooling_remedy(owner), "smaller or fewer layers", "fewer calibration samples"
+    )
     check_budget(
         f"{owner!r}: the feature bank of {n_samples:,} calibration samples x {dims:,} dims "
         f"(x{copies}: features and index)",
         4 * n_samples * dims * copies,
-        "use pooling='mean' (where offered), smaller or fewer layers, or fewer calibration samples",
+        "use " + remedy,
         device,
     )
 
@@ -98,11 +122,12 @@ def check_search(
         n_bytes += 3 * 8 * min(n_query, SEARCH_CHUNK) * k * dims
     if n_classes:
         n_bytes += 8 * n_query * k * n_classes
+    pooling = feat.owner_pooling_remedy(owner) if exact else None
     check_budget(
         f"{owner!r}: the search of the k={k:,} nearest neighbours of {n_query:,} samples",
         n_bytes,
         "lower k"
-        + (" or use pooling='mean' (fewer dims)" if exact else "")
+        + (f" or use {pooling}" if pooling else "")
         + (" or score fewer samples per call" if n_query > k else ""),
     )
 
@@ -129,17 +154,26 @@ class KNN(BaseScore):
     params = (
         Param("k", "int", 15, low=1, required=True, help="Which neighbour (k-th) is used."),
         INDEX_METRIC,
+        POOLING,
     )
 
     normalises_concatenation = True
 
+    def check_layers(
+        self, layers: Sequence[LayerId], recorder: Recorder | None = None
+    ) -> tuple[LayerId, ...]:
+        layers = super().check_layers(layers, recorder)
+        feat.check_score_pooling(self, recorder, layers)
+        return layers
+
     def check_calibration(self, n_samples: int, class_counts: list[int] | None = None) -> None:
         super().check_calibration(n_samples, class_counts)
         if self.recorder_ is not None and self.layers:
-            check_bank(self, n_samples, feature_dims(self.recorder_, self.layers))
+            check_bank(self, n_samples, feature_dims(self.recorder_, self.layers, self.pooling))
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
-        return {"x": normalise_activation(flat_features(activations, self.layers), self.act_norm)}
+        x = flat_features(activations, self.layers, self.pooling)
+        return {"x": normalise_activation(x, self.act_norm)}
 
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         check_k(self, self.k, len(features["x"]))
@@ -152,4 +186,4 @@ class KNN(BaseScore):
         return -kth if self.index_metric == "l2" else kth
 
 
-__all__ = ["KNN"]
+__all__ = ["KNN", "POOLING"]

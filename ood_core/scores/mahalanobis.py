@@ -3,7 +3,8 @@
 DeepMahalanobis and RelativeMahalanobis, by default (``inverse="inv"``), compute what the
 reference library computes. A layer's features are its whole activation flattened per sample
 (``pooling="flatten"``; ``pooling="mean"`` first averages a 4-D ``(N, C, H, W)`` activation over
-``H, W``, see :func:`pool_features`). Class means, the tied covariance (``torch.cov`` of the
+``H, W`` and 3-D ``(N, L, D)`` ViT tokens over the tokens, ``pooling="cls"`` keeps token 0 of 3-D
+tokens: see :mod:`ood_core.scores.features`). Class means, the tied covariance (``torch.cov`` of the
 class-centred features, normalised by ``n - 1``) and its LU inverse (``torch.linalg.inv_ex``) are
 computed in the activations' dtype (float32 for half precision). When the inversion fails (an
 exactly zero pivot, or a non-finite inverse) the precision matrix is NaN; a class without
@@ -17,6 +18,13 @@ conformities depend on the last bits of the activations, on the BLAS and on the 
 the bundled model, the flattened ``(80, 7, 7)`` block from 1,000 samples gives rankings that
 correlate ~0 between two thread counts). :func:`~ood_core.diagnostics.degenerate` warns; use
 ``pooling="mean"``, more calibration samples, or ``inverse="pinv"``.
+
+Size and time. Before any forward pass, every layer's ``(n, D)`` calibration features and
+``D x D`` covariance work are estimated (:func:`check_covariance_memory`, refused with the number
+when they cannot fit), and a covariance of more than :data:`MAX_COVARIANCE_DIMS` dims is refused
+whatever the memory, while one of more than :data:`SLOW_COVARIANCE_DIMS` is warned about: its
+``O(D^3)`` inverse / eigendecomposition takes minutes to hours on a CPU. Every remedy names only
+what applies to the layer's shape (:func:`~ood_core.scores.features.pooling_remedy`).
 
 ``inverse="pinv"`` (our robust fallback; also used by MultiMahalanobis with its own covariance):
 float64 statistics; the covariance ``S`` is diagonalised (``torch.linalg.eigh``) and its condition
@@ -41,14 +49,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ood_core.budget import check_budget, net_device_dtype, per_sample_numel
+from ood_core.budget import check_budget, net_device_dtype
 from ood_core.core import normalise_activation
 from ood_core.diagnostics import degenerate
 from ood_core.layer_ids import layer_text
 from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
+from ood_core.scores import features as feat
 from ood_core.scores.base import BaseScore, Features
-from ood_core.scores.features import pool_features
+from ood_core.scores.features import pool_features  # noqa: F401 (the former home of the name)
 from ood_core.scores.labels import UsesLabels
 from ood_core.scores.logits import fgm_direction
 from ood_core.scores.registry import register_score
@@ -60,6 +69,14 @@ MAX_COVARIANCE_BYTES = 16 * 2**30
 """DeepMahalanobis / RelativeMahalanobis refuse a layer whose ``(D, D)`` covariance would exceed
 this many bytes (e.g. a flattened (256, 56, 56) block: 2.3 TiB), with a clear error rather than
 running out of memory."""
+MAX_COVARIANCE_DIMS = 20_000
+"""A layer of more feature dims is refused by the Mahalanobis scores before any forward pass,
+whatever the memory: its ``D x D`` covariance is singular below ``D`` calibration samples and its
+``O(D^3)`` float64 eigendecomposition takes hours on a CPU (measured on 2 cores: 10 s at 2,000
+dims, 58 s at 4,000, i.e. ~2 h at 20,000)."""
+SLOW_COVARIANCE_DIMS = 8_192
+"""Above this many feature dims a covariance is warned about before any forward pass (minutes of
+``O(D^3)`` work: ~8 min for a float64 eigendecomposition at 8,192 dims on 2 cores)."""
 ILL_CONDITIONED = 0.1
 """``inverse="inv"`` warns when ``condition number * eps(dtype)`` exceeds this (the LU inverse then
 has relative errors of that order; float32: condition numbers above ~8e5)."""
@@ -86,14 +103,18 @@ FGM_NORM = Param(
     allow_inf=True,
     help="p of the L^p-unit preprocessing step (inf: the gradient's sign).",
 )
-POOLING = Param(
-    "pooling",
-    "choice",
+POOLING = feat.pooling_param(
     "flatten",
-    choices=("flatten", "mean"),
-    help="Layer features. flatten: the whole activation per sample (the reference's); "
-    "mean: a 4-D (N, C, H, W) activation averaged over H, W to (N, C) (Lee et "
-    "al.'s choice: far fewer dims, a well-posed covariance).",
+    "Layer features. flatten: the whole activation per sample (the reference's); mean: a 4-D "
+    "(N, C, H, W) map averaged over H, W -> (N, C) (Lee et al.'s choice: far fewer dims, a "
+    "well-posed covariance), 3-D (N, L, D) tokens (ViT / DeiT blocks) averaged over the L "
+    "tokens -> (N, D); cls: token 0 of 3-D (N, L, D) tokens -> (N, D).",
+)
+MULTI_POOLING = feat.pooling_param(
+    "mean",
+    "Layer features (default mean): mean: a 4-D (N, C, H, W) map averaged over H, W -> (N, C), "
+    "3-D (N, L, D) tokens (ViT / DeiT blocks) averaged over the L tokens -> (N, D); cls: token "
+    "0 of 3-D tokens -> (N, D); flatten: the whole activation per sample.",
 )
 INVERSE = Param(
     "inverse",
@@ -274,9 +295,10 @@ def reference_precision(
         cond = top / low if low > 0 else math.inf
     eps = torch.finfo(cov.dtype).eps
     dtype = str(cov.dtype).removeprefix("torch.")
+    pooling = feat.owner_pooling_remedy(owner, (layer,))
     remedy = (
-        "try pooling='mean' (fewer dims) or inverse='pinv'"
-        if owner.pooling == "flatten"
+        f"try {pooling} or inverse='pinv'"
+        if pooling
         else "calibrate on more samples, or try inverse='pinv'"
     )
     where = f"{what} covariance" if what else "covariance"
@@ -329,24 +351,66 @@ def _check_calibration(owner: BaseScore, labels: Tensor, n_classes: int) -> None
         )
 
 
-def _layer_dims(recorder: Recorder, layer: LayerId, pooled: bool) -> int:
-    """Feature dims of a layer: its output flattened, or its channels when ``pooled`` and 4-D."""
-    size = tuple(recorder.info(layer).output_size)
-    return int(size[1]) if pooled and len(size) == 4 else per_sample_numel(size)  # noqa: PLR2004
+def _layer_dims(recorder: Recorder, layer: LayerId, pooling: str) -> int:
+    """Feature dims of a layer pooled by ``pooling`` (:func:`~ood_core.scores.features.
+    pooled_size`)."""
+    return feat.pooled_size(recorder.info(layer).output_size, pooling)
 
 
 def check_covariance_memory(
-    owner: BaseScore, layer: LayerId, n_samples: int, dims: int, itemsize: int, device: Any
+    owner: BaseScore,
+    layer: LayerId,
+    n_samples: int,
+    dims: int,
+    itemsize: int,
+    device: Any,
+    matrices: int = 4,
 ) -> None:
     """Refuse (:class:`~ood_core.budget.BudgetError`) a layer whose calibration features
-    ``(n, D)`` and ``(D, D)`` covariance with its inverse / eigendecomposition (4 float64
-    ``D x D`` matrices) cannot fit in memory."""
+    ``(n, D)`` and ``(D, D)`` covariance work (``matrices`` float64 ``D x D`` matrices: the
+    covariance, its inverse / eigendecomposition and copies; 4 by default, 5 with the global
+    Gaussian of RelativeMahalanobis) cannot fit in memory; the remedy names the pooling that
+    would shrink this layer, when one would."""
+    remedy = feat.join_remedies(
+        feat.owner_pooling_remedy(owner, (layer,)), "a smaller layer", "fewer calibration samples"
+    )
     check_budget(
         f"{owner!r} @ {layer_text(layer)}: {n_samples:,} x {dims:,} calibration features and "
         f"their {dims:,} x {dims:,} covariance",
-        n_samples * dims * itemsize + 4 * 8 * dims * dims,
-        "use pooling='mean' (where offered), a smaller layer or fewer calibration samples",
+        n_samples * dims * itemsize + matrices * 8 * dims * dims,
+        "use " + remedy,
         device,
+    )
+
+
+def check_covariance_time(owner: BaseScore, layer: LayerId, dims: int, output_size: Any) -> None:
+    """Refuse (ValueError) a covariance of more than :data:`MAX_COVARIANCE_DIMS` feature dims
+    whatever the memory, and warn (:class:`~ood_core.diagnostics.OodLensWarning`) above
+    :data:`SLOW_COVARIANCE_DIMS`, naming the dims, the layer's output and the remedy."""
+    if dims <= SLOW_COVARIANCE_DIMS:
+        return
+    remedy = "use " + feat.join_remedies(
+        feat.owner_pooling_remedy(owner, (layer,)), "a smaller layer"
+    )
+    shape = feat.shape_text(output_size)
+    pooling = owner.values.get("pooling")
+    how = f" (pooling={pooling!r})" if pooling else ""
+    if dims > MAX_COVARIANCE_DIMS:
+        raise ValueError(
+            f"{owner!r} @ {layer_text(layer)}: the output {shape} gives {dims:,} feature dims"
+            f"{how}; a covariance of more than MAX_COVARIANCE_DIMS = {MAX_COVARIANCE_DIMS:,} "
+            "dims is refused whatever the memory: it is singular below "
+            f"{dims:,} calibration samples and its O(D^3) inverse / eigendecomposition takes "
+            f"hours on a CPU (about 1 min at 4,000 dims); {remedy}."
+        )
+    degenerate(
+        owner,
+        f"the output {shape} gives {dims:,} feature dims{how}: the {dims:,} x {dims:,} "
+        "covariance's O(D^3) inverse / eigendecomposition takes minutes to hours on a CPU "
+        "(about 1 min at 4,000 dims, x8 per doubling)",
+        remedy,
+        layer=layer,
+        stacklevel=3,
     )
 
 
@@ -355,22 +419,23 @@ class _LayerWeighted(UsesLabels, BaseScore):
 
     family = "mahalanobis"
     layer_rule = "any"
-    pools: bool = True
-    """Whether 4-D activations are averaged over space (MultiMahalanobis; DeepMahalanobis with
-    ``pooling="mean"``)."""
+    relative: bool = False
 
     def check_calibration(self, n_samples: int, class_counts: list[int] | None = None) -> None:
         """Also refuses, before any forward pass, layers whose features and covariance cannot
-        fit in memory."""
+        fit in memory, or whose covariance is too large to compute (warned when slow)."""
         super().check_calibration(n_samples, class_counts)
         rec = self.recorder_
         if rec is None:
             return
         device, dtype = net_device_dtype(rec.net)
         for layer in self.layers:
-            dims = _layer_dims(rec, layer, self.pools)
-            self.check_dims(dims, layer, tuple(rec.info(layer).output_size[1:]), dtype.itemsize)
-            check_covariance_memory(self, layer, n_samples, dims, 8, device)
+            size = rec.info(layer).output_size
+            dims = _layer_dims(rec, layer, self.pooling)
+            self.check_dims(dims, layer, tuple(size[1:]), dtype.itemsize)
+            matrices = 5 if self.relative else 4
+            check_covariance_memory(self, layer, n_samples, dims, 8, device, matrices)
+            check_covariance_time(self, layer, dims, size)
 
     def check_dims(self, dims: int, layer: LayerId, shape: tuple, itemsize: int) -> None:
         """Hook: refuse a layer of ``dims`` feature dims (default: any is fine)."""
@@ -412,11 +477,13 @@ class _LayerWeighted(UsesLabels, BaseScore):
     ) -> tuple[LayerId, ...]:
         layers = super().check_layers(layers, recorder)
         self.layer_weights(layers)
+        feat.check_score_pooling(self, recorder, layers)
         return layers
 
     def layer_features(self, a: Tensor, layer: LayerId | None = None) -> Tensor:
-        """Per-sample feature vectors ``(N, D)`` of one layer's activation (float64 pooled)."""
-        return pool_features(a)
+        """Per-sample feature vectors ``(N, D)`` of one layer's activation, pooled by
+        ``pooling`` (:func:`~ood_core.scores.features.pool`), float64."""
+        return feat.pool(a, self.pooling, torch.float64)
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         return {
@@ -470,18 +537,14 @@ class DeepMahalanobis(_LayerWeighted):
         return self.epsilon > 0
 
     def layer_features(self, a: Tensor, layer: LayerId | None = None) -> Tensor:
-        """The activation flattened (``pooling="flatten"``) or spatially averaged when 4-D
-        (``"mean"``), per sample; float64 for ``inverse="pinv"``, else the activations' dtype
-        (float32 for half precision). ValueError when its covariance would exceed
-        :data:`MAX_COVARIANCE_BYTES`."""
+        """The activation pooled per sample by ``pooling`` (flattened; ``mean`` over space or
+        tokens; ``cls`` token: :func:`~ood_core.scores.features.pool`); float64 for
+        ``inverse="pinv"``, else the activations' dtype (float32 for half precision).
+        ValueError when its covariance would exceed :data:`MAX_COVARIANCE_BYTES`."""
         dtype = torch.float64 if self.inverse == "pinv" else work_dtype(a)
-        h = pool_features(a, dtype) if self.pooling == "mean" else a.flatten(1).to(dtype)
+        h = feat.pool(a, self.pooling, dtype)
         self.check_dims(h.shape[1], layer, tuple(a.shape[1:]), h.element_size())
         return h
-
-    @property
-    def pools(self) -> bool:  # type: ignore[override]
-        return self.pooling == "mean"
 
     def check_dims(self, dims: int, layer: LayerId | None, shape: tuple, itemsize: int) -> None:
         """ValueError when the ``(D, D)`` covariance of ``dims`` features would exceed
@@ -489,12 +552,15 @@ class DeepMahalanobis(_LayerWeighted):
         size = dims * dims * (8 if self.inverse == "pinv" else max(4, itemsize))
         if size > MAX_COVARIANCE_BYTES:
             where = f" @ {layer_text(layer)}" if layer is not None else ""
+            remedy = feat.join_remedies(
+                feat.pooling_remedy([(1, *shape)], self.pooling), "a smaller layer"
+            )
             raise ValueError(
                 f"{type(self).__name__}{where}: the activation {shape} "
                 f"gives {dims:,} feature dims (pooling={self.pooling!r}), whose "
                 f"covariance would take {size / 2**30:,.0f} GiB (limit "
                 f"MAX_COVARIANCE_BYTES = {MAX_COVARIANCE_BYTES / 2**30:g} GiB); use "
-                "pooling='mean' or a smaller layer."
+                f"{remedy}."
             )
 
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
@@ -563,11 +629,9 @@ class DeepMahalanobis(_LayerWeighted):
             f"{what}covariance singular or ill-conditioned (condition number "
             f"{g.condition_number:.3g} > {COND_MAX:.0e}): the pseudo-inverse ignores "
             f"{d - kept:,} of its {d:,} directions",
-            (
-                "try pooling='mean' or more calibration samples"
-                if self.pooling == "flatten"
-                else "calibrate on more samples"
-            ),
+            "try " + feat.join_remedies(pooling, "more calibration samples")
+            if (pooling := feat.owner_pooling_remedy(self, (layer,)))
+            else "calibrate on more samples",
             layer=layer,
             stacklevel=3,
         )
@@ -694,8 +758,9 @@ class MultiMahalanobis(_LayerWeighted):
     calibration samples' distances to their own (label) class, ``z_{l,c} = (D2_{l,c} - m_l) /
     s_l``; conformity for class ``c`` = ``-sum_l w_l z_{l,c}`` (per class). Evaluation reads the
     predicted class; ``readout="closest"`` gives every class ``-sum_l w_l min_c z_{l,c}`` (the
-    closest class per layer, as Lee et al. score). Features are spatially averaged 4-D
-    activations (:func:`pool_features`), statistics in float64 (whitened, see the module doc).
+    closest class per layer, as Lee et al. score). Features: ``pooling="mean"`` by default (4-D
+    maps averaged over space, 3-D ViT tokens over the tokens; ``cls`` / ``flatten`` on request,
+    see :mod:`ood_core.scores.features`), statistics in float64 (whitened, see the module doc).
 
     Ledoit & Wolf, "A well-conditioned estimator for large-dimensional covariance matrices", J.
     Multivariate Analysis 2004; Lee et al., "A Simple Unified Framework for Detecting
@@ -712,6 +777,7 @@ class MultiMahalanobis(_LayerWeighted):
         ),
         WEIGHTS,
         READOUT,
+        MULTI_POOLING,
     )
 
     def shrunk_covariance(self, centred: Tensor) -> tuple[Tensor, float]:

@@ -3,9 +3,11 @@
 Every score here searches exact (flat) faiss indexes (helpers shared with :mod:`.knn`).
 
 Features: as in the reference library, each layer's activations are flattened per sample
-(``pooling='mean'``: 4-D activations are average-pooled over space to ``(N, C)`` first, a much
-smaller space; NNGuide always pools). LID and Trust read one feature space (the layers
-concatenated); DkNN and JTLA keep one index per layer.
+(``pooling='flatten'``, the default). ``pooling='mean'`` averages a 4-D ``(N, C, H, W)`` map over
+``H, W`` to ``(N, C)`` and 3-D ``(N, L, D)`` ViT tokens over the ``L`` tokens to ``(N, D)``;
+``pooling='cls'`` keeps token 0 of 3-D tokens (:mod:`ood_core.scores.features`). NNGuide pools by
+default (``pooling='mean'``). LID and Trust read one feature space (the layers concatenated);
+DkNN and JTLA keep one index per layer.
 
 Neighbour *labels* (DkNN, JTLA) are read in faiss' own order, so that ties and the exclusion of a
 calibration sample from its own neighbours select exactly the neighbours the reference library
@@ -19,7 +21,7 @@ import ast
 import json
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import faiss
@@ -34,11 +36,13 @@ from ood_core.core import normalise_activation
 from ood_core.diagnostics import degenerate
 from ood_core.layer_ids import LayerId
 from ood_core.params import Param
+from ood_core.recorder import Recorder
+from ood_core.scores import features as feat
 from ood_core.scores.aggregation import AGGREGATIONS, AggregationParam, aggregate
 from ood_core.scores.base import BaseScore, Features
-from ood_core.scores.features import pool_features
 from ood_core.scores.knn import (
     INDEX_METRIC,
+    POOLING,
     SEARCH_CHUNK,
     check_bank,
     check_k,
@@ -57,13 +61,12 @@ JTLA_MAX_CLASSES = 100_000
 and label group and ``(C, n, C)`` test terms, so 100,000 classes already need 80 GB per table;
 the memory of a fit is also estimated before it starts."""
 
-POOLING = Param(
-    "pooling",
-    "choice",
-    "flatten",
-    choices=("flatten", "mean"),
-    help="flatten: each layer's activations flattened per sample (as the reference library); "
-    "mean: 4-D activations average-pooled over space first (one feature per channel).",
+NNGUIDE_POOLING = feat.pooling_param(
+    "mean",
+    "Layer features (default mean, the paper's global average pooling): mean: a 4-D (N, C, H, "
+    "W) map averaged over H, W -> (N, C), 3-D (N, L, D) tokens (ViT / DeiT blocks) averaged over "
+    "the L tokens -> (N, D); cls: token 0 of 3-D tokens -> (N, D); flatten: the whole "
+    "activation per sample.",
 )
 
 
@@ -71,17 +74,17 @@ POOLING = Param(
 def layer_features(
     activations: dict[LayerId, Tensor], layers: tuple[LayerId, ...], pooling: str = "flatten"
 ) -> dict[LayerId, Tensor]:
-    """Float32 ``(N, D)`` features per layer, in order: flattened, or (``pooling='mean'``)
-    :func:`~ood_core.scores.features.pool_features`."""
-    if pooling == "mean":
-        return {layer: pool_features(activations[layer], torch.float32) for layer in layers}
-    return {layer: activations[layer].flatten(1).float() for layer in layers}
+    """Float32 ``(N, D)`` features per layer, in order, pooled by ``pooling``
+    (:func:`~ood_core.scores.features.pool`: flattened, ``mean`` over space or tokens, ``cls``
+    token)."""
+    return {layer: feat.pool(activations[layer], pooling, torch.float32) for layer in layers}
 
 
 def pooled_features(
     activations: dict[LayerId, Tensor], layers: tuple[LayerId, ...]
 ) -> dict[LayerId, Tensor]:
-    """``{layer: pool_features(activations[layer], torch.float32)}`` for ``layers``, in order."""
+    """``{layer: pool(activations[layer], 'mean', torch.float32)}`` for ``layers``, in order
+    (4-D maps averaged over space, 3-D tokens over tokens)."""
     return layer_features(activations, layers, "mean")
 
 
@@ -169,15 +172,23 @@ class _NeighbourScore(BaseScore):
     family = "neighbours"
     layer_rule = "any"
 
+    def check_layers(
+        self, layers: Sequence[LayerId], recorder: Recorder | None = None
+    ) -> tuple[LayerId, ...]:
+        """Also refuses (before any forward pass) a pooling that does not apply to the layers or
+        does nothing on them (:func:`~ood_core.scores.features.check_pooling`)."""
+        layers = super().check_layers(layers, recorder)
+        feat.check_score_pooling(self, recorder, layers)
+        return layers
+
     def check_calibration(self, n_samples: int, class_counts: list[int] | None = None) -> None:
         """Also refuses, before any forward pass, a feature bank that cannot fit in memory."""
         super().check_calibration(n_samples, class_counts)
         if self.recorder_ is not None and self.layers:
-            pooling = self.values.get("pooling", "mean")
-            check_bank(self, n_samples, feature_dims(self.recorder_, self.layers, pooling))
+            check_bank(self, n_samples, feature_dims(self.recorder_, self.layers, self.pooling))
 
     def _features(self, activations: dict[LayerId, Tensor]) -> dict[LayerId, Tensor]:
-        return layer_features(activations, self.layers, self.values.get("pooling", "mean"))
+        return layer_features(activations, self.layers, self.pooling)
 
     def _concat(self, activations: dict[LayerId, Tensor]) -> Tensor:
         """The layers' features concatenated ``(N, D)``; for scores that set
@@ -569,8 +580,8 @@ def trust_ratio(d: Tensor) -> Tensor:
 @register_score
 class NNGuide(_NeighbourScore):
     """Nearest-neighbour guidance (per sample): the guide bank holds the L2-normalised calibration
-    features (layers concatenated, 4-D activations average-pooled over space; usually the
-    penultimate layer) each scaled by its energy ``logsumexp(f)``; conformity =
+    features (layers concatenated; ``pooling='mean'`` by default: 4-D maps averaged over space,
+    3-D ViT tokens over tokens; usually the penultimate layer) each scaled by its energy ``logsumexp(f)``; conformity =
     ``logsumexp(f(x)) * mean of the k largest inner products between the L2-normalised features
     of x and the bank`` (faiss inner-product index).
 
@@ -578,7 +589,10 @@ class NNGuide(_NeighbourScore):
     """
 
     reference = "Park, Jung & Teoh, ICCV 2023"
-    params = (Param("k", "int", 10, low=1, help="Number of bank neighbours averaged."),)
+    params = (
+        Param("k", "int", 10, low=1, help="Number of bank neighbours averaged."),
+        NNGUIDE_POOLING,
+    )
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         return {"x": self._concat(activations)}
