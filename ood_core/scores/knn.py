@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import ood_core.scores.features as feat
 from ood_core.budget import check_budget, net_device_dtype
 from ood_core.core import normalise_activation
 from ood_core.layer_ids import LayerId
 from ood_core.params import Param
 from ood_core.recorder import Recorder
-from ood_core.scores import features as feat
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.registry import register_score
 

@@ -49,13 +49,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import ood_core.scores.features as feat
 from ood_core.budget import check_budget, net_device_dtype
 from ood_core.core import normalise_activation
 from ood_core.diagnostics import degenerate
 from ood_core.layer_ids import layer_text
 from ood_core.params import Param
 from ood_core.recorder import LayerId, Recorder
-from ood_core.scores import features as feat
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.features import pool_features  # noqa: F401 (the former home of the name)
 from ood_core.scores.labels import UsesLabels

@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from scipy.stats import chi2
 from torch import Tensor
 
+import ood_core.scores.features as feat
 from ood_core.budget import check_budget, per_sample_numel
 from ood_core.core import normalise_activation
 from ood_core.diagnostics import degenerate
 from ood_core.layer_ids import LayerId
 from ood_core.params import Param
 from ood_core.recorder import Recorder
-from ood_core.scores import features as feat
 from ood_core.scores.aggregation import AGGREGATIONS, AggregationParam, aggregate
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.knn import (
