@@ -124,16 +124,35 @@ def current_recorder() -> tuple[Recorder, int] | None:
     return rec, min(len(calib), int(n)) if n is not None else len(calib)
 
 
+def _current_estimate(
+    name: str, params: Mapping[str, Any], layers: Sequence[str], sweep: bool
+) -> ScoreEstimate | None:
+    got = current_recorder()
+    if got is None:
+        return None
+    rec, n = got
+    groups = [[lid] for lid in layers] if sweep and len(layers) > 1 else [list(layers)]
+    return estimate_score(name, params, groups, rec, n)
+
+
 def score_messages(
     name: str, params: Mapping[str, Any], layers: Sequence[str], sweep: bool
 ) -> list[tuple[str, str]]:
     """What the Scores page shows beside score ``name`` (see :func:`estimate_messages`)."""
-    got = current_recorder()
-    if got is None:
+    est = _current_estimate(name, params, layers, sweep)
+    return estimate_messages(est) if est is not None else []
+
+
+def score_refusals(
+    name: str, params: Mapping[str, Any], layers: Sequence[str], sweep: bool
+) -> list[str]:
+    """What the fit of this choice would refuse before any forward pass (a pooling that does
+    not apply, a covariance too large, an estimate over the memory limit), as the problem that
+    keeps Run disabled; empty when the fit would start (or no recorder is available)."""
+    est = _current_estimate(name, params, layers, sweep)
+    if est is None or not (est.error or est.over_limit):
         return []
-    rec, n = got
-    groups = [[lid] for lid in layers] if sweep and len(layers) > 1 else [list(layers)]
-    return estimate_messages(estimate_score(name, params, groups, rec, n))
+    return [text for kind, text in estimate_messages(est) if kind != "caption"][:1]
 
 
 __all__ = [
@@ -143,4 +162,5 @@ __all__ = [
     "estimate_messages",
     "estimate_score",
     "score_messages",
+    "score_refusals",
 ]

@@ -14,6 +14,7 @@ from ood_core.metrics import parse_metric
 from ood_core.perturbations import PERTURBATIONS
 from ood_core.pipeline import RunConfig, ScenarioSpec, ScoreSpec
 from ood_core.scores import get_score_class, make_score
+from ood_lens_app import estimates
 from ood_lens_app.layers import LayerChoices, sync_score_layers
 from ood_lens_app.state import SEED, param_key, pert_owner, score_layer_key, sweep_key
 from ood_lens_app.widgets import initial_value, is_text_float, none_key
@@ -172,6 +173,8 @@ def score_specs(
                 if p not in probs
             ]
             specs.append(ScoreSpec(name, dict(params), list(group)))
+        if not probs:  # what the fit would refuse before any pass keeps Run disabled too
+            probs += estimates.score_refusals(name, params, layers, sweep)
         if probs:
             problems[name] = probs
     return specs, problems

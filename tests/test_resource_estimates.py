@@ -371,3 +371,22 @@ def test_scores_page_shows_the_estimate_before_run():
         "calibration features and their 9,408 x 9,408 covariance)"
     ]
     assert any("9,408 feature dims" in w.value and "pooling='mean'" in w.value for w in at.warning)
+
+
+def test_a_choice_the_fit_would_refuse_keeps_run_disabled():
+    """The refusal is a problem of the score (shown beside it, Run disabled) before any pass."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file("../app.py", default_timeout=180)
+    at.session_state["w.scores"] = ["KNN"]
+    at.session_state["w.p.KNN.k"] = 5
+    at.session_state["w.p.KNN.pooling"] = "cls"  # tiniest has no (N, L, D) token layer
+    at.session_state["w.L.KNN"] = ["1-11"]
+    at.switch_page("views/scores.py").run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert any("Run will refuse this choice" in e and "pooling='cls'" in e for e in errors), errors
+    assert at.button(key="run").disabled
+    at.session_state["w.p.KNN.pooling"] = "flatten"
+    at.run()
+    assert not at.exception and not at.button(key="run").disabled
