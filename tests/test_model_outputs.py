@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchinfo
+from conftest import TinyConv
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
@@ -35,17 +36,8 @@ from ood_core.inputs import check_inputs, expected_range
 from ood_core.recorder import Recorder
 
 
-class Plain(nn.Module):
-    """conv(1->4) -> relu -> avgpool -> flatten -> linear(4->3); ids 1-1 .. 1-5, logits only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.relu = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flat = nn.Flatten()
-        self.fc = nn.Linear(4, 3)
-        self.calls = 0
+class Plain(TinyConv):
+    """conftest's TinyConv (ids 1-1 .. 1-5, logits only) with its pooled features exposed."""
 
     def features(self, x: Tensor) -> Tensor:
         self.calls += 1
