@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -191,6 +194,33 @@ def _cmd_scores(args: argparse.Namespace) -> int:
     return 0
 
 
+class _SigintSeen:
+    """Within ``with``: SIGINT raises ``KeyboardInterrupt`` as usual and is remembered.
+
+    A Ctrl-C that lands while an extension module initialises reaches us as another
+    exception (e.g. ``ImportError: initialization failed``); ``seen`` tells it apart
+    from a bug. Outside the main thread it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _SigintSeen:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Exit status: 0 done, 1 failure, 2 bad input, 130 interrupted."""
     debug = argparse.ArgumentParser(add_help=False)
@@ -245,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_scores)
     args = parser.parse_args(argv)
     show_traceback = getattr(args, "debug", False)
+    sigint = _SigintSeen()
     try:
-        return args.func(args)
+        with sigint:
+            return args.func(args)
     except KeyboardInterrupt:
         if show_traceback:
             traceback.print_exc()
@@ -265,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback behind --debug
         if show_traceback:
             traceback.print_exc()
+        if sigint.seen:  # Ctrl-C inside an import or C code surfaces as another error
+            print(getattr(args, "interrupted", "interrupted"), file=sys.stderr)
+            return 130
         print(
             f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
             file=sys.stderr,
