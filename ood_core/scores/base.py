@@ -161,6 +161,9 @@ class BaseScore:
         self.fitted = False
         self.fit_warnings: list[str] = []
         """:class:`~ood_core.diagnostics.OodLensWarning` messages of the last fit."""
+        self.fit_notes: list[str] = []
+        """What the last fit chose or measured that a run should report but that is no problem
+        (e.g. an approximate neighbour index and its measured recall), set by ``_fit``."""
         self.recorder_: Recorder | None = None
         """The network's Recorder this score is bound to (by :meth:`bind`), None before."""
         self.n_classes: int | None = None
