@@ -22,7 +22,8 @@ import time
 
 os.environ.setdefault("OOD_LENS_QUIET", "1")
 
-from ood_core.pipeline import RunCache, ScoreSpec, example_config, run  # noqa: E402
+from ood_core.config import ScoreSpec, example_config  # noqa: E402
+from ood_core.runner import RunCache, run  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
         return time.perf_counter() - t0
 
     first = timed()
-    forward_before = cache.activations.misses
+    forward_before = cache.features.misses
     cfg.scores[3].params["k"] = 20
     one_param = timed()
     cfg.scores.append(ScoreSpec("Energy"))
@@ -52,7 +53,7 @@ def main() -> None:
         "cached_s": round(cached, 3),
         "one_param_pct_of_first": round(100 * one_param / first, 1),
         "add_score_pct_of_first": round(100 * add_score / first, 1),
-        "forward_passes_after_first_run": cache.activations.misses - forward_before,
+        "forward_passes_after_first_run": cache.features.misses - forward_before,
     }
     if args.json:
         print(json.dumps(figures))

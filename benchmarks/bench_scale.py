@@ -29,6 +29,18 @@ from pathlib import Path
 import numpy as np
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+BASELINE_AUROC_5K = {
+    "Softmax() | Vertical flip | AUC()": 0.8855890399999999,
+    "Softmax() | MNIST digits | AUC()": 0.8725214400000001,
+    "KNN(k=15) | Vertical flip | AUC()": 0.9400265199999999,
+    "KNN(k=15) | MNIST digits | AUC()": 0.8979002000000001,
+    "DeepMahalanobis() | Vertical flip | AUC()": 0.9523436000000001,
+    "DeepMahalanobis() | MNIST digits | AUC()": 0.9595822800000001,
+    "Gram() | Vertical flip | AUC()": 0.9054838399999999,
+    "Gram() | MNIST digits | AUC()": 0.96960848,
+}
+"""AUROCs at n_calibration = 5,000 of the in-memory path before the streaming work (commit
+8a5f63d, this script's workload): the streamed path must give them within 1e-6."""
 NPZ = Path(tempfile.gettempdir()) / "ood-lens-bench" / "fashion_mnist_train_60k.npz"
 N_TEST = 5000
 
@@ -56,10 +68,39 @@ def build_npz() -> Path:
     return NPZ
 
 
-def config_text(npz: Path, n_calibration: int) -> str:
+PARQUET = NPZ.with_suffix(".parquet")
+
+
+def build_parquet() -> Path:
+    """The same 60k images as an HF-style parquet file (PNG bytes per row), for the streamed
+    path (``[data] streaming = true``)."""
+    if PARQUET.exists():
+        return PARQUET
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    arrays = np.load(build_npz())
+
+    def png(img: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rows = [{"bytes": png(img[0]), "path": None} for img in arrays["images"]]
+    table = pa.table({"image": rows, "label": arrays["labels"].tolist()})
+    pq.write_table(table, PARQUET, row_group_size=1000)
+    return PARQUET
+
+
+def config_text(npz: Path, n_calibration: int, streaming: bool = False) -> str:
     return (
         '[model]\nrepo = "bundled"\nentry = "tiniest"\n\n'
-        f'[data]\nind_dataset = "{npz}"\nn_calibration = {n_calibration}\nn_test = {N_TEST}\n\n'
+        f'[data]\nind_dataset = "{npz}"\nn_calibration = {n_calibration}\nn_test = {N_TEST}\n'
+        + ("streaming = true\n" if streaming else "")
+        + "\n"
         '[[scores]]\nname = "Softmax"\n\n'
         '[[scores]]\nname = "KNN"\nlayers = ["1-11"]\nparams = {k = 15}\n\n'
         '[[scores]]\nname = "DeepMahalanobis"\nlayers = ["1-11"]\n\n'
@@ -83,7 +124,7 @@ def bare_forward_seconds(npz: Path, n_images: int) -> float:
     return time.perf_counter() - t0
 
 
-def one(n_calibration: int) -> dict:
+def one(n_calibration: int, streaming: bool = False) -> dict:
     """One run in this process: the CLI on the workload, then its figures."""
     import pandas as pd
     import torch
@@ -94,7 +135,8 @@ def one(n_calibration: int) -> dict:
     npz = build_npz()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "run.toml"
-        cfg.write_text(config_text(npz, n_calibration))
+        source = build_parquet() if streaming else npz
+        cfg.write_text(config_text(source, n_calibration, streaming))
         t0 = time.perf_counter()
         code = main(["run", str(cfg), "--out", str(Path(tmp) / "out"), "--quiet"])
         wall = time.perf_counter() - t0
@@ -111,32 +153,62 @@ def one(n_calibration: int) -> dict:
         own[op["score"]] = own.get(op["score"], 0.0) + op["seconds"] - op["shared_seconds"]
     auc = metrics[metrics["metric"] == "AUC()"] if "AUC()" in set(metrics["metric"]) else metrics
     n_images = n_calibration + 3 * N_TEST  # calibration, InD test, its flip, MNIST
-    return {
+    bare = bare_forward_seconds(npz, min(n_images, 60000))
+    aurocs = {
+        f"{r.score} | {r.ood} | {r.metric}": float(r.value) for r in auc.itertuples(index=False)
+    }
+    gram_calibration = sum(
+        op["seconds"] - op["shared_seconds"]
+        for op in ops
+        if op["score"].startswith("Gram") and op["operation"] == "calibration"
+    )
+    out = {
         "n_calibration": n_calibration,
         "peak_rss_gb": round(peak_gb, 3),
         "wall_seconds": round(wall, 2),
         "shared_forward_seconds": {k: round(v, 2) for k, v in shared.items()},
         "own_seconds": {k: round(v, 2) for k, v in own.items()},
-        "bare_forward_seconds": round(bare_forward_seconds(npz, min(n_images, 60000)), 2),
-        "metrics": {
-            f"{r.score} | {r.ood} | {r.metric}": float(r.value) for r in auc.itertuples(index=False)
-        },
+        "bare_forward_seconds": round(bare, 2),
+        "wall_over_bare_forward": round(wall / bare, 2),
+        "gram_calibration_over_forward": round(
+            gram_calibration / max(shared.get("calibration", 0.0), 1e-9), 2
+        ),
+        "metrics": aurocs,
     }
+    if n_calibration == 5000:  # noqa: PLR2004
+        out["max_abs_dauroc_vs_baseline"] = max(
+            abs(aurocs[k] - v) for k, v in BASELINE_AUROC_5K.items()
+        )
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, nargs="*", default=[5000, 20000, 50000])
     parser.add_argument("--json", action="store_true", help="print one JSON object per size")
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read the images from a parquet file with [data] streaming = true",
+    )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size in-process
     args = parser.parse_args()
     if args.one is not None:
-        print(json.dumps(one(args.one)))
+        print(json.dumps(one(args.one, args.streaming)))
         return
-    build_npz()
+    build_parquet() if args.streaming else build_npz()
     for n in args.n:
         out = subprocess.run(
-            [sys.executable, __file__, "--one", str(n)], capture_output=True, text=True, check=False
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                str(n),
+                *(["--streaming"] if args.streaming else []),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if out.returncode != 0:
             print(out.stderr[-2000:], file=sys.stderr)
@@ -151,6 +223,14 @@ def main() -> None:
         )
         print("  shared forward:", row["shared_forward_seconds"])
         print("  own time per score:", row["own_seconds"])
+        print(
+            f"  wall / bare forward {row['wall_over_bare_forward']:.2f}, Gram calibration / "
+            f"shared calibration forward {row['gram_calibration_over_forward']:.2f}"
+        )
+        if "max_abs_dauroc_vs_baseline" in row:
+            print(
+                f"  max |dAUROC| vs the in-memory baseline: {row['max_abs_dauroc_vs_baseline']:.2e}"
+            )
 
 
 if __name__ == "__main__":

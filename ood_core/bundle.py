@@ -1,5 +1,6 @@
-"""An export bundle read back (see :func:`ood_core.pipeline.export`): as data (:class:`Bundle`) and
-as the :class:`~ood_core.pipeline.RunResult` it came from, without fitting or scoring anything.
+"""An export bundle read back (written by :func:`ood_core.bundle_writer.export`): as data
+(:class:`Bundle`) and as the :class:`~ood_core.runner.RunResult` it came from, without fitting or
+scoring anything.
 
 A bundle holds the config (``config.toml``), the metric frame (``metrics.csv``), every confidence
 (``confidences.parquet``: score, dataset, sample, confidence) and ``run.json`` (accuracy, InD
@@ -19,7 +20,7 @@ A bundle is a file people share, so nothing in it is taken on trust:
   x metric), each metric recomputed from the confidences (within :data:`METRIC_TOLERANCE`),
   predictions that are class indices of the model and agree with the accuracy, sample counts.
 * **Trust.** A bundle never grants trust: its config's ``trust_repo`` is only a request
-  (:attr:`~ood_core.pipeline.RunConfig.trust_requested`); a non-bundled model repository runs its
+  (:attr:`~ood_core.config.RunConfig.trust_requested`); a non-bundled model repository runs its
   code only when the caller passes ``trust_repo=True``.
 
 Any mismatch raises :class:`BundleError` naming the file, the field and what was expected.
@@ -39,23 +40,21 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from ood_core.config import (
+    IND_TITLE,
+    MAX_CONFIG_CHARS,
+    RunConfig,
+    _kind,
+    _short_key,
+    _show,
+    relabelled,
+)
 from ood_core.core import predicted_classes
 from ood_core.data import images_sha256
 from ood_core.eval import compute_metrics
 from ood_core.layer_ids import layers_text, parse_layer_ids
-from ood_core.pipeline import (
-    IND_TITLE,
-    MAX_CONFIG_CHARS,
-    RunCache,
-    RunConfig,
-    RunResult,
-    _kind,
-    _short_key,
-    _show,
-    load_inputs,
-    relabelled,
-)
 from ood_core.report import score_label
+from ood_core.runner import RunCache, RunResult, load_inputs
 
 FILES = ("config.toml", "metrics.csv", "confidences.parquet", "run.json")
 """What :func:`read_bundle` reads (``report.html`` is for people)."""
@@ -390,7 +389,7 @@ def read_bundle(folder: str | Path, confidences: bool = True) -> Bundle:
     """Read the bundle in ``folder`` and check each file's schema (``confidences=False`` skips
     the largest file, for quick listings). ``FileNotFoundError`` when it is incomplete
     (``run.json`` is written last); :class:`BundleError` when a file is missing, cannot be read
-    or does not hold what ood-lens writes; :class:`~ood_core.pipeline.ConfigError` when its
+    or does not hold what ood-lens writes; :class:`~ood_core.config.ConfigError` when its
     config does not validate. The config's ``trust_repo`` is never consent (module docstring)."""
     folder = Path(folder)
     if not (folder / "run.json").is_file():

@@ -66,8 +66,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             check_out_dir(args.out, force=args.force, protect=[path])
         except OutputDirError as exc:
             raise _Failed(str(exc), 2) from None
-    from ood_core.pipeline import ConfigError, RunConfig, export, run
+    from ood_core.bundle_writer import export
+    from ood_core.config import ConfigError, RunConfig
     from ood_core.report import summary_table
+    from ood_core.runner import run
 
     try:
         config = RunConfig.from_toml(text, source=str(path))
@@ -138,7 +140,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_example(args: argparse.Namespace) -> int:
-    from ood_core.pipeline import example_config
+    from ood_core.config import example_config
 
     sys.stdout.write(example_config().to_toml())
     return 0
@@ -185,7 +187,7 @@ def _cmd_scores(args: argparse.Namespace) -> int:
             row["name"],
             row["family"],
             row["layers"],
-            "yes" if row["needs_fit"] else "no",
+            row["fit_kind"],
             row["gradients"],
             params,
             row["reference"],

@@ -28,13 +28,15 @@ import socket
 import time
 import zipfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ood_core.batches import RowSource, to_float_images
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DATA_DIR = ASSETS / "data"
@@ -74,34 +76,65 @@ class DataUnavailableError(RuntimeError):
 
 @dataclass
 class ImageDataset:
-    """Images ``(N, C, H, W)`` float32 in [0, 1], labels ``(N,)`` int64, class names.
+    """Images ``(N, C, H, W)`` in [0, 1], labels ``(N,)`` int64, class names.
+
+    The pixels are kept as read (``pixels``: uint8 0-255, 4x smaller than floats, or float32 in
+    [0, 1]); a subset keeps the rows it selects (``indices`` into ``pixels``) instead of copying
+    them. :meth:`source` streams float batches (what a calibration pass reads: its images are
+    never all converted at once); :attr:`images` is the whole set as float32, converted on first
+    access and kept (the small test sets a run plots and fingerprints).
 
     An unlabelled set (an image folder without class sub-folders, or a file whose labels are
     all -1, the Hugging Face convention) has labels all -1 and no class names; see
     :attr:`labelled`."""
 
-    images: torch.Tensor
+    pixels: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
     name: str = "dataset"
     meta: dict[str, Any] = field(default_factory=dict)
+    indices: torch.Tensor | None = None
+    """Rows of ``pixels`` this set holds, in order (None: all of them)."""
+    _images: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4:
+        if self.pixels.ndim != 4:
             raise ValueError(
-                f"Dataset '{self.name}': images must be (N, C, H, W), got {tuple(self.images.shape)}."
+                f"Dataset '{self.name}': images must be (N, C, H, W), got {tuple(self.pixels.shape)}."
             )
-        if len(self.labels) != len(self.images):
+        if len(self.labels) != len(self):
             raise ValueError(
-                f"Dataset '{self.name}': {len(self.images)} images but {len(self.labels)} labels."
+                f"Dataset '{self.name}': {len(self)} images but {len(self.labels)} labels."
             )
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.pixels) if self.indices is None else len(self.indices)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """All images as float32 ``(N, C, H, W)`` in [0, 1] (converted once, then kept)."""
+        if self._images is None:
+            rows = self.pixels if self.indices is None else self.pixels[self.indices]
+            self._images = to_float_images(rows)
+        return self._images
+
+    def source(self, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> RowSource:
+        """The set as a stream of float batches with labels (``transform`` applied per batch:
+        it must map each image on its own)."""
+        if self._images is not None and transform is None:
+            return RowSource(self._images, None, self.labels)
+        return RowSource(self.pixels, self.indices, self.labels, transform)
+
+    def _rows(self, idx: torch.Tensor) -> ImageDataset:
+        """The samples at positions ``idx`` of this set (sharing its pixels)."""
+        rows = idx if self.indices is None else self.indices[idx]
+        return ImageDataset(
+            self.pixels, self.labels[idx], self.class_names, self.name, dict(self.meta), rows
+        )
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+        return tuple(self.pixels.shape[1:])  # type: ignore[return-value]
 
     @property
     def labelled(self) -> bool:
@@ -125,10 +158,7 @@ class ImageDataset:
         if n <= 0:
             raise ValueError(f"Dataset '{self.name}': subset size must be positive, got {n}.")
         idx = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
-        idx_t = torch.from_numpy(idx)
-        return ImageDataset(
-            self.images[idx_t], self.labels[idx_t], self.class_names, self.name, dict(self.meta)
-        )
+        return self._rows(torch.from_numpy(idx))
 
     def split_disjoint(
         self, n_a: int | None, n_b: int | None, seed: int = 0
@@ -137,22 +167,25 @@ class ImageDataset:
         e.g. calibration and test samples drawn from a single file (the InD data: it must be
         labelled, see :meth:`require_labels`)."""
         self.require_labels("the InD data (calibration and test samples)")
-        n = len(self)
-        n_a = n // 2 if n_a is None else n_a
-        n_b = n - n_a if n_b is None else n_b
-        if n_a <= 0 or n_b <= 0 or n_a + n_b > n:
-            raise ValueError(
-                f"Dataset '{self.name}' has {n} samples: cannot draw disjoint subsets "
-                f"of {n_a} and {n_b}; lower the sizes."
-            )
-        perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-        a, b = perm[:n_a].sort().values, perm[n_a : n_a + n_b].sort().values
-        return tuple(
-            ImageDataset(
-                self.images[i], self.labels[i], self.class_names, self.name, dict(self.meta)
-            )
-            for i in (a, b)
-        )  # type: ignore[return-value]
+        a, b = disjoint_indices(len(self), n_a, n_b, seed, self.name)
+        return self._rows(a), self._rows(b)
+
+
+def disjoint_indices(
+    n: int, n_a: int | None, n_b: int | None, seed: int, name: str = "dataset"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint sorted random index sets of sizes ``n_a`` and ``n_b`` among ``n`` rows (None:
+    half each), drawn with ``seed`` (what :meth:`ImageDataset.split_disjoint` draws, and what a
+    streamed parquet set selects, so both give the same samples)."""
+    n_a = n // 2 if n_a is None else n_a
+    n_b = n - n_a if n_b is None else n_b
+    if n_a <= 0 or n_b <= 0 or n_a + n_b > n:
+        raise ValueError(
+            f"Dataset '{name}' has {n} samples: cannot draw disjoint subsets "
+            f"of {n_a} and {n_b}; lower the sizes."
+        )
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    return perm[:n_a].sort().values, perm[n_a : n_a + n_b].sort().values
 
 
 def is_single_source(source: str) -> bool:
@@ -274,8 +307,10 @@ def _check_pixel_dtype(dtype: np.dtype, where: str, what: str = "images") -> Non
 
 
 def _to_nchw(arr: np.ndarray, name: str) -> torch.Tensor:
-    """uint8 [0, 255] or float [0, 1] arrays (N,H,W), (N,H,W,C) or (N,C,H,W) -> float (N,C,H,W).
-    ``name`` (the file, in messages) says where the pixels come from."""
+    """uint8 [0, 255] or float [0, 1] arrays (N,H,W), (N,H,W,C) or (N,C,H,W) -> pixels
+    (N,C,H,W): integer pixels as uint8 (0-255, read as ``/ 255`` floats by
+    :class:`ImageDataset`), others float32. ``name`` (the file, in messages) says where the
+    pixels come from."""
     _check_pixel_dtype(arr.dtype, name)
     if arr.ndim == 3:
         arr = arr[:, None]
@@ -300,7 +335,7 @@ def _to_nchw(arr: np.ndarray, name: str) -> torch.Tensor:
                 f"{name}: integer pixels must lie in [0, 255]; found {found}. Clip them to "
                 "[0, 255], or store floats in [0, 1]."
             )
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.uint8)).float().div_(255)
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.uint8))
     if arr.dtype.kind == "b":
         arr = arr.astype(np.float32)
     finite = np.isfinite(arr)

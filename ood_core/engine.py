@@ -5,10 +5,12 @@ The reference library runs a full forward pass per score per dataset. Here, for 
 scores need and runs **one** batched ``torch.no_grad`` forward pass per dataset; in that pass each
 score turns the batch's activations into small per-sample features (``score.extract``). Scores
 that need gradients or modified inputs (``score.needs_own_pass``) run their own batched passes
-(``extract_own``). Memory therefore grows with batch x layer size plus the per-sample features,
-never with dataset x raw activation size -- unless an :class:`ActivationCache` is given, which
-keeps the recorded activations of a dataset (within a byte budget) so that a later extraction on
-the same (model, dataset, layers) runs no forward pass at all.
+(``extract_own``). The data arrive as a stream of batches (:mod:`ood_core.batches`: a tensor, rows
+of a stored dataset, a DataLoader or a streamed Hugging Face split), so memory grows with batch x
+layer size plus the per-sample features, never with dataset x image or raw activation size. A
+:class:`FeatureCache` keeps each score's extracted features (and the logits) of a dataset within
+a byte budget, spilling to an on-disk store past it, so that a refit after a parameter change
+that does not alter the features (KNN's ``k``) runs no forward pass at all.
 
 Orchestration (binding, fitting, confidences, warnings, timings) lives in
 :mod:`ood_core.evaluation`; this module only runs passes, so another executor (e.g. a distributed
@@ -18,7 +20,7 @@ batch engine) could replace it behind the same ``extract`` contract. Scores are 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from math import prod
 from typing import Protocol
@@ -26,6 +28,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from ood_core.batches import BatchSource, as_source
 from ood_core.core import (
     Features,
     LayerId,
@@ -40,8 +43,12 @@ from ood_core.core import (
 )
 from ood_core.inputs import InputRange, check_inputs
 from ood_core.recorder import Recorder
+from ood_core.store import FeatureStore
 
 CPU_BATCH_BYTES = 256 * 2**20
+"""Memory budget of one batch's recorded activations on CPU (see :meth:`Engine.auto_batch_size`)."""
+CPU_MAX_BATCH = 256
+"""Largest automatic batch on CPU."""
 
 
 def _net_device_dtype(net: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -68,6 +75,8 @@ class ScoreLike(Protocol):
     @property
     def needs_own_pass(self) -> bool: ...
 
+    def feature_key(self) -> str | None: ...
+
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features: ...
 
     def extract_own(self, recorder: Recorder, x: Tensor) -> Features: ...
@@ -75,50 +84,105 @@ class ScoreLike(Protocol):
 
 @dataclass(frozen=True)
 class FeatureKey:
-    """Identity of cached activations: the model, the dataset (any hashable the caller chooses,
-    e.g. a bundled set's name, split, size and seed, plus a perturbation), the layer (``None``:
-    the logits) and the activation transform (``"raw"``: as the network produced them; scores
-    apply ``act_norm`` when they read them)."""
+    """Identity of cached per-sample features: the model, the dataset (any hashable the caller
+    chooses, e.g. a bundled set's name, split, size and seed, plus a perturbation), the layers
+    (a score's layer tuple; None for the logits) and the extraction (a score's
+    :meth:`~ood_core.scores.base.BaseScore.feature_key`; ``"logits"`` for the logits)."""
 
     model: Hashable
     dataset: Hashable
-    layer: LayerId | None
-    transform: str = "raw"
+    layer: Hashable
+    transform: str = "logits"
 
 
-class ActivationCache:
-    """Recorded activations (outputs, and inputs where the hook saw them) and logits per
-    :class:`FeatureKey`, on the CPU, within ``max_bytes`` (default 2 GiB): a layer too large for
-    what is left is simply not cached (it is recomputed, never dropped silently from results)."""
+class FeatureCache:
+    """Extracted per-sample features (each score's, and the logits) per :class:`FeatureKey`, on
+    the CPU, within ``max_bytes`` (default 1 GiB). Raw activations are never kept: memory grows
+    with the features the scores read (e.g. ``n x 80`` floats for a pooled layer), not with the
+    network's maps. An entry too large for what is left is not kept (it is recomputed, never
+    dropped silently from results); with a ``store`` (:class:`ood_core.store.FeatureStore`) it
+    is written there instead and read back memory-mapped.
 
-    def __init__(self, max_bytes: int = 2 * 2**30) -> None:
+    ``constant``: per ``(model, dataset)``, the recorded layers seen constant over the dataset
+    (so that a fit from cached features still warns about them)."""
+
+    def __init__(self, max_bytes: int = 2**30, store: FeatureStore | None = None) -> None:
         self.max_bytes = int(max_bytes)
-        self.entries: dict[FeatureKey, tuple[Tensor, Tensor | None]] = {}
+        self.store = store
+        self.entries: dict[FeatureKey, Features] = {}
+        self.constant: dict[tuple[Hashable, Hashable], dict[LayerId, bool]] = {}
         self.hits = 0
         self.misses = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + (i.nbytes if i is not None else 0) for a, i in self.entries.values())
+        """Bytes held in memory (entries written to the store are not counted)."""
+        return sum(_nbytes(f) for f in self.entries.values())
 
-    def get(self, key: FeatureKey) -> tuple[Tensor, Tensor | None] | None:
-        return self.entries.get(key)
+    def get(self, key: FeatureKey) -> Features | None:
+        found = self.entries.get(key)
+        if found is None and self.store is not None:
+            found = self.store.get(key)
+        return found
 
-    def put(self, key: FeatureKey, output: Tensor, inputs: Tensor | None) -> bool:
-        size = output.nbytes + (inputs.nbytes if inputs is not None else 0)
-        if self.nbytes + size > self.max_bytes:
+    def put(self, key: FeatureKey, features: Features) -> bool:
+        """Keep ``features`` under ``key`` (in memory within the budget, else in the store);
+        False when neither could take it."""
+        size = _nbytes(features)
+        if self.nbytes + size <= self.max_bytes:
+            self.entries[key] = features
+            return True
+        if self.store is None:
             return False
-        self.entries[key] = (output, inputs)
-        return True
+        return bool(self.store.put(key, features))
 
     def clear(self) -> None:
+        """Forget every entry, in memory and in the store (e.g. when the data changed)."""
         self.entries.clear()
+        self.constant.clear()
+        if self.store is not None:
+            self.store.clear()
 
 
-def _cat(chunks: list[Features]) -> Features:
-    if not chunks:
-        return {}
-    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+def _nbytes(features: Features) -> int:
+    return sum(v.nbytes for v in features.values())
+
+
+class _Collector:
+    """Per-sample feature chunks of one score, gathered into whole tensors: written in place
+    into tensors of ``n`` rows when ``n`` is known (no second copy), else concatenated."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n = n
+        self.filled = 0
+        self.out: Features | None = None
+        self.chunks: list[Features] = []
+
+    def add(self, chunk: Features) -> None:
+        chunk = {k: v.detach() for k, v in chunk.items()}
+        if self.n is None:
+            self.chunks.append(chunk)
+            return
+        if self.out is None:
+            self.out = {k: v.new_empty((self.n, *v.shape[1:])) for k, v in chunk.items()}
+        b = len(next(iter(chunk.values()))) if chunk else 0
+        if self.filled + b > self.n:
+            raise ValueError(
+                f"The inputs yielded more samples than the {self.n:,} they declare; give the "
+                "right n (or None) to the batch source."
+            )
+        for k, v in chunk.items():
+            self.out[k][self.filled : self.filled + b] = v
+        self.filled += b
+
+    def result(self) -> Features:
+        if self.n is None:
+            if not self.chunks:
+                return {}
+            return {k: torch.cat([c[k] for c in self.chunks]) for k in self.chunks[0]}
+        if self.out is None:
+            return {}
+        return {k: v[: self.filled] for k, v in self.out.items()}
 
 
 @dataclass
@@ -132,6 +196,97 @@ class Extraction:
     n_forward_calls: int = 0
     constant_layers: tuple[LayerId, ...] = ()
     """Recorded layers whose activation was the same for every sample of the dataset."""
+    labels: Tensor | None = None
+    """The labels the source yielded with its batches (None when it yields none, or when no
+    pass over the data was needed)."""
+
+
+@dataclass
+class _Plan:
+    """What a pass must compute: the scores whose features are not cached (``todo``), the layers
+    to record for them, whether the data must be read at all, and the cache keys."""
+
+    todo: list[int]
+    cached: dict[int, Features]
+    logits: Tensor | None
+    union: tuple[LayerId, ...]
+    keys: dict[int | None, FeatureKey]
+
+    @property
+    def forward(self) -> bool:
+        return bool(self.union) or self.logits is None or bool(self.todo)
+
+
+Sink = Callable[[Features, Tensor, "Tensor | None", int], None]
+"""``sink(features of one batch, its logits, its labels (None when the source has none), index of
+its first sample)``: a streaming fit."""
+
+
+class _Pass:
+    """The state of one pass over a dataset: collected features and logits, timings, the
+    layers seen varying; :meth:`batch` runs one batch (forward, extraction, own passes)."""
+
+    def __init__(
+        self,
+        scores: Sequence[ScoreLike],
+        plan: _Plan,
+        own: list[int],
+        sinks: dict[int, Sink],
+        n: int | None,
+    ) -> None:
+        self.scores, self.plan, self.own, self.sinks = scores, plan, own, sinks
+        self.collect = {i: _Collector(n) for i in (*plan.todo, *own) if i not in sinks}
+        self.logits = _Collector(n)
+        self.labels = _Collector(n)
+        self.labelled = True
+        self.y: Tensor | None = None
+        self.seconds = [0.0 for _ in scores]
+        self.t_forward, self.n_calls, self.done = 0.0, 0, 0
+        self.first: dict[LayerId, Tensor] = {}
+        self.varies = dict.fromkeys(plan.union, False)
+
+    def _keep(self, i: int, features: Features, logits: Tensor) -> None:
+        if i in self.sinks:
+            feats = {k: v.detach() for k, v in features.items()}
+            self.sinks[i](feats, logits, self.y, self.done)
+        else:
+            self.collect[i].add(features)
+
+    def batch(self, rec: Recorder, batch: Tensor, labels: Tensor | None) -> None:
+        device, dtype = _net_device_dtype(rec.net)
+        self.y = labels
+        if labels is None:
+            self.labelled = False
+        elif self.labelled:
+            self.labels.add({"y": labels})
+        # a copy: a network editing its input in place never changes the caller's data
+        xb = batch.to(device=device, dtype=dtype, copy=True)
+        logits = None
+        if self.plan.forward:
+            with Timed() as t, torch.no_grad():
+                logits = rec(xb)
+            self.t_forward += t.seconds
+            self.n_calls += 1
+            problem = logits_problem(logits, rec.output)
+            if problem:
+                raise OutputError(problem)
+            logits = logits.detach()
+            acts, inputs = dict(rec.activations), dict(rec.inputs)
+            _update_varies(self.plan.union, acts, self.first, self.varies)
+            self.logits.add({"logits": logits})
+            for i in self.plan.todo:
+                s = self.scores[i]
+                with Timed() as t, torch.no_grad():
+                    self._keep(i, s.extract(logits, _view(s, acts, inputs)), logits)
+                self.seconds[i] += t.seconds
+        elif self.plan.logits is not None:
+            logits = self.plan.logits[self.done : self.done + len(batch)].to(device)
+        for i in self.own:
+            with Timed() as t:
+                feats = self.scores[i].extract_own(rec, xb)
+                self._keep(i, feats, logits if logits is not None else torch.empty(0))
+            self.seconds[i] += t.seconds
+        self.done += len(batch)
 
 
 class Engine:
@@ -157,7 +312,7 @@ class Engine:
         """An engine for ``net`` (a Recorder, or a network traced here with the example batch
         ``example``, reading output element ``output`` and checking inputs against
         ``input_range``, as :class:`Recorder` does; nothing is stored on the network: callers
-        that run often keep the Recorder, as :class:`ood_core.pipeline.RunCache` does)."""
+        that run often keep the Recorder, as :class:`ood_core.runner.RunCache` does)."""
         if isinstance(net, Recorder):
             if output is not None or input_range is not None:
                 raise ValueError(
@@ -174,156 +329,216 @@ class Engine:
     # ------------------------------------------------------------------ batching
     def auto_batch_size(self, layers: Sequence[LayerId], sample_numel: int) -> int:
         """Batch size keeping one batch's recorded activations within a memory budget
-        (256 MiB on CPU, a quarter of the free memory on CUDA), in [16, 1024]."""
+        (:data:`CPU_BATCH_BYTES` on CPU, a quarter of the free memory on CUDA), in [16,
+        :data:`CPU_MAX_BATCH`] on CPU (larger CPU batches fall out of the caches: 1,024 images
+        run about 2x slower than 256 on the bundled models) and [16, 1024] on CUDA."""
         device, dtype = _net_device_dtype(self.net)
         sizes = [self.recorder.info(layer).output_size for layer in layers]
         numel = sample_numel + sum(prod(size[1:]) if size else 0 for size in sizes)
         per_sample = max(1, 4 * numel * dtype.itemsize)  # x4: activations, copies, autograd slack
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            budget = free // 4
+            budget, cap = free // 4, 1024
         else:
-            budget = CPU_BATCH_BYTES
-        return int(min(1024, max(16, budget // per_sample)))
+            budget, cap = CPU_BATCH_BYTES, CPU_MAX_BATCH
+        return int(min(cap, max(16, budget // per_sample)))
 
     # ------------------------------------------------------------------ the pass
+    def _plan(
+        self,
+        scores: Sequence[ScoreLike],
+        cache: FeatureCache | None,
+        model_key: Hashable | None,
+        data_key: Hashable | None,
+        streamed: set[int] = frozenset(),  # type: ignore[assignment]
+    ) -> _Plan:
+        """``streamed``: scores whose features go to a sink: never read from the cache."""
+        plain = [i for i, s in enumerate(scores) if not s.needs_own_pass]
+        keys: dict[int | None, FeatureKey] = {}
+        cached: dict[int, Features] = {}
+        logits = None
+        if cache is not None and model_key is not None and data_key is not None:
+            keys[None] = FeatureKey(model_key, data_key, None, "logits")
+            for i in (i for i in plain if i not in streamed):
+                fkey = scores[i].feature_key()
+                if fkey is not None:  # None: features that read fitted state, never cached
+                    keys[i] = FeatureKey(model_key, data_key, scores[i].layers, fkey)
+            stored = cache.get(keys[None])
+            logits = None if stored is None else stored["logits"]
+            for i in (i for i in plain if i in keys):
+                found = cache.get(keys[i])
+                if found is not None:
+                    cached[i] = found
+            complete = logits is not None and len(cached) == len(plain) and not streamed
+            cache.hits += complete
+            cache.misses += not complete
+        todo = [i for i in plain if i not in cached]
+        rec = self.recorder
+        wanted = {layer for i in todo for layer in scores[i].layers}
+        union = tuple(layer for layer in rec.layer_ids if layer in wanted)
+        return _Plan(todo, cached, logits, union, keys)
+
     def extract(
         self,
         scores: Sequence[ScoreLike],
-        data: Tensor,
+        data: Tensor | BatchSource,
         *,
         batch_size: int | None = None,
         progress: Progress | None = None,
-        cache: ActivationCache | None = None,
+        cache: FeatureCache | None = None,
         model_key: Hashable | None = None,
         data_key: Hashable | None = None,
+        sinks: dict[int, Sink] | None = None,
     ) -> Extraction:
-        """One pass over ``data`` ``(N, ...)``: logits and every score's per-sample features.
+        """One pass over ``data`` (a tensor ``(N, ...)`` or a :class:`~ood_core.batches.
+        BatchSource` streamed batch by batch): logits and every score's per-sample features.
 
-        With a ``cache`` and both keys, the recorded activations and logits are read from the
-        cache when it holds them all (no forward pass; ``n_forward_calls == 0``), and stored in it
-        after a pass otherwise. Scores with their own passes always run them on ``data``.
+        With a ``cache`` and both keys, each score's features and the logits are read from the
+        cache when it holds them (no forward pass when it holds all: ``n_forward_calls == 0``),
+        and stored in it after a pass otherwise. Scores with their own passes always run them.
+        ``sinks[i]``: score ``i``'s features go, batch by batch, to ``sinks[i](features, logits,
+        start)`` (a streaming fit) instead of being kept (its ``Extraction.features`` is
+        empty). Only one batch of images and activations is held at a time.
         """
         rec = self.recorder
         if rec.output_problem:  # before any pass: the traced output is no logits
             raise OutputError(rec.output_problem)
-        check_inputs(self.net, data, rec.input_shape, input_range=rec.input_range)
-        plain = [s for s in scores if not s.needs_own_pass]
-        union = tuple(l for l in rec.layer_ids if any(l in s.layers for s in plain))  # noqa: E741
-        use_cache = cache is not None and model_key is not None and data_key is not None
-        keys = {layer: FeatureKey(model_key, data_key, layer) for layer in (None, *union)}
-        stored = {layer: cache.get(k) for layer, k in keys.items()} if use_cache else {}
-        from_cache = use_cache and all(v is not None for v in stored.values())
-        if use_cache:
-            cache.hits += from_cache
-            cache.misses += not from_cache
+        if isinstance(data, Tensor):  # the whole tensor at once: positions in messages are global
+            check_inputs(self.net, data, rec.input_shape, input_range=rec.input_range)
+        source = as_source(data)
+        sinks = sinks or {}
+        plan = self._plan(scores, cache, model_key, data_key, streamed=set(sinks))
+        own = [i for i, s in enumerate(scores) if s.needs_own_pass]
+        if not plan.forward and not own:
+            return self._from_cache(scores, plan, cache, model_key, data_key)
+        shape = source.sample_shape or tuple(source.example().shape[1:])
+        run = _Pass(scores, plan, own, sinks, source.n)
         previous = rec.recording
-        if not from_cache:
-            rec.record(*union)
-        device, dtype = _net_device_dtype(self.net)
-        bs = batch_size or self.auto_batch_size(union, prod(data.shape[1:]))
-        chunks: list[list[Features]] = [[] for _ in scores]
-        logits_chunks: list[Tensor] = []
-        keep: dict[LayerId, tuple[list[Tensor], list[Tensor]]] = {}
-        if use_cache and not from_cache:
-            keep = {layer: ([], []) for layer in union}
-        seconds = [0.0 for _ in scores]
-        t_forward = 0.0
-        n_calls = 0
-        first: dict[LayerId, Tensor] = {}
-        varies = dict.fromkeys(union, False)
+        rec.record(*plan.union)
         # one pass at a time on a model shared by sessions or threads, in eval mode
         with exclusive_eval(self.net):
             try:
-                n = len(data)
-                for start in range(0, n, bs):
-                    stop = min(start + bs, n)
-                    # a copy: a network editing its input in place never changes the caller's data
-                    xb = data[start:stop].to(device=device, dtype=dtype, copy=True)
-                    if from_cache:
-                        logits = stored[None][0][start:stop].to(device)
-                        acts = {layer: stored[layer][0][start:stop].to(device) for layer in union}
-                        inputs = {
-                            layer: stored[layer][1][start:stop].to(device)
-                            for layer in union
-                            if stored[layer][1] is not None
-                        }
-                    else:
-                        with Timed() as t, torch.no_grad():
-                            logits = rec(xb)
-                        t_forward += t.seconds
-                        n_calls += 1
-                        problem = logits_problem(logits, rec.output)
-                        if problem:
-                            raise OutputError(problem)
-                        acts, inputs = dict(rec.activations), dict(rec.inputs)
-                        for layer, (outs, ins) in keep.items():
-                            outs.append(acts[layer].detach().cpu())
-                            if layer in inputs:
-                                ins.append(inputs[layer].detach().cpu())
-                    for layer in union:
-                        if not varies[layer] and isinstance(acts.get(layer), Tensor):
-                            ref = first.setdefault(layer, acts[layer][:1])
-                            varies[layer] = bool((acts[layer] != ref).any())
-                    logits = logits.detach()
-                    logits_chunks.append(logits)
-                    for i, s in enumerate(scores):
-                        if s.needs_own_pass:
-                            continue
-                        with Timed() as t, torch.no_grad():
-                            a = LayerActivations(  # normalised per layer, or by the score after concat
-                                (
-                                    layer,
-                                    acts[layer]
-                                    if s.normalises_concatenation
-                                    else normalise_activation(acts[layer], s.act_norm),
-                                )
-                                for layer in s.layers
-                            )
-                            a.inputs = {
-                                layer: inputs[layer] for layer in s.layers if layer in inputs
-                            }
-                            chunks[i].append(
-                                {k: v.detach() for k, v in s.extract(logits, a).items()}
-                            )
-                        seconds[i] += t.seconds
-                    for i, s in enumerate(scores):
-                        if not s.needs_own_pass:
-                            continue
-                        with Timed() as t:
-                            chunks[i].append(
-                                {k: v.detach() for k, v in s.extract_own(rec, xb).items()}
-                            )
-                        seconds[i] += t.seconds
+                bs = batch_size or self.auto_batch_size(plan.union, prod(shape))
+                for batch, labels in source.batches(bs):
+                    if not isinstance(data, Tensor):
+                        where = f"inputs (samples {run.done:,} to {run.done + len(batch) - 1:,})"
+                        check_inputs(self.net, batch, rec.input_shape, where, rec.input_range)
+                    run.batch(rec, batch, labels)
                     if progress is not None:
-                        progress(stop, n)
+                        progress(run.done, source.n if source.n is not None else run.done)
             finally:
-                if not from_cache:
-                    rec.record(*previous)
-        all_logits = torch.cat(logits_chunks)
+                rec.record(*previous)
+        return self._finish(scores, plan, run, cache, model_key, data_key)
+
+    def _finish(
+        self,
+        scores: Sequence[ScoreLike],
+        plan: _Plan,
+        run: _Pass,
+        cache: FeatureCache | None,
+        model_key: Hashable,
+        data_key: Hashable,
+    ) -> Extraction:
+        """The pass's :class:`Extraction`, its features and logits kept in the cache."""
+        if not run.done:
+            raise ValueError("Cannot compute scores on empty inputs (0 samples).")
+        all_logits = run.logits.result()["logits"] if plan.forward else plan.logits
+        assert all_logits is not None
         if torch.isnan(all_logits).any():
             raise ValueError(
                 "The network produced NaN logits on this data; check the inputs' range "
                 "and normalisation."
             )
-        if keep:
-            cache.put(keys[None], all_logits.cpu(), None)
-            for layer, (outs, ins) in keep.items():
-                cache.put(
-                    keys[layer], torch.cat(outs), torch.cat(ins) if len(ins) == len(outs) else None
-                )
-        constant = tuple(layer for layer, v in varies.items() if not v and layer in first)
-        if len(data) < 2:
+        features = {i: c.result() for i, c in run.collect.items()}
+        constant = tuple(layer for layer, v in run.varies.items() if not v and layer in run.first)
+        if cache is not None and plan.keys:
+            known = cache.constant.setdefault((model_key, data_key), {})
+            known.update({layer: layer in constant for layer in plan.union})
+            if plan.logits is None:
+                cache.put(plan.keys[None], {"logits": all_logits.cpu()})
+            for i in (i for i in plan.todo if i in plan.keys and i in features):
+                cache.put(plan.keys[i], {k: v.cpu() for k, v in features[i].items()})
+            constant = self._constant(scores, cache, model_key, data_key)
+        if run.done < 2:  # noqa: PLR2004
             constant = ()
+        labels = run.labels.result().get("y") if run.labelled else None
         return Extraction(
-            all_logits, [_cat(c) for c in chunks], t_forward, seconds, n_calls, constant
+            all_logits,
+            [features.get(i, plan.cached.get(i, {})) for i in range(len(scores))],
+            run.t_forward,
+            run.seconds,
+            run.n_calls,
+            constant,
+            labels,
         )
+
+    def _constant(
+        self,
+        scores: Sequence[ScoreLike],
+        cache: FeatureCache,
+        model_key: Hashable,
+        data_key: Hashable,
+    ) -> tuple[LayerId, ...]:
+        """The scores' layers seen constant on this dataset (from the cache's record)."""
+        known = cache.constant.get((model_key, data_key), {})
+        layers = {layer for s in scores for layer in s.layers}
+        return tuple(
+            layer for layer in self.recorder.layer_ids if known.get(layer) and layer in layers
+        )
+
+    def _from_cache(
+        self,
+        scores: Sequence[ScoreLike],
+        plan: _Plan,
+        cache: FeatureCache | None,
+        model_key: Hashable,
+        data_key: Hashable,
+    ) -> Extraction:
+        """Everything was cached: no pass over the data at all."""
+        assert plan.logits is not None and cache is not None
+        device, _ = _net_device_dtype(self.net)
+        logits = plan.logits.to(device)
+        constant = self._constant(scores, cache, model_key, data_key) if len(logits) > 1 else ()
+        feats = [
+            {k: v.to(device) for k, v in plan.cached.get(i, {}).items()} for i in range(len(scores))
+        ]
+        return Extraction(logits, feats, 0.0, [0.0 for _ in scores], 0, constant)
+
+
+def _update_varies(
+    layers: Sequence[LayerId],
+    acts: dict[LayerId, Tensor],
+    first: dict[LayerId, Tensor],
+    varies: dict[LayerId, bool],
+) -> None:
+    """Mark the layers whose activation differs from the first sample seen."""
+    for layer in layers:
+        if not varies[layer] and isinstance(acts.get(layer), Tensor):
+            ref = first.setdefault(layer, acts[layer][:1])
+            varies[layer] = bool((acts[layer] != ref).any())
+
+
+def _view(
+    s: ScoreLike, acts: dict[LayerId, Tensor], inputs: dict[LayerId, Tensor]
+) -> LayerActivations:
+    """The score's layers of one batch, normalised per layer (or by the score after concat)."""
+    a = LayerActivations(
+        (
+            layer,
+            acts[layer]
+            if s.normalises_concatenation
+            else normalise_activation(acts[layer], s.act_norm),
+        )
+        for layer in s.layers
+    )
+    a.inputs = {layer: inputs[layer] for layer in s.layers if layer in inputs}
+    return a
 
 
 __all__ = [
-    "ActivationCache",
     "Engine",
     "Extraction",
+    "FeatureCache",
     "FeatureKey",
     "LayerActivations",
     "ScoreLike",

@@ -3,26 +3,29 @@ calibration data, compute their confidences on datasets.
 
 ``Evaluation(net, example)`` (or :meth:`Evaluation.for_net`) is what the seed API
 (:mod:`ood_core.eval`), a score's own ``fit`` / ``__call__`` and the CLI / dashboard pipeline
-(:mod:`ood_core.pipeline`) all call. It runs the passes through an executor
+(:mod:`ood_core.runner`) all call. It runs the passes through an executor
 (:class:`~ood_core.engine.Engine`), emits and records the warnings of degenerate fits and tied
 confidences (:mod:`ood_core.diagnostics`), and times everything (each score's
 :class:`~ood_core.scores.base.ScoreTimer`).
 
-With an :class:`~ood_core.engine.ActivationCache` and keys naming the model and each dataset,
-recorded activations are reused: changing a score's parameter refits that score from cached
-activations with no forward pass, and adding a score on already recorded layers costs no forward
-pass either.
+Datasets are tensors or :class:`~ood_core.batches.BatchSource` streams (read batch by batch).
+With a :class:`~ood_core.engine.FeatureCache` and keys naming the model and each dataset, each
+score's extracted features are reused: changing a parameter its features do not depend on (KNN's
+``k``) refits that score with no forward pass, and a score whose features are all cached costs
+no pass over the data either.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from ood_core.batches import BatchSource
 from ood_core.core import (
+    Features,
     LayerId,
     OutputKey,
     Progress,
@@ -31,7 +34,7 @@ from ood_core.core import (
     predicted_confidence,
 )
 from ood_core.diagnostics import collect, degenerate, warn_if_tied
-from ood_core.engine import ActivationCache, Engine, Extraction
+from ood_core.engine import Engine, Extraction, FeatureCache, Sink
 from ood_core.inputs import InputRange
 from ood_core.recorder import Recorder
 
@@ -39,19 +42,33 @@ if TYPE_CHECKING:  # the scores import this module; the evaluation only calls th
     from ood_core.scores.base import BaseScore
 
 
+def _feeder(state: Any, labels: Tensor | None) -> Sink:
+    """A sink updating a streaming fit ``state`` with each batch's features and labels: the
+    rows of ``labels`` at the batch, else those the batch came with, else its predictions."""
+
+    def feed(features: Features, logits: Tensor, batch: Tensor | None, start: int) -> None:
+        if labels is not None:
+            lab = labels[start : start + len(logits)]
+        else:
+            lab = batch if batch is not None else logits.argmax(1)
+        state.update(features, logits, lab.to(logits.device).long())
+
+    return feed
+
+
 class Evaluation:
     """Fit and run several scores on one network, one shared forward pass per dataset.
 
     Args:
         recorder: a :class:`Recorder` on the network (see :meth:`for_net` for a plain network).
-        cache: optional activation cache; used when ``model_key`` and a dataset key are given.
+        cache: optional feature cache; used when ``model_key`` and a dataset key are given.
         model_key: identity of the network in the cache (e.g. ``(repo, entry)``).
     """
 
     def __init__(
         self,
         recorder: Recorder,
-        cache: ActivationCache | None = None,
+        cache: FeatureCache | None = None,
         model_key: Hashable | None = None,
     ) -> None:
         self.engine = Engine(recorder)
@@ -91,13 +108,15 @@ class Evaluation:
     def extract(
         self,
         scores: Sequence[BaseScore],
-        data: Tensor,
+        data: Tensor | BatchSource,
         *,
         batch_size: int | None = None,
         progress: Progress | None = None,
         data_key: Hashable | None = None,
+        sinks: dict[int, Sink] | None = None,
     ) -> Extraction:
-        """Every score's features on ``data`` (cached activations reused when keyed)."""
+        """Every score's features on ``data`` (cached features reused when keyed; ``sinks`` as
+        :meth:`Engine.extract <ood_core.engine.Engine.extract>`)."""
         return self.engine.extract(
             scores,
             data,
@@ -106,6 +125,7 @@ class Evaluation:
             cache=self.cache,
             model_key=self.model_key,
             data_key=data_key,
+            sinks=sinks,
         )
 
     def _share(self, scores: Sequence[BaseScore], ex: Extraction) -> list[float]:
@@ -120,38 +140,66 @@ class Evaluation:
             for sec, shared in zip(ex.seconds_per_score, self.last_shared_seconds, strict=True)
         ]
 
+    def _checked_labels(self, scores: Sequence[BaseScore], labels: Tensor, n: int | None) -> Tensor:
+        """``labels`` as class indices below the network's number of classes, shape ``(n,)``."""
+        out = tuple(self.recorder.info((0, 1)).output_size or ())
+        hints = [int(getattr(s, "n_classes_hint", 0) or 0) for s in scores]
+        limit = max([out[-1] if len(out) == 2 else 0, *hints]) or None  # noqa: PLR2004
+        owner = scores[0] if len(scores) == 1 else "calib_labels"
+        labels = check_labels(owner, labels, limit)
+        if labels.ndim != 1 or (n is not None and len(labels) != n):
+            raise ValueError(f"calib_labels must have shape ({n},); got {tuple(labels.shape)}.")
+        return labels
+
     def fit(
         self,
         scores: Sequence[BaseScore],
-        data: Tensor,
+        data: Tensor | BatchSource,
         labels: Tensor | None = None,
         *,
         batch_size: int | None = None,
         progress: Progress | None = None,
         data_key: Hashable | None = None,
     ) -> Extraction:
-        """Bind and calibrate every score on ``data`` (labels default to the network's
-        predictions). Each score's :class:`~ood_core.diagnostics.OodLensWarning` messages are
-        emitted and kept in ``score.fit_warnings``."""
+        """Bind and calibrate every score on ``data`` (a tensor or a batch source). Labels: the
+        given ``labels``, else those the source yields with its batches, else the network's
+        predictions. Each score's :class:`~ood_core.diagnostics.OodLensWarning`
+        messages are emitted and kept in ``score.fit_warnings``. The calibration preconditions
+        (:meth:`~ood_core.scores.base.BaseScore.check_calibration`) are checked before any pass
+        when the number of samples is known, else once the stream was read."""
         self.bind(scores)
+        n = len(data) if isinstance(data, Tensor) else data.n
+        if labels is None and isinstance(data, BatchSource):
+            labels = data.known_labels()
         counts = None
         if labels is not None:  # class indices, checked before anything is allocated for them
-            out = tuple(self.recorder.info((0, 1)).output_size or ())
-            hints = [int(getattr(s, "n_classes_hint", 0) or 0) for s in scores]
-            limit = max([out[-1] if len(out) == 2 else 0, *hints]) or None
-            owner = scores[0] if len(scores) == 1 else "calib_labels"
-            labels = check_labels(owner, labels, limit)
-            if labels.ndim != 1 or len(labels) != len(data):
-                raise ValueError(
-                    f"calib_labels must have shape ({len(data)},); got {tuple(labels.shape)}."
-                )
+            labels = self._checked_labels(scores, labels, n)
             if len(labels):
                 counts = torch.bincount(labels).tolist()
-        for s in scores:  # before any forward pass: fail fast
-            s.check_calibration(len(data), counts)
-        ex = self.extract(scores, data, batch_size=batch_size, progress=progress, data_key=data_key)
+        if n is not None:
+            for s in scores:  # before any forward pass: fail fast
+                s.check_calibration(n, counts)
+        states = {i: s.fit_state() for i, s in enumerate(scores) if s.streams_fit()}
+        ex = self.extract(
+            scores,
+            data,
+            batch_size=batch_size,
+            progress=progress,
+            data_key=data_key,
+            sinks={i: _feeder(st, labels) for i, st in states.items()},
+        )
+        if labels is None and ex.labels is not None:  # those the stream came with
+            labels = self._checked_labels(scores, ex.labels, len(ex.logits))
+            counts = torch.bincount(labels).tolist() if len(labels) else None
+        if n is None:  # a stream of unknown length: checked once read, before any fit
+            if labels is not None and len(labels) != len(ex.logits):
+                raise ValueError(
+                    f"calib_labels must have shape ({len(ex.logits)},); got {tuple(labels.shape)}."
+                )
+            for s in scores:
+                s.check_calibration(len(ex.logits), counts)
         shares = self._share(scores, ex)
-        for s, feats, share in zip(scores, ex.features, shares, strict=True):
+        for i, (s, feats, share) in enumerate(zip(scores, ex.features, shares, strict=True)):
             with Timed() as t, collect() as messages:
                 for layer in (x for x in s.layers if x in ex.constant_layers):
                     degenerate(
@@ -162,7 +210,10 @@ class Evaluation:
                         "choose another layer",
                         layer=layer,
                     )
-                s.fit_features(feats, ex.logits, labels)
+                if i in states:
+                    s.fit_from_state(states[i], ex.logits, labels)
+                else:
+                    s.fit_features(feats, ex.logits, labels)
             s.fit_warnings = messages
             s.timer.add("calibration", len(ex.logits), share + t.seconds)
         return ex
@@ -170,7 +221,7 @@ class Evaluation:
     def confidences(
         self,
         scores: Sequence[BaseScore],
-        data: Tensor,
+        data: Tensor | BatchSource,
         *,
         batch_size: int | None = None,
         progress: Progress | None = None,

@@ -12,7 +12,7 @@ a GitHub repository, cached or not) runs its ``hubconf.py`` and model code on th
 called with ``trust_repo=True``. Trust comes only from the person at the keyboard: the CLI's
 ``--trust-repo``, the dashboard's trust checkbox, ``trust_repo=True`` in Python; never from a
 file (a config's or bundle's ``trust_repo = true`` is only a request, see
-:attr:`ood_core.pipeline.RunConfig.trust_requested`).
+:attr:`ood_core.config.RunConfig.trust_requested`).
 
 A model may carry an ``ood_lens`` dict attribute declaring ``input_shape`` ``(C, H, W)``,
 ``class_names``, ``normalisation`` and ``test_accuracy``; :func:`model_info` reads it.

@@ -4,7 +4,7 @@
 into this package). Modules:
 
 * :mod:`~ood_lens_app.state` - session-state keys and their defaults (from
-  :func:`ood_core.pipeline.example_config`);
+  :func:`ood_core.config.example_config`);
 * :mod:`~ood_lens_app.loaders` - source-policy-checked, cached model / dataset loading, the
   bundled model list, layer tables, test predictions;
 * :mod:`~ood_lens_app.errors` - which errors are the user's, and the messages pages show;
@@ -14,7 +14,7 @@ into this package). Modules:
   defaults, the Layers page's selection;
 * :mod:`~ood_lens_app.widgets` - widget values derived from ``Param`` descriptions, and the
   widgets generated from them;
-* :mod:`~ood_lens_app.form` - form values to a :class:`~ood_core.pipeline.RunConfig`, with the
+* :mod:`~ood_lens_app.form` - form values to a :class:`~ood_core.config.RunConfig`, with the
   problems found per score / scenarios / metrics;
 * :mod:`~ood_lens_app.runs` - run, replay an uploaded config, export a result;
 * :mod:`~ood_lens_app.result_views` - what the Results page shows: threshold explorer state,

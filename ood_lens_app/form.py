@@ -1,4 +1,4 @@
-"""Form values (session state) to a :class:`~ood_core.pipeline.RunConfig`.
+"""Form values (session state) to a :class:`~ood_core.config.RunConfig`.
 
 Every function reads a state mapping (``st.session_state`` in the app, a dict in tests) and
 returns values plus problems as messages for the user; nothing here draws.
@@ -10,9 +10,9 @@ import json
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
+from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec
 from ood_core.metrics import parse_metric
 from ood_core.perturbations import PERTURBATIONS
-from ood_core.pipeline import RunConfig, ScenarioSpec, ScoreSpec
 from ood_core.scores import get_score_class, make_score
 from ood_lens_app import estimates
 from ood_lens_app.layers import LayerChoices, sync_score_layers

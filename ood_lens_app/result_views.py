@@ -1,4 +1,4 @@
-"""What the Results page shows, computed from a :class:`~ood_core.pipeline.RunResult` without
+"""What the Results page shows, computed from a :class:`~ood_core.runner.RunResult` without
 drawing: threshold explorer state, the metric table, galleries and histogram selections, the
 layer heatmap's rows, image captions.
 
@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ood_core import metrics, pipeline, plots
+from ood_core import metrics, plots
+from ood_core.bundle_writer import metrics_wide
+from ood_core.config import IND_TITLE
 from ood_core.layer_ids import layers_text
-from ood_core.pipeline import RunResult
+from ood_core.runner import RunResult
 
 ALL_METRICS = "All metrics"
 THRESHOLD_MODES = ["Target InD acceptance", "Raw threshold"]
@@ -34,7 +36,7 @@ def _arr(x: Any) -> np.ndarray:
 
 def series(result: RunResult, i: int) -> dict[str, np.ndarray]:
     """``{dataset: confidences}`` of score ``i`` (InD first), as the histograms draw them."""
-    return {pipeline.IND_TITLE: result.confs_ind[i]} | {
+    return {IND_TITLE: result.confs_ind[i]} | {
         t: c[i] for t, c in zip(result.ood_titles, result.confs_oods, strict=True)
     }
 
@@ -174,7 +176,7 @@ def headline_table(result: RunResult, metric: str | None = None, digits: int = 3
 
 
 def score_labels(frame: pd.DataFrame) -> pd.Series:
-    """Row labels of :func:`ood_core.pipeline.metrics_wide`: ``score`` plus ``' @ layers'``."""
+    """Row labels of :func:`ood_core.bundle_writer.metrics_wide`: ``score`` plus ``' @ layers'``."""
     return frame["score"] + frame["layers"].map(lambda s: f" @ {s}" if s else "")
 
 
@@ -212,7 +214,7 @@ class MetricTable:
 def metric_table(result: RunResult, choice: str = ALL_METRICS) -> MetricTable:
     """All ``'<ood> | <metric>'`` columns, or (``choice`` = one metric) one column per OoD set
     plus their mean; each followed by its bootstrap interval column when there are intervals."""
-    wide = pipeline.metrics_wide(result)
+    wide = metrics_wide(result)
     cols = [c for c in wide.columns if c != "score"]
     if choice != ALL_METRICS:
         cols = [c for c in cols if c.split(" | ", 1)[1] == choice]

@@ -1,5 +1,5 @@
 """The local run store: every dashboard Run saved as the CLI's export bundle
-(:func:`ood_core.pipeline.export`: config.toml, metrics.csv, confidences.parquet, report.html,
+(:func:`ood_core.bundle_writer.export`: config.toml, metrics.csv, confidences.parquet, report.html,
 run.json written last) in a folder named by the run's id, listed, read back, compared, deleted.
 
 No Streamlit here. The folder is ``$OOD_LENS_RUNS`` (default ``~/.cache/ood-lens/runs``). A save
@@ -10,7 +10,7 @@ time (microseconds, increasing within the process), so pruning to ``$OOD_LENS_RU
 the newest runs and never deletes the run being saved. A run
 read back holds what the bundle holds (:class:`ood_core.bundle.Bundle`: config, metric frame,
 confidences, run.json); :func:`ood_core.bundle.to_result` turns it back into the
-:class:`~ood_core.pipeline.RunResult` the Results page shows, without fitting or scoring.
+:class:`~ood_core.runner.RunResult` the Results page shows, without fitting or scoring.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ood_core import pipeline, plots
+from ood_core import bundle_writer, plots
 from ood_core.bundle import Bundle, read_bundle
-from ood_core.pipeline import RunConfig, RunResult
+from ood_core.config import RunConfig
+from ood_core.runner import RunResult
 
 ENV_RUNS = "OOD_LENS_RUNS"
 """Environment variable naming the run store folder."""
@@ -187,7 +188,7 @@ def save(
 
     def write() -> None:
         try:
-            pipeline.export(result, root / run_id)
+            bundle_writer.export(result, root / run_id)
         except Exception as exc:  # noqa: BLE001 - reported by save_error, never lost silently
             _FAILED[run_id] = not_saved(root, exc)
             LOG.error("Run %s not saved: %s", run_id, exc)

@@ -1,4 +1,4 @@
-"""Run, replay and export: a RunConfig through :func:`ood_core.pipeline.run` with the session's
+"""Run, replay and export: a RunConfig through :func:`ood_core.runner.run` with the session's
 cache and loaded model / data; every run saved to the run store (:mod:`ood_lens_app.run_store`)
 and named in the URL (``?run=ID``); a saved run or config replayed into every widget; the
 run status (running / cancelled); uploaded configs read back; a result's downloads.
@@ -30,10 +30,12 @@ import pandas as pd
 from torch import nn
 
 from ood_core import bundle as bundle_mod
+from ood_core import bundle_writer, hub, runner
 from ood_core import data as data_mod
-from ood_core import hub, pipeline
+from ood_core.config import RunConfig, example_config
+from ood_core.engine import FeatureCache
 from ood_core.perturbations import PERTURBATIONS
-from ood_core.pipeline import RunCache, RunConfig, RunResult
+from ood_core.runner import RunCache, RunResult
 from ood_core.scores import get_score_class
 from ood_lens_app import layers as layers_mod
 from ood_lens_app import run_store
@@ -45,9 +47,10 @@ LOG = logging.getLogger("ood_lens.app")
 
 
 def run_cache(state: MutableMapping[str, Any]) -> RunCache:
-    """The session's RunCache (created on first use)."""
+    """The session's RunCache (created on first use): features past its memory budget spill to
+    a feature store of this process, on disk."""
     if "run_cache" not in state:
-        state["run_cache"] = RunCache()
+        state["run_cache"] = RunCache(features=FeatureCache(store=runner.session_store()))
     return state["run_cache"]
 
 
@@ -85,9 +88,9 @@ def run_summary(result: RunResult, seconds: float, when: str) -> dict[str, Any]:
 
 
 def demo_config() -> RunConfig:
-    """The bundled demo: :func:`ood_core.pipeline.example_config` at the session's default
+    """The bundled demo: :func:`ood_core.config.example_config` at the session's default
     sizes (``OOD_LENS_DEFAULT_N``)."""
-    cfg = pipeline.example_config()
+    cfg = example_config()
     return dataclasses.replace(
         cfg,
         n_calibration=state_mod.default_n(cfg.n_calibration),
@@ -107,7 +110,7 @@ def execute_run(
     ``save``: write it to the run store and put its id in the URL (``run_id``: the id of the
     saved run being shown again instead). ``restore_settings``: put ``config`` into every widget
     at the next script run (a replayed or reopened config). ``compute(cache, progress)``: how
-    the result is obtained (default: :func:`ood_core.pipeline.run` of ``config``).
+    the result is obtained (default: :func:`ood_core.runner.run` of ``config``).
     ``run_status`` is ``"running"`` during the call, so a run cut short by leaving the page is
     reported as cancelled (:func:`check_cancelled`)."""
     import streamlit as st
@@ -129,7 +132,7 @@ def execute_run(
     try:
         share_loaded(cache, config, loaders.load_model, loaders.load_dataset)
         if compute is None:
-            result = pipeline.run(config, cache, progress)
+            result = runner.run(config, cache, progress)
         else:
             result = compute(cache, progress)
     except Exception as exc:  # noqa: BLE001 - the page shows the message, never a traceback
@@ -427,19 +430,19 @@ def describe_config(config: RunConfig) -> str:
 # ---------------------------------------------------------------------------- exports
 def export_bundle(result: RunResult) -> dict[str, bytes]:
     """metrics.csv, confidences.parquet, report.html, config.toml of ``result``
-    (:func:`ood_core.pipeline.export` into a temporary folder); only the report when the config
+    (:func:`ood_core.bundle_writer.export` into a temporary folder); only the report when the config
     cannot be written. No Streamlit calls: download buttons run it outside the script."""
     try:
         with tempfile.TemporaryDirectory(prefix="ood-lens-") as tmp:
-            paths = pipeline.export(result, tmp)
+            paths = bundle_writer.export(result, tmp)
             return {name: Path(p).read_bytes() for name, p in paths.items()}
     except (TypeError, ValueError):  # e.g. a None parameter TOML cannot hold: report only
         from ood_core.report import html_report
 
         page = html_report(
             "ood-lens report",
-            pipeline.result_figures(result),
-            [("Metrics", pipeline.metrics_wide(result)), ("All values", result.frame)],
+            bundle_writer.result_figures(result),
+            [("Metrics", bundle_writer.metrics_wide(result)), ("All values", result.frame)],
         )
         return {"report": page.encode("utf-8")}
 

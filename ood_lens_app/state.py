@@ -1,5 +1,5 @@
 """Session state of the dashboard: its keys and their defaults, taken from the example run
-(:func:`ood_core.pipeline.example_config`) so the dashboard and ``ood-lens example-config`` start
+(:func:`ood_core.config.example_config`) so the dashboard and ``ood-lens example-config`` start
 from the same evaluation.
 
 Every page calls :func:`init_state` first, so any page works when it is opened first (or run
@@ -11,8 +11,8 @@ Keys
   model's output holding the logits: None, an index or a key; typed in ``w.model_output``,
   :func:`ood_core.core.parse_output`), ``ind_source``, ``ind_config``,
   ``cal_split``, ``test_split``, ``layers`` (the Layers page selection, ``"d-i"`` ids),
-  ``result`` (the last :class:`~ood_core.pipeline.RunResult`), ``run_cache`` (one
-  :class:`~ood_core.pipeline.RunCache` per session, so a parameter change recomputes only that
+  ``result`` (the last :class:`~ood_core.runner.RunResult`), ``run_cache`` (one
+  :class:`~ood_core.runner.RunCache` per session, so a parameter change recomputes only that
   score), ``score_layers_src`` (per score, the Layers page selection its layers were derived
   from), ``trusted_repos``;
 * widget values live under keys starting with ``w.`` (:func:`param_key`,
@@ -28,9 +28,9 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from ood_core import data as data_mod
+from ood_core.config import RunConfig, example_config
 from ood_core.core import output_text
 from ood_core.layer_ids import layer_text, parse_layer_id
-from ood_core.pipeline import RunConfig, example_config
 
 MODEL_SOURCES = ["Bundled", "GitHub (torch.hub)", "Local hub directory"]
 DATA_SOURCES = ["Bundled", "Local file", "Hugging Face"]

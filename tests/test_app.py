@@ -243,7 +243,7 @@ def test_invalid_score_parameters_show_errors_next_to_the_score() -> None:
 
 
 def test_uploaded_config_is_parsed_or_explained():
-    from ood_core.pipeline import example_config
+    from ood_core.config import example_config
     from ood_lens_app.runs import parse_uploaded_config
 
     config, error = parse_uploaded_config(example_config().to_toml().encode())
@@ -269,7 +269,7 @@ def test_first_screen_states_the_question_and_one_accuracy() -> None:
 
 
 def test_run_the_demo_lands_on_results_with_the_headline(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ood_core.pipeline import example_config
+    from ood_core.config import example_config
 
     monkeypatch.setenv("OOD_LENS_DEFAULT_N", "150")
     at = _app()

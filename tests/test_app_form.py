@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ood_core.config import example_config
 from ood_core.perturbations import make_perturbation
-from ood_core.pipeline import example_config
 from ood_core.scores import get_score_class
 from ood_lens_app import form, layers, state
 

@@ -10,14 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ood_core import pipeline, plots
-from ood_core.pipeline import RunConfig, ScenarioSpec, ScoreSpec
+from ood_core import plots
+from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec, example_config
+from ood_core.runner import RunResult, run
 from ood_lens_app import form, run_store, runs, state
 
 
 def _small_config(**changes: object) -> RunConfig:
     cfg = dataclasses.replace(
-        pipeline.example_config(),
+        example_config(),
         n_calibration=100,
         n_test=50,
         scores=[ScoreSpec("Softmax", {}, [])],
@@ -27,8 +28,8 @@ def _small_config(**changes: object) -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def small_result() -> pipeline.RunResult:
-    return pipeline.run(_small_config())
+def small_result() -> RunResult:
+    return run(_small_config())
 
 
 def test_runs_dir_from_env(tmp_path: Path) -> None:
@@ -36,7 +37,7 @@ def test_runs_dir_from_env(tmp_path: Path) -> None:
     assert run_store.runs_dir({}) == Path.home() / ".cache" / "ood-lens" / "runs"
 
 
-def test_save_list_open_delete_round_trip(small_result: pipeline.RunResult, tmp_path: Path) -> None:
+def test_save_list_open_delete_round_trip(small_result: RunResult, tmp_path: Path) -> None:
     run_id = run_store.save(small_result, tmp_path)
     assert run_store.is_run_id(run_id) and run_store.exists(tmp_path, run_id)
     assert {p.name for p in (tmp_path / run_id).iterdir()} >= {
@@ -70,7 +71,7 @@ def test_save_list_open_delete_round_trip(small_result: pipeline.RunResult, tmp_
         run_store.load(tmp_path, run_id)
 
 
-def test_the_store_keeps_the_newest_runs(small_result: pipeline.RunResult, tmp_path: Path) -> None:
+def test_the_store_keeps_the_newest_runs(small_result: RunResult, tmp_path: Path) -> None:
     ids = [run_store.save(small_result, tmp_path, keep=2) for _ in range(3)]
     assert sorted(run_store.list_runs(tmp_path)["id"]) == sorted(ids)[1:]
     assert run_store.keep_count({"OOD_LENS_RUNS_KEEP": "7"}) == 7
@@ -85,9 +86,9 @@ def test_ids_are_never_paths(tmp_path: Path) -> None:
     assert run_store.when_text("20260102-030405-abcdef") == "2026-01-02 03:04:05"
 
 
-def test_compare_two_runs(small_result: pipeline.RunResult, tmp_path: Path) -> None:
+def test_compare_two_runs(small_result: RunResult, tmp_path: Path) -> None:
     a = run_store.load(tmp_path, run_store.save(small_result, tmp_path))
-    other = pipeline.run(_small_config(n_calibration=60))
+    other = run(_small_config(n_calibration=60))
     b = run_store.load(tmp_path, run_store.save(other, tmp_path))
     assert a.run_id != b.run_id and len(run_store.list_runs(tmp_path)) == 2
     diff = run_store.compare(a, b)

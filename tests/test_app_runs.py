@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from ood_core import pipeline
+from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec, example_config
 from ood_core.data import DataUnavailableError, ImageDataset
 from ood_core.hub import HubUnavailableError
-from ood_core.pipeline import RunCache, RunConfig, ScenarioSpec, ScoreSpec, example_config
+from ood_core.runner import RunCache, run
 from ood_lens_app import runs, sources, state
 
 
@@ -51,7 +51,7 @@ def small_run(tiniest, fmnist_calib, fmnist_test, mnist):
     cache = RunCache()
     runs.share_loaded(cache, config, fake.model, fake.dataset)
     runs.share_loaded(cache, config, fake.model, fake.dataset)  # already there: nothing loaded
-    result = pipeline.run(config, cache)
+    result = run(config, cache)
     return config, cache, fake, result
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec, example_config
 from ood_core.data import DataUnavailableError
 from ood_core.hub import HubUnavailableError
-from ood_core.pipeline import RunConfig, ScenarioSpec, ScoreSpec, example_config
 from ood_lens_app import errors, layout, state
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,9 +33,10 @@ import torch
 from PIL import Image as PILImage
 
 from ood_core import data
+from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec
 from ood_core.data import DataUnavailableError
-from ood_core.pipeline import RunCache, RunConfig, ScenarioSpec, ScoreSpec, run
 from ood_core.policy import SourceNotAllowedError, SourcePolicy
+from ood_core.runner import RunCache, run
 
 
 # ---------------------------------------------------------------------------- file builders

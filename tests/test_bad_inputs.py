@@ -42,14 +42,8 @@ import torch
 
 from ood_core import outdir
 from ood_core.cli import main
-from ood_core.pipeline import (
-    ConfigError,
-    RunCache,
-    RunConfig,
-    ScenarioSpec,
-    ScoreSpec,
-    run,
-)
+from ood_core.config import ConfigError, RunConfig, ScenarioSpec, ScoreSpec
+from ood_core.runner import RunCache, run
 
 BASE: dict[str, Any] = {
     "model": {"repo": "bundled", "entry": "tiniest"},
@@ -707,7 +701,7 @@ def test_out_dir_rows_fail_fast_and_touch_nothing(
     cfg = (out if config_inside else tmp_path) / "cfg.toml"
     cfg.write_text(config_text(lambda d: None))
     before = _snapshot(tmp_path)
-    monkeypatch.setattr("ood_core.pipeline.run", _must_not_run)
+    monkeypatch.setattr("ood_core.runner.run", _must_not_run)
     t0 = time.perf_counter()
     code = main(["run", str(cfg), "--out", str(out), "--quiet", *extra])
     elapsed = time.perf_counter() - t0
@@ -756,7 +750,7 @@ def small_result():
 @pytest.fixture
 def fake_run(small_result, monkeypatch, tmp_path):
     """``ood-lens run`` with the computation replaced by ``small_result``: returns the config."""
-    monkeypatch.setattr("ood_core.pipeline.run", lambda config, **kw: small_result)
+    monkeypatch.setattr("ood_core.runner.run", lambda config, **kw: small_result)
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(config_text(lambda d: None))
     return cfg
@@ -851,7 +845,7 @@ def test_ctrl_c_during_the_run_exits_130_without_traceback(tmp_path, monkeypatch
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ood_core.pipeline.run", interrupted)
+    monkeypatch.setattr("ood_core.runner.run", interrupted)
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(config_text(lambda d: None))
     assert main(["run", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 130
@@ -917,7 +911,7 @@ def _raise(exc: BaseException) -> Callable[..., None]:
     return f
 
 
-# (id, setup(tmp) -> argv, replacement for pipeline.run or None, exit code, substrings of stderr)
+# (id, setup(tmp) -> argv, replacement for runner.run or None, exit code, substrings of stderr)
 CLI_ROWS = [
     ("config-missing", lambda t: ["run", str(t / "nope.toml")], None, 2, ["no such config file"]),
     ("config-is-a-folder", lambda t: ["run", str(t)], None, 2, ["is not a file"]),
@@ -1038,7 +1032,7 @@ def test_cli_rows_exit_codes_and_one_line_errors(
     argv, fake, code, needles, tmp_path, monkeypatch, capsys
 ):
     if fake is not None:
-        monkeypatch.setattr("ood_core.pipeline.run", fake)
+        monkeypatch.setattr("ood_core.runner.run", fake)
     args = [*argv(tmp_path), "--quiet"]
     try:
         got = main(args)
@@ -1052,7 +1046,7 @@ def test_cli_rows_exit_codes_and_one_line_errors(
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("ood_core.pipeline.run", _raise(TypeError("oops")))
+    monkeypatch.setattr("ood_core.runner.run", _raise(TypeError("oops")))
     assert main(["run", str(_write_cfg(tmp_path)), "--quiet", "--debug"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "TypeError: oops" in err

@@ -41,12 +41,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ood_core import outdir, plots
-from ood_core import pipeline as pipeline_mod
+from ood_core import bundle_writer, outdir, plots, runner
 from ood_core.bundle import read_bundle
 from ood_core.cli import main
-from ood_core.pipeline import RunCache, RunConfig
+from ood_core.config import RunConfig
 from ood_core.report import write_bundle
+from ood_core.runner import RunCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -266,7 +266,7 @@ def test_force_refuses_what_is_not_an_earlier_bundle_and_touches_nothing(
     out = setup(tmp_path)
     cfg = _cfg(tmp_path)
     before = _snapshot(tmp_path)
-    monkeypatch.setattr("ood_core.pipeline.run", _must_not_run)
+    monkeypatch.setattr("ood_core.runner.run", _must_not_run)
     code = main(["run", str(cfg), "--out", str(out), "--quiet", "--force"])
     err = capsys.readouterr().err
     assert code == 2
@@ -300,15 +300,15 @@ def test_force_accepts_an_earlier_bundle(setup, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small_result() -> pipeline_mod.RunResult:
+def small_result() -> runner.RunResult:
     """One real small run (bundled model and data, a few seconds), reused below."""
-    return pipeline_mod.run(RunConfig.from_toml(CONFIG), RunCache())
+    return runner.run(RunConfig.from_toml(CONFIG), RunCache())
 
 
 @pytest.fixture
 def fake_run(small_result, monkeypatch, tmp_path) -> Path:
     """``ood-lens run`` with the computation replaced by ``small_result``: returns the config."""
-    monkeypatch.setattr("ood_core.pipeline.run", lambda config, **kw: small_result)
+    monkeypatch.setattr("ood_core.runner.run", lambda config, **kw: small_result)
     return _cfg(tmp_path)
 
 
@@ -387,7 +387,7 @@ def test_empty_out_is_refused(text, tmp_path, monkeypatch):
 def test_cli_refuses_an_empty_out(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _cfg(tmp_path)
-    monkeypatch.setattr("ood_core.pipeline.run", _must_not_run)
+    monkeypatch.setattr("ood_core.runner.run", _must_not_run)
     assert main(["run", str(cfg), "--out", "", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--out is empty" in err and "Traceback" not in err
@@ -423,8 +423,8 @@ STORE_ROWS = [
 
 @pytest.fixture
 def cheap_export(monkeypatch) -> list[str]:
-    """``pipeline.export`` replaced by one writing a minimal bundle (run.json only); returns the
-    folders written, in order."""
+    """``bundle_writer.export`` replaced by one writing a minimal bundle (run.json only); returns
+    the folders written, in order."""
     written: list[str] = []
 
     def export(result: Any, out_dir: Any, **kw: Any) -> dict[str, Path]:
@@ -432,7 +432,7 @@ def cheap_export(monkeypatch) -> list[str]:
         written.append(out.name)
         return {"run": out / "run.json"}
 
-    monkeypatch.setattr("ood_lens_app.run_store.pipeline.export", export)
+    monkeypatch.setattr("ood_lens_app.run_store.bundle_writer.export", export)
     return written
 
 
@@ -610,7 +610,7 @@ def test_image_grid_draws_many_rows():
     assert len(fig.data) == n and _domains_disjoint(fig)
 
 
-def _widened(result: pipeline_mod.RunResult, n_scores: int, n_oods: int) -> Any:
+def _widened(result: runner.RunResult, n_scores: int, n_oods: int) -> Any:
     """``result`` with its one score and scenario repeated: ``n_scores`` scores (a layer sweep)
     and ``n_oods`` scenarios, with consistent frames (cheap: nothing recomputed)."""
     score, layers = result.scores_and_layers[0]
@@ -644,7 +644,7 @@ def test_export_writes_everything_for_many_scores_or_scenarios(
     n_scores, n_oods, small_result, tmp_path
 ):
     wide = _widened(small_result, n_scores, n_oods)
-    paths = pipeline_mod.export(wide, tmp_path / "out")
+    paths = bundle_writer.export(wide, tmp_path / "out")
     assert {p.name for p in (tmp_path / "out").iterdir()} == outdir.BUNDLE_FILES
     info = json.loads(paths["run"].read_text())
     assert not [w for w in info["warnings"] if "could not be drawn" in w]
@@ -654,7 +654,7 @@ def test_export_writes_everything_for_many_scores_or_scenarios(
 
 def test_cli_with_22_scenarios_writes_the_results(small_result, tmp_path, monkeypatch, capsys):
     wide = _widened(small_result, 1, 22)
-    monkeypatch.setattr("ood_core.pipeline.run", lambda config, **kw: wide)
+    monkeypatch.setattr("ood_core.runner.run", lambda config, **kw: wide)
     out = tmp_path / "out"
     assert main(["run", str(_cfg(tmp_path)), "--out", str(out), "--quiet"]) == 0
     assert {p.name for p in out.iterdir()} == outdir.BUNDLE_FILES
@@ -702,7 +702,7 @@ def test_a_failing_figure_never_costs_the_numbers(
     target, replacement, figures, needles, small_result, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(target, replacement)
-    paths = pipeline_mod.export(small_result, tmp_path / "out")
+    paths = bundle_writer.export(small_result, tmp_path / "out")
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} == outdir.BUNDLE_FILES
     assert pd.read_csv(out / "metrics.csv")["value"].tolist() == pytest.approx(
@@ -728,7 +728,7 @@ def test_a_failing_figure_never_costs_the_numbers(
 def test_figures_that_still_draw_stay_in_the_report(small_result, tmp_path, monkeypatch):
     monkeypatch.setattr("ood_core.plots.summary_plot", _boom)
     problems: list[str] = []
-    figures = pipeline_mod.result_figures(small_result, problems)
+    figures = bundle_writer.result_figures(small_result, problems)
     assert [name for name, _ in figures] == [
         *(f"Confidences: {n}" for n in small_result.score_names),
         *(f"ROC: InD vs {t}" for t in small_result.ood_titles),
@@ -737,11 +737,11 @@ def test_figures_that_still_draw_stay_in_the_report(small_result, tmp_path, monk
         "Figure 'Summary' could not be drawn (ValueError: The 'vertical_spacing' argument must "
         "be less than or equal to 0.05)."
     ]
-    report = pipeline_mod.export(small_result, tmp_path / "out")["report"].read_text()
+    report = bundle_writer.export(small_result, tmp_path / "out")["report"].read_text()
     assert report.count("class='figure'") == len(figures)  # the others drawn, plotly.js once
     assert report.count('<script type="text/javascript">/**') <= 1
     with pytest.raises(ValueError, match="vertical_spacing"):
-        pipeline_mod.result_figures(small_result)  # without a list to collect in: raised
+        bundle_writer.result_figures(small_result)  # without a list to collect in: raised
 
 
 def test_result_figures_on_a_synthetic_sweep():
@@ -755,7 +755,7 @@ def test_result_figures_on_a_synthetic_sweep():
         ood_titles=["A", "B"],
     )
     problems: list[str] = []
-    figures = pipeline_mod.result_figures(result, problems)  # type: ignore[arg-type]
+    figures = bundle_writer.result_figures(result, problems)  # type: ignore[arg-type]
     assert problems == [] and len(figures) == 1 + n_scores + 2
 
 

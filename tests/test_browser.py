@@ -366,7 +366,8 @@ def test_two_sessions_running_at_once_match_a_serial_run(server_url: str, tmp_pa
     import numpy as np
     import pandas as pd
 
-    from ood_core.pipeline import RunCache, RunConfig, run
+    from ood_core.config import RunConfig
+    from ood_core.runner import RunCache, run
 
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:

@@ -23,15 +23,9 @@ import torch
 from ood_core import bundle as bundle_mod
 from ood_core import hub
 from ood_core.bundle import BundleError, read_bundle, to_result
-from ood_core.pipeline import (
-    ConfigError,
-    RunCache,
-    RunConfig,
-    ScenarioSpec,
-    ScoreSpec,
-    export,
-    run,
-)
+from ood_core.bundle_writer import export
+from ood_core.config import ConfigError, RunConfig, ScenarioSpec, ScoreSpec
+from ood_core.runner import RunCache, run
 
 
 @pytest.fixture(scope="module")

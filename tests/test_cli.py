@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from ood_core.cli import main
-from ood_core.pipeline import RunConfig, ScenarioSpec, ScoreSpec, example_config
+from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec, example_config
 
 
 def test_example_config_round_trips_through_toml(capsys):
@@ -98,7 +98,7 @@ def test_trust_comes_from_the_command_line_never_from_the_file(
         seen.append(config.trust_repo)
         raise ValueError("stopped after the trust check")
 
-    monkeypatch.setattr("ood_core.pipeline.run", fake_run)
+    monkeypatch.setattr("ood_core.runner.run", fake_run)
     cfg = example_config()
     if repo == "local":
         (tmp_path / "hub").mkdir()

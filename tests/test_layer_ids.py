@@ -10,10 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ood_core.bundle_writer import export
+from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec, relabelled
 from ood_core.diagnostics import OodLensWarning, degenerate
 from ood_core.layer_ids import layer_text, layers_text, parse_layer_id, parse_layer_ids
-from ood_core.pipeline import RunCache, RunConfig, ScenarioSpec, ScoreSpec, export, relabelled, run
 from ood_core.recorder import Recorder
+from ood_core.runner import RunCache, run
 
 WRITTEN = re.compile(r"^\d+-\d+$")
 

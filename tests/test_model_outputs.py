@@ -468,7 +468,7 @@ def hub_dir(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _config(hub_dir, entry: str, output=None):
-    from ood_core.pipeline import RunConfig, ScenarioSpec, ScoreSpec
+    from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec
 
     return RunConfig(
         model_repo=str(hub_dir),
@@ -482,7 +482,7 @@ def _config(hub_dir, entry: str, output=None):
 
 
 def test_the_config_reads_writes_and_checks_model_output(hub_dir) -> None:
-    from ood_core.pipeline import ConfigError, RunConfig
+    from ood_core.config import ConfigError, RunConfig
 
     for output, line in ((0, "output = 0"), ("logits", 'output = "logits"')):
         cfg = _config(hub_dir, "pair", output)
@@ -507,7 +507,7 @@ def test_the_config_reads_writes_and_checks_model_output(hub_dir) -> None:
 def test_runs_cli_and_bundles_honour_the_output(hub_dir, tmp_path, capsys) -> None:
     from ood_core.bundle import read_bundle, to_result
     from ood_core.cli import main
-    from ood_core.pipeline import RunCache, run
+    from ood_core.runner import RunCache, run
 
     cache = RunCache()
     want = run(dataclasses.replace(_config(hub_dir, "plain"), trust_repo=True), cache)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec
 from ood_core.eval import compute_confidence, compute_metrics, fit_scores
-from ood_core.pipeline import RunCache, RunConfig, ScenarioSpec, ScoreSpec, run
+from ood_core.runner import RunCache, run
 from ood_core.scores import KNN, Softmax
 
 

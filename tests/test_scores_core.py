@@ -160,8 +160,9 @@ def test_parameters_are_validated_with_clear_messages():
 def test_repr_and_config_round_trip():
     s = KNN(k=15)
     assert repr(s) == "KNN(k=15)" and repr(Softmax()) == "Softmax()"
-    assert (
-        s.full_repr() == "KNN(act_norm=2, index_metric='l2', k=15, mode='raw', pooling='flatten')"
+    assert s.full_repr() == (
+        "KNN(act_norm=2, index='exact', index_metric='l2', k=15, mode='raw', nprobe=16, "
+        "pooling='flatten')"
     )
     cfg = Gram(max_gram_order=3, cut_off=0.05).config()
     assert make_score(**cfg) == Gram(max_gram_order=3, cut_off=0.05)

@@ -519,7 +519,7 @@ def _tiny_hub_dir(tmp_path):
 @pytest.mark.parametrize("how", ["flag", "config"])
 def test_cli_runs_a_local_repo_only_with_explicit_trust(tmp_path, capsys, how):
     from ood_core.cli import main
-    from ood_core.pipeline import RunConfig, ScenarioSpec, ScoreSpec, example_config
+    from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec, example_config
 
     cfg = example_config()
     cfg.model_repo, cfg.model_entry = str(_tiny_hub_dir(tmp_path)), "tiny"
@@ -650,7 +650,8 @@ def test_network_mode_confines_every_file_a_loader_opens(row, via, tree, monkeyp
 def test_a_cached_model_is_never_handed_to_a_caller_who_did_not_trust_it(tmp_path, monkeypatch):
     import re
 
-    from ood_core.pipeline import RunCache, RunConfig, ScenarioSpec, ScoreSpec, load_inputs
+    from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec
+    from ood_core.runner import RunCache, load_inputs
 
     monkeypatch.setattr(hub, "network_available", lambda *a, **k: pytest.fail("network tried"))
     _cached_repo(tmp_path, monkeypatch)
@@ -680,7 +681,7 @@ def test_cli_a_config_asking_for_trust_runs_the_repo_only_with_the_flag(
     kind, tmp_path, monkeypatch, capsys
 ):
     from ood_core.cli import main
-    from ood_core.pipeline import ScenarioSpec, ScoreSpec, example_config
+    from ood_core.config import ScenarioSpec, ScoreSpec, example_config
 
     monkeypatch.setattr(hub, "network_available", lambda *a, **k: pytest.fail("network tried"))
     cached = _cached_repo(tmp_path, monkeypatch)
@@ -702,7 +703,8 @@ def test_cli_a_config_asking_for_trust_runs_the_repo_only_with_the_flag(
 def _saved_run_of(repo: str, runs: Path, asks_trust: bool) -> str:
     """A saved run (an export bundle in the run store) whose model comes from ``repo``; its
     config.toml says ``trust_repo = true`` when ``asks_trust``. The marker its run left is gone."""
-    from ood_core.pipeline import RunCache, RunConfig, ScenarioSpec, ScoreSpec, run
+    from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec
+    from ood_core.runner import RunCache, run
     from ood_lens_app import run_store
 
     config = RunConfig(

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from ood_core import eval as ev
-from ood_core.pipeline import RunCache, RunConfig, ScenarioSpec, ScoreSpec, run
+from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec
 from ood_core.recorder import Recorder
+from ood_core.runner import RunCache, run
 from ood_core.scores import KNN, DeepMahalanobis, Gram, Softmax
 
 
@@ -164,7 +165,7 @@ def _seed_api_work(net, data):
     return _fit_and_score(net, data)
 
 
-def _pipeline_work(net, _data):
+def _runner_work(net, _data):
     cache = RunCache()
     cache.models[("bundled", "tiniest")] = net
     cfg = RunConfig(
@@ -181,13 +182,13 @@ def _pipeline_work(net, _data):
     return [result.confs_ind, *result.confs_oods]
 
 
-CONCURRENT_ROWS = {"seed API, 4 scores": _seed_api_work, "pipeline.run, 3 scores": _pipeline_work}
+CONCURRENT_ROWS = {"seed API, 4 scores": _seed_api_work, "runner.run, 3 scores": _runner_work}
 
 
 @pytest.mark.parametrize("row", list(CONCURRENT_ROWS))
 def test_concurrent_runs_on_one_model_equal_serial_runs(row, data, tiniest):
     work = CONCURRENT_ROWS[row]
-    net = tiniest if "pipeline" in row else Small()
+    net = tiniest if "runner" in row else Small()
     serial = work(net, data)
     results: dict[int, list[np.ndarray]] = {}
     errors: list[BaseException] = []

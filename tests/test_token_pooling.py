@@ -150,7 +150,7 @@ def test_knn_features_and_conformity_equal_a_hand_computation(net, pooling):
     ((_, conf),) = ev.confidences([score], test)
     d2 = ((q[:, None, :] - c[None]) ** 2).sum(-1)
     np.testing.assert_allclose(conf[:, 0].numpy(), -np.sort(d2, 1)[:, 2], rtol=1e-4, atol=1e-5)
-    assert score.index.d == {"cls": D, "mean": D, "flatten": 17 * D}[pooling]
+    assert score.index_.d == {"cls": D, "mean": D, "flatten": 17 * D}[pooling]
 
 
 def test_every_pooled_score_reads_the_same_token_features(net):
@@ -345,6 +345,6 @@ def test_timm_vit_block_tokens():
         assert knn.estimate_bytes(ev.recorder, 24) == 24 * 192 * 4 * 2  # was 24 x 3,264 dims
         ev.fit([knn], cal)
         ((_, conf),) = ev.confidences([knn], test)
-        bank = torch.from_numpy(knn.index.reconstruct_n(0, 24))
+        bank = torch.from_numpy(knn.index_.reconstruct_n(0, 24))
         want = (hand @ bank.T).max(1).values
         torch.testing.assert_close(conf[:, 0].float(), want, rtol=1e-5, atol=1e-5)

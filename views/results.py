@@ -12,8 +12,9 @@ import numpy as np
 import streamlit as st
 
 from ood_core import plots
+from ood_core.config import IND_TITLE
 from ood_core.core import predicted_classes
-from ood_core.pipeline import IND_TITLE, RunResult
+from ood_core.runner import RunResult
 from ood_lens_app import form, layout, loaders, result_views, runs, state
 from ood_lens_app.result_views import ALL_METRICS, THRESHOLD_MODES, index_choice, name_choice
 

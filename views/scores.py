@@ -9,8 +9,8 @@ import pandas as pd
 import streamlit as st
 
 from ood_core import data as data_mod
+from ood_core.config import RunConfig
 from ood_core.perturbations import list_perturbations
-from ood_core.pipeline import RunConfig
 from ood_core.scores import get_score_class, list_scores
 from ood_lens_app import estimates, form, layers, layout, loaders, runs, state, widgets
 from ood_lens_app.form import Problems

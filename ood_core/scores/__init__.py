@@ -66,6 +66,7 @@ def list_scores() -> list[dict[str, Any]]:
                 "layers": cls.layer_rule,
                 "max_layers": cls.max_layers,
                 "needs_fit": cls.needs_fit,
+                "fit_kind": cls.fit_kind + (f" ({cls.fit_note})" if cls.fit_note else ""),
                 "gradients": _gradients(cls),
                 "reference": cls.reference,
                 "doc": (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "),
@@ -88,11 +89,13 @@ def _default_text(value: Any) -> str:
 
 def scores_markdown() -> str:
     """README's score table (``ood-lens scores --markdown``), built from the registry: one row
-    per score with its family, layers, gradients, parameters (``*``: required, the value shown is
+    per score with its family, layers, how it fits (:data:`~ood_core.scores.base.FIT_KINDS`),
+    gradients, parameters (``*``: required, the value shown is
     then a suggestion; ``act_norm`` and ``mode`` are common to all) and paper."""
     lines = [
-        "| score | family | layers | gradients | parameters (defaults; * = required) | paper |",
-        "|---|---|---|---|---|---|",
+        "| score | family | layers | fit | gradients | parameters (defaults; * = required) "
+        "| paper |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in list_scores():
         layers = _LAYER_TEXT[row["layers"]]
@@ -110,7 +113,8 @@ def scores_markdown() -> str:
         if act is not None:
             text += f", `act_norm={act!r}`"
         lines.append(
-            f"| `{row['name']}` | {row['family']} | {layers} | {row['gradients']} | {text} "
+            f"| `{row['name']}` | {row['family']} | {layers} | {row['fit_kind']} "
+            f"| {row['gradients']} | {text} "
             f"| {row['reference']} |"
         )
     return "\n".join(lines)

@@ -113,6 +113,17 @@ def postprocess_conformity(conformity: Tensor, mode: str) -> Tensor:
     raise ValueError(f"Unsupported mode: {mode!r}")
 
 
+FIT_KINDS = {
+    "none": "nothing to fit",
+    "logits": "fitted on the calibration logits only",
+    "streaming": "mergeable statistics accumulated batch by batch (memory independent of n)",
+    "two-pass": "statistics of the calibration features, then a second pass over them",
+    "bank": "keeps the calibration features (a neighbour bank, exact quantiles): n x D",
+    "own-pass": "runs its own passes over the calibration inputs (gradients, modified inputs)",
+}
+"""How a score fits (:attr:`BaseScore.fit_kind`), with what its memory grows."""
+
+
 class BaseScore:
     """Base class of every confidence score (see the module docstring for the conventions).
 
@@ -191,6 +202,8 @@ class BaseScore:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "fit_kind" not in cls.__dict__ and not cls.needs_fit:
+            cls.fit_kind = "none"
         # help(), IDEs and inspect.signature see the declared parameters, not **kwargs
         cls.__signature__ = inspect.Signature(
             [
@@ -414,9 +427,53 @@ class BaseScore:
         shared gradient-free pass."""
         return self.needs_grad or self.own_pass
 
+    extract_params: ClassVar[tuple[str, ...] | None] = None
+    """The parameters :meth:`extract` reads (``act_norm`` always counts): the features cached
+    for one value set serve every other value of the remaining parameters (e.g. KNN's ``k``).
+    None (the safe default): every parameter but ``mode``."""
+    extract_reads_fit: ClassVar[bool] = False
+    """True for scores whose :meth:`extract` reads fitted state (ReAct's thresholds at
+    inference): their features are never cached."""
+
+    def feature_key(self) -> str | None:
+        """Identity of this score's per-sample features for a given network, layers and data
+        (:class:`~ood_core.engine.FeatureKey`): the class and the parameters :meth:`extract`
+        reads; None when they cannot be cached (:attr:`extract_reads_fit`)."""
+        cls = type(self)
+        if cls.extract_reads_fit:
+            return None
+        if cls.extract is BaseScore.extract and not self.needs_own_pass:
+            return "none"  # no features at all: any such score shares the (empty) entry
+        if cls.extract_params is None:
+            names = sorted(set(self.values) - {"mode"})
+        else:
+            names = sorted({*cls.extract_params, "act_norm"})
+        return f"{cls.__name__}(" + ", ".join(f"{k}={self.values[k]!r}" for k in names) + ")"
+
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         """Per-sample features of one batch (inside the shared no-grad pass). Default: none."""
         return {}
+
+    fit_kind: ClassVar[str] = "bank"
+    """How the score fits with its default parameters (a :data:`FIT_KINDS` key; ``"none"`` for
+    a score with ``needs_fit = False`` unless it says otherwise); README's score table lists it.
+    :meth:`streams_fit` says whether this instance streams."""
+
+    fit_note: ClassVar[str] = ""
+    """When another parameter value changes how the score fits (README's score table)."""
+
+    def streams_fit(self) -> bool:
+        """Whether this instance fits from streaming statistics (:meth:`fit_state`, updated by
+        the engine batch by batch, then :meth:`fit_from_state`) instead of whole features."""
+        return False
+
+    def fit_state(self) -> Any:
+        """A new, empty streaming state with ``update(features, logits, labels)`` and
+        ``merge(other)`` (see :mod:`ood_core.scores.statistics`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not fit from streaming statistics")
+
+    def _fit_from_state(self, state: Any, logits: Tensor, labels: Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not fit from streaming statistics")
 
     def extract_own(self, recorder: Recorder, x: Tensor) -> Features:
         """Per-sample features of one batch for scores with their own passes (gradients or
@@ -440,6 +497,15 @@ class BaseScore:
 
     def fit_features(self, features: Features, logits: Tensor, labels: Tensor | None) -> None:
         """Calibrate from extracted features (labels default to the predictions)."""
+        self._guarded_fit(lambda lab: self._fit(features, logits, lab), logits, labels)
+
+    def fit_from_state(self, state: Any, logits: Tensor, labels: Tensor | None) -> None:
+        """Calibrate from a streaming state filled over the calibration set (see
+        :meth:`streams_fit`; labels default to the predictions)."""
+        self._guarded_fit(lambda lab: self._fit_from_state(state, logits, lab), logits, labels)
+
+    def _guarded_fit(self, fit: Any, logits: Tensor, labels: Tensor | None) -> None:
+        """Run ``fit(labels)``; a fit that fails or is interrupted leaves the score as it was."""
         if labels is None:
             labels = logits.argmax(1)
         labels = labels.to(logits.device).long()
@@ -450,7 +516,7 @@ class BaseScore:
         before = dict(self.__dict__)
         try:
             self.n_classes = logits.shape[1]
-            self._fit(features, logits, labels)
+            fit(labels)
             self.fitted = True
         except BaseException:  # failed or interrupted (Ctrl-C, a Streamlit rerun): as it was
             self.__dict__.clear()

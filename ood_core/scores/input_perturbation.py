@@ -290,6 +290,8 @@ class Odds(UsesLabels, BaseScore):
     Examples", ICML 2019.
     """
 
+    fit_kind = "own-pass"
+
     family = "input perturbation"
     reference = "Roth, Kilcher & Hofmann, ICML 2019"
     layer_rule = "none"

@@ -1,14 +1,19 @@
-"""Nearest-neighbour score on recorded features, with a faiss flat index.
+"""Nearest-neighbour score on recorded features: exact faiss flat search, or an opt-in
+approximate faiss index with its recall measured at fit.
 
 Features are pooled per layer (``pooling``, :mod:`ood_core.scores.features`: ``flatten`` by
 default, as the reference library; ``mean`` / ``cls`` for 4-D maps and 3-D ViT tokens) and
 concatenated. The float32 feature bank and every neighbour search are estimated before they are
-computed (:func:`check_bank`, :func:`check_search`), with remedies that fit the layers' shapes.
+computed (:func:`~ood_core.scores.search.check_bank`, :func:`~ood_core.scores.search.
+check_search`), with remedies that fit the layers' shapes. The searches themselves are shared
+with the other neighbour scores (:mod:`ood_core.scores.search`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -16,120 +21,69 @@ import torch
 from torch import Tensor
 
 import ood_core.scores.features as feat
-from ood_core.budget import check_budget, net_device_dtype
+import ood_core.scores.search as srch
 from ood_core.core import normalise_activation
-from ood_core.layer_ids import LayerId
+from ood_core.diagnostics import degenerate
+from ood_core.layer_ids import LayerId, layers_text
 from ood_core.params import Param
 from ood_core.recorder import Recorder
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.registry import register_score
+from ood_core.scores.search import INDEX_METRIC, POOLING
 
-SEARCH_CHUNK = 1024
-"""Queries per block when exact float64 distances are recomputed from the neighbours' features
-(see :func:`ood_core.scores.neighbours.search`)."""
+AUTO_APPROX_ROWS = 200_000
+"""``index='auto'``: exact (flat) search below this many bank rows, an IVF index from it on."""
 
-INDEX_METRIC = Param(
-    "index_metric",
-    "choice",
-    "l2",
-    choices=("l2", "ip"),
-    help="l2: squared Euclidean distance; ip: inner product (cosine if normed).",
+AUTO_TARGET_RECALL = 0.99
+"""``index='auto'`` with an IVF index doubles ``nprobe`` (up to ``nlist``) until the measured
+recall@k reaches this."""
+
+MIN_RECALL = 0.95
+"""An approximate index whose measured recall@k is below this is reported as degenerate (an
+:class:`~ood_core.diagnostics.OodLensWarning`), besides the fit note every approximate index
+gets."""
+
+MAX_NPROBE = 65_536
+
+
+def auto_nlist(n_rows: int) -> int:
+    """The inverted lists of ``index='auto'``'s IVF index: about ``4 sqrt(n)``."""
+    return max(1, round(4 * math.sqrt(n_rows)))
+
+
+class IndexParam(Param):
+    """KNN's ``index``: ``'exact'``, ``'auto'`` or a faiss ``index_factory`` string (checked
+    against the features' dims at fit, before any forward pass when the network is known)."""
+
+    def range_text(self) -> str:
+        return "'exact', 'auto' or a faiss index_factory string such as 'IVF256,Flat' or 'HNSW32'"
+
+    def validate(self, value: Any, owner: str) -> Any:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(
+                f"{owner}: parameter {self.name!r} must be {self.range_text()}, got {value!r}"
+            )
+        return value.strip()
+
+
+INDEX = IndexParam(
+    "index",
+    "str",
+    "exact",
+    help="Neighbour search. exact: faiss flat search (the reference's); auto: exact below "
+    f"{AUTO_APPROX_ROWS:,} calibration samples, else an IVF index of ~4 sqrt(n) lists; or a "
+    "faiss index_factory string (approximate), e.g. 'IVF256,Flat', 'IVF1024,PQ16', 'HNSW32': "
+    "trained on the calibration bank, its recall@k against exact search is measured at fit.",
 )
-
-
-POOLING = feat.pooling_param(
-    "flatten",
-    "Layer features (each layer, before concatenation). flatten: the whole activation per "
-    "sample (the reference's); mean: a 4-D (N, C, H, W) map averaged over H, W -> (N, C), 3-D "
-    "(N, L, D) tokens (ViT / DeiT blocks) averaged over the L tokens -> (N, D); cls: token 0 of "
-    "3-D (N, L, D) tokens -> (N, D).",
+NPROBE = Param(
+    "nprobe",
+    "int",
+    16,
+    low=1,
+    high=MAX_NPROBE,
+    help="Search breadth of an approximate index: IVF: inverted lists visited per query (at "
+    "most nlist; more: higher recall, slower); HNSW: efSearch. Ignored by exact search.",
 )
-"""The ``pooling`` parameter of KNN and the neighbour scores (default ``flatten``)."""
-
-
-def flat_features(
-    activations: dict[LayerId, Tensor], layers: tuple[LayerId, ...], pooling: str = "flatten"
-) -> Tensor:
-    """Concatenate the layers' activations pooled per sample (:func:`~ood_core.scores.features.
-    pool`; default flattened) -> float32 ``(batch, D)``."""
-    return torch.cat(
-        [feat.pool(activations[layer], pooling, torch.float32) for layer in layers], dim=1
-    )
-
-
-def to_faiss(x: Tensor) -> np.ndarray:
-    return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-
-
-def flat_index(calib: Tensor, metric: str) -> faiss.Index:
-    """A faiss flat (exact) index over ``calib`` ``(n, D)``: L2 or inner product."""
-    index = (
-        faiss.IndexFlatL2(calib.shape[1]) if metric == "l2" else faiss.IndexFlatIP(calib.shape[1])
-    )
-    index.add(to_faiss(calib))
-    return index
-
-
-def check_k(owner: BaseScore, k: int, n_calib: int) -> None:
-    if k > n_calib:
-        raise ValueError(
-            f"{owner!r}: k={k} neighbours but only {n_calib} calibration samples; "
-            f"use k <= {n_calib} or more calibration data."
-        )
-
-
-def feature_dims(recorder: Recorder, layers: Sequence[LayerId], pooling: str = "flatten") -> int:
-    """Length of the per-sample feature vector of ``layers`` concatenated, each pooled by
-    ``pooling`` (:func:`ood_core.scores.features.pooled_size`: e.g. ``D`` for ``mean`` or
-    ``cls`` on ``(N, L, D)`` tokens)."""
-    return feat.feature_dims(recorder, layers, pooling)
-
-
-def check_bank(owner: BaseScore, n_samples: int, dims: int, copies: int = 2) -> None:
-    """Refuse (:class:`~ood_core.budget.BudgetError`) a float32 feature bank of ``n_samples x
-    dims`` kept ``copies`` times (the extracted features and the faiss index) that cannot fit;
-    the remedy names the pooling that would shrink the owner's layers, when one would."""
-    rec = owner.recorder_
-    device = net_device_dtype(rec.net)[0] if rec is not None else None
-    remedy = feat.join_remedies(
-        feat.owner_pooling_remedy(owner), "smaller or fewer layers", "fewer calibration samples"
-    )
-    check_budget(
-        f"{owner!r}: the feature bank of {n_samples:,} calibration samples x {dims:,} dims "
-        f"(x{copies}: features and index)",
-        4 * n_samples * dims * copies,
-        "use " + remedy,
-        device,
-    )
-
-
-def check_search(
-    owner: BaseScore,
-    n_query: int,
-    k: int,
-    *,
-    dims: int = 0,
-    exact: bool = False,
-    n_classes: int = 0,
-) -> None:
-    """Refuse a search of the ``k`` nearest neighbours of ``n_query`` queries that cannot fit:
-    faiss' ``(n_query, k)`` distances and ids and their float64 / int64 copies (28 bytes per
-    neighbour), with ``exact`` the float64 ``(chunk, k, dims)`` neighbour features gathered to
-    recompute exact distances, and with ``n_classes`` the ``(n_query, k, C)`` one-hot labels
-    of the neighbours (int64). Neighbour searches run on the CPU."""
-    n_bytes = 28 * n_query * k
-    if exact:
-        n_bytes += 3 * 8 * min(n_query, SEARCH_CHUNK) * k * dims
-    if n_classes:
-        n_bytes += 8 * n_query * k * n_classes
-    pooling = feat.owner_pooling_remedy(owner) if exact else None
-    check_budget(
-        f"{owner!r}: the search of the k={k:,} nearest neighbours of {n_query:,} samples",
-        n_bytes,
-        "lower k"
-        + (f" or use {pooling}" if pooling else "")
-        + (" or score fewer samples per call" if n_query > k else ""),
-    )
 
 
 @register_score
@@ -144,6 +98,17 @@ class KNN(BaseScore):
     reference library normalises the concatenation instead, which only differs with several
     layers.
 
+    ``index`` (ours; default ``'exact'``, the reference's flat search): a faiss ``index_factory``
+    string such as ``'IVF256,Flat'`` or ``'HNSW32'`` searches an approximate index trained on the
+    calibration bank (an IVF needs at least 4 rows per list), with ``nprobe`` lists visited (HNSW:
+    ``efSearch``). Its recall@k against exact search is measured at fit on a seeded sample of up
+    to 1,000 calibration samples (each one's k nearest others) and kept in ``recall_`` and
+    ``fit_notes``; below 0.95 the fit also warns. That recall is the in-distribution one: inputs
+    far from the bank (OoD) can be searched less well, HNSW graphs notably (see
+    ``benchmarks/bench_neighbours.py``). ``'auto'``: exact below
+    :data:`AUTO_APPROX_ROWS` calibration samples, else ``'IVF<4 sqrt(n)>,Flat'`` with ``nprobe``
+    doubled until the recall reaches 0.99; the note says which and why.
+
     Sun et al., "Out-of-Distribution Detection with Deep Nearest Neighbors", ICML 2022.
     """
 
@@ -155,9 +120,14 @@ class KNN(BaseScore):
         Param("k", "int", 15, low=1, required=True, help="Which neighbour (k-th) is used."),
         INDEX_METRIC,
         POOLING,
+        INDEX,
+        NPROBE,
     )
 
     normalises_concatenation = True
+    extract_params = ("pooling",)
+    """:meth:`extract` reads ``pooling`` (and ``act_norm``): cached features serve every ``k``,
+    ``index_metric``, ``index`` and ``nprobe``."""
 
     def check_layers(
         self, layers: Sequence[LayerId], recorder: Recorder | None = None
@@ -167,23 +137,129 @@ class KNN(BaseScore):
         return layers
 
     def check_calibration(self, n_samples: int, class_counts: list[int] | None = None) -> None:
+        """Also refuses, before any forward pass, a bank that cannot fit and an ``index`` string
+        that faiss cannot build for the features' dims or an IVF with too few rows per list."""
         super().check_calibration(n_samples, class_counts)
         if self.recorder_ is not None and self.layers:
-            check_bank(self, n_samples, feature_dims(self.recorder_, self.layers, self.pooling))
+            dims = srch.feature_dims(self.recorder_, self.layers, self.pooling)
+            srch.check_bank(self, n_samples, dims)
+            if self.index not in ("exact", "auto"):
+                self._factory(self.index, dims, n_samples)
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
-        x = flat_features(activations, self.layers, self.pooling)
+        x = srch.flat_features(activations, self.layers, self.pooling)
         return {"x": normalise_activation(x, self.act_norm)}
 
-    def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
-        check_k(self, self.k, len(features["x"]))
-        self.index = flat_index(features["x"], self.index_metric)
+    # ------------------------------------------------------------------ fit
+    def _where(self) -> str:
+        return f"KNN @ {layers_text(self.layers)}" if self.layers else "KNN"
 
+    def _factory(self, spec: str, dims: int, n_rows: int) -> faiss.Index:
+        """The empty faiss index of ``spec`` for ``dims``-dim features, or ``ValueError`` naming
+        the parameter and examples; an IVF must have at least :data:`~ood_core.scores.search.
+        IVF_MIN_ROWS_PER_LIST` of the ``n_rows`` bank rows per list."""
+        try:
+            index = srch.factory_index(spec, dims, self.index_metric)
+        except ValueError as exc:
+            raise ValueError(
+                f"{self!r}: parameter 'index' = {spec!r} is not a faiss index for the "
+                f"{dims:,}-dim features ({exc}); use 'exact', 'auto' or a faiss index_factory "
+                f"string such as 'IVF256,Flat', 'IVF1024,PQ16' or 'HNSW32'."
+            ) from None
+        ivf = srch.ivf_of(index)
+        need = srch.IVF_MIN_ROWS_PER_LIST
+        if ivf is not None and n_rows < need * ivf.nlist:
+            fewer = max(1, n_rows // 39)
+            raise ValueError(
+                f"{self!r}: parameter 'index' = {spec!r} has {ivf.nlist:,} inverted lists but the "
+                f"calibration bank only {n_rows:,} rows; training its quantizer needs at least "
+                f"{need} rows per list ({need * ivf.nlist:,}): use fewer lists (e.g. "
+                f"'IVF{fewer},Flat'), more calibration data or index='exact'."
+            )
+        return index
+
+    def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
+        x = features["x"]
+        n = len(x)
+        srch.check_k(self, self.k, n)
+        self.fit_notes = []
+        self.recall_: float | None = None
+        """Measured recall@k of an approximate index (None for exact search)."""
+        spec = self.index
+        auto = spec == "auto"
+        if auto:
+            if n < AUTO_APPROX_ROWS:
+                spec = "exact"
+                self.fit_notes.append(
+                    f"{self._where()}: index='auto': exact search ({n:,} calibration samples < "
+                    f"AUTO_APPROX_ROWS = {AUTO_APPROX_ROWS:,})"
+                )
+            else:
+                spec = f"IVF{auto_nlist(n)},Flat"
+                self.fit_notes.append(
+                    f"{self._where()}: index='auto': {spec!r} ({n:,} calibration samples >= "
+                    f"AUTO_APPROX_ROWS = {AUTO_APPROX_ROWS:,}; nlist ~ 4 sqrt(n))"
+                )
+        self.index_spec_ = spec
+        """The index searched: ``'exact'`` or the faiss index_factory string (``'auto'``
+        resolved)."""
+        if spec == "exact":
+            self.index_ = srch.flat_index(x, self.index_metric)
+            return
+        self.index_ = self._fit_approximate(x.detach().cpu(), spec, auto)
+
+    def _fit_approximate(self, bank: Tensor, spec: str, auto: bool) -> faiss.Index:
+        index = self._factory(spec, bank.shape[1], len(bank))
+        srch.train_and_add(index, bank)
+        breadth = srch.set_search_breadth(index, self.nprobe)
+        recall, m = srch.recall_at_k(index, bank, self.k, self.index_metric)
+        ivf = srch.ivf_of(index)
+        raised = ""
+        if auto and ivf is not None and recall < AUTO_TARGET_RECALL and ivf.nprobe < ivf.nlist:
+            first = ivf.nprobe
+            while recall < AUTO_TARGET_RECALL and ivf.nprobe < ivf.nlist:
+                breadth = srch.set_search_breadth(index, 2 * ivf.nprobe)
+                recall, m = srch.recall_at_k(index, bank, self.k, self.index_metric)
+            raised = f", raised from nprobe={first} to reach recall {AUTO_TARGET_RECALL}"
+        self.recall_ = recall
+        how = f" ({breadth}{raised})" if breadth else ""
+        self.fit_notes.append(
+            f"{self._where()}: index {spec!r}{how}: recall@{self.k} {recall:.4f} against exact "
+            f"search on {m:,} calibration queries"
+        )
+        if recall < MIN_RECALL:
+            if ivf is not None:
+                wider = f"a larger nprobe (now {ivf.nprobe}, at most nlist = {ivf.nlist:,})"
+            elif breadth and breadth.startswith("efSearch"):
+                wider = f"a larger nprobe (HNSW efSearch, now {self.nprobe})"
+            else:
+                wider = "a finer index"
+            degenerate(
+                self,
+                f"the approximate index {spec!r}{how} finds {recall:.1%} of the exact "
+                f"{self.k} nearest neighbours (recall@{self.k} {recall:.4f} < {MIN_RECALL} on "
+                f"{m:,} calibration queries), so its k-th distances are not the exact ones",
+                f"use {wider} or index='exact'",
+                layer=self.layers[0] if len(self.layers) == 1 else None,
+            )
+        return index
+
+    # ------------------------------------------------------------------ inference
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
-        check_search(self, len(features["x"]), self.k)
-        dist, _ = self.index.search(to_faiss(features["x"]), self.k)
+        srch.check_search(self, len(features["x"]), self.k)
+        q = srch.to_faiss(features["x"])
+        dist, idx = self.index_.search(q, self.k)
+        ivf = srch.ivf_of(self.index_) if self.index_spec_ != "exact" else None
+        lost = np.flatnonzero(idx[:, -1] < 0) if ivf is not None else ()
+        if len(lost):  # fewer than k rows in the visited lists: search those queries in all lists
+            nprobe = ivf.nprobe
+            ivf.nprobe = ivf.nlist
+            try:
+                dist[lost] = self.index_.search(q[lost], self.k)[0]
+            finally:
+                ivf.nprobe = nprobe
         kth = torch.from_numpy(dist[:, -1].astype(np.float64)).to(logits.device)
         return -kth if self.index_metric == "l2" else kth
 
 
-__all__ = ["KNN", "POOLING"]
+__all__ = ["AUTO_APPROX_ROWS", "KNN", "POOLING"]

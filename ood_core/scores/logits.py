@@ -131,6 +131,8 @@ class TemperatureScaling(UsesLabels, _LogitScore):
     Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
     """
 
+    fit_kind = "logits"
+
     reference = "Guo et al., ICML 2017"
     needs_fit = True
 
@@ -162,6 +164,8 @@ class KLMatching(_LogitScore):
 
     Hendrycks et al., "Scaling Out-of-Distribution Detection for Real-World Settings", ICML 2022.
     """
+
+    fit_kind = "logits"
 
     reference = "Hendrycks et al., ICML 2022"
     needs_fit = True
@@ -284,6 +288,8 @@ class IsoMax(UsesLabels, BaseScore):
     Macêdo, Ren, Zanchettin, Oliveira & Ludermir, "Entropic Out-of-Distribution Detection",
     IJCNN 2021.
     """
+
+    fit_kind = "logits"
 
     family = "logits"
     reference = "Macêdo et al., IJCNN 2021"

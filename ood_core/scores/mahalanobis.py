@@ -61,6 +61,7 @@ from ood_core.scores.features import pool_features  # noqa: F401 (the former hom
 from ood_core.scores.labels import UsesLabels
 from ood_core.scores.logits import fgm_direction
 from ood_core.scores.registry import register_score
+from ood_core.scores.statistics import ClassMoments
 
 COND_MAX = 1e10
 """Largest condition number inverted exactly by ``inverse="pinv"``; above it the pseudo-inverse
@@ -374,9 +375,13 @@ def check_covariance_memory(
     remedy = feat.join_remedies(
         feat.owner_pooling_remedy(owner, (layer,)), "a smaller layer", "fewer calibration samples"
     )
+    what = (
+        f"{n_samples:,} x {dims:,} calibration features and their {dims:,} x {dims:,} covariance"
+        if n_samples
+        else f"the {dims:,} x {dims:,} streamed covariance"
+    )
     check_budget(
-        f"{owner!r} @ {layer_text(layer)}: {n_samples:,} x {dims:,} calibration features and "
-        f"their {dims:,} x {dims:,} covariance",
+        f"{owner!r} @ {layer_text(layer)}: {what}",
         n_samples * dims * itemsize + matrices * 8 * dims * dims,
         "use " + remedy,
         device,
@@ -434,7 +439,8 @@ class _LayerWeighted(UsesLabels, BaseScore):
             dims = _layer_dims(rec, layer, self.pooling)
             self.check_dims(dims, layer, tuple(size[1:]), dtype.itemsize)
             matrices = 5 if self.relative else 4
-            check_covariance_memory(self, layer, n_samples, dims, 8, device, matrices)
+            kept = 0 if self.streams_fit() else n_samples  # streamed: no (n, D) features held
+            check_covariance_memory(self, layer, kept, dims, 8, device, matrices)
             check_covariance_time(self, layer, dims, size)
 
     def check_dims(self, dims: int, layer: LayerId, shape: tuple, itemsize: int) -> None:
@@ -491,6 +497,30 @@ class _LayerWeighted(UsesLabels, BaseScore):
         }
 
 
+class _MomentsState:
+    """The streaming fit state of DeepMahalanobis / RelativeMahalanobis (``inverse="pinv"``):
+    per layer feature key, class moments by label and (relative) the moments of all rows."""
+
+    def __init__(self, relative: bool) -> None:
+        self.relative = relative
+        self.by_class: dict[str, ClassMoments] = {}
+        self.overall: dict[str, ClassMoments] = {}
+
+    def update(self, features: Features, logits: Tensor, labels: Tensor) -> None:
+        for key, h in features.items():
+            self.by_class.setdefault(key, ClassMoments(logits.shape[1])).update(h, labels)
+            if self.relative:
+                self.overall.setdefault(key, ClassMoments(1)).update(h, torch.zeros_like(labels))
+
+    def merge(self, other: _MomentsState) -> None:
+        for mine, theirs in ((self.by_class, other.by_class), (self.overall, other.overall)):
+            for key, m in theirs.items():
+                if key in mine:
+                    mine[key].merge(m)
+                else:
+                    mine[key] = m
+
+
 # ---------------------------------------------------------------------------------------- scores
 @register_score
 class DeepMahalanobis(_LayerWeighted):
@@ -528,6 +558,7 @@ class DeepMahalanobis(_LayerWeighted):
     Adversarial Attacks", NeurIPS 2018.
     """
 
+    fit_note = "streaming with `inverse='pinv'`"
     reference = "Lee, Lee, Lee & Shin, NeurIPS 2018"
     params = (EPSILON, FGM_NORM, WEIGHTS, POOLING, INVERSE, READOUT)
     relative = False
@@ -563,9 +594,19 @@ class DeepMahalanobis(_LayerWeighted):
                 f"{remedy}."
             )
 
-    def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
+    def streams_fit(self) -> bool:
+        """``inverse="pinv"`` fits from float64 class moments accumulated batch by batch
+        (:class:`~ood_core.scores.statistics.ClassMoments`): the calibration features are never
+        held (memory ``C x D + D x D`` per layer, not ``n x D``); the default ``"inv"`` keeps
+        them, to compute the reference's float32 ``torch.cov`` exactly."""
+        return self.inverse == "pinv"
+
+    def fit_state(self) -> _MomentsState:
+        return _MomentsState(self.relative)
+
+    def _start_fit(self, labels: Tensor, n_classes: int) -> list[float]:
+        """Checks, warnings and empty fitted state shared by both fits; the layer weights."""
         weights = self.layer_weights()
-        n_classes = logits.shape[1]
         _check_calibration(self, labels, n_classes)
         self.gaussians: list[Gaussians | PrecisionGaussians] = []
         self.global_gaussians: list[Gaussians | PrecisionGaussians] = []
@@ -584,10 +625,37 @@ class DeepMahalanobis(_LayerWeighted):
                 f"no calibration sample of class(es) {absent}",
                 f"{fill}; calibrate with samples of every class (or use readout='closest')",
             )
+        return weights
+
+    def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
+        n_classes = logits.shape[1]
+        weights = self._start_fit(labels, n_classes)
         fit_layer = self._fit_pinv if self.inverse == "pinv" else self._fit_inv
         for layer in self.layers:
             fit_layer(layer, features[_key(layer)], labels, n_classes)
         self.fit_state_ = (tuple(self.layers), weights)
+
+    def _fit_from_state(self, state: _MomentsState, logits: Tensor, labels: Tensor) -> None:
+        weights = self._start_fit(labels, logits.shape[1])
+        for layer in self.layers:
+            m = state.by_class[_key(layer)]
+            self._add_pinv(layer, make_gaussians(m.covariance(), m.means, m.present()), "")
+            if self.relative:
+                m0 = state.overall[_key(layer)]
+                self._add_pinv(
+                    layer, make_gaussians(m0.covariance(), m0.means, m0.present()), "global "
+                )
+        self.fit_state_ = (tuple(self.layers), weights)
+
+    def _add_pinv(self, layer: LayerId, g: Gaussians, what: str) -> None:
+        """Keep a layer's fitted Gaussians (``what``: ``""`` per class, ``"global "``)."""
+        if what:
+            self.global_gaussians.append(g)
+            self.global_condition_numbers[layer] = g.condition_number
+        else:
+            self.gaussians.append(g)
+            self.condition_numbers[layer] = g.condition_number
+        self._warn_pinv(layer, g, what)
 
     def _fit_inv(self, layer: LayerId, h: Tensor, labels: Tensor, n_classes: int) -> None:
         h = h.to(work_dtype(h))
@@ -607,18 +675,13 @@ class DeepMahalanobis(_LayerWeighted):
     def _fit_pinv(self, layer: LayerId, h: Tensor, labels: Tensor, n_classes: int) -> None:
         h = h.double()
         means, present = class_means(h, labels, n_classes)
-        g = make_gaussians(covariance(h - means[labels]), means, present)
-        self.gaussians.append(g)
-        self.condition_numbers[layer] = g.condition_number
-        self._warn_pinv(layer, g, "")
+        self._add_pinv(layer, make_gaussians(covariance(h - means[labels]), means, present), "")
         if self.relative:
             mu0 = h.mean(0, keepdim=True)
             g0 = make_gaussians(
                 covariance(h - mu0), mu0, torch.ones(1, dtype=torch.bool, device=h.device)
             )
-            self.global_gaussians.append(g0)
-            self.global_condition_numbers[layer] = g0.condition_number
-            self._warn_pinv(layer, g0, "global ")
+            self._add_pinv(layer, g0, "global ")
 
     def _warn_pinv(self, layer: LayerId, g: Gaussians, what: str) -> None:
         if g.condition_number <= COND_MAX:

@@ -1,6 +1,7 @@
 """Neighbour-based scores on one or several layers: DkNN, LID, Trust, NNGuide and JTLA.
 
-Every score here searches exact (flat) faiss indexes (helpers shared with :mod:`.knn`).
+Every score here searches exact (flat) faiss indexes (the search helpers shared with :mod:`.knn`
+are in :mod:`ood_core.scores.search`).
 
 Features: as in the reference library, each layer's activations are flattened per sample
 (``pooling='flatten'``, the default). ``pooling='mean'`` averages a 4-D ``(N, C, H, W)`` map over
@@ -40,22 +41,23 @@ from ood_core.params import Param
 from ood_core.recorder import Recorder
 from ood_core.scores.aggregation import AGGREGATIONS, AggregationParam, aggregate
 from ood_core.scores.base import BaseScore, Features
-from ood_core.scores.knn import (
+from ood_core.scores.labels import UsesLabels
+from ood_core.scores.registry import register_score
+from ood_core.scores.search import (
     INDEX_METRIC,
     POOLING,
-    SEARCH_CHUNK,
     check_bank,
     check_k,
     check_search,
+    faiss_search,
     feature_dims,
     flat_features,
     flat_index,
-    to_faiss,
+    search,
+    search_loo,
+    self_query_search,
 )
-from ood_core.scores.labels import UsesLabels
-from ood_core.scores.registry import register_score
 
-_CHUNK = SEARCH_CHUNK
 JTLA_MAX_CLASSES = 100_000
 """Largest ``n_classes_hint``: JTLA keeps a ``(C, C)`` table of expected class counts per layer
 and label group and ``(C, n, C)`` test terms, so 100,000 classes already need 80 GB per table;
@@ -90,53 +92,6 @@ def pooled_features(
 
 def layer_key(layer: LayerId) -> str:
     return f"{layer[0]}-{layer[1]}"
-
-
-def faiss_search(index: faiss.Index, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """faiss' ``(values float64, indices int64)``, both ``(n, k)`` on the CPU, as the index gives
-    them (float32 squared L2 distances ascending, or inner products descending)."""
-    vals, idx = index.search(to_faiss(query), k)
-    return torch.from_numpy(vals.astype(np.float64)), torch.from_numpy(idx.astype(np.int64))
-
-
-def self_query_search(index: faiss.Index, calib: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """:func:`faiss_search` of the indexed samples themselves, each one's ``k`` nearest *others*
-    in faiss order: ``k + 1`` are searched; a sample found among its first ``k`` is dropped, else
-    the ``(k + 1)``-th (so that, as in the reference library, a sample hidden by exact duplicates
-    or absent, e.g. with an unnormalised inner product, keeps the first ``k``)."""
-    vals, idx = faiss_search(index, calib, k + 1)
-    keep = idx != torch.arange(len(idx))[:, None]
-    keep[:, k] = ~keep[:, :k].all(1)
-    return vals[keep].view(len(idx), k), idx[keep].view(len(idx), k)
-
-
-def search(
-    index: faiss.Index, calib: Tensor, query: Tensor, k: int, metric: str = "l2"
-) -> tuple[Tensor, Tensor]:
-    """The ``k`` nearest calibration samples of each query: ``(values, indices)``, both ``(n, k)``,
-    on the CPU. ``l2``: exact squared Euclidean distances in float64, recomputed from ``calib`` (the
-    indexed ``(n_calib, D)`` features) and sorted ascending; ``ip``: faiss' inner products."""
-    vals, idx_t = faiss_search(index, query, k)
-    if metric == "ip":
-        return vals, idx_t
-    q = query.detach().cpu()
-    out = torch.empty(idx_t.shape, dtype=torch.float64)
-    for s in range(0, len(q), _CHUNK):
-        diff = calib[idx_t[s : s + _CHUNK]].double() - q[s : s + _CHUNK, None].double()
-        out[s : s + _CHUNK] = diff.pow(2).sum(-1)
-    out, order = out.sort(dim=1, stable=True)
-    return out, idx_t.gather(1, order)
-
-
-def search_loo(
-    index: faiss.Index, calib: Tensor, k: int, metric: str = "l2"
-) -> tuple[Tensor, Tensor]:
-    """Leave-one-out :func:`search` of the calibration set in its own index: each sample's ``k``
-    nearest *other* samples (itself dropped; when an exact duplicate hid it, the last one)."""
-    vals, idx = search(index, calib, calib, k + 1, metric)
-    keep = idx != torch.arange(len(idx))[:, None]
-    keep[keep.all(1), -1] = False
-    return vals[keep].view(len(idx), k), idx[keep].view(len(idx), k)
 
 
 def label_counts(labels: Tensor, idx: Tensor, n_classes: int) -> Tensor:

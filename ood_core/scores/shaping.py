@@ -249,6 +249,7 @@ class ReAct(_ShapingScore):
     """
 
     reference = "Sun, Guo & Li, NeurIPS 2021"
+    extract_reads_fit = True  # at inference, the spatial path clips with the fitted thresholds
     params = (
         Param(
             "percentile",

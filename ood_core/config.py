@@ -1,4 +1,4 @@
-"""A whole evaluation run from a declarative config: what the CLI and the dashboard both call.
+"""The run config: its schema, its checks, and its TOML round trip.
 
 A :class:`RunConfig` names the model (hub reference + entry), the InD data (calibration and test
 splits, sizes, seed), the scores with their parameters and layers, the OoD scenarios
@@ -12,54 +12,33 @@ Scenario titles must be unique and differ from ``"InD"``, compared after Unicode
 file never grants trust: ``[model] trust_repo = true`` is read as a request
 (:attr:`RunConfig.trust_requested`), never as consent (:attr:`RunConfig.trust_repo`).
 
-:func:`run` returns a :class:`RunResult` (confidences, metrics, tidy tables, timings). It reuses a
-:class:`RunCache` across calls: models and datasets are loaded once, fitted scores and their
-confidences are cached per (model, data, score, layers), so changing one score's parameter
-recomputes only that score.
+This module is long because it is one concept: the config and every check of it (the pydantic
+section models, the registry checks and the messages they produce belong together). A run of a
+config is :func:`ood_core.runner.run`; its export is :func:`ood_core.bundle_writer.export`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
-import hashlib
 import json
-import platform
 import re
-import time
 import tomllib
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import tomli_w
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from torch import nn
 
 from ood_core import data as data_mod
-from ood_core import hub
-from ood_core.core import predicted_confidence, select_output
-from ood_core.diagnostics import about, collect
-from ood_core.engine import ActivationCache
-from ood_core.eval import compute_metrics
-from ood_core.evaluation import Evaluation
 from ood_core.layer_ids import LayerId, layers_text, parse_layer_ids
 from ood_core.metrics import DEFAULT_METRICS, Metric, parse_metric
 from ood_core.perturbations import make_perturbation
-from ood_core.recorder import Recorder
-from ood_core.report import confidences_frame, results_frame, score_label
+from ood_core.report import score_label
 from ood_core.scores import make_score
 from ood_core.scores.base import BaseScore
-
-StageProgress = Callable[[str, float], None]
-"""``progress(stage label, fraction done in [0, 1])``."""
-
 
 MAX_N_BOOT = 10_000
 """Upper bound of ``[evaluation] n_boot`` (bootstrap resamples per score, set and metric)."""
@@ -72,9 +51,9 @@ MAX_CONFIG_CHARS = 10_000_000
 MAX_CONFIG_DEPTH = 32
 """Deepest nesting of arrays and tables in a config, and most parts of one dotted key."""
 MAX_SHOWN_PROBLEMS = 10
+"""How many problems a :class:`ConfigError` message lists (``problems`` holds them all)."""
 MAX_OUTPUT_KEY = 200
 """Longest ``[model] output`` key, in characters."""
-"""How many problems a :class:`ConfigError` message lists (``problems`` holds them all)."""
 
 
 class ConfigError(ValueError):
@@ -172,8 +151,8 @@ class RunConfig:
 
     :meth:`from_toml` / :meth:`from_dict` validate every key (types, ranges, registry names,
     unknown keys) and raise :class:`ConfigError`; :meth:`validate` does the same for a config
-    built in code (:func:`run` calls it first). ``baseline`` is an index into ``scores`` or a
-    score name (resolved to an index by validation)."""
+    built in code (:func:`~ood_core.runner.run` calls it first). ``baseline`` is an index into
+    ``scores`` or a score name (resolved to an index by validation)."""
 
     model_repo: str = "bundled"
     model_entry: str = "tiniest"
@@ -192,6 +171,10 @@ class RunConfig:
     n_calibration: int | None = 1000
     n_test: int | None = 1000
     seed: int = 0
+    streaming: bool = False
+    """``[data] streaming``: read the calibration set batch by batch from a local parquet file
+    or folder, or a Hugging Face id streamed (:mod:`ood_core.streams`), never whole in memory
+    (see :func:`ood_core.runner.load_inputs`)."""
     scores: list[ScoreSpec] = field(default_factory=list)
     scenarios: list[ScenarioSpec] = field(default_factory=list)
     metrics: list[str] = field(default_factory=lambda: [repr(m) for m in DEFAULT_METRICS])
@@ -230,6 +213,8 @@ class RunConfig:
         for key in ("n_calibration", "n_test"):
             if d[key] is not None:
                 out["data"][key] = d[key]
+        if d["streaming"]:
+            out["data"]["streaming"] = True
         if d["baseline"] is not None:
             out["evaluation"]["baseline"] = d["baseline"]
         if d["batch_size"] is not None:
@@ -351,6 +336,7 @@ class _DataSection(_Section):
     n_calibration: int | None = Field(None, ge=1, description=_N_HELP)
     n_test: int | None = Field(None, ge=1, description=_N_HELP)
     seed: int = Field(0, ge=0, le=MAX_SEED, description=f"a whole number in [0, {MAX_SEED}]")
+    streaming: bool = Field(False, description="true or false")
 
 
 class _EvaluationSection(_Section):
@@ -876,6 +862,7 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
         n_calibration=data.n_calibration,
         n_test=data.n_test,
         seed=data.seed,
+        streaming=data.streaming,
         scores=[spec for _, spec, _ in scores],
         scenarios=[s for _, s, _ in scenarios if s is not None],
         metrics=list(ev.metrics),
@@ -941,480 +928,4 @@ def example_config() -> RunConfig:
             ScenarioSpec(kind="uniform_noise"),
             ScenarioSpec(dataset="mnist"),
         ],
-    )
-
-
-# ---------------------------------------------------------------------- caching + results
-@dataclass
-class RunCache:
-    """Models, datasets, fitted scores and confidences reused across runs (keyed by config)."""
-
-    models: dict[tuple, nn.Module] = field(default_factory=dict)
-    datasets: dict[tuple, data_mod.ImageDataset] = field(default_factory=dict)
-    fitted: dict[tuple, BaseScore] = field(default_factory=dict)
-    confidences: dict[tuple, np.ndarray] = field(default_factory=dict)
-    warnings: dict[tuple, list[str]] = field(default_factory=dict)
-    """OodLensWarning messages per confidences key (fit warnings live on the fitted scores)."""
-    activations: ActivationCache = field(default_factory=ActivationCache)
-    """Recorded activations per (model, dataset, layer): a changed or added score is fitted and
-    scored from them without any forward pass."""
-    recorders: dict[tuple, Recorder] = field(default_factory=dict)
-    """One traced :class:`Recorder` per (model, input shape), kept here, never on the model."""
-
-    def recorder(self, model_key: tuple, net: nn.Module, example: torch.Tensor) -> Recorder:
-        """The Recorder of ``net`` for inputs shaped like ``example`` (traced once); ``net`` is
-        what :func:`load_inputs` gives (the output view of a config's ``output``) and
-        ``model_key`` is :meth:`RunConfig.model_key`."""
-        key = (model_key, id(net), tuple(example.shape[1:]))
-        if key not in self.recorders:
-            for stale in [k for k in self.recorders if k[0] == model_key]:  # a reloaded model
-                del self.recorders[stale]
-            self.recorders[key] = Evaluation.for_net(net, example).recorder
-        return self.recorders[key]
-
-    def network(self, config: RunConfig) -> nn.Module | None:
-        """The loaded network of ``config`` read through its ``output`` (None if not loaded)."""
-        net = self.models.get((config.model_repo, config.model_entry))
-        return None if net is None else select_output(net, config.output)
-
-    def model(self, repo: str, entry: str, trust_repo: bool = False) -> nn.Module:
-        """``entry`` of hub repository ``repo``, loaded once. Trust is checked on every call,
-        cached or not: a repository other than the bundled one needs ``trust_repo=True`` from
-        this caller (else :class:`~ood_core.hub.UntrustedRepoError`), whoever loaded it first."""
-        hub.require_trust(repo, trust_repo)
-        key = (repo, entry)
-        if key not in self.models:
-            self.models[key] = hub.load_model(repo, entry, trust_repo=trust_repo)
-        return self.models[key]
-
-    def dataset(
-        self, source: str, split: str, n: int | None, seed: int, config: str | None = None
-    ) -> data_mod.ImageDataset:
-        """The dataset ``source`` (subset ``n`` drawn with ``seed``), loaded once. A local file or
-        folder whose content changed since (checked by content fingerprint, so a rewrite that
-        kept the mtime counts) is loaded again, with the data roots it was loaded under, and
-        everything computed from cached data (fits, confidences, activations) is dropped."""
-        key = (source, split, n, seed, config)
-        full_key = (source, split, None, 0, config)
-        full = self.datasets.get(full_key)
-        if full is not None and data_mod.is_stale(full):
-            for k in [k for k in self.datasets if k[0] == source]:
-                del self.datasets[k]
-            self.fitted.clear()
-            self.confidences.clear()
-            self.warnings.clear()
-            self.activations.clear()
-            self.datasets[full_key] = data_mod.load(
-                source, split, config, roots=full.meta.get("roots")
-            )
-        if key not in self.datasets:
-            if full_key not in self.datasets:
-                self.datasets[full_key] = data_mod.load(source, split, config)
-            self.datasets[key] = self.datasets[full_key].subset(n, seed)
-        return self.datasets[key]
-
-
-@dataclass
-class RunResult:
-    """Outputs of :func:`run`. Confidences are float64 ``(n_scores, n)`` arrays."""
-
-    config: RunConfig
-    scores_and_layers: list[tuple[BaseScore, tuple[LayerId, ...]]]
-    score_names: list[str]
-    ood_titles: list[str]
-    confs_ind: np.ndarray
-    confs_oods: list[np.ndarray]
-    metrics: list[Metric]
-    evals: np.ndarray
-    frame: pd.DataFrame
-    timings: pd.DataFrame
-    ind: data_mod.ImageDataset
-    ood_images: list[torch.Tensor]
-    ind_predictions: np.ndarray
-    accuracy: float
-    seconds: float
-    warnings: list[str] = field(default_factory=list)
-    """:class:`~ood_core.diagnostics.OodLensWarning` messages: degenerate fits and tied sets."""
-    notes: list[str] = field(default_factory=list)
-    """What the run adjusted, e.g. a sample size above the data's, lowered to it."""
-    restored_from: str | None = None
-    """The bundle folder when read back by :func:`ood_core.bundle.to_result` (its scores are
-    then bound to the network but not fitted); None for a result computed here."""
-
-    def confidences_frame(self) -> pd.DataFrame:
-        return confidences_frame(
-            self.confs_ind,
-            self.confs_oods,
-            score_names=self.score_names,
-            oods_title=self.ood_titles,
-        )
-
-
-def _data_key(cfg: RunConfig) -> tuple:
-    return (
-        cfg.ind_dataset,
-        cfg.calibration_split,
-        cfg.test_split,
-        cfg.n_calibration,
-        cfg.n_test,
-        cfg.seed,
-    )
-
-
-@dataclass
-class RunInputs:
-    """What a config's run reads: the network (read through the config's ``output``,
-    :func:`~ood_core.core.select_output`), the calibration and InD test sets, the OoD
-    inputs (one tensor per scenario, in config order) and their titles; the sample sizes actually
-    used (None = all) and notes on sizes lowered to what the data holds."""
-
-    net: nn.Module
-    calib: data_mod.ImageDataset
-    ind: data_mod.ImageDataset
-    oods: list[torch.Tensor]
-    titles: list[str]
-    n_calibration: int | None
-    n_test: int | None
-    notes: list[str]
-
-
-def load_inputs(config: RunConfig, cache: RunCache) -> RunInputs:
-    """Load the model and draw the data of a validated ``config`` through ``cache``: the same
-    config (same seed) always draws the same samples."""
-    notes: list[str] = []
-    net = select_output(
-        cache.model(config.model_repo, config.model_entry, config.trust_repo), config.output
-    )
-    n_cal, n_test = config.n_calibration, config.n_test
-    if config.calibration_split == config.test_split or data_mod.is_single_source(
-        config.ind_dataset
-    ):
-        # one pool of samples: calibration and test subsets are drawn disjointly
-        full = cache.dataset(config.ind_dataset, config.test_split, None, 0)
-        calib, ind = full.split_disjoint(config.n_calibration, config.n_test, config.seed)
-    else:
-        calib = cache.dataset(
-            config.ind_dataset, config.calibration_split, config.n_calibration, config.seed
-        )
-        ind = cache.dataset(config.ind_dataset, config.test_split, config.n_test, config.seed + 1)
-        for key, n, got, split in (
-            ("n_calibration", n_cal, calib, config.calibration_split),
-            ("n_test", n_test, ind, config.test_split),
-        ):
-            if n is not None and n > len(got):
-                notes.append(
-                    f"[data] {key} = {n} is more than the {len(got)} samples of "
-                    f"{config.ind_dataset!r} split {split!r}: used all {len(got)} (the "
-                    f"exported config.toml records {key} = {len(got)})"
-                )
-        n_cal = len(calib) if n_cal is not None else None
-        n_test = len(ind) if n_test is not None else None
-    hub.check_compatible(
-        net, calib.sample_shape, len(calib.class_names), name=f"Model '{config.model_entry}'"
-    )
-    oods, titles = [], []
-    for j, sc in enumerate(config.scenarios):
-        if sc.kind is not None:
-            oods.append(make_perturbation(sc.kind, **sc.params)(ind.images))
-        else:
-            # n_test as actually used for the InD set, so that a replay of the exported config
-            # (which records it) draws the same OoD samples
-            ds = cache.dataset(sc.dataset, sc.split, n_test, config.seed + 2, sc.config)
-            if ds.sample_shape != ind.sample_shape:
-                raise ValueError(
-                    f"OoD dataset '{sc.describe()}' has images of shape {ds.sample_shape} "
-                    f"but the InD data has {ind.sample_shape}; pick a compatible set."
-                )
-            if n_test is not None and n_test > len(ds):
-                notes.append(
-                    f"[[scenarios]] #{j + 1} ({sc.describe()}): n_test = {n_test} is "
-                    f"more than its {len(ds)} samples: used all {len(ds)}"
-                )
-            oods.append(ds.images)
-        titles.append(sc.describe())
-    return RunInputs(net, calib, ind, oods, titles, n_cal, n_test, notes)
-
-
-def run(
-    config: RunConfig, cache: RunCache | None = None, progress: StageProgress | None = None
-) -> RunResult:
-    """Load, fit, score and evaluate as ``config`` says (see the module docstring).
-
-    ``config`` is validated first (:meth:`RunConfig.validate`, :class:`ConfigError`). Sample sizes
-    above what the data holds are lowered to it: ``RunResult.notes`` says so and
-    ``RunResult.config`` records the sizes actually used."""
-    t0 = time.perf_counter()
-    config = config.validate()
-    cache = cache or RunCache()
-    say = progress or (lambda stage, frac: None)
-    metrics = config.metric_objects()
-    notes: list[str] = []
-    say("Loading model and data", 0.0)
-    inputs = load_inputs(config, cache)
-    net, calib, ind, oods, titles = inputs.net, inputs.calib, inputs.ind, inputs.oods, inputs.titles
-    n_cal, n_test = inputs.n_calibration, inputs.n_test
-    notes.extend(inputs.notes)
-    model_key = config.model_key()
-    evaluation = Evaluation(
-        cache.recorder(model_key, net, calib.images[:1]),
-        cache=cache.activations,
-        model_key=model_key,
-    )
-    base_key = (model_key, _data_key(config))
-    pairs: list[tuple[BaseScore, tuple[LayerId, ...]]] = []
-    todo_fit: list[BaseScore] = []
-    for spec in config.scores:
-        score = cache.fitted.get((base_key, spec.key()))
-        if score is None:
-            score = spec.build()
-            score.bind(evaluation.recorder, spec.layer_ids())
-            todo_fit.append(score)
-        pairs.append((score, score.layers))
-    timings = []
-    if todo_fit:
-
-        def fit_progress(done: int, total: int) -> None:
-            say(f"Extracting + fitting {len(todo_fit)} score(s) on calibration data", done / total)
-
-        evaluation.fit(
-            todo_fit,
-            calib.images,
-            calib.labels,
-            batch_size=config.batch_size,
-            progress=fit_progress,
-            data_key=(_data_key(config), "__calibration__"),
-        )
-        # cached only once fitted: a run that fails or is interrupted (Ctrl-C, a Streamlit
-        # rerun: BaseExceptions) leaves no half-fitted score behind
-        for spec, (score, _) in zip(config.scores, pairs, strict=True):
-            cache.fitted.setdefault((base_key, spec.key()), score)
-        for s, shared in zip(todo_fit, evaluation.last_shared_seconds, strict=True):
-            timings.append(
-                {
-                    "score": repr(s),
-                    "operation": "calibration",
-                    "seconds": s.timer.entries[-1][2],
-                    "shared_seconds": shared,
-                }
-            )
-    # results are keyed by position (scenario identity), never by title
-    datasets = [(IND_TITLE, ("__ind__",), ind.images)] + [
-        (t, sc.key(), x) for t, sc, x in zip(titles, config.scenarios, oods, strict=True)
-    ]
-    confs: list[np.ndarray] = []
-    for title, dkey, x in datasets:
-        missing = [
-            (i, s)
-            for i, (s, _) in enumerate(pairs)
-            if (base_key, config.scores[i].key(), dkey) not in cache.confidences
-        ]
-        if missing:
-
-            def score_progress(done: int, total: int, title: str = title) -> None:
-                say(f"Scoring {title}", done / total)
-
-            with collect() as messages:
-                per = evaluation.confidences(
-                    [s for _, s in missing],
-                    x,
-                    batch_size=config.batch_size,
-                    progress=score_progress,
-                    dataset=title,
-                    data_key=(_data_key(config), dkey),
-                )
-            if dkey == ("__ind__",):
-                cache.confidences[(base_key, "predictions")] = per[0][0].argmax(1).cpu().numpy()
-            shares = evaluation.last_shared_seconds
-            for (i, s), (logits, conf), shared in zip(missing, per, shares, strict=True):
-                cache.confidences[(base_key, config.scores[i].key(), dkey)] = (
-                    predicted_confidence(logits, conf).double().cpu().numpy()
-                )
-                cache.warnings[(base_key, config.scores[i].key(), dkey)] = about(s, messages)
-                timings.append(
-                    {
-                        "score": repr(s),
-                        "operation": f"inference: {title}",
-                        "seconds": s.timer.entries[-1][2],
-                        "shared_seconds": shared,
-                    }
-                )
-        confs.append(
-            np.stack(
-                [
-                    cache.confidences[(base_key, config.scores[i].key(), dkey)]
-                    for i in range(len(pairs))
-                ]
-            )
-        )
-    say("Computing metrics", 0.95)
-    names = [score_label(s, layers, multiline=False) for s, layers in pairs]
-    confs_ind, confs_oods = confs[0], confs[1:]
-    evals = compute_metrics(confs_ind, confs_oods, metrics, score_names=names)
-    frame = results_frame(
-        evals,
-        scores_and_layers=pairs,
-        oods_title=titles,
-        metrics=metrics,
-        confs_ind=confs_ind,
-        confs_oods=confs_oods,
-        n_boot=config.n_boot,
-        seed=config.seed,
-    )
-    warned = [m for s, _ in pairs for m in s.fit_warnings] + [
-        m
-        for dkey in (d for _, d, _ in datasets)
-        for spec in config.scores
-        for m in cache.warnings.get((base_key, spec.key(), dkey), [])
-    ]
-    pred = cache.confidences[(base_key, "predictions")]
-    acc = float((pred == ind.labels.numpy()).mean())
-    say("Done", 1.0)
-    used = dataclasses.replace(config, n_calibration=n_cal, n_test=n_test)
-    return RunResult(
-        config=used,
-        scores_and_layers=pairs,
-        score_names=names,
-        ood_titles=titles,
-        confs_ind=confs_ind,
-        confs_oods=confs_oods,
-        metrics=metrics,
-        evals=evals,
-        frame=frame,
-        timings=pd.DataFrame(timings, columns=["score", "operation", "seconds", "shared_seconds"]),
-        ind=ind,
-        ood_images=oods,
-        ind_predictions=pred,
-        accuracy=acc,
-        seconds=time.perf_counter() - t0,
-        warnings=list(dict.fromkeys(warned)),
-        notes=notes,
-    )
-
-
-def result_figures(result: RunResult, problems: list[str] | None = None) -> list[tuple[str, Any]]:
-    """The report's figures: summary grid, one histogram per score, one ROC per scenario.
-
-    ``problems``: when given, a figure that fails is left out and its failure (which figure,
-    why: :func:`ood_core.report.figure_problem`) appended there, so the other figures and the
-    numbers are kept; without it the error propagates."""
-    from ood_core import plots
-    from ood_core.report import figure_problem
-
-    def summary() -> Any:
-        return plots.summary_plot(
-            result.confs_ind,
-            result.confs_oods,
-            scores_and_layers=result.scores_and_layers,
-            oods_title=result.ood_titles,
-        )
-
-    def histogram(i: int, name: str) -> Any:
-        series = {"InD": result.confs_ind[i]} | {
-            t: c[i] for t, c in zip(result.ood_titles, result.confs_oods, strict=True)
-        }
-        return plots.histogram_figure(series, title=name)
-
-    def roc(t: str, c: Any) -> Any:
-        curves = {n: (result.confs_ind[i], c[i]) for i, n in enumerate(result.score_names)}
-        return plots.roc_figure(curves, title=f"InD vs {t}")
-
-    builders: list[tuple[str, Callable[[], Any]]] = [("Summary", summary)]
-    for i, name in enumerate(result.score_names):
-        builders.append((f"Confidences: {name}", lambda i=i, name=name: histogram(i, name)))
-    for t, c in zip(result.ood_titles, result.confs_oods, strict=True):
-        builders.append((f"ROC: InD vs {t}", lambda t=t, c=c: roc(t, c)))
-    figs = []
-    for title, build in builders:
-        if problems is None:
-            figs.append((title, build()))
-            continue
-        try:
-            figs.append((title, build()))
-        except Exception as exc:  # noqa: BLE001 - one figure must never cost the others
-            problems.append(figure_problem(title, exc))
-    return figs
-
-
-def metrics_wide(result: RunResult) -> pd.DataFrame:
-    """Wide metric table: a row per score, a column per (OoD set, metric)."""
-    wide = result.frame.assign(
-        score=result.frame["score"] + result.frame["layers"].map(lambda s: f" @ {s}" if s else "")
-    ).pivot_table(index="score", columns=["ood", "metric"], values="value", sort=False)
-    wide.columns = [f"{o} | {m}" for o, m in wide.columns]
-    return wide.reset_index()
-
-
-def export(
-    result: RunResult,
-    out_dir: Any,
-    *,
-    force: bool = False,
-    config_path: str | Path | None = None,
-) -> dict[str, Path]:
-    """Write metrics.csv, confidences.parquet, config.toml, then a self-contained report.html
-    and, last, run.json (status, versions, config sha256, timings, warnings, notes, files) into
-    ``out_dir``.
-
-    The numbers never depend on the figures: the report is drawn after they are written, a
-    figure that fails is named in the report ("Figures not drawn": which figure and why) and in
-    run.json's ``warnings``, and the bundle is still complete. The files go to a new sibling
-    folder renamed into place at the end: an existing non-empty ``out_dir`` is refused unless
-    ``force`` and it is an earlier ood-lens bundle (:class:`~ood_core.outdir.OutputDirError`),
-    links are never written through, and ``config_path`` (the input config, hashed into
-    run.json) is never touched. See :func:`ood_core.report.write_bundle`."""
-    from ood_core import __version__
-    from ood_core.report import html_report, write_bundle
-
-    t0 = time.perf_counter()
-    cfg = result.config
-    problems: list[str] = []  # figures that could not be drawn
-
-    def report_page() -> str:
-        notes = (
-            f"Model {cfg.model_entry} from {cfg.model_repo}; InD {cfg.ind_dataset} "
-            f"({len(result.ind)} test samples, accuracy {result.accuracy:.2%}); "
-            f"run time {result.seconds:.1f} s."
-        )
-        tables = [("Metrics", metrics_wide(result)), ("All values", result.frame)]
-        if result.notes:
-            tables.insert(0, ("Notes", pd.DataFrame({"note": result.notes})))
-        if result.warnings:
-            tables.insert(0, ("Warnings", pd.DataFrame({"warning": result.warnings})))
-        figures = result_figures(result, problems)
-        return html_report("ood-lens report", figures, tables, notes, problems=problems)
-
-    config_toml = cfg.to_toml()
-    source = Path(config_path).read_bytes() if config_path is not None else config_toml.encode()
-
-    def run_info() -> dict[str, Any]:  # called last, once the report is drawn
-        return {
-            "ood_lens_version": __version__,
-            "torch_version": torch.__version__,
-            "python_version": platform.python_version(),
-            "config_source": str(config_path) if config_path is not None else None,
-            "config_sha256": hashlib.sha256(source).hexdigest(),
-            "timings": {
-                "run_seconds": round(result.seconds, 3),
-                "export_seconds": round(time.perf_counter() - t0, 3),
-                "operations": result.timings.to_dict("records"),
-            },
-            "accuracy": result.accuracy,
-            "ind_predictions": np.asarray(result.ind_predictions).astype(int).tolist(),
-            "images_sha256": data_mod.images_sha256([result.ind.images, *result.ood_images]),
-            "n_calibration": cfg.n_calibration,
-            "n_test": len(result.ind),
-            "warnings": [*result.warnings, *problems],
-            "notes": result.notes,
-        }
-
-    protect = [config_path] if config_path is not None else []
-    return write_bundle(
-        out_dir,
-        metrics_frame=result.frame,
-        confidences=result.confidences_frame(),
-        report_html=report_page,
-        config_toml=config_toml,
-        run_info=run_info,
-        force=force,
-        protect=protect,
     )
