@@ -150,7 +150,8 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     """:class:`~ood_core.diagnostics.OodLensWarning` messages: degenerate fits and tied sets."""
     notes: list[str] = field(default_factory=list)
-    """What the run adjusted, e.g. a sample size above the data's, lowered to it."""
+    """What the run adjusted or chose, e.g. a sample size above the data's, lowered to it, or an
+    approximate neighbour index and its measured recall (each score's ``fit_notes``)."""
     restored_from: str | None = None
     """The bundle folder when read back by :func:`ood_core.bundle.to_result` (its scores are
     then bound to the network but not fitted); None for a result computed here."""
@@ -467,5 +468,5 @@ def _assemble(
         accuracy=acc,
         seconds=time.perf_counter() - t0,
         warnings=list(dict.fromkeys(warned)),
-        notes=list(inputs.notes),
+        notes=list(inputs.notes) + list(dict.fromkeys(m for s, _ in pairs for m in s.fit_notes)),
     )

@@ -90,3 +90,16 @@ def test_single_file_ind_data_gives_disjoint_calibration_and_test(tmp_path, fmni
     with pytest.raises(ValueError, match="cannot draw disjoint subsets of 250 and 100"):
         cfg.n_calibration = 250
         run(cfg, RunCache())
+
+
+def test_a_fit_note_reaches_the_run_notes(tiniest):
+    """KNN's approximate index reports its measured recall in the run (CLI, report, run.json)."""
+    cfg = RunConfig(
+        n_calibration=200,
+        n_test=50,
+        scores=[ScoreSpec("KNN", {"k": 5, "index": "IVF8,Flat", "nprobe": 8}, ["1-11"])],
+        scenarios=[ScenarioSpec(kind="invert")],
+    )
+    res = run(cfg)
+    (note,) = [n for n in res.notes if "recall@5" in n]
+    assert "index 'IVF8,Flat' (nprobe=8): recall@5 1.000" in note  # nprobe = nlist: exhaustive

@@ -30,18 +30,15 @@ the product and its root): a batch is split into chunks of that many bytes' wort
 least one), so the batch size never multiplies a wide layer's ``ch x ch`` matrices beyond it."""
 
 
-def _rank_one_is_exact(f: Tensor, max_order: int) -> bool:
-    """Whether every nonzero product ``f_i^p f_j^p`` (``p <= max_order``) is a normal number of
-    ``f``'s dtype (neither overflow nor underflow), so that ``|f_i^p f_j^p|^(1/p) = |f_i f_j|`` up
-    to rounding."""
-    mag = f.abs()
-    nonzero = mag[mag > 0]
-    if not len(nonzero) or not bool(torch.isfinite(nonzero).all()):
-        return not len(nonzero)
-    info = torch.finfo(f.dtype)
-    top = 2 * max_order * math.log(float(nonzero.max()))
-    bottom = 2 * max_order * math.log(float(nonzero.min()))
-    return top < math.log(info.max) - 1 and bottom > math.log(info.tiny) + 1
+SAMPLE_BLOCK_BYTES = 2**21
+"""Activations per block of samples in :func:`gram_stats` (at least one sample): a block's powers
+stay in cache while its orders are computed."""
+SPLIT_ROWS = 16
+"""Rows per band of the Gram matrices in :func:`gram_stats` (at most :data:`SPLIT_BANDS` bands,
+one below ``2 * SPLIT_ROWS`` channels): band ``[r0, r1)`` is multiplied by channels ``r0..ch``
+only, so that only the blocks holding the upper triangle are computed and rooted (3/4 of the
+products with 2 bands, 2/3 with 3, 7/12 with 6)."""
+SPLIT_BANDS = 6
 
 
 def gram_stats(
@@ -54,39 +51,120 @@ def gram_stats(
     its upper triangle (diagonal included): ``S = ch`` values; with ``separate_diagonal`` the
     diagonal, then the strict upper-triangle row sums: ``S = 2 ch``.
 
-    The products run in ``dtype`` (default: ``a``'s own dtype). A coefficient that overflows it is
-    NaN (an infinite product has no usable root), and a NaN poisons its row sum; coefficients that
-    underflow are 0. One value per channel (``L = 1``) uses the closed form
-    ``|f_i| sum_{j >= i} |f_j|`` when no product can overflow or underflow (the same numbers up
-    to rounding). The result is float64.
+    The products run in ``dtype`` (default: ``a``'s own dtype), ``F^p`` built incrementally
+    (``F^(p-1) F``). A coefficient that overflows it is NaN (an infinite product has no usable
+    root), and a NaN poisons its row sum; coefficients that underflow are 0. One value per channel
+    (``L = 1``) uses the closed form ``|f_i| sum_{j >= i} |f_j|`` (``|f_i|^2`` on the diagonal)
+    for each sample and order where no product can overflow or underflow and no row sum overflow
+    (the same numbers up to rounding), the products elsewhere. The result is float64; each
+    sample's statistics do not depend on the other samples of ``a``.
     """
     dtype = a.dtype if dtype is None else dtype
     n, ch = a.shape[0], a.shape[1]
     f = a.detach().to(dtype).reshape(n, ch, -1)
-    if f.shape[2] == 1 and not separate_diagonal and _rank_one_is_exact(f, max_order):
-        # |f_i^p f_j^p|^(1/p) = |f_i f_j| for every p: rows are |f_i| * sum_{j >= i} |f_j|
-        v = f[:, :, 0].double().abs()
-        rows = v * v.flip(1).cumsum(1).flip(1)
-        return rows[:, None, :].expand(-1, max_order, -1).contiguous()
-    out = []
-    fp = f
+    out = torch.empty(
+        n, max_order, 2 * ch if separate_diagonal else ch, dtype=torch.float64, device=f.device
+    )
+    if f.shape[2] == 1:
+        _rank_one_stats(f, max_order, separate_diagonal, out)
+    else:
+        _block_stats(f, max_order, separate_diagonal, out)
+    return out
+
+
+def _rank_one_safe(v: Tensor, max_order: int) -> Tensor:
+    """``(n, max_order)``: whether, for sample ``s`` of ``v`` ``(n, ch)`` at order ``p``, every
+    nonzero product ``v_i^p v_j^p`` (and every power on the way) is a normal number of ``v``'s
+    dtype (neither overflow nor underflow) and no upper-triangle row sum can overflow, so that
+    the statistics equal the closed form up to rounding."""
+    mag = v.abs().double()
+    info = torch.finfo(v.dtype)
+    ceiling, floor = math.log(info.max) - 1, math.log(info.tiny) + 1
+    log_top = mag.amax(1).log()  # -inf for an all-zero sample, NaN with a NaN
+    log_bottom = torch.where(mag > 0, mag, math.inf).amin(1).log()  # +inf without nonzero
+    sums_fit = (math.log(v.shape[1]) + 2 * log_top < ceiling) & torch.isfinite(mag).all(1)
+    two_p = 2 * torch.arange(1, max_order + 1, dtype=torch.float64, device=v.device)
+    return (
+        sums_fit[:, None] & (two_p * log_top[:, None] < ceiling) & (two_p * log_bottom[:, None] > floor)
+    )
+
+
+def _rank_one_stats(f: Tensor, max_order: int, separate_diagonal: bool, out: Tensor) -> None:
+    """:func:`gram_stats` of ``f`` ``(n, ch, 1)`` into ``out``: the closed form where
+    :func:`_rank_one_safe`, the products (:func:`_product_rows`) elsewhere."""
+    mag = f[:, :, 0].abs().double()
+    suffix = mag.flip(1).cumsum(1).flip(1)  # sum_{j >= i} |f_j|
+    if separate_diagonal:
+        strict = torch.zeros_like(suffix)
+        strict[:, :-1] = suffix[:, 1:]
+        rows = torch.cat([mag * mag, mag * strict], dim=1)
+    else:
+        rows = mag * suffix
+    out.copy_(rows[:, None, :].expand_as(out))
+    unsafe = ~_rank_one_safe(f[:, :, 0], max_order)
+    which = unsafe.any(1).nonzero()[:, 0]
+    if not len(which):
+        return
+    f_u, unsafe = f[which], unsafe[which]
+    fp = f_u
     for p in range(1, max_order + 1):
         if p > 1:
-            fp = fp * f  # F^p built incrementally
-        g = torch.bmm(fp, fp.transpose(1, 2)).abs_().pow_(1.0 / p)
-        rows = _gram_rows(g, separate_diagonal)
-        if not bool(torch.isfinite(rows).all()):  # rare: infinite coefficients become NaN
-            rows = _gram_rows(g.masked_fill_(torch.isinf(g), math.nan), separate_diagonal)
-        out.append(rows.double())
-    return torch.stack(out, dim=1)
+            fp = fp * f_u
+        sel = unsafe[:, p - 1].nonzero()[:, 0]
+        if len(sel):
+            out[which[sel], p - 1] = _product_rows(fp[sel], p, separate_diagonal).double()
 
 
-def _gram_rows(g: Tensor, separate_diagonal: bool) -> Tensor:
-    """Upper-triangle row sums of Gram matrices ``g`` ``(n, ch, ch)``, or the diagonal then the
-    strict upper-triangle row sums."""
+def _product_rows(fp: Tensor, p: int, separate_diagonal: bool) -> Tensor:
+    """Order ``p`` statistics from the powers ``fp = F^p`` ``(n, ch, L)``."""
+    g = torch.bmm(fp, fp.transpose(1, 2)).abs_().pow_(1.0 / p).triu_()
+    return _triangle_rows(g, separate_diagonal)
+
+
+def _block_stats(f: Tensor, max_order: int, separate_diagonal: bool, out: Tensor) -> None:
+    """:func:`gram_stats` of ``f`` ``(n, ch, L)`` into ``out`` by blocks of samples
+    (:data:`SAMPLE_BLOCK_BYTES`). With several bands (:data:`SPLIT_ROWS`), only the blocks
+    holding the upper triangle are computed and rooted, then written into a matrix that is zero
+    below the diagonal: the same coefficients, summed in the same order, as the whole product's
+    upper triangle."""
+    n, ch, length = f.shape
+    step = max(1, min(n, SAMPLE_BLOCK_BYTES // max(1, ch * length * f.element_size())))
+    bands = max(1, min(SPLIT_BANDS, ch // SPLIT_ROWS))
+    edges = [round(b * ch / bands) for b in range(bands + 1)]
+    upper = f.new_zeros((step, ch, ch)) if bands > 1 else None
+    for start in range(0, n, step):
+        fb = f[start : start + step]
+        k = len(fb)
+        fp = fb
+        for p in range(1, max_order + 1):
+            if p > 1:
+                fp = fp * fb
+            if upper is None:
+                out[start : start + k, p - 1] = _product_rows(fp, p, separate_diagonal)
+                continue
+            g = upper[:k]
+            for r0, r1 in zip(edges[:-1], edges[1:], strict=True):
+                band = torch.bmm(fp[:, r0:r1], fp[:, r0:].transpose(1, 2))
+                g[:, r0:r1, r0:] = band.abs_().pow_(1.0 / p).triu_()
+            out[start : start + k, p - 1] = _triangle_rows(g, separate_diagonal)
+
+
+def _triangle_rows(g: Tensor, separate_diagonal: bool) -> Tensor:
+    """Row sums of Gram matrices ``g`` ``(n, ch, ch)`` that are zero below the diagonal, or their
+    diagonal then the strict upper-triangle row sums (``g`` is modified). If a sum is not finite,
+    the infinite coefficients become NaN first (rare)."""
+    head = None
     if separate_diagonal:
-        return torch.cat([g.diagonal(dim1=1, dim2=2), g.triu(1).sum(2)], dim=1)
-    return g.triu().sum(2)
+        diagonal = g.diagonal(dim1=1, dim2=2)
+        head = diagonal.clone()
+        diagonal.zero_()
+    rows = g.sum(2) if head is None else torch.cat([head, g.sum(2)], dim=1)
+    if not bool(torch.isfinite(rows).all()):
+        g.masked_fill_(torch.isinf(g), math.nan)
+        if head is None:
+            return g.sum(2)
+        rows = torch.cat([head.masked_fill_(torch.isinf(head), math.nan), g.sum(2)], dim=1)
+    return rows
 
 
 def deviation(stats: Tensor, low: Tensor, high: Tensor) -> Tensor:
@@ -299,9 +377,12 @@ class Gram(UsesLabels, BaseScore):
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         n, n_classes = logits.shape
         groups = logits.argmax(1) if self.calib_labels == "pred" else labels
-        members = [groups == c for c in range(n_classes)]
-        counts = [int(m.sum()) for m in members]
+        known = (groups >= 0) & (groups < n_classes)
+        counts = torch.bincount(groups[known].long(), minlength=n_classes).tolist()
         self._warn_sparse_classes(counts)
+        # the samples grouped by class (their order kept): class c is rows starts[c]:starts[c + 1]
+        order = torch.argsort(torch.where(known, groups, n_classes), stable=True)
+        starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
         q = torch.tensor(
             [self.cut_off, 1 - self.cut_off], dtype=torch.float64, device=logits.device
         )
@@ -311,23 +392,26 @@ class Gram(UsesLabels, BaseScore):
             layer = self._layer_of(key)
             flat = stats.flatten(1).double()  # (n, P*S)
             self._warn_nan(flat, stats.shape[1], layer, "calibration")
+            by_class = flat[order]
+            blocks = [by_class[starts[c] : starts[c + 1]] for c in range(n_classes)]
             low = torch.full(
                 (n_classes, flat.shape[1]), math.inf, dtype=flat.dtype, device=flat.device
             )
             high = torch.full_like(low, -math.inf)
-            pooled = flat.nanquantile(q, dim=0) if self.class_fallback == "pooled" else None
-            for c in range(n_classes):
+            sparse = self.class_fallback == "pooled" and min(counts) < 2  # noqa: PLR2004
+            pooled = flat.nanquantile(q, dim=0) if sparse else None
+            for c, block in enumerate(blocks):
                 if pooled is not None and counts[c] < 2:  # noqa: PLR2004
                     low[c], high[c] = pooled
                 elif counts[c]:
-                    low[c], high[c] = flat[members[c]].nanquantile(q, dim=0)
+                    low[c], high[c] = block.nanquantile(q, dim=0)
             self.bounds[key] = (low, high)
             self._warn_zero_edges(high, counts, stats.shape[1], layer)
             # expected deviation: every calibration sample against its own class band
             total = flat.new_zeros(())
-            for c in range(n_classes):
+            for c, block in enumerate(blocks):
                 if counts[c]:
-                    total += deviation(flat[members[c]], low[c], high[c]).sum()
+                    total += deviation(block, low[c], high[c]).sum()
             self.expected[key] = total / n
             if total == 0:
                 degenerate(
