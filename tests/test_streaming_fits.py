@@ -80,3 +80,20 @@ def test_every_score_declares_how_it_fits():
         assert cls.fit_kind in FIT_KINDS, name
         score = make_score(name, **{p.name: p.default for p in cls.params if p.required})
         assert isinstance(score.streams_fit(), bool)
+
+
+@pytest.mark.parametrize("name", ["DICE", "fDBD"])
+def test_scores_that_need_only_a_mean_stream_it(name, net, data):
+    """DICE and fDBD fit from the float64 mean of the head's input, summed batch by batch."""
+    x, y = data
+    ev = Evaluation.for_net(net, x)
+    streamed, whole = make_score(name), make_score(name)
+    assert streamed.streams_fit() and type(streamed).fit_kind == "streaming"
+    streamed.layers = ((1, 4),)  # the head's input
+    ex = ev.fit([streamed], x, y, batch_size=7)
+    assert ex.features == [{}]
+    whole.bind(ev.recorder, ((1, 4),))
+    full = ev.extract([whole], x, batch_size=60)
+    whole.fit_features(full.features[0], full.logits, y)
+    (_, got), (_, expected) = ev.confidences([streamed, whole], x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

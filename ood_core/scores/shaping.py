@@ -37,6 +37,7 @@ from ood_core.recorder import LayerId, Recorder
 from ood_core.scores.base import BaseScore, Features
 from ood_core.scores.features import pool_features as pool_flat
 from ood_core.scores.registry import register_score
+from ood_core.scores.statistics import FeatureMeans
 
 SKETCH_SIZE = 512
 """Values kept per calibration sample to estimate ReAct's threshold on a spatial map (see
@@ -436,10 +437,25 @@ class DICE(_ShapingScore):
         _, z = self.read_layer(logits, activations)
         return {"z": z}
 
+    fit_kind = "streaming"
+
+    def streams_fit(self) -> bool:
+        return True  # the mean of z is all the fit needs
+
+    def fit_state(self) -> FeatureMeans:
+        return FeatureMeans()
+
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         z = features["z"].double()
-        w, _ = self._head_params(z.device)
-        contrib = (w * z.mean(0)[None, :]).flatten()
+        self._fit_mean(z.mean(0))
+
+    def _fit_from_state(self, state: FeatureMeans, logits: Tensor, labels: Tensor) -> None:
+        self._fit_mean(state.mean("z"))
+
+    def _fit_mean(self, mean: Tensor) -> None:
+        """The mask of the head's weights from the calibration mean of ``z`` (float64)."""
+        w, _ = self._head_params(mean.device)
+        contrib = (w * mean[None, :]).flatten()
         k = max(1, contrib.numel() - int(round(contrib.numel() * self.sparsity)))
         mask = torch.zeros_like(contrib, dtype=torch.bool)
         mask[contrib.topk(k).indices] = True
@@ -488,8 +504,19 @@ class fDBD(_ShapingScore):  # noqa: N801 (the paper's name)
             self._head_w.device if self._head_w is not None else None,
         )
 
+    fit_kind = "streaming"
+
+    def streams_fit(self) -> bool:
+        return True  # the mean of z is all the fit needs
+
+    def fit_state(self) -> FeatureMeans:
+        return FeatureMeans()
+
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
         self.mean = features["z"].double().mean(0)
+
+    def _fit_from_state(self, state: FeatureMeans, logits: Tensor, labels: Tensor) -> None:
+        self.mean = state.mean("z")
 
     def _conformity(self, features: Features, logits: Tensor) -> Tensor:
         z = features["z"].double()

@@ -90,4 +90,28 @@ class ClassMoments:
         return self.counts > 0
 
 
-__all__ = ["ClassMoments"]
+@dataclass
+class FeatureMeans:
+    """Float64 sums and counts of each per-sample feature of a score (the streaming fit state of
+    scores that need only the calibration mean, e.g. DICE and fDBD); mergeable."""
+
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    n: int = 0
+
+    def update(self, features: dict[str, Tensor], logits: Tensor, labels: Tensor) -> None:
+        for key, h in features.items():
+            part = h.detach().double().sum(0)
+            self.sums[key] = self.sums[key] + part if key in self.sums else part
+        self.n += len(logits)
+
+    def merge(self, other: FeatureMeans) -> None:
+        for key, part in other.sums.items():
+            self.sums[key] = self.sums[key] + part if key in self.sums else part.clone()
+        self.n += other.n
+
+    def mean(self, key: str) -> Tensor:
+        """The mean ``(...)`` of feature ``key`` over every row seen."""
+        return self.sums[key] / max(self.n, 1)
+
+
+__all__ = ["ClassMoments", "FeatureMeans"]
