@@ -30,10 +30,11 @@ the product and its root): a batch is split into chunks of that many bytes' wort
 least one), so the batch size never multiplies a wide layer's ``ch x ch`` matrices beyond it."""
 
 
-SAMPLE_BLOCK_BYTES = 2**21
-"""Activations per block of samples in :func:`gram_stats` (at least one sample): a block's powers
-stay in cache while its orders are computed."""
-SPLIT_ROWS = 16
+SAMPLE_BLOCK_BYTES = 2**20
+"""Bytes of activations (or of one Gram matrix per sample, if larger) per block of samples in
+:func:`gram_stats` (at least one sample): a block's powers stay in cache while its orders are
+computed."""
+SPLIT_ROWS = 32
 """Rows per band of the Gram matrices in :func:`gram_stats` (at most :data:`SPLIT_BANDS` bands,
 one below ``2 * SPLIT_ROWS`` channels): band ``[r0, r1)`` is multiplied by channels ``r0..ch``
 only, so that only the blocks holding the upper triangle are computed and rooted (3/4 of the
@@ -85,7 +86,9 @@ def _rank_one_safe(v: Tensor, max_order: int) -> Tensor:
     sums_fit = (math.log(v.shape[1]) + 2 * log_top < ceiling) & torch.isfinite(mag).all(1)
     two_p = 2 * torch.arange(1, max_order + 1, dtype=torch.float64, device=v.device)
     return (
-        sums_fit[:, None] & (two_p * log_top[:, None] < ceiling) & (two_p * log_bottom[:, None] > floor)
+        sums_fit[:, None]
+        & (two_p * log_top[:, None] < ceiling)
+        & (two_p * log_bottom[:, None] > floor)
     )
 
 
@@ -128,7 +131,8 @@ def _block_stats(f: Tensor, max_order: int, separate_diagonal: bool, out: Tensor
     below the diagonal: the same coefficients, summed in the same order, as the whole product's
     upper triangle."""
     n, ch, length = f.shape
-    step = max(1, min(n, SAMPLE_BLOCK_BYTES // max(1, ch * length * f.element_size())))
+    per_sample = max(ch * length, ch * ch) * f.element_size()  # its activations or Gram matrix
+    step = max(1, min(n, SAMPLE_BLOCK_BYTES // per_sample))
     bands = max(1, min(SPLIT_BANDS, ch // SPLIT_ROWS))
     edges = [round(b * ch / bands) for b in range(bands + 1)]
     upper = f.new_zeros((step, ch, ch)) if bands > 1 else None
