@@ -19,6 +19,11 @@ A bundle is a file people share, so nothing in it is taken on trust:
   rows in the order ood-lens writes them (every score x dataset x sample, every score x scenario
   x metric), each metric recomputed from the confidences (within :data:`METRIC_TOLERANCE`),
   predictions that are class indices of the model and agree with the accuracy, sample counts.
+* **Provenance.** ``run.json``'s ``execution`` (executor, workers, address, resolved device,
+  device spec, AMP, host, run id) and ``environment`` (versions, platform, device name) say
+  where and how the run was computed; read back into :attr:`RunResult.execution` /
+  :attr:`RunResult.environment`. A bundle computed on a GPU opens on a CPU-only machine (the
+  model is loaded on the CPU: nothing is recomputed).
 * **Trust.** A bundle never grants trust: its config's ``trust_repo`` is only a request
   (:attr:`~ood_core.config.RunConfig.trust_requested`); a non-bundled model repository runs its
   code only when the caller passes ``trust_repo=True``.
@@ -38,6 +43,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from ood_core.config import (
@@ -108,6 +114,24 @@ class _FileEntry(_Strict):
     sha256: Sha256 | None = None
 
 
+Text = Annotated[str, StringConstraints(max_length=1000)]
+
+
+class _Execution(_Strict):
+    """Where and how a run was computed (:func:`ood_core.runner.execution_record`)."""
+
+    executor: Literal["local", "ray"]
+    workers: int = Field(ge=1)
+    address: Text = ""
+    device: Annotated[str, StringConstraints(pattern=r"^(cpu|cuda:\d+)$")]
+    device_spec: Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] | None = (
+        None
+    )
+    amp: Literal["bf16", "fp16"] | None = None
+    host: Text | None = None
+    run_id: Text | None = None
+
+
 class RunInfo(_Strict):
     """The schema of ``run.json`` (every key ood-lens has written; unknown keys are refused)."""
 
@@ -127,6 +151,8 @@ class RunInfo(_Strict):
     notes: list[str] = Field(default_factory=list)
     written_at: str | None = None
     files: dict[str, _FileDigest] | list[str | _FileEntry] | None = None
+    execution: _Execution | None = None
+    environment: dict[Annotated[str, StringConstraints(max_length=100)], Text] | None = None
 
 
 _EXPECTED = {  # the "expected ..." of a run.json message, by the last key of its location
@@ -148,6 +174,16 @@ _EXPECTED = {  # the "expected ..." of a run.json message, by the last key of it
     "timings": "a table {run_seconds, export_seconds, operations}",
     "files": "a table of {bytes, sha256} per file, or a list of file names",
     "bytes": "a whole number of bytes >= 0",
+    "execution": "a table {executor, workers, address, device, device_spec, amp, host, run_id}",
+    "executor": '"local" or "ray"',
+    "workers": "a whole number of workers >= 1",
+    "address": "a Ray address of at most 1000 characters",
+    "device": 'a resolved device: "cpu" or "cuda:N"',
+    "device_spec": '"auto", "cpu", "cuda" or "cuda:N"',
+    "amp": 'null, "bf16" or "fp16"',
+    "host": "a host name of at most 1000 characters",
+    "run_id": "a run id of at most 1000 characters",
+    "environment": "a table of versions (name = text)",
 }
 
 
@@ -156,6 +192,7 @@ _KNOWN = {  # the keys of each table of run.json, by the key holding it
     "timings": _Timings,
     "operations": _Operation,
     "files": _FileDigest,
+    "execution": _Execution,
 }
 
 
@@ -560,7 +597,8 @@ def to_result(
         raise BundleError("This bundle was read without its confidences (confidences=False).")
     cache = cache or RunCache()
     config = dataclasses.replace(bundle.config.validate(), trust_repo=trust_repo is True)
-    inputs = load_inputs(config, cache)
+    # on the CPU whatever device computed it: the model only names and binds the scores here
+    inputs = load_inputs(config, cache, torch.device("cpu"))
     info = bundle.info
     run_json = bundle.folder / "run.json"
     expected = info.get("images_sha256")
@@ -625,4 +663,6 @@ def to_result(
         warnings=list(info.get("warnings", [])),
         notes=list(info.get("notes", [])),
         restored_from=str(bundle.folder),
+        execution=dict(info.get("execution") or {}),
+        environment=dict(info.get("environment") or {}),
     )

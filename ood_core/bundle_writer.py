@@ -74,6 +74,15 @@ def metrics_wide(result: RunResult) -> pd.DataFrame:
     return wide.reset_index()
 
 
+def provenance_frame(result: RunResult) -> pd.DataFrame:
+    """Where and how ``result`` was computed, one ``setting, value`` row each: its execution
+    record (executor, workers, address, device, AMP, host, run id) then its environment
+    (versions, platform, device name)."""
+    rows = [(k, "" if v is None else str(v)) for k, v in result.execution.items()]
+    rows += [(k, str(v)) for k, v in result.environment.items()]
+    return pd.DataFrame(rows, columns=["setting", "value"])
+
+
 def export(
     result: RunResult,
     out_dir: Any,
@@ -82,8 +91,8 @@ def export(
     config_path: str | Path | None = None,
 ) -> dict[str, Path]:
     """Write metrics.csv, confidences.parquet, config.toml, then a self-contained report.html
-    and, last, run.json (status, versions, config sha256, timings, warnings, notes, files) into
-    ``out_dir``.
+    and, last, run.json (status, versions, config sha256, timings, warnings, notes, files, and
+    where and how the run was computed: ``execution``, ``environment``) into ``out_dir``.
 
     The numbers never depend on the figures: the report is drawn after they are written, a
     figure that fails is named in the report ("Figures not drawn": which figure and why) and in
@@ -105,7 +114,17 @@ def export(
             f"({len(result.ind)} test samples, accuracy {result.accuracy:.2%}); "
             f"run time {result.seconds:.1f} s."
         )
+        if result.execution:
+            ex = result.execution
+            notes += (
+                f" Computed by the {ex.get('executor')} executor on {ex.get('device')}"
+                + (f" with {ex['amp']} autocast" if ex.get("amp") else "")
+                + (f" on host {ex['host']}" if ex.get("host") else "")
+                + "."
+            )
         tables = [("Metrics", metrics_wide(result)), ("All values", result.frame)]
+        if result.execution or result.environment:
+            tables.append(("Computed with", provenance_frame(result)))
         if result.notes:
             tables.insert(0, ("Notes", pd.DataFrame({"note": result.notes})))
         if result.warnings:
@@ -117,7 +136,7 @@ def export(
     source = Path(config_path).read_bytes() if config_path is not None else config_toml.encode()
 
     def run_info() -> dict[str, Any]:  # called last, once the report is drawn
-        return {
+        info = {
             "ood_lens_version": __version__,
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
@@ -136,6 +155,11 @@ def export(
             "warnings": [*result.warnings, *problems],
             "notes": result.notes,
         }
+        if result.execution:  # where and how it was computed
+            info["execution"] = result.execution
+        if result.environment:
+            info["environment"] = result.environment
+        return info
 
     protect = [config_path] if config_path is not None else []
     return write_bundle(

@@ -4,6 +4,8 @@ ood-lens example-config > run.toml     # the bundled default (seed workload + MN
 ood-lens run run.toml --out results/   # table in the terminal, files in results/
 ood-lens run run.toml --out results/ --force   # replace an earlier run's results/
 ood-lens run run.toml --trust-repo     # let a non-bundled hub repo named in run.toml run its code
+ood-lens run run.toml --device cuda --amp bf16   # execution settings override [execution]
+ood-lens run run.toml --executor ray --workers 2 # forward passes on Ray actors
 ood-lens layers --entry tiniest        # a model's layer table with (depth, idx) ids
 ood-lens scores                        # every registered score
 """
@@ -75,6 +77,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = RunConfig.from_toml(text, source=str(path))
     except ConfigError as exc:
         raise _Failed(str(exc), 2) from None
+    config = _with_execution_flags(config, args, path)
     from ood_core.hub import is_bundled
 
     # trust comes from the person at the keyboard (--trust-repo), never from the file
@@ -86,6 +89,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "model) on this machine. If you trust it, pass --trust-repo on the command line.",
             2,
         )
+    from ood_core.devices import DeviceError
+    from ood_core.runner import ExecutionError, check_execution
+
+    try:  # this machine's devices and executors, before anything is loaded
+        check_execution(config)
+    except (DeviceError, ExecutionError) as exc:
+        given = any(getattr(args, k) is not None for k in ("device", "amp", "executor"))
+        raise _Failed(str(exc) if given else f"{path}: [execution] {exc}", 2) from None
     quiet = args.quiet or os.environ.get("OOD_LENS_QUIET", "") not in ("", "0")
     from ood_core.hub import UntrustedRepoError
 
@@ -122,6 +133,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"Model accuracy on {len(result.ind)} InD test samples: {result.accuracy:.2%}; "
         f"total {result.seconds:.1f} s"
     )
+    Console(soft_wrap=True).print(provenance_line(result.execution, result.environment))
     for message in [*result.notes, *result.warnings]:
         _warn(message)
     if args.out is not None:
@@ -137,6 +149,61 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for kind, p in paths.items():
             Console().print(f"wrote {kind}: {p}")
     return 0
+
+
+def _with_execution_flags(config: Any, args: argparse.Namespace, path: Path) -> Any:
+    """``config`` with the ``--executor / --workers / --device / --amp`` flags given (they
+    override ``[execution]`` and the exported config.toml records them), checked as a config."""
+    import dataclasses
+
+    from ood_core.config import ConfigError
+
+    flags = {
+        k: getattr(args, k)
+        for k in ("executor", "workers", "device")
+        if getattr(args, k, None) is not None
+    }
+    if args.amp is not None:
+        flags["amp"] = None if args.amp == "off" else args.amp
+    if not flags:
+        return config
+    changed = dataclasses.replace(config, **flags)
+    try:
+        checked = changed.validate(source=f"{path} with the command-line flags")
+    except ConfigError as exc:
+        raise _Failed(str(exc), 2) from None
+    return dataclasses.replace(changed, baseline=checked.baseline)
+
+
+def provenance_line(execution: dict[str, Any], environment: dict[str, str]) -> str:
+    """One line saying where and how a run was computed (``RunResult.execution`` /
+    ``.environment``)."""
+    if not execution:
+        return "Computed: not recorded"
+    workers = execution.get("workers")
+    where = f"executor {execution.get('executor')}"
+    if execution.get("executor") == "ray":
+        where += f" ({workers} worker(s), {execution.get('address') or 'local Ray'})"
+    device = execution.get("device")
+    name = environment.get("device_name")
+    amp = execution.get("amp") or "off"
+    versions = ", ".join(f"{k} {environment[k]}" for k in ("torch", "python") if k in environment)
+    return (
+        f"Computed with {where} on {device}" + (f" ({name})" if name else "") + f", amp {amp}, "
+        f"host {execution.get('host')}"
+        + (f", {versions}" if versions else "")
+        + f"; run id {execution.get('run_id')}"
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def _cmd_example(args: argparse.Namespace) -> int:
@@ -255,6 +322,28 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="let a non-bundled hub repository (GitHub or local folder) run its code "
         "on this machine (a config's trust_repo = true is only a request; this flag is consent)",
+    )
+    run_opts = p.add_argument_group(
+        "execution",
+        "override the config's [execution] table (the exported config.toml records them)",
+    )
+    run_opts.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        help="local: this process; ray: Ray Data actors (pip install 'ood-lens[ray]')",
+    )
+    run_opts.add_argument(
+        "--workers", type=_positive_int, metavar="N", help="Ray actors (with --executor ray)"
+    )
+    run_opts.add_argument(
+        "--device",
+        metavar="D",
+        help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N",
+    )
+    run_opts.add_argument(
+        "--amp",
+        choices=("bf16", "fp16", "off"),
+        help="mixed-precision forward passes (fp16: CUDA only); off: full precision",
     )
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser(

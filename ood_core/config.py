@@ -27,12 +27,13 @@ import tomllib
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ood_core import data as data_mod
+from ood_core.devices import DeviceError, check_device_spec
 from ood_core.layer_ids import LayerId, layers_text, parse_layer_ids
 from ood_core.metrics import DEFAULT_METRICS, Metric, parse_metric
 from ood_core.perturbations import make_perturbation
@@ -54,6 +55,21 @@ MAX_SHOWN_PROBLEMS = 10
 """How many problems a :class:`ConfigError` message lists (``problems`` holds them all)."""
 MAX_OUTPUT_KEY = 200
 """Longest ``[model] output`` key, in characters."""
+MAX_WORKERS = 1024
+"""Most ``[execution] workers`` (Ray actors, one model copy each)."""
+MAX_ADDRESS = 1000
+"""Longest ``[execution] address``, in characters."""
+EXECUTORS = ("local", "ray")
+"""``[execution] executor`` choices: this process's batched loop, or Ray Data actors."""
+EXECUTION_DEFAULTS: dict[str, Any] = {
+    "executor": "local",
+    "address": "",
+    "workers": 2,
+    "device": "auto",
+    "amp": None,
+}
+"""The ``[execution]`` settings of a config that leaves the table out (``amp`` None: full
+precision; written ``amp = false``)."""
 
 
 class ConfigError(ValueError):
@@ -181,6 +197,21 @@ class RunConfig:
     baseline: int | str | None = 0
     n_boot: int = 0
     batch_size: int | None = None
+    executor: str = "local"
+    """``[execution] executor``: ``"local"`` (batched passes in this process) or ``"ray"`` (Ray
+    Data actors, one model copy each, rebuilt from the hub spec: :mod:`ood_core.ray_engine`)."""
+    address: str = ""
+    """``[execution] address`` of an existing Ray cluster; ``""`` starts a local Ray (executor
+    ``"ray"`` only)."""
+    workers: int = 2
+    """``[execution] workers``: Ray actors (executor ``"ray"`` only)."""
+    device: str = "auto"
+    """``[execution] device``: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``,
+    ``"cuda"`` or ``"cuda:N"`` (:func:`ood_core.devices.resolve_device`, at run time; the
+    resolved device is recorded in the run's provenance, this spec in the config)."""
+    amp: str | None = None
+    """``[execution] amp``: None (full precision; ``amp = false`` in TOML), ``"bf16"`` or
+    ``"fp16"`` autocast of the forward passes (changes the numbers: part of :meth:`model_key`)."""
     trust_requested: bool = field(default=False, compare=False, repr=False)
     """The file said ``[model] trust_repo = true``: a request, never consent (``ood-lens run``
     then asks for ``--trust-repo``; everything else ignores it)."""
@@ -188,10 +219,24 @@ class RunConfig:
     def metric_objects(self) -> list[Metric]:
         return [parse_metric(m) for m in self.metrics]
 
-    def model_key(self) -> tuple:
-        """The model's identity in caches: ``(repo, entry)``, plus the output element if any."""
-        base = (self.model_repo, self.model_entry)
-        return base if self.output is None else (*base, self.output)
+    def model_key(self, device: str | None = None) -> tuple:
+        """The model's identity in caches: ``(repo, entry)``, plus the output element if any,
+        ``("amp", amp)`` under mixed precision and ``("device", device)`` for a ``device``
+        (resolved, e.g. ``"cuda:0"``) other than the CPU: both change the numbers (AMP at the
+        1e-2 level, CUDA kernels at the 1e-6 level). The executor and its workers are not part
+        of it: the Ray executor computes what the local one does."""
+        key: tuple = (self.model_repo, self.model_entry)
+        if self.output is not None:
+            key = (*key, self.output)
+        if self.amp is not None:
+            key = (*key, ("amp", self.amp))
+        if device is not None and device != "cpu":
+            key = (*key, ("device", device))
+        return key
+
+    def execution(self) -> dict[str, Any]:
+        """The ``[execution]`` settings as a dict (keys of :data:`EXECUTION_DEFAULTS`)."""
+        return {k: getattr(self, k) for k in EXECUTION_DEFAULTS}
 
     # ---------------------------------------------------------------- TOML round trip
     def to_dict(self) -> dict[str, Any]:
@@ -219,6 +264,14 @@ class RunConfig:
             out["evaluation"]["baseline"] = d["baseline"]
         if d["batch_size"] is not None:
             out["evaluation"]["batch_size"] = d["batch_size"]
+        # like [data] streaming: written only where it differs from the defaults
+        execution = {
+            k: (False if v is None else v)
+            for k, v in self.execution().items()
+            if v != EXECUTION_DEFAULTS[k]
+        }
+        if execution:
+            out["execution"] = execution
         return out
 
     def to_toml(self) -> str:
@@ -366,6 +419,33 @@ class _EvaluationSection(_Section):
     )
 
 
+class _ExecutionSection(_Section):
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description='"local" (this process) or "ray" (Ray Data actors; pip install \'ood-lens[ray]\')',
+    )
+    address: str = Field(
+        "",
+        max_length=MAX_ADDRESS,
+        description='the address of an existing Ray cluster, or "" to start a local Ray',
+    )
+    workers: int = Field(
+        2,
+        ge=1,
+        le=MAX_WORKERS,
+        description=f"a whole number of Ray actors in [1, {MAX_WORKERS}]",
+    )
+    device: str = Field(
+        "auto",
+        min_length=1,
+        description='"auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N"',
+    )
+    amp: bool | Literal["bf16", "fp16"] = Field(
+        False,
+        description='false (full precision), "bf16" (CPU or CUDA) or "fp16" (CUDA only)',
+    )
+
+
 class _ScoreEntry(_Section):
     name: str = Field(min_length=1, description="a registered score name (`ood-lens scores`)")
     params: dict[str, Any] = Field(
@@ -402,6 +482,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "model": _ModelSection,
     "data": _DataSection,
     "evaluation": _EvaluationSection,
+    "execution": _ExecutionSection,
 }
 _ENTRIES: dict[str, type[_Section]] = {"scores": _ScoreEntry, "scenarios": _ScenarioEntry}
 
@@ -850,6 +931,8 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
         output = None
     data = data or _DataSection()
     ev = ev or _EvaluationSection()
+    execution = sections.get("execution") or _ExecutionSection()
+    problems += _execution_problems(execution)
     config = RunConfig(
         model_repo=model.repo,
         model_entry=model.entry,
@@ -869,8 +952,50 @@ def _check_config_dict(d: Any) -> tuple[RunConfig, list[str]]:
         baseline=baseline,
         n_boot=ev.n_boot,
         batch_size=ev.batch_size,
+        executor=execution.executor,
+        address=execution.address.strip(),
+        workers=execution.workers,
+        device=execution.device,
+        amp=execution.amp if isinstance(execution.amp, str) else None,
     )
     return config, problems
+
+
+def _execution_problems(e: _ExecutionSection) -> list[str]:
+    """Problems of an ``[execution]`` table that its types allow: a malformed device, fp16 on
+    the CPU, Ray settings with the local executor. Whether this machine has the device is
+    checked when the run starts (:func:`ood_core.devices.resolve_device`): a config may be
+    written for another machine."""
+    problems: list[str] = []
+    if e.amp is True:  # a boolean only switches AMP off: which precision is a choice
+        problems.append(
+            f"[execution] amp = {_show(e.amp)} ({_kind(e.amp)}): expected "
+            f"{_ExecutionSection.model_fields['amp'].description}"
+        )
+    try:
+        check_device_spec(e.device)
+    except DeviceError:
+        problems.append(
+            f"[execution] device = {_show(e.device)}: expected "
+            f"{_ExecutionSection.model_fields['device'].description}"
+        )
+    if e.amp == "fp16" and e.device == "cpu":
+        problems.append(
+            '[execution] amp = "fp16": float16 autocast needs a CUDA device, not device = "cpu" '
+            '(use amp = "bf16" on the CPU)'
+        )
+    if e.executor == "local":
+        if e.address.strip():
+            problems.append(
+                f"[execution] address = {_show(e.address)}: an address is for executor = "
+                '"ray"; set executor = "ray" or remove address'
+            )
+        if e.workers != EXECUTION_DEFAULTS["workers"]:
+            problems.append(
+                f"[execution] workers = {e.workers}: workers are Ray actors, for executor = "
+                '"ray"; set executor = "ray" or remove workers'
+            )
+    return problems
 
 
 def _resolve_baseline(

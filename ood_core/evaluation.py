@@ -70,8 +70,12 @@ class Evaluation:
         recorder: Recorder,
         cache: FeatureCache | None = None,
         model_key: Hashable | None = None,
+        engine: Any | None = None,
     ) -> None:
-        self.engine = Engine(recorder)
+        self.engine = Engine(recorder) if engine is None else engine
+        """What runs the passes: an :class:`~ood_core.engine.Engine` on ``recorder`` unless
+        another executor with the same ``extract`` contract is given (``engine``: e.g. an
+        ``Engine(recorder, amp="bf16")`` or :class:`ood_core.ray_engine.RayEngine`)."""
         self.recorder = recorder
         self.cache = cache
         self.model_key = model_key

@@ -7,13 +7,26 @@ confidences are cached per (model, data, score, layers), so changing one score's
 recomputes only that score. A run fits the scores not fitted yet (:func:`_fit_missing`), scores
 each dataset with the scores whose confidences are not cached yet (:func:`_score_missing`), then
 computes the metrics and tables (:func:`_assemble`).
+
+Execution (``[execution]`` of the config) never changes what is computed, only where: the model
+is moved to the resolved device (:func:`ood_core.devices.resolve_device`; a copy per device in
+the :class:`RunCache`, the loaded CPU model is never moved), the forward passes run under the
+chosen autocast (``amp``), and executor ``"ray"`` runs them on Ray actors that rebuild the model
+from its hub spec (:func:`model_factory`). The device and AMP are part of the cache keys'
+model identity (:meth:`~ood_core.config.RunConfig.model_key`: they change the numbers), the
+executor is not. :attr:`RunResult.execution` and :attr:`RunResult.environment` record where and
+how a run was computed (the bundle's ``run.json`` keeps them).
 """
 
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
+import functools
+import secrets
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,8 +42,9 @@ from ood_core import data as data_mod
 from ood_core import hub, streams
 from ood_core.config import IND_TITLE, RunConfig
 from ood_core.core import predicted_confidence, select_output
+from ood_core.devices import check_amp, environment_info, ray_available, resolve_device
 from ood_core.diagnostics import about, collect
-from ood_core.engine import FeatureCache
+from ood_core.engine import Engine, FeatureCache
 from ood_core.eval import compute_metrics
 from ood_core.evaluation import Evaluation
 from ood_core.layer_ids import LayerId
@@ -73,19 +87,35 @@ class RunCache:
         return self.recorders[key]
 
     def network(self, config: RunConfig) -> nn.Module | None:
-        """The loaded network of ``config`` read through its ``output`` (None if not loaded)."""
+        """The loaded (CPU) network of ``config`` read through its ``output`` (None if not
+        loaded)."""
         net = self.models.get((config.model_repo, config.model_entry))
         return None if net is None else select_output(net, config.output)
 
-    def model(self, repo: str, entry: str, trust_repo: bool = False) -> nn.Module:
-        """``entry`` of hub repository ``repo``, loaded once. Trust is checked on every call,
-        cached or not: a repository other than the bundled one needs ``trust_repo=True`` from
-        this caller (else :class:`~ood_core.hub.UntrustedRepoError`), whoever loaded it first."""
+    def model(
+        self,
+        repo: str,
+        entry: str,
+        trust_repo: bool = False,
+        device: torch.device | None = None,
+    ) -> nn.Module:
+        """``entry`` of hub repository ``repo``, loaded once (on the CPU, key ``(repo, entry)``)
+        and, for another ``device``, copied there once (key ``(repo, entry, "cuda:0")``): the
+        loaded model, which the dashboard shares between sessions, is never moved. Trust is
+        checked on every call, cached or not: a repository other than the bundled one needs
+        ``trust_repo=True`` from this caller (else :class:`~ood_core.hub.UntrustedRepoError`),
+        whoever loaded it first."""
         hub.require_trust(repo, trust_repo)
         key = (repo, entry)
         if key not in self.models:
             self.models[key] = hub.load_model(repo, entry, trust_repo=trust_repo)
-        return self.models[key]
+        net = self.models[key]
+        if device is None or _on_device(net, device):
+            return net
+        moved = (repo, entry, str(device))
+        if moved not in self.models:
+            self.models[moved] = copy.deepcopy(net).to(device).eval()
+        return self.models[moved]
 
     def dataset(
         self, source: str, split: str, n: int | None, seed: int, config: str | None = None
@@ -112,6 +142,76 @@ class RunCache:
                 self.datasets[full_key] = data_mod.load(source, split, config)
             self.datasets[key] = self.datasets[full_key].subset(n, seed)
         return self.datasets[key]
+
+
+def _on_device(net: nn.Module, device: torch.device) -> bool:
+    """Whether every parameter and buffer of ``net`` is on ``device`` (a net without any is)."""
+    tensors = [*net.parameters(), *net.buffers()]
+    return all(t.device == device for t in tensors)
+
+
+def load_network(repo: str, entry: str, trust_repo: bool, output: int | str | None) -> nn.Module:
+    """``entry`` of hub repository ``repo`` read through ``output``: what a Ray actor builds
+    (module level, so that :func:`model_factory`'s partial pickles by name). The hub's trust
+    check applies as everywhere (:func:`ood_core.hub.load_model`): a non-bundled repository
+    loads only with ``trust_repo=True``, given by the person who started the run."""
+    return select_output(hub.load_model(repo, entry, trust_repo=trust_repo), output)
+
+
+def model_factory(config: RunConfig) -> Callable[[], nn.Module]:
+    """A picklable callable building ``config``'s network (:func:`load_network` over its
+    repository, entry, trust and output): one model copy per Ray actor, rebuilt from the hub
+    spec, never the hooked module pickled."""
+    return functools.partial(
+        load_network, config.model_repo, config.model_entry, config.trust_repo, config.output
+    )
+
+
+class ExecutionError(ValueError):
+    """An ``[execution]`` setting this machine cannot honour (e.g. executor ``"ray"`` without
+    Ray installed); the message says what to do."""
+
+
+def check_execution(config: RunConfig) -> tuple[torch.device, str | None]:
+    """The resolved device and the checked AMP of ``config`` on this machine, once its executor
+    is found available; :class:`~ood_core.devices.DeviceError` or :class:`ExecutionError`
+    (both ``ValueError``) otherwise. Called by :func:`run` before anything is loaded."""
+    device = resolve_device(config.device)
+    amp = check_amp(config.amp, device)
+    if config.executor == "ray" and not ray_available():
+        raise ExecutionError(
+            "executor \"ray\" needs Ray and ood_core.ray_engine: pip install 'ood-lens[ray]' "
+            '(or use executor = "local")'
+        )
+    return device, amp
+
+
+def new_run_id(when: float | None = None) -> str:
+    """A run's id: local time to the microsecond and 6 random hex digits
+    (``YYYYmmdd-HHMMSS-uuuuuu-xxxxxx``, the run store's form)."""
+    us = time.time_ns() // 1000 if when is None else int(round(when * 1e6))
+    seconds, micro = divmod(us, 1_000_000)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(seconds))
+    return f"{stamp}-{micro:06d}-{secrets.token_hex(3)}"
+
+
+def execution_record(
+    config: RunConfig, device: torch.device, amp: str | None, run_id: str
+) -> dict[str, Any]:
+    """Where and how a run is computed (``RunResult.execution``, run.json's ``execution``):
+    executor, workers (1 for the local executor), address (``""``: a local Ray or none), the
+    resolved device and the config's spec, AMP, the host name and the run id."""
+    ray = config.executor == "ray"
+    return {
+        "executor": config.executor,
+        "workers": config.workers if ray else 1,
+        "address": config.address if ray else "",
+        "device": str(device),
+        "device_spec": config.device,
+        "amp": amp,
+        "host": socket.gethostname(),
+        "run_id": run_id,
+    }
 
 
 SESSION_STORE_BYTES = 8 * 2**30
@@ -155,6 +255,12 @@ class RunResult:
     restored_from: str | None = None
     """The bundle folder when read back by :func:`ood_core.bundle.to_result` (its scores are
     then bound to the network but not fitted); None for a result computed here."""
+    execution: dict[str, Any] = field(default_factory=dict)
+    """Where and how it was computed (:func:`execution_record`: executor, workers, address,
+    device, device_spec, amp, host, run_id); empty for a bundle written before it was kept."""
+    environment: dict[str, str] = field(default_factory=dict)
+    """The versions and machine it was computed with
+    (:func:`ood_core.devices.environment_info`)."""
 
     def confidences_frame(self) -> pd.DataFrame:
         return confidences_frame(
@@ -194,12 +300,16 @@ class RunInputs:
     notes: list[str]
 
 
-def load_inputs(config: RunConfig, cache: RunCache) -> RunInputs:
-    """Load the model and draw the data of a validated ``config`` through ``cache``: the same
-    config (same seed) always draws the same samples."""
+def load_inputs(
+    config: RunConfig, cache: RunCache, device: torch.device | None = None
+) -> RunInputs:
+    """Load the model (on ``device``; None: where it loads, the CPU) and draw the data of a
+    validated ``config`` through ``cache``: the same config (same seed) always draws the same
+    samples. The data stay on the CPU (the engine moves each batch)."""
     notes: list[str] = []
     net = select_output(
-        cache.model(config.model_repo, config.model_entry, config.trust_repo), config.output
+        cache.model(config.model_repo, config.model_entry, config.trust_repo, device),
+        config.output,
     )
     n_cal, n_test = config.n_calibration, config.n_test
     if config.streaming:  # the calibration set as a stream: never whole in memory
@@ -271,35 +381,66 @@ def run(
     it: ``RunResult.notes`` says so and ``RunResult.config`` records the sizes actually used."""
     t0 = time.perf_counter()
     config = config.validate()
+    device, amp = check_execution(config)  # before anything is loaded: fail fast
     # a one-off run keeps no features for later runs (memory stays that of the batch)
     cache = cache or RunCache(features=FeatureCache(max_bytes=0))
     say = progress or (lambda stage, frac: None)
     say("Loading model and data", 0.0)
-    inputs = load_inputs(config, cache)
-    model_key = config.model_key()
-    evaluation = Evaluation(
-        cache.recorder(model_key, inputs.net, inputs.calib.source().example()),
-        cache=cache.features,
-        model_key=model_key,
-    )
-    pairs, timings = _fit_missing(config, cache, evaluation, inputs.calib, say)
-    # results are keyed by position (scenario identity), never by title
-    datasets = [(IND_TITLE, ("__ind__",), inputs.ind.images)] + [
-        (t, sc.key(), x)
-        for t, sc, x in zip(inputs.titles, config.scenarios, inputs.oods, strict=True)
-    ]
-    confs: list[np.ndarray] = []
-    for title, dkey, x in datasets:
-        stacked, rows = _score_missing(config, cache, evaluation, pairs, title, dkey, x, say)
-        confs.append(stacked)
-        timings += rows
+    inputs = load_inputs(config, cache, device)
+    model_key = config.model_key(str(device))
+    recorder = cache.recorder(model_key, inputs.net, inputs.calib.source().example())
+    engine = _executor(config, recorder, device, amp)
+    try:
+        evaluation = Evaluation(recorder, cache=cache.features, model_key=model_key, engine=engine)
+        base_key = (model_key, _data_key(config))
+        pairs, timings = _fit_missing(config, cache, evaluation, inputs.calib, say, base_key)
+        # results are keyed by position (scenario identity), never by title
+        datasets = [(IND_TITLE, ("__ind__",), inputs.ind.images)] + [
+            (t, sc.key(), x)
+            for t, sc, x in zip(inputs.titles, config.scenarios, inputs.oods, strict=True)
+        ]
+        confs: list[np.ndarray] = []
+        for title, dkey, x in datasets:
+            stacked, rows = _score_missing(
+                config, cache, evaluation, pairs, title, dkey, x, say, base_key
+            )
+            confs.append(stacked)
+            timings += rows
+    finally:
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()  # the Ray actors (and a Ray started here) stop with the run
     dkeys = [dkey for _, dkey, _ in datasets]
-    return _assemble(config, cache, inputs, pairs, dkeys, confs, timings, say, t0)
+    result = _assemble(config, cache, inputs, pairs, dkeys, confs, timings, say, t0, base_key)
+    result.execution = execution_record(config, device, amp, new_run_id())
+    result.environment = environment_info(device)
+    return result
 
 
-def _base_key(config: RunConfig) -> tuple:
-    """What a config's fitted scores and confidences are cached under, with the score's key."""
-    return (config.model_key(), _data_key(config))
+def _executor(config: RunConfig, recorder: Recorder, device: torch.device, amp: str | None) -> Any:
+    """The engine running ``config``'s passes: None for the local executor in full precision
+    (:class:`Evaluation`'s own engine), an :class:`~ood_core.engine.Engine` under AMP, or a
+    :class:`~ood_core.ray_engine.RayEngine` (one model per actor from :func:`model_factory`;
+    on CUDA, a local Ray shares this machine's GPUs among the workers, a cluster gives each
+    worker one)."""
+    if config.executor == "ray":
+        from ood_core.ray_engine import RayEngine  # Ray is optional: imported only when used
+
+        gpus = 0.0
+        if device.type == "cuda":
+            local = not config.address
+            gpus = min(1.0, torch.cuda.device_count() / config.workers) if local else 1.0
+        return RayEngine(
+            recorder,
+            model_factory(config),
+            address=config.address,
+            workers=config.workers,
+            device=str(device),
+            amp=amp,
+            gpus_per_worker=gpus,
+        )
+    if amp is not None:
+        return Engine(recorder, amp=amp)
+    return None
 
 
 def _fit_missing(
@@ -308,11 +449,12 @@ def _fit_missing(
     evaluation: Evaluation,
     calib: data_mod.ImageDataset | streams.StreamedSet,
     say: StageProgress,
+    base_key: tuple,
 ) -> tuple[list[tuple[BaseScore, tuple[LayerId, ...]]], list[dict[str, Any]]]:
     """The (score, layers) of each of ``config.scores``, in order, and a calibration timing row
     per score fitted: fitted scores come from ``cache``, the others are built, bound and fitted
-    on ``calib`` together (one pass), then cached."""
-    base_key = _base_key(config)
+    on ``calib`` together (one pass), then cached under ``base_key`` (model key with the
+    device and AMP, data key) and the score's key."""
     pairs: list[tuple[BaseScore, tuple[LayerId, ...]]] = []
     todo_fit: list[BaseScore] = []
     for spec in config.scores:
@@ -362,12 +504,12 @@ def _score_missing(
     dkey: tuple,
     x: torch.Tensor,
     say: StageProgress,
+    base_key: tuple,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """The ``(n_scores, n)`` confidences of dataset ``x`` (``title``, cache key ``dkey``) and an
     inference timing row per score run: the scores whose confidences on it are not cached yet
     score it together (one pass), and their confidences and warnings are cached; the InD test
     set (``dkey == ("__ind__",)``) also caches the network's predictions."""
-    base_key = _base_key(config)
     timings: list[dict[str, Any]] = []
     missing = [
         (i, s)
@@ -420,12 +562,12 @@ def _assemble(
     timings: list[dict[str, Any]],
     say: StageProgress,
     t0: float,
+    base_key: tuple,
 ) -> RunResult:
     """The :class:`RunResult`: metrics and tables from the confidences (``confs``: the InD test
     set's, then each scenario's; ``dkeys``: their cache keys), the warnings of the fits and of
     each dataset scored, the accuracy, and ``config`` with the sample sizes actually used;
-    ``t0`` is when the run started."""
-    base_key = _base_key(config)
+    ``t0`` is when the run started; ``base_key`` what its numbers are cached under."""
     metrics = config.metric_objects()
     say("Computing metrics", 0.95)
     names = [score_label(s, layers, multiline=False) for s, layers in pairs]

@@ -10,13 +10,14 @@ import json
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
-from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec
+from ood_core.config import EXECUTION_DEFAULTS, RunConfig, ScenarioSpec, ScoreSpec
+from ood_core.devices import DeviceError, check_amp, ray_available, resolve_device
 from ood_core.metrics import parse_metric
 from ood_core.perturbations import PERTURBATIONS
 from ood_core.scores import get_score_class, make_score
 from ood_lens_app import estimates
 from ood_lens_app.layers import LayerChoices, sync_score_layers
-from ood_lens_app.state import SEED, param_key, pert_owner, score_layer_key, sweep_key
+from ood_lens_app.state import AMP_OFF, SEED, param_key, pert_owner, score_layer_key, sweep_key
 from ood_lens_app.widgets import initial_value, is_text_float, none_key
 
 METRIC_CHOICES = [
@@ -39,7 +40,10 @@ METRIC_CHOICES = [
 """Metrics offered in the Metrics multiselect (any other can be typed)."""
 
 Problems = dict[str, list[str]]
-"""Messages per place: a score name, ``"scenarios"``, ``"metrics"`` or ``"run"``."""
+"""Messages per place: a score name, ``"scenarios"``, ``"metrics"``, ``"execution"`` or
+``"run"``."""
+RAY_HINT = "Ray is not installed here: pip install 'ood-lens[ray]' to run on Ray actors."
+"""Why the executor choice is disabled on a machine without Ray."""
 
 
 # ---------------------------------------------------------------------------- parameters
@@ -223,6 +227,56 @@ def metric_list(state: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(metrics)), problems
 
 
+def execution_options(state: Mapping[str, Any]) -> dict[str, Any]:
+    """What the Execution widgets offer on this machine: ``devices`` (auto, cpu and one
+    ``cuda:N`` per GPU: no CUDA choice without CUDA), ``amps`` (off, bf16, and fp16 only with
+    CUDA), ``executors`` and whether the executor choice is ``executor_disabled`` (no Ray here
+    and the local executor chosen), with its ``hint``. A value restored from a run computed
+    elsewhere (``cuda`` on a CPU machine) stays offered, so that the form shows it and says why
+    it cannot run (:func:`execution_values`)."""
+    from ood_core.devices import available_devices
+
+    devices = available_devices()
+    amps = [AMP_OFF, "bf16"] + (["fp16"] if any(d.startswith("cuda") for d in devices) else [])
+    device = str(state.get("w.exec_device", "auto"))
+    amp = str(state.get("w.exec_amp", AMP_OFF))
+    executor = str(state.get("w.exec_executor", "local"))
+    has_ray = ray_available()
+    return {
+        "devices": devices + ([device] if device not in devices else []),
+        "amps": amps + ([amp] if amp not in amps else []),
+        "executors": ["local", "ray"],
+        "executor_disabled": not has_ray and executor == "local",
+        "hint": None if has_ray else RAY_HINT,
+    }
+
+
+def execution_values(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The ``[execution]`` settings of the form (``w.exec_*``; workers and address only with
+    executor ``"ray"``) and what this machine cannot honour: a device it does not have, fp16
+    without CUDA, the Ray executor without Ray installed."""
+    executor = str(state.get("w.exec_executor", EXECUTION_DEFAULTS["executor"]))
+    ray = executor == "ray"
+    amp = state.get("w.exec_amp", AMP_OFF)
+    values = {
+        "executor": executor,
+        "workers": int(state.get("w.exec_workers", 2)) if ray else EXECUTION_DEFAULTS["workers"],
+        "address": str(state.get("w.exec_address", "")).strip() if ray else "",
+        "device": str(state.get("w.exec_device", EXECUTION_DEFAULTS["device"])),
+        "amp": None if amp in (None, AMP_OFF) else str(amp),
+    }
+    problems: list[str] = []
+    try:
+        check_amp(values["amp"], resolve_device(values["device"]))
+    except DeviceError as exc:
+        problems.append(f"Execution: {exc}.")
+    if ray and not ray_available():
+        problems.append(
+            "Execution: the Ray executor needs Ray (pip install 'ood-lens[ray]'); choose local."
+        )
+    return values, problems
+
+
 def pick_baseline(current: str, chosen: Sequence[str], preferred: str) -> str:
     """The baseline score: ``current`` if still chosen, else ``preferred`` (the example run's
     baseline) if chosen, else the first chosen score; ``"-"`` when none is chosen."""
@@ -244,11 +298,14 @@ def build_config(
     choices: LayerChoices,
 ) -> tuple[RunConfig | None, Problems]:
     """A RunConfig from the form, or None and the problems (per score / ``"scenarios"`` /
-    ``"metrics"`` / ``"run"``). ``choices``: the current network's layers."""
+    ``"metrics"`` / ``"execution"`` / ``"run"``). ``choices``: the current network's layers."""
     n_cal, n_test = n_samples(state["w.n_cal"]), n_samples(state["w.n_test"])
     scores, problems = score_specs(state, choices, n_cal)
     scenarios, sc_problems = scenario_specs(state)
     metrics, m_problems = metric_list(state)
+    execution, ex_problems = execution_values(state)
+    if ex_problems:
+        problems["execution"] = ex_problems
     if sc_problems:
         problems["scenarios"] = sc_problems
     if m_problems:
@@ -277,5 +334,6 @@ def build_config(
         metrics=metrics,
         baseline=baseline,
         n_boot=int(state["w.n_boot"]),
+        **execution,
     )
     return config, {}

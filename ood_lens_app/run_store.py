@@ -173,7 +173,8 @@ def save(
     result: RunResult, root: Path | str, keep: int | None = None, background: bool = False
 ) -> str:
     """Export ``result`` into ``root/<new id>``, then drop all but the newest ``keep`` runs
-    (:func:`keep_count`; never the run just saved); returns the id.
+    (:func:`keep_count`; never the run just saved); returns the id, which also becomes the
+    ``run_id`` of ``result.execution`` (its provenance).
 
     Raises ``TypeError`` / ``ValueError`` when the config cannot be written as TOML (e.g. a
     parameter set to None) and :class:`StoreError` (an ``OSError``) when the store cannot take
@@ -185,6 +186,8 @@ def save(
     text = result.config.to_toml()  # fails here, in the caller, when not writable as TOML
     root = check_root(root)
     run_id = new_id(text)
+    if result.execution:  # the run's id is its id in the store
+        result.execution["run_id"] = run_id
 
     def write() -> None:
         try:
@@ -289,10 +292,64 @@ def headline(metrics: pd.DataFrame, metric: str = HEADLINE) -> float:
     return float(values.mean()) if len(values) else float("nan")
 
 
+LIST_COLUMNS = ["when", "model", "scores", "AUROC (mean)", "scenarios", "data", "computed", "id"]
+"""The columns of :func:`list_runs` (what a reader scans first on the left)."""
+
+
+def computed_text(info: Mapping[str, Any]) -> str:
+    """Where and how a run was computed, in a few words (from run.json's ``execution`` and
+    ``environment``): ``"local · cpu · host vm"``, ``"ray ×2 · cuda:0 (NVIDIA H200) · bf16 ·
+    host gpu1"``; ``"not recorded"`` for a bundle written before it was kept."""
+    ex = info.get("execution") or {}
+    if not ex:
+        return "not recorded"
+    env = info.get("environment") or {}
+    parts = [ex.get("executor", "?")]
+    if ex.get("executor") == "ray":
+        parts[0] += f" ×{ex.get('workers')}"
+    device = str(ex.get("device", "?"))
+    if device.startswith("cuda") and env.get("device_name"):
+        device += f" ({env['device_name']})"
+    parts.append(device)
+    if ex.get("amp"):
+        parts.append(str(ex["amp"]))
+    if ex.get("host"):
+        parts.append(f"host {ex['host']}")
+    return " · ".join(parts)
+
+
+def provenance_frame(info: Mapping[str, Any]) -> pd.DataFrame:
+    """Every recorded setting of where and how a run was computed, one ``setting, value`` row
+    each (run.json's ``execution``, then ``environment``, then the versions of earlier
+    bundles)."""
+    rows = [(k, "" if v is None else str(v)) for k, v in (info.get("execution") or {}).items()]
+    rows += [(k, str(v)) for k, v in (info.get("environment") or {}).items()]
+    if not info.get("environment"):
+        for key in ("ood_lens_version", "torch_version", "python_version"):
+            if info.get(key):
+                rows.append((key.removesuffix("_version"), str(info[key])))
+    return pd.DataFrame(rows, columns=["setting", "value"])
+
+
+def run_row(run: StoredRun, when: str) -> dict[str, Any]:
+    """One row of :func:`list_runs` for ``run`` (``when``: its creation time as text)."""
+    cfg = run.config
+    return {
+        "id": run.run_id,
+        "when": when,
+        "model": f"{cfg.model_entry} ({cfg.model_repo})",
+        "data": f"{cfg.ind_dataset} · {cfg.n_calibration} / {cfg.n_test}",
+        "scores": ", ".join(dict.fromkeys(run.metrics["score"])),
+        "scenarios": ", ".join(dict.fromkeys(run.metrics["ood"])),
+        "AUROC (mean)": headline(run.metrics),
+        "computed": computed_text(run.info),
+    }
+
+
 def list_runs(root: Path | str) -> pd.DataFrame:
-    """One row per complete saved run, newest first: when, model, scores, ``AUROC (mean)``,
-    scenarios, data, id (what a reader scans first on the left). Unreadable folders are
-    skipped."""
+    """One row per complete saved run, newest first (:data:`LIST_COLUMNS`: when, model,
+    scores, ``AUROC (mean)``, scenarios, data, where it was computed, id). Unreadable folders
+    are skipped. Reads only: any store folder (one computed elsewhere) can be listed."""
     wait_pending()
     rows = []
     base = Path(root)
@@ -304,20 +361,8 @@ def list_runs(root: Path | str) -> pd.DataFrame:
             run = load(base, folder.name, confidences=False)
         except (OSError, ValueError, KeyError):
             continue
-        cfg = run.config
-        rows.append(
-            {
-                "id": run.run_id,
-                "when": when_text(run.run_id),
-                "model": f"{cfg.model_entry} ({cfg.model_repo})",
-                "data": f"{cfg.ind_dataset} · {cfg.n_calibration} / {cfg.n_test}",
-                "scores": ", ".join(dict.fromkeys(run.metrics["score"])),
-                "scenarios": ", ".join(dict.fromkeys(run.metrics["ood"])),
-                "AUROC (mean)": headline(run.metrics),
-            }
-        )
-    columns = ["when", "model", "scores", "AUROC (mean)", "scenarios", "data", "id"]
-    return pd.DataFrame(rows, columns=columns)
+        rows.append(run_row(run, when_text(run.run_id)))
+    return pd.DataFrame(rows, columns=LIST_COLUMNS)
 
 
 def label(run: StoredRun) -> str:

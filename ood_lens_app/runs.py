@@ -33,12 +33,13 @@ from ood_core import bundle as bundle_mod
 from ood_core import bundle_writer, hub, runner
 from ood_core import data as data_mod
 from ood_core.config import RunConfig, example_config
+from ood_core.devices import DeviceError, resolve_device
 from ood_core.engine import FeatureCache
 from ood_core.perturbations import PERTURBATIONS
 from ood_core.runner import RunCache, RunResult
 from ood_core.scores import get_score_class
 from ood_lens_app import layers as layers_mod
-from ood_lens_app import run_store
+from ood_lens_app import run_folders, run_store
 from ood_lens_app import state as state_mod
 from ood_lens_app.errors import is_expected, run_message
 from ood_lens_app.widgets import initial_value, is_text_float, none_key
@@ -215,29 +216,52 @@ def trust_refusal(run_id: str, repo: str) -> str:
     )
 
 
-def restore_run(run_id: str, trust: bool = False) -> RunResult | None:
+def restore_run(
+    run_id: str, trust: bool = False, folder: run_folders.RunFolder | None = None
+) -> RunResult | None:
     """Show saved run ``run_id`` again: its config into every widget and its result read back
     from its bundle (:func:`ood_core.bundle.to_result`: nothing fitted or scored; the images
     drawn again through the session's cache and checked against the bundle's fingerprint).
 
-    A run whose model repository is not bundled and not trusted in this session opens only
-    with ``trust=True`` (its trust box ticked: :func:`restore_trust_prompt`); until then nothing
-    is loaded or changed, ``trust_request`` names the run and the repository and
+    ``folder``: a run store or bundle folder computed elsewhere (opened read-only on the Runs
+    page, checked by :func:`ood_lens_app.run_folders.check_folder`; not named in the URL);
+    None: this dashboard's store, and the run is named in the URL. A run whose model
+    repository is not bundled and not trusted in this session opens only with ``trust=True``
+    (its trust box ticked: :func:`restore_trust_prompt`); until then nothing is loaded or
+    changed, ``trust_request`` names the run, its folder and the repository, and
     ``run_error`` says why."""
     import streamlit as st
 
     ss = st.session_state
-    ss["restore_tried"] = run_id
+    if folder is None:
+        ss["restore_tried"] = run_id
     ss.pop("trust_request", None)
     try:
-        stored = run_store.load(run_store.runs_dir(), run_id)
+        if folder is None:
+            stored = run_store.load(run_store.runs_dir(), run_id)
+        else:
+            stored = run_folders.load_run(folder, run_id)
     except (OSError, ValueError, KeyError) as exc:
-        ss["run_error"] = f"Cannot open saved run {run_id}: {exc}"
+        where = "" if folder is None else f" from {folder.path}"
+        ss["run_error"] = f"Cannot open saved run {run_id}{where}: {exc}"
         return None
+    where = {} if folder is None else {"folder": folder}
+    return _restore(stored, trust, where, run_id if folder is None else None)
+
+
+def _restore(
+    stored: run_store.StoredRun, trust: bool, where: dict[str, Any], url_id: str | None
+) -> RunResult | None:
+    """Open ``stored`` (``where``: its folder when not in this dashboard's store; ``url_id``:
+    the id the URL names, None for a run from elsewhere) once its repository is trusted."""
+    import streamlit as st
+
+    ss = st.session_state
+    run_id = stored.run_id
     repo = stored.config.model_repo
     if not repo_trusted(ss, repo):
         if not trust:
-            ss["trust_request"] = {"run_id": run_id, "repo": repo}
+            ss["trust_request"] = {"run_id": run_id, "repo": repo, **where}
             ss["run_error"] = trust_refusal(run_id, repo)
             return None
         ss["trusted_repos"] = list(dict.fromkeys([*ss.get("trusted_repos", []), repo]))
@@ -248,7 +272,7 @@ def restore_run(run_id: str, trust: bool = False) -> RunResult | None:
         return bundle_mod.to_result(stored.bundle, cache, trust_repo=repo_trusted(ss, repo))
 
     return execute_run(
-        stored.config, save=False, restore_settings=False, run_id=run_id, compute=read_back
+        stored.config, save=False, restore_settings=False, run_id=url_id, compute=read_back
     )
 
 
@@ -279,7 +303,7 @@ def restore_trust_prompt() -> RunResult | None:
     )
     if not ticked:
         return None
-    result = restore_run(run_id, trust=True)
+    result = restore_run(run_id, trust=True, folder=request.get("folder"))
     if result is None:
         st.error(ss["run_error"], icon=":material/error:")
     return result
@@ -367,7 +391,8 @@ def _full_params(descs: list[dict[str, Any]], params: Mapping[str, Any]) -> dict
 
 def settings_key(config: RunConfig) -> dict[str, Any]:
     """What decides a run's numbers, comparable across a form-built and a saved config:
-    parameters with their defaults filled in, the baseline by name."""
+    parameters with their defaults filled in, the baseline by name, the device as resolved
+    here and AMP (in the model key); never the executor (it computes the same numbers)."""
     scores = [
         (s.name, _full_params(get_score_class(s.name).describe_params(), s.params), list(s.layers))
         for s in config.scores
@@ -385,7 +410,7 @@ def settings_key(config: RunConfig) -> dict[str, Any]:
         for sc in config.scenarios
     ]
     return dict(
-        model=config.model_key(),
+        model=config.model_key(_resolved(config.device)),
         data=(config.ind_dataset, config.calibration_split, config.test_split),
         sizes=(config.n_calibration, config.n_test, config.seed),
         scores=[(n, p, [str(lid) for lid in layer]) for n, p, layer in scores],
@@ -394,6 +419,15 @@ def settings_key(config: RunConfig) -> dict[str, Any]:
         n_boot=config.n_boot,
         baseline=state_mod.default_baseline(config),
     )
+
+
+def _resolved(spec: str) -> str:
+    """The device ``spec`` resolves to here (``"auto"`` and ``"cpu"`` are the same on a CPU
+    machine), or the spec itself when this machine does not have it."""
+    try:
+        return str(resolve_device(spec))
+    except DeviceError:
+        return spec
 
 
 def same_settings(a: RunConfig | None, b: RunConfig | None) -> bool:

@@ -16,7 +16,8 @@ Keys
   score), ``score_layers_src`` (per score, the Layers page selection its layers were derived
   from), ``trusted_repos``;
 * widget values live under keys starting with ``w.`` (:func:`param_key`,
-  :func:`score_layer_key`, :func:`sweep_key` name the generated ones); :func:`init_state`
+  :func:`score_layer_key`, :func:`sweep_key` name the generated ones; ``w.exec_*`` hold the
+  ``[execution]`` settings: executor, workers, address, device, amp); :func:`init_state`
   re-assigns them on every rerun so they survive page switches (Streamlit drops the state of
   widgets that are not rendered).
 """
@@ -39,6 +40,8 @@ ENV_DEFAULT_N = "OOD_LENS_DEFAULT_N"
 SEED = example_config().seed
 """Subset seed of every run (calibration subset: ``SEED``, test subset: ``SEED + 1``)."""
 WIDGET_PREFIX = "w."
+AMP_OFF = "off"
+"""The AMP widget's value for full precision (``[execution] amp = false``)."""
 
 
 def param_key(owner: str, name: str) -> str:
@@ -173,6 +176,11 @@ def default_state(
         "w.metric_custom": "",
         "w.n_boot": cfg.n_boot,
         "w.baseline": default_baseline(cfg),
+        "w.exec_executor": cfg.executor,
+        "w.exec_workers": cfg.workers,
+        "w.exec_address": cfg.address,
+        "w.exec_device": cfg.device,
+        "w.exec_amp": cfg.amp or AMP_OFF,
     }
 
 

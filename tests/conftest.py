@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -93,3 +95,16 @@ def fit_one(net, score, layers, x_fit, y_fit, x, input_range=None):
     ev.fit([score], x_fit, y_fit)
     ((logits, conf),) = ev.confidences([score], x)
     return logits, conf
+
+
+@contextlib.contextmanager
+def server_address(address: str | None) -> Iterator[None]:
+    """Streamlit's ``server.address`` set to ``address`` for the block (AppTest reads it)."""
+    from streamlit import config as st_config
+
+    old = st_config.get_option("server.address")
+    st_config.set_option("server.address", address)
+    try:
+        yield
+    finally:
+        st_config.set_option("server.address", old)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from streamlit import config as st_config
+from conftest import server_address
 from streamlit.testing.v1 import AppTest
 
 from ood_core import data, hub
@@ -393,14 +393,6 @@ def test_repo_config_binds_to_loopback():
 
 
 # ---------------------------------------------------------------------------- dashboard
-@contextlib.contextmanager
-def _server_address(address: str | None) -> Iterator[None]:
-    old = st_config.get_option("server.address")
-    st_config.set_option("server.address", address)
-    try:
-        yield
-    finally:
-        st_config.set_option("server.address", old)
 
 
 def _page() -> AppTest:
@@ -425,7 +417,7 @@ def _choose_model(at: AppTest, source: str, repo: str, entry: str = "linear") ->
 def test_dashboard_refuses_an_unticked_repo_and_names_it(source, tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "network_available", lambda *a, **k: pytest.fail("network tried"))
     repo = "someone/models" if source.startswith("GitHub") else str(_hub_dir(tmp_path / "h"))
-    with _server_address("127.0.0.1"):
+    with server_address("127.0.0.1"):
         at = _choose_model(_page(), source, repo)
         box = at.checkbox(key=f"w.trust.{repo}")
         assert repo in box.label and "run" in box.label and box.value is False
@@ -438,7 +430,7 @@ def test_dashboard_refuses_an_unticked_repo_and_names_it(source, tmp_path, monke
 
 def test_dashboard_loads_a_ticked_local_repo_and_trust_does_not_carry_over(tmp_path):
     repo, other = str(_hub_dir(tmp_path / "h")), str(_hub_dir(tmp_path / "other"))
-    with _server_address("127.0.0.1"):
+    with server_address("127.0.0.1"):
         at = _choose_model(_page(), "Local hub directory", repo)
         at.checkbox(key=f"w.trust.{repo}").check().run()
         at.button(key="load_model").click().run()
@@ -457,7 +449,7 @@ def test_dashboard_loads_a_ticked_local_repo_and_trust_does_not_carry_over(tmp_p
 def test_dashboard_served_on_network_turns_code_and_file_sources_off(monkeypatch):
     monkeypatch.delenv("OOD_LENS_ALLOW", raising=False)
     monkeypatch.delenv("OOD_LENS_DATA_ROOTS", raising=False)
-    with _server_address("0.0.0.0"):
+    with server_address("0.0.0.0"):
         at = _page()
         assert not at.exception and not _errors(at), _errors(at)  # bundled still works
         assert any("Served on a network" in c.value for c in at.caption)
@@ -477,7 +469,7 @@ def test_dashboard_served_on_network_turns_code_and_file_sources_off(monkeypatch
 def test_dashboard_served_on_network_confines_local_files(tree, monkeypatch):
     monkeypatch.setenv("OOD_LENS_ALLOW", "local_files")
     monkeypatch.setenv("OOD_LENS_DATA_ROOTS", str(tree["root"]))
-    with _server_address("0.0.0.0"):
+    with server_address("0.0.0.0"):
         at = _page()
         at.radio(key="w.data_src").set_value("Local file").run()
         assert any(str(tree["root"]) in c.value for c in at.caption)
@@ -495,7 +487,7 @@ def test_dashboard_served_on_network_confines_local_files(tree, monkeypatch):
 def test_dashboard_ticked_github_repo_reaches_the_offline_check(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "network_available", lambda *a, **k: False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # nothing cached
-    with _server_address("127.0.0.1"):
+    with server_address("127.0.0.1"):
         at = _choose_model(_page(), "GitHub (torch.hub)", "nobody/nothing")
         at.checkbox(key="w.trust.nobody/nothing").check().run()
         at.button(key="load_model").click().run()
@@ -734,7 +726,7 @@ def test_dashboard_opens_a_saved_run_of_another_repo_only_once_its_box_is_ticked
     repo = str(_hub_dir(tmp_path / "someone_hub"))
     run_id = _saved_run_of(repo, runs_dir, asks_trust=True)
     marker = Path(repo) / "imported.marker"
-    with _server_address("127.0.0.1"):
+    with server_address("127.0.0.1"):
         at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
         if via == "url":
             at.query_params["run"] = run_id
@@ -764,7 +756,7 @@ def test_dashboard_runs_a_ticked_repo_and_never_an_unticked_one(tmp_path, monkey
     the session no longer trusts it, the model the cache holds is refused."""
     monkeypatch.setenv("OOD_LENS_RUNS", str(tmp_path / "runs"))
     repo = str(_hub_dir(tmp_path / "h"))
-    with _server_address("127.0.0.1"):
+    with server_address("127.0.0.1"):
         at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
         at.run()
         at = _choose_model(at, "Local hub directory", repo)

@@ -1,11 +1,13 @@
-"""Page "Runs": the saved runs (:mod:`ood_lens_app.run_store`), open / delete, compare two."""
+"""Page "Runs": the saved runs (:mod:`ood_lens_app.run_store`), open / delete, compare two;
+runs computed elsewhere (a run store or bundle folder by path, read-only:
+:mod:`ood_lens_app.run_folders`); where and how each run was computed."""
 
 from __future__ import annotations
 
 import streamlit as st
 
 from ood_core import plots
-from ood_lens_app import layout, run_store, runs, state
+from ood_lens_app import layout, loaders, run_folders, run_store, runs, state
 
 state.init_state()
 ss = st.session_state
@@ -21,16 +23,24 @@ def run_list(table: object) -> None:
     )
 
 
-def open_delete(ids: list[str], labels: dict[str, str], root: object) -> None:
+def open_delete(
+    ids: list[str],
+    labels: dict[str, str],
+    root: object,
+    folder: run_folders.RunFolder | None = None,
+) -> str:
+    """The run picker, Open and (for this dashboard's own store only) Delete; the run picked."""
     c1, c2, c3 = st.columns([4, 1, 1], vertical_alignment="bottom")
     pick = c1.selectbox("Run", ids, key="runs_pick", format_func=labels.get)
     if c2.button("Open", key="runs_open", type="primary", icon=":material/open_in_new:"):
-        if runs.restore_run(pick) is None:
+        if runs.restore_run(pick, folder=folder) is None:
             if ss.get("trust_request"):
                 st.rerun()  # the trust box naming its repository is drawn above every page
             st.error(ss["run_error"], icon=":material/error:")
         else:
             layout.go_to(layout.PAGE_RESULTS)
+    if folder is not None:  # runs computed elsewhere are read-only
+        return pick
     if c3.button("Delete", key="runs_delete", icon=":material/delete:"):
         run_store.delete(root, pick)
         if ss.get("run_id") == pick:
@@ -38,6 +48,62 @@ def open_delete(ids: list[str], labels: dict[str, str], root: object) -> None:
             if "run" in st.query_params:
                 del st.query_params["run"]
         st.rerun()
+    return pick
+
+
+def provenance(run: run_store.StoredRun) -> None:
+    """Where and how the picked run was computed (executor, workers, device, versions, host)."""
+    with st.expander(f"Computed with: {run_store.computed_text(run.info)}"):
+        st.dataframe(
+            run_store.provenance_frame(run.info),
+            hide_index=True,
+            key="runs_provenance",
+            width="stretch",
+        )
+
+
+def elsewhere() -> run_folders.RunFolder | None:
+    """Open a run store or an exported bundle folder by path (``runs_folder`` in session
+    state); the folder shown, or None for this dashboard's own store."""
+    shown = ss.get("runs_folder")
+    with st.expander(
+        "Runs computed elsewhere (a run store or bundle folder)",
+        expanded=shown is not None or bool(ss.get("runs_folder_error")),
+        icon=":material/folder_open:",
+    ):
+        c1, c2 = st.columns([5, 1], vertical_alignment="bottom")
+        c1.text_input(
+            "Folder",
+            key="runs_folder_path",
+            placeholder="/shared/ood-lens/runs or the --out folder of `ood-lens run`",
+            help="Any run store (e.g. on a shared filesystem, written by another machine) or "
+            "exported bundle; listed read-only. A run whose model repository is not bundled "
+            "still asks for its trust box.",
+        )
+        if c2.button("Open folder", key="runs_folder_open", icon=":material/folder_open:"):
+            _forget_picks()
+            try:
+                ss["runs_folder"] = run_folders.check_folder(
+                    ss.get("runs_folder_path", ""), loaders.source_policy()
+                )
+                ss["runs_folder_error"] = None
+            except ValueError as exc:  # FolderError, SourceNotAllowedError
+                ss["runs_folder_error"] = str(exc)
+            shown = ss.get("runs_folder")
+        if ss.get("runs_folder_error"):
+            st.error(ss["runs_folder_error"], icon=":material/error:")
+        if shown is not None and st.button(
+            "Back to this dashboard's runs", key="runs_folder_back", icon=":material/undo:"
+        ):
+            ss["runs_folder"], shown = None, None
+            _forget_picks()
+    return shown
+
+
+def _forget_picks() -> None:
+    """The run pickers name runs of the folder shown: forgotten when it changes."""
+    for key in ("runs_pick", "runs_a", "runs_b", "runs_ood"):
+        ss.pop(key, None)
 
 
 def _sign_colour(value: float) -> str:
@@ -46,14 +112,22 @@ def _sign_colour(value: float) -> str:
     return "color: #1b5e20" if value > 0 else "color: #b71c1c"
 
 
-def compare(ids: list[str], labels: dict[str, str], root: object) -> None:
+def compare(
+    ids: list[str],
+    labels: dict[str, str],
+    root: object,
+    folder: run_folders.RunFolder | None = None,
+) -> None:
     st.subheader("Compare two runs")
     c1, c2 = st.columns(2)
     a_id = c1.selectbox(
         "Run A", ids, index=min(1, len(ids) - 1), key="runs_a", format_func=labels.get
     )
     b_id = c2.selectbox("Run B", ids, index=0, key="runs_b", format_func=labels.get)
-    a, b = run_store.load(root, a_id), run_store.load(root, b_id)
+    if folder is None:
+        a, b = run_store.load(root, a_id), run_store.load(root, b_id)
+    else:
+        a, b = run_folders.load_run(folder, a_id), run_folders.load_run(folder, b_id)
     st.markdown(f"**A:** {run_store.label(a)}  \n**B:** {run_store.label(b)}")
     diff = run_store.compare(a, b)
     colours = diff[["B - A"]].map(_sign_colour)
@@ -81,24 +155,45 @@ def body() -> None:
     layout.header(
         "Runs",
         "Every Run is saved with its settings (the URL's ?run= names the one on screen). "
-        "Open one to see its results and settings again, or compare two.",
+        "Open one to see its results and settings again, or compare two; open runs computed "
+        "elsewhere from their folder.",
     )
-    root = run_store.runs_dir()
-    table = run_store.list_runs(root)
+    folder = elsewhere()
+    root = run_store.runs_dir() if folder is None else folder.path
+    if folder is None:
+        table = run_store.list_runs(root)
+    else:
+        try:
+            table = run_folders.list_folder(folder)
+        except (OSError, ValueError) as exc:
+            st.error(f"Cannot list {folder.path}: {exc}", icon=":material/error:")
+            return
     if table.empty:
         st.info(f"No saved runs yet in {root}. Runs are saved here as you make them.")
         return
+    what = "bundle" if folder is not None and folder.kind == "bundle" else "run(s)"
     st.caption(
-        f"{len(table)} run(s) in `{root}`; AUROC = AUC() averaged over scores and scenarios."
+        f"{len(table)} {what} in `{root}`"
+        + (" (computed elsewhere, read-only)" if folder is not None else "")
+        + "; AUROC = AUC() averaged over scores and scenarios."
     )
     run_list(table)
     ids = list(table["id"])
     labels = {
         r["id"]: f"{r['when']} · {r['model']} · {r['scores']}" for r in table.to_dict("records")
     }
-    open_delete(ids, labels, root)
+    pick = open_delete(ids, labels, root, folder)
+    layout.guard(
+        lambda: provenance(
+            run_store.load(root, pick, confidences=False)
+            if folder is None
+            else run_folders.load_run(folder, pick)
+        )
+    )
+    if folder is not None and folder.kind == "bundle":
+        return  # one run: nothing to compare
     st.divider()
-    layout.guard(lambda: compare(ids, labels, root))
+    layout.guard(lambda: compare(ids, labels, root, folder))
 
 
 layout.guard(body)

@@ -208,6 +208,49 @@ def evaluation_section(problems: Problems) -> None:
         st.error(msg, icon=":material/error:")
 
 
+def execution_section(problems: Problems) -> None:
+    """Where the passes run: device, AMP, executor (workers and address for Ray)."""
+    st.subheader("Execution")
+    opts = form.execution_options(ss)
+    c1, c2 = st.columns(2)
+    c1.selectbox(
+        "Device",
+        opts["devices"],
+        key="w.exec_device",
+        help="auto: CUDA when available, else the CPU (the run records the device it used). "
+        "Device and AMP change the numbers slightly, so they are part of the cache key.",
+    )
+    c2.selectbox(
+        "Mixed precision (AMP)",
+        opts["amps"],
+        key="w.exec_amp",
+        help="off: full precision. bf16 works on the CPU and recent GPUs; fp16 needs CUDA.",
+    )
+    c3, c4, c5 = st.columns([2, 1, 3])
+    c3.selectbox(
+        "Executor",
+        opts["executors"],
+        key="w.exec_executor",
+        disabled=opts["executor_disabled"],
+        help=opts["hint"] or "local: this process; ray: Ray Data actors, one model copy each.",
+    )
+    ray = ss["w.exec_executor"] == "ray"
+    c4.number_input(
+        "Workers", min_value=1, max_value=1024, step=1, key="w.exec_workers", disabled=not ray
+    )
+    c5.text_input(
+        "Ray address",
+        key="w.exec_address",
+        disabled=not ray,
+        placeholder="empty: start a local Ray",
+        help="An existing Ray cluster's address (e.g. ray://head:10001); empty starts one here.",
+    )
+    if opts["hint"] and not ray:
+        st.caption(opts["hint"])
+    for msg in problems.get("execution", []):
+        st.error(msg, icon=":material/error:")
+
+
 def run_section(config: RunConfig | None, problems: Problems) -> None:
     """Run and what it will compute, at the top of the page (visible without scrolling)."""
     c1, c2 = st.columns([1, 4], vertical_alignment="center")
@@ -280,6 +323,7 @@ def body() -> None:
     with right:
         layout.guard(lambda: scenarios_section(problems))
         layout.guard(lambda: evaluation_section(problems))
+        layout.guard(lambda: execution_section(problems))
     st.divider()
     replay_section()
 
