@@ -20,6 +20,7 @@ batch engine) could replace it behind the same ``extract`` contract. Scores are 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from math import prod
@@ -41,6 +42,7 @@ from ood_core.core import (
     normalise_activation,
     predicted_confidence,
 )
+from ood_core.devices import AMP_DTYPES
 from ood_core.inputs import InputRange, check_inputs
 from ood_core.recorder import Recorder
 from ood_core.store import FeatureStore
@@ -233,8 +235,10 @@ class _Pass:
         own: list[int],
         sinks: dict[int, Sink],
         n: int | None,
+        amp: torch.dtype | None = None,
     ) -> None:
         self.scores, self.plan, self.own, self.sinks = scores, plan, own, sinks
+        self.amp = amp
         self.collect = {i: _Collector(n) for i in (*plan.todo, *own) if i not in sinks}
         self.logits = _Collector(n)
         self.labels = _Collector(n)
@@ -253,40 +257,108 @@ class _Pass:
             self.collect[i].add(features)
 
     def batch(self, rec: Recorder, batch: Tensor, labels: Tensor | None) -> None:
+        """One batch on this process: the shared forward pass (:func:`forward_part`) when the
+        plan needs one, then the own passes."""
         device, dtype = _net_device_dtype(rec.net)
-        self.y = labels
-        if labels is None:
-            self.labelled = False
-        elif self.labelled:
-            self.labels.add({"y": labels})
         # a copy: a network editing its input in place never changes the caller's data
         xb = batch.to(device=device, dtype=dtype, copy=True)
         logits = None
         if self.plan.forward:
-            with Timed() as t, torch.no_grad():
-                logits = rec(xb)
-            self.t_forward += t.seconds
-            self.n_calls += 1
-            problem = logits_problem(logits, rec.output)
-            if problem:
-                raise OutputError(problem)
-            logits = logits.detach()
-            acts, inputs = dict(rec.activations), dict(rec.inputs)
-            _update_varies(self.plan.union, acts, self.first, self.varies)
-            self.logits.add({"logits": logits})
-            for i in self.plan.todo:
-                s = self.scores[i]
-                with Timed() as t, torch.no_grad():
-                    self._keep(i, s.extract(logits, _view(s, acts, inputs)), logits)
-                self.seconds[i] += t.seconds
-        elif self.plan.logits is not None:
-            logits = self.plan.logits[self.done : self.done + len(batch)].to(device)
+            part = forward_part(
+                rec, [self.scores[i] for i in self.plan.todo], self.plan.union, xb, self.amp
+            )
+            logits = part.logits
+            self.add(part, labels, count=not self.own)
+        else:
+            self._labels(labels)
+            if self.plan.logits is not None:
+                logits = self.plan.logits[self.done : self.done + len(batch)].to(device)
         for i in self.own:
             with Timed() as t:
                 feats = self.scores[i].extract_own(rec, xb)
                 self._keep(i, feats, logits if logits is not None else torch.empty(0))
             self.seconds[i] += t.seconds
-        self.done += len(batch)
+        if self.own or not self.plan.forward:
+            self.done += len(batch)
+
+    def _labels(self, labels: Tensor | None) -> None:
+        self.y = labels
+        if labels is None:
+            self.labelled = False
+        elif self.labelled:
+            self.labels.add({"y": labels})
+
+    def add(self, part: PassPart, labels: Tensor | None, count: bool = True) -> None:
+        """Take one batch's shared-pass results (computed here or by a remote worker, in
+        dataset order): its logits, the planned scores' features (kept, or fed to their sinks),
+        timings and which layers vary; ``count``: advance the position past the batch."""
+        self._labels(labels)
+        self.t_forward += part.seconds_forward
+        self.n_calls += 1
+        for layer in self.plan.union:
+            if self.varies[layer] or layer not in part.first:
+                continue
+            ref = self.first.setdefault(layer, part.first[layer])
+            self.varies[layer] = part.varies[layer] or bool((part.first[layer] != ref).any())
+        self.logits.add({"logits": part.logits})
+        for i, feats, sec in zip(self.plan.todo, part.features, part.seconds, strict=True):
+            self._keep(i, feats, part.logits)
+            self.seconds[i] += sec
+        if count:
+            self.done += len(part.logits)
+
+
+@dataclass
+class PassPart:
+    """One batch's shared forward pass: its logits ``(b, C)``, each planned score's features
+    (in plan order), each score's extraction seconds, the forward seconds, and per recorded
+    layer its first sample's activation ``(1, ...)`` and whether the batch's samples differ
+    (the engine's constant-layer check, merged across batches by :meth:`_Pass.add`)."""
+
+    logits: Tensor
+    features: list[Features]
+    seconds: list[float]
+    seconds_forward: float
+    first: dict[LayerId, Tensor]
+    varies: dict[LayerId, bool]
+
+
+def forward_part(
+    rec: Recorder,
+    scores: Sequence[ScoreLike],
+    layers: Sequence[LayerId],
+    xb: Tensor,
+    amp: torch.dtype | None = None,
+) -> PassPart:
+    """The shared forward pass of one batch ``xb`` (already on the network's device and dtype)
+    with ``layers`` recorded: the logits and each score's ``extract`` of its layers, under
+    autocast with ``amp`` (logits and activations cast back to the network's dtype before any
+    score reads them). The one implementation, on this process or on a worker."""
+    device, dtype = _net_device_dtype(rec.net)
+    with Timed() as t, torch.no_grad(), _autocast(device, amp):
+        logits = rec(xb)
+    problem = logits_problem(logits, rec.output)
+    if problem:
+        raise OutputError(problem)
+    # under autocast the network computes in low precision; the scores, in float32
+    logits = _full(logits.detach(), dtype)
+    acts = {k: _full(v, dtype) for k, v in rec.activations.items()}
+    inputs = {k: _full(v, dtype) for k, v in rec.inputs.items()}
+    first: dict[LayerId, Tensor] = {}
+    varies: dict[LayerId, bool] = {}
+    for layer in layers:
+        a = acts.get(layer)
+        if isinstance(a, Tensor):
+            first[layer] = a[:1].detach().clone()
+            varies[layer] = bool((a != a[:1]).any())
+    features, seconds = [], []
+    for s in scores:
+        with Timed() as ts, torch.no_grad():
+            features.append(
+                {k: v.detach() for k, v in s.extract(logits, _view(s, acts, inputs)).items()}
+            )
+        seconds.append(ts.seconds)
+    return PassPart(logits, features, seconds, t.seconds, first, varies)
 
 
 class Engine:
@@ -294,11 +366,19 @@ class Engine:
 
     Args:
         recorder: a :class:`Recorder` on the network (one per network; see :meth:`for_net`).
+        amp: ``None`` (full precision), ``"bf16"`` or ``"fp16"``: the shared forward passes run
+            under :func:`torch.autocast` with that dtype on the network's device, and the
+            logits and recorded activations are cast back to the network's dtype before any
+            score reads them (own passes, e.g. gradients, stay in full precision). AMP changes
+            the numbers (bf16: about 1e-2 on confidences), so callers key caches by it
+            (:meth:`ood_core.config.RunConfig.model_key`).
     """
 
-    def __init__(self, recorder: Recorder) -> None:
+    def __init__(self, recorder: Recorder, amp: str | None = None) -> None:
         self.recorder = recorder
         self.net = recorder.net
+        self.amp = amp
+        self._amp_dtype = None if amp is None else AMP_DTYPES[amp]
 
     @classmethod
     def for_net(
@@ -412,23 +492,36 @@ class Engine:
         if not plan.forward and not own:
             return self._from_cache(scores, plan, cache, model_key, data_key)
         shape = source.sample_shape or tuple(source.example().shape[1:])
-        run = _Pass(scores, plan, own, sinks, source.n)
+        run = _Pass(scores, plan, own, sinks, source.n, self._amp_dtype)
         previous = rec.recording
         rec.record(*plan.union)
         # one pass at a time on a model shared by sessions or threads, in eval mode
         with exclusive_eval(self.net):
             try:
                 bs = batch_size or self.auto_batch_size(plan.union, prod(shape))
-                for batch, labels in source.batches(bs):
-                    if not isinstance(data, Tensor):
-                        where = f"inputs (samples {run.done:,} to {run.done + len(batch) - 1:,})"
-                        check_inputs(self.net, batch, rec.input_shape, where, rec.input_range)
-                    run.batch(rec, batch, labels)
-                    if progress is not None:
-                        progress(run.done, source.n if source.n is not None else run.done)
+                self._stream(run, source, bs, checked=isinstance(data, Tensor), progress=progress)
             finally:
                 rec.record(*previous)
         return self._finish(scores, plan, run, cache, model_key, data_key)
+
+    def _stream(
+        self,
+        run: _Pass,
+        source: BatchSource,
+        batch_size: int,
+        checked: bool,
+        progress: Progress | None,
+    ) -> None:
+        """Feed ``source``'s batches through ``run`` in order, on this process (``checked``: the
+        inputs were checked whole already). Another executor overrides this, and only this."""
+        rec = self.recorder
+        for batch, labels in source.batches(batch_size):
+            if not checked:
+                where = f"inputs (samples {run.done:,} to {run.done + len(batch) - 1:,})"
+                check_inputs(self.net, batch, rec.input_shape, where, rec.input_range)
+            run.batch(rec, batch, labels)
+            if progress is not None:
+                progress(run.done, source.n if source.n is not None else run.done)
 
     def _finish(
         self,
@@ -505,17 +598,18 @@ class Engine:
         return Extraction(logits, feats, 0.0, [0.0 for _ in scores], 0, constant)
 
 
-def _update_varies(
-    layers: Sequence[LayerId],
-    acts: dict[LayerId, Tensor],
-    first: dict[LayerId, Tensor],
-    varies: dict[LayerId, bool],
-) -> None:
-    """Mark the layers whose activation differs from the first sample seen."""
-    for layer in layers:
-        if not varies[layer] and isinstance(acts.get(layer), Tensor):
-            ref = first.setdefault(layer, acts[layer][:1])
-            varies[layer] = bool((acts[layer] != ref).any())
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device`` with ``dtype``, or no context for full precision."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _full(t: object, dtype: torch.dtype) -> object:
+    """A floating tensor computed in lower precision, cast back to ``dtype``; else unchanged."""
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype:
+        return t.to(dtype)
+    return t
 
 
 def _view(
@@ -538,10 +632,12 @@ def _view(
 __all__ = [
     "Engine",
     "Extraction",
+    "PassPart",
     "FeatureCache",
     "FeatureKey",
     "LayerActivations",
     "ScoreLike",
+    "forward_part",
     "normalise_activation",
     "predicted_confidence",
 ]
