@@ -130,6 +130,7 @@ class _Execution(_Strict):
     amp: Literal["bf16", "fp16"] | None = None
     host: Text | None = None
     run_id: Text | None = None
+    startup_seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
 
 
 class RunInfo(_Strict):

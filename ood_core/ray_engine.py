@@ -263,10 +263,14 @@ class RayEngine(Engine):
             try:
                 ray.init(**kwargs)
             except Exception as exc:  # noqa: BLE001  (any start-up failure: one clear message)
-                where = self.address or "a local Ray"
+                if self.address:
+                    fix = f'Check the address {self.address!r} (e.g. "ray://head:10001")'
+                    where = f"the Ray cluster at {self.address!r}"
+                else:
+                    fix = "Set RAY_TMPDIR to a short writable folder (Ray's sockets live there)"
+                    where = "a local Ray"
                 raise RayExecutionError(
-                    f"Could not start or reach {where}: {exc}. Check the address "
-                    '(e.g. "ray://head:10001") or use executor = "local".'
+                    f'Could not start or reach {where}: {exc}. {fix}, or use executor = "local".'
                 ) from exc
             self.started_here = True
             self.seconds_startup = time.perf_counter() - t0

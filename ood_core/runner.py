@@ -200,7 +200,8 @@ def execution_record(
 ) -> dict[str, Any]:
     """Where and how a run is computed (``RunResult.execution``, run.json's ``execution``):
     executor, workers (1 for the local executor), address (``""``: a local Ray or none), the
-    resolved device and the config's spec, AMP, the host name and the run id."""
+    resolved device and the config's spec, AMP, the host name and the run id (:func:`run` adds
+    ``startup_seconds``: the seconds Ray took to start here, 0 when none was started)."""
     ray = config.executor == "ray"
     return {
         "executor": config.executor,
@@ -409,9 +410,11 @@ def run(
     finally:
         if engine is not None and hasattr(engine, "close"):
             engine.close()  # the Ray actors (and a Ray started here) stop with the run
+    startup = float(getattr(engine, "seconds_startup", 0.0))
     dkeys = [dkey for _, dkey, _ in datasets]
     result = _assemble(config, cache, inputs, pairs, dkeys, confs, timings, say, t0, base_key)
     result.execution = execution_record(config, device, amp, new_run_id())
+    result.execution["startup_seconds"] = round(startup, 3)  # starting Ray here (0: none)
     result.environment = environment_info(device)
     return result
 

@@ -11,12 +11,15 @@ import inspect
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import server_address
@@ -312,8 +315,8 @@ def test_bf16_on_the_cpu_is_close_to_fp32_and_cached_apart() -> None:
 
 
 # ---------------------------------------------------------------------------- CLI
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OOD_LENS_QUIET="1")
+def _cli(*args: str, cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OOD_LENS_QUIET="1", **env_vars)
     return subprocess.run(
         [sys.executable, "-m", "ood_core.cli", *args],
         capture_output=True,
@@ -377,13 +380,42 @@ def test_a_config_asking_for_cuda_names_its_file(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- Ray executor
 @pytest.mark.skipif(not devices.ray_available(), reason="needs ray and ood_core.ray_engine")
-def test_the_ray_executor_gives_the_local_numbers(local_result) -> None:
-    result = run(_small(device="cpu", executor="ray", workers=2), RunCache())
-    assert result.execution["executor"] == "ray" and result.execution["workers"] == 2
-    np.testing.assert_allclose(result.confs_ind, local_result.confs_ind, rtol=0, atol=1e-6)
-    for a, b in zip(result.confs_oods, local_result.confs_oods, strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(result.evals, local_result.evals, rtol=0, atol=1e-6)
+def test_the_cli_on_ray_with_two_workers_gives_the_local_numbers(local_result, tmp_path) -> None:
+    """What a user types: ``ood-lens run CONFIG --executor ray --workers 2`` (a local Ray with
+    this machine's CPUs, started and stopped by the run, its files under ``RAY_TMPDIR``)."""
+    path = _config_file(tmp_path)
+    out = tmp_path / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="oodray-")  # short: Ray's socket paths are <= 107 bytes
+    try:
+        done = _cli(
+            "run",
+            str(path),
+            "--out",
+            str(out),
+            "--executor",
+            "ray",
+            "--workers",
+            "2",
+            cwd=tmp_path,
+            RAY_TMPDIR=ray_tmp,
+            HOME=ray_tmp,  # Ray's token file, not in ~
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Computed with executor ray (2 worker(s), local Ray) on cpu" in done.stdout
+    execution = json.loads((out / "run.json").read_text())["execution"]
+    assert execution["executor"] == "ray" and execution["workers"] == 2
+    assert execution["startup_seconds"] > 0  # a Ray was started for the run, and stopped
+    frame = pd.read_parquet(out / "confidences.parquet")
+    expected = local_result.confidences_frame()
+    assert list(frame.columns) == list(expected.columns) and len(frame) == len(expected)
+    numeric = [c for c in frame.columns if pd.api.types.is_float_dtype(frame[c])]
+    np.testing.assert_allclose(frame[numeric], expected[numeric], rtol=0, atol=1e-6)
+    bundle_writer.export(local_result, tmp_path / "local")
+    got, want = pd.read_csv(out / "metrics.csv"), pd.read_csv(tmp_path / "local" / "metrics.csv")
+    assert got.drop(columns="value").equals(want.drop(columns="value"))
+    np.testing.assert_allclose(got["value"], want["value"], rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- dashboard form

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,10 +35,11 @@ def _timeout(signum, frame):  # noqa: ARG001
 
 
 @pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
+def local_ray():
     previous = signal.signal(signal.SIGALRM, _timeout)
     signal.alarm(RAY_SECONDS)
-    tmp = tmp_path_factory.mktemp("ray")
+    # a short folder: Ray's Unix sockets live under it (their paths are limited to 107 bytes)
+    tmp = Path(tempfile.mkdtemp(prefix="oodray-"))
     env = {"HOME": os.environ.get("HOME"), "RAY_TMPDIR": os.environ.get("RAY_TMPDIR")}
     os.environ["HOME"] = os.environ["RAY_TMPDIR"] = str(tmp)  # Ray's token file and sessions
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp))
@@ -43,6 +47,7 @@ def local_ray(tmp_path_factory):
         yield ray
     finally:
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
         for k, v in env.items():
