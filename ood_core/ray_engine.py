@@ -13,9 +13,13 @@ features, the scores' streaming fits (sinks, merged on the driver in order) and 
 local executor's, so numbers equal the local run's (float32 batches of the same size run the same
 kernels; the test and benchmark measure max |diff|).
 
-Conventions: sources must be readable by row (tensors, stored datasets: :class:`~ood_core.
-batches.TensorSource`, :class:`~ood_core.batches.RowSource`); a streamed source (``streaming =
-true``) is refused before computing. Scores with their own passes (gradients, perturbed inputs)
+Conventions: a source readable by row (tensors, stored datasets: :class:`~ood_core.batches.
+TensorSource`, :class:`~ood_core.batches.RowSource`) is shipped once through the object store and
+each actor reads its batch's rows by batch number; any other source (a streamed parquet folder or
+HF split, ``streaming = true``; any re-iterable of batches) is read in order by one Ray Data read
+task pinned to the driver's node (its files need only be visible there), one block per batch,
+and its batches flow to the actors. Results travel as one row per batch (``row``, ``part``: see
+:func:`_one_row`). Scores with their own passes (gradients, perturbed inputs)
 run on the driver's local engine, after the shared pass (its logits come from the cache when one
 is given). Each actor asks ``num_cpus`` CPUs (0.5 by default: two 1-CPU actors beside Ray Data's
 own tasks deadlock a 2-CPU machine) and ``gpus_per_worker`` GPUs. ``address=""`` starts a local
@@ -30,7 +34,7 @@ import os
 import pickle
 import tempfile
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import cloudpickle
@@ -43,6 +47,7 @@ from ood_core.core import Features, LayerId, OutputError, Progress
 from ood_core.engine import Engine, Extraction, PassPart, ScoreLike, forward_part
 from ood_core.inputs import check_inputs
 from ood_core.recorder import Recorder
+from ood_core.streams import StreamError
 
 RAY_NUM_CPUS = 0.5
 """CPUs each actor asks Ray for (fractional: see the module docstring)."""
@@ -80,6 +85,7 @@ class _Worker:
         self,
         factory: Callable[[], nn.Module],
         source: Any,
+        first: Any,
         scores: bytes,
         layers: tuple[LayerId, ...],
         batch_size: int,
@@ -89,40 +95,97 @@ class _Worker:
     ) -> None:
         import ray
 
-        if isinstance(source, ray.ObjectRef):
-            source = ray.get(source)
+        source, first = (ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in (source, first))
         self.source, self.layers = source, layers
         self.batch_size, self.amp = batch_size, amp
         dev = torch.device("cuda" if device.startswith("cuda") else device)
         net = factory().to(dev).eval()
-        example = _row_batch(source, 0, 1)[0].to(dev)
-        self.rec = Recorder(net, input_data=example, input_range=input_range)
+        self.rec = Recorder(net, input_data=first[:1].to(dev), input_range=input_range)
         self.rec.record(*layers)
         _WORKER_RECORDER.append(self.rec)  # the scores are bound to this copy of the network
         self.scores = pickle.loads(scores)
-        self.device, self.dtype = dev, example.dtype
+        self.device = dev
+        self.first = first
         self.reference: dict[LayerId, Tensor] | None = None
 
-    def _part(self, start: int, stop: int) -> tuple[PassPart, Tensor | None]:
-        x, y = _row_batch(self.source, start, stop)
-        where = f"inputs (samples {start:,} to {stop - 1:,})"
+    def _part(self, x: Tensor, start: int) -> PassPart:
+        where = f"inputs (samples {start:,} to {start + len(x) - 1:,})"
         check_inputs(self.rec.net, x, self.rec.input_shape, where, self.rec.input_range)
         dtype = next(iter(self.rec.net.parameters()), x).dtype
         # a copy: a network editing its input in place never changes the source
         xb = x.to(device=self.device, dtype=dtype, copy=True)
-        return forward_part(self.rec, self.scores, self.layers, xb, self.amp), y
+        return forward_part(self.rec, self.scores, self.layers, xb, self.amp)
+
+    def _batch(self, batch: dict[str, np.ndarray]) -> tuple[int, Tensor, Tensor | None]:
+        """``(start, images, labels or None)`` of a batch number (``id``) or a streamed batch
+        (``item``: see :func:`_batch_items`)."""
+        if "id" in batch:
+            start = int(batch["id"][0]) * self.batch_size
+            stop = min(int(self.source.n), start + self.batch_size)
+            return start, *_row_batch(self.source, start, stop)
+        start, x, y = batch["item"][0]
+        if x is None:  # reading the stream failed there: ``y`` is the error
+            raise y
+        return int(start), torch.from_numpy(x), None if y is None else torch.from_numpy(y)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        b = int(batch["id"][0])
-        n = self.source.n
-        start, stop = b * self.batch_size, min(n, (b + 1) * self.batch_size)
+        start = int(batch["id"][0]) * self.batch_size if "id" in batch else batch["item"][0][0]
         try:
             if self.reference is None:  # the dataset's first sample, as computed in batch 0
-                self.reference = self._part(0, min(n, self.batch_size))[0].first
-            part, y = self._part(start, stop)
-        except (ValueError, TypeError) as exc:  # a check: raised on the driver as it is
-            return _error_columns(exc, start)
-        return _columns(part, y, start, self.layers, self.reference)
+                self.reference = self._part(self.first, 0).first
+            start, x, y = self._batch(batch)
+            part = self._part(x, start)
+        except tuple(_RAISED.values()) as exc:  # a check: raised on the driver as it is
+            return _one_row(start, _error_columns(exc, start))
+        return _one_row(start, _columns(part, y, start, self.layers, self.reference))
+
+
+def _one_row(start: int, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch's result as one Ray Data row: ``row`` (its first position) and ``part`` (its
+    columns, an object). One schema for every result, errors included, so that Ray may join
+    results of successive calls into one block."""
+    part = np.empty(1, dtype=object)
+    part[0] = cols
+    return {"row": np.array([start], dtype=np.int64), "part": part}
+
+
+def _batch_items(source: BatchSource, batch_size: int) -> Iterator[tuple[Any, ...]]:
+    """A source's batches as ``(start, images, labels or None)`` (numpy), in order; a failing
+    read ends them with ``(start, None, error)``, raised on the driver as the local pass would."""
+    start = 0
+    try:
+        for x, y in source.batches(batch_size):
+            yield start, x.numpy(), None if y is None else y.numpy()
+            start += len(x)
+    except tuple(_RAISED.values()) as exc:
+        yield start, None, exc
+
+
+def _streamed(ray: Any, source: BatchSource, batch_size: int) -> Any:
+    """A Ray dataset of ``source``'s batches, one block per batch (column ``item``), read in
+    order by one read task pinned to this (the driver's) node: its files need only be here."""
+    from ray.data.block import BlockAccessor, BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def read() -> Iterator[Any]:
+        for item in _batch_items(source, batch_size):
+            column = np.empty(1, dtype=object)
+            column[0] = item
+            yield BlockAccessor.batch_to_block({"item": column})
+
+    class Batches(Datasource):
+        def get_read_tasks(self, parallelism: int, **_: Any) -> list[Any]:
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+            return [ReadTask(read, meta)]
+
+        def estimate_inmemory_data_size(self) -> None:
+            return None
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.data.read_datasource(
+        Batches(), override_num_blocks=1, num_cpus=0, scheduling_strategy=here
+    )
 
 
 _WORKER_RECORDER: list[Recorder] = []
@@ -332,32 +395,37 @@ class RayEngine(Engine):
     ) -> None:
         if not run.plan.forward:  # logits cached, nothing to record: nothing to run remotely
             return super()._stream(run, source, batch_size, checked, progress)
-        if not readable_by_row(source):
-            raise ValueError(
-                f'executor "ray" reads datasets by row; this one ({type(source).__name__}) is '
-                'streamed. Use executor = "local" for streamed data (streaming = true), or '
-                "store it as a file (parquet, npz, an image folder)."
-            )
         ray = self._ray()
-        n = int(source.n)  # type: ignore[arg-type]
+        n = source.n
+        first = next(iter(source.batches(batch_size)), None)
+        if first is None:  # an empty stream: the pass says so as the local one does
+            return
         todo = [run.scores[i] for i in run.plan.todo]
         ctx = ray.data.DataContext.get_current()
         previous = ctx.execution_options.preserve_order
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False  # the caller's progress callback says how far it is
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        n_batches = -(-n // batch_size)
+        by_row = readable_by_row(source)
         try:
-            ds = ray.data.range(n_batches, override_num_blocks=min(n_batches, 4 * self.workers))
+            if by_row:
+                n_batches = -(-int(n) // batch_size)  # type: ignore[arg-type]
+                blocks = min(n_batches, 4 * self.workers)
+                ds = ray.data.range(n_batches, override_num_blocks=blocks)
+                pool = min(self.workers, n_batches)
+            else:
+                ds = _streamed(ray, source, batch_size)
+                pool = self.workers
             ds = ds.map_batches(
                 _Worker,
                 batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=min(self.workers, n_batches)),
+                compute=ray.data.ActorPoolStrategy(size=pool),
                 num_cpus=self.num_cpus,
                 num_gpus=self.gpus_per_worker if self.device.startswith("cuda") else 0,
                 fn_constructor_kwargs={
                     "factory": self.factory,
-                    "source": ray.put(source),
+                    "source": ray.put(source) if by_row else None,
+                    "first": ray.put(first[0]),
                     "scores": _portable(todo),
                     "layers": run.plan.union,
                     "batch_size": batch_size,
@@ -367,22 +435,23 @@ class RayEngine(Engine):
                 },
             )
             pending: dict[int, dict[str, np.ndarray]] = {}
-            for cols in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if "error" in cols:
-                    _raise_worker_error(cols)
-                pending[int(cols["row"][0])] = cols
+            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                pending.update(zip(out["row"].tolist(), out["part"], strict=True))
                 while run.done in pending:  # in dataset order, whatever order parts came in
-                    part, y = _from_columns(pending.pop(run.done), len(todo), run.plan.union)
+                    cols = pending.pop(run.done)
+                    if "error" in cols:
+                        _raise_worker_error(cols)
+                    part, y = _from_columns(cols, len(todo), run.plan.union)
                     run.add(part, y)
                     if progress is not None:
-                        progress(run.done, n)
-        except (ValueError, TypeError):
+                        progress(run.done, n if n is not None else run.done)
+        except tuple(_RAISED.values()):
             raise
         except Exception as exc:
             raise _user_error(exc) from exc
         finally:
             ctx.execution_options.preserve_order = previous
-        if pending or run.done != n:
+        if pending or (n is not None and run.done != n):
             raise RayExecutionError(
                 f"The Ray pass returned {run.done:,} of {n:,} samples in order; rerun, or use "
                 'executor = "local".'
@@ -399,6 +468,7 @@ _RAISED: dict[str, type[Exception]] = {
     "ValueError": ValueError,
     "TypeError": TypeError,
     "OutputError": OutputError,
+    "StreamError": StreamError,
 }
 """The errors a worker returns to the driver to raise as they are (Ray keeps only their text)."""
 

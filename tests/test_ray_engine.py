@@ -14,6 +14,8 @@ import signal
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -25,6 +27,7 @@ from ood_core.evaluation import Evaluation  # noqa: E402
 from ood_core.ray_engine import RayEngine  # noqa: E402
 from ood_core.runner import load_network  # noqa: E402
 from ood_core.scores import KNN, DeepMahalanobis, GradNorm, Softmax  # noqa: E402
+from ood_core.streams import StreamError, parquet_stream  # noqa: E402
 
 RAY_SECONDS = 240
 """The longest the whole module may take on Ray (start-up included) before it fails."""
@@ -128,13 +131,54 @@ def test_a_workers_input_error_comes_back_as_the_local_message(local_ray, pixels
     assert str(got.value) == str(expected.value) and "samples 32 to 47" in str(got.value)
 
 
-def test_a_streamed_source_is_refused_before_any_actor_starts(pixels) -> None:
+def _stream(x: torch.Tensor, y: torch.Tensor | None, fail_at: int | None = None):
+    """``x`` (uint8) as a re-iterable stream of unknown length, in uneven chunks of 7 rows; with
+    ``fail_at``, reading fails there as a broken file does."""
+
+    def chunks():
+        for i in range(0, len(x), 7):
+            if fail_at is not None and i >= fail_at:
+                raise StreamError(f"row {i:,} of the stream cannot be decoded")
+            xb = x[i : i + 7].float() / 255
+            yield xb if y is None else (xb, y[i : i + 7])
+
+    return IterableSource(chunks, n=None)
+
+
+def test_a_streamed_source_flows_through_ray_data_with_the_local_numbers(
+    local_ray, pixels, tmp_path
+):
+    x, y = pixels
+    test = x.flip(0)
+    table = pa.table({"image": [im[0].tolist() for im in test.numpy()], "label": [0] * len(x)})
+    pq.write_table(table, tmp_path / "test.parquet", row_group_size=25)
+    local, on_ray, engine = _engines()
+    a, b = _scores()[:3], _scores()[:3]
+    ex_local = local.fit(a, _stream(x, y), batch_size=16)
+    ex_ray = on_ray.fit(b, _stream(x, y), batch_size=16)
+    assert engine.started_here is False
+    torch.testing.assert_close(ex_ray.logits, ex_local.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ex_ray.labels, y)
+    assert ex_ray.constant_layers == ex_local.constant_layers
+    expected = local.confidences(a, _stream(test, None), batch_size=16)
+    for (la, ca), (lb, cb) in zip(  # a parquet file read by Ray Data's read task
+        expected,
+        on_ray.confidences(b, parquet_stream(tmp_path / "test.parquet"), batch_size=16),
+        strict=True,
+    ):
+        assert len(cb) == len(x)
+        torch.testing.assert_close(lb, la, rtol=0, atol=1e-6)
+        torch.testing.assert_close(cb, ca, rtol=0, atol=1e-6)
+
+
+def test_a_stream_failing_midway_on_ray_raises_the_local_error(local_ray, pixels) -> None:
     x, _ = pixels
-    _, on_ray, engine = _engines()
-    stream = IterableSource(lambda: iter([x[:8].float() / 255]), n=None)
-    with pytest.raises(ValueError, match='executor "ray" reads datasets by row'):
-        on_ray.confidences([Softmax()], stream)
-    assert engine.seconds_startup == 0.0 and not engine.started_here
+    local, on_ray, _ = _engines()
+    with pytest.raises(StreamError) as expected:
+        local.confidences([Softmax()], _stream(x, None, fail_at=42), batch_size=16)
+    with pytest.raises(StreamError) as got:
+        on_ray.confidences([Softmax()], _stream(x, None, fail_at=42), batch_size=16)
+    assert str(got.value) == str(expected.value) == "row 42 of the stream cannot be decoded"
 
 
 def test_the_hub_model_is_what_actors_rebuild() -> None:
