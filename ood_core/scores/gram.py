@@ -394,30 +394,29 @@ class Gram(UsesLabels, BaseScore):
         self.expected: dict[str, Tensor] = {}
         for key, stats in features.items():
             layer = self._layer_of(key)
-            # (n, P*S) in the statistics' own dtype: each class block is made float64 on its
-            # own (the same values: float32 -> float64 is exact), never the whole matrix
+            # (n, P*S) in the statistics' own dtype: each class's rows are gathered and made
+            # float64 on their own (float32 -> float64 is exact), never the whole matrix
             flat = stats.flatten(1)
             self._warn_nan(flat, stats.shape[1], layer, "calibration")
-            by_class = flat[order]
-            blocks = [by_class[starts[c] : starts[c + 1]] for c in range(n_classes)]
+            rows = [order[starts[c] : starts[c + 1]] for c in range(n_classes)]
             low = torch.full(
                 (n_classes, flat.shape[1]), math.inf, dtype=torch.float64, device=flat.device
             )
             high = torch.full_like(low, -math.inf)
             sparse = self.class_fallback == "pooled" and min(counts) < 2  # noqa: PLR2004
             pooled = flat.double().nanquantile(q, dim=0) if sparse else None
-            for c, block in enumerate(blocks):
+            for c in range(n_classes):  # one class's rows copied at a time, never all
                 if pooled is not None and counts[c] < 2:  # noqa: PLR2004
                     low[c], high[c] = pooled
                 elif counts[c]:
-                    low[c], high[c] = block.double().nanquantile(q, dim=0)
+                    low[c], high[c] = flat[rows[c]].double().nanquantile(q, dim=0)
             self.bounds[key] = (low, high)
             self._warn_zero_edges(high, counts, stats.shape[1], layer)
             # expected deviation: every calibration sample against its own class band
             total = low.new_zeros(())
-            for c, block in enumerate(blocks):
+            for c in range(n_classes):
                 if counts[c]:
-                    total += deviation(block.double(), low[c], high[c]).sum()
+                    total += deviation(flat[rows[c]].double(), low[c], high[c]).sum()
             self.expected[key] = total / n
             if total == 0:
                 degenerate(
