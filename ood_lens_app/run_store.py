@@ -1,6 +1,7 @@
 """The local run store: every dashboard Run saved as the CLI's export bundle
 (:func:`ood_core.bundle_writer.export`: config.toml, metrics.csv, confidences.parquet, report.html,
-run.json written last) in a folder named by the run's id, listed, read back, compared, deleted.
+run.json written last) in a folder named by the run's id, listed, read back, deleted (compared:
+:mod:`ood_lens_app.compare`).
 
 No Streamlit here. The folder is ``$OOD_LENS_RUNS`` (default ``~/.cache/ood-lens/runs``). A save
 never fails silently: :func:`save` raises :class:`StoreError` when the folder cannot take a run,
@@ -28,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from ood_core import bundle_writer, plots
+from ood_core import bundle_writer
 from ood_core.bundle import Bundle, read_bundle
 from ood_core.config import RunConfig
 from ood_core.runner import RunResult
@@ -368,60 +368,3 @@ def list_runs(root: Path | str) -> pd.DataFrame:
 def label(run: StoredRun) -> str:
     """A short name of a run: its id and model."""
     return f"{run.run_id} · {run.config.model_entry}"
-
-
-def compare(a: StoredRun, b: StoredRun) -> pd.DataFrame:
-    """Metric values of two runs side by side, matched on (score, layers, ood, metric): columns
-    ``A``, ``B`` and ``B - A``; rows only one run has show NaN for the other."""
-    keys = ["score", "layers", "ood", "metric"]
-    left = a.metrics[[*keys, "value"]].rename(columns={"value": "A"})
-    right = b.metrics[[*keys, "value"]].rename(columns={"value": "B"})
-    out = left.merge(right, on=keys, how="outer", sort=False)
-    out["B - A"] = out["B"] - out["A"]
-    return out
-
-
-RUN_DASHES = {"A": "solid", "B": "dash"}
-"""Line dash of each compared run's ROC curves (the colour is the score's)."""
-
-
-def compare_text(diff: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
-    """:func:`compare` as shown: values with ``digits`` decimals, and ``"not in A"`` /
-    ``"not in B"`` (``"-"`` for the difference) where only one run has the row."""
-    out = diff.copy()
-    for column, missing in (("A", "not in A"), ("B", "not in B")):
-        out[column] = [f"{v:.{digits}f}" if v == v else missing for v in diff[column]]
-    out["B - A"] = [f"{v:+.{digits}f}" if v == v else "-" for v in diff["B - A"]]
-    return out
-
-
-def roc_styles(names: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Colours and dashes of the overlaid curves ``"<run> · <score>"`` (:func:`roc_inputs`):
-    one colour per score (the same score in both runs has the same colour), one dash per run
-    (:data:`RUN_DASHES`)."""
-    scores = list(dict.fromkeys(n.split(" · ", 1)[-1] for n in names))
-    palette = plots.score_colors(scores)
-    colors = {n: palette[n.split(" · ", 1)[-1]] for n in names}
-    dashes = {n: RUN_DASHES.get(n.split(" · ", 1)[0], "dot") for n in names}
-    return colors, dashes
-
-
-def common_scenarios(a: StoredRun, b: StoredRun) -> list[str]:
-    """OoD sets both runs scored (first run's order)."""
-    other = set(b.confidences["dataset"])
-    return [d for d in dict.fromkeys(a.confidences["dataset"]) if d != "InD" and d in other]
-
-
-def roc_inputs(runs: Mapping[str, StoredRun], ood: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{"<name> · <score>": (InD confidences, OoD confidences)}`` on scenario ``ood`` for every
-    score of every run (``runs``: display name -> run), for :func:`ood_core.plots.roc_figure`."""
-    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, run in runs.items():
-        conf = run.confidences
-        for score in dict.fromkeys(conf["score"]):
-            rows = conf[conf["score"] == score]
-            ind = rows.loc[rows["dataset"] == "InD", "confidence"].to_numpy(np.float64)
-            ood_c = rows.loc[rows["dataset"] == ood, "confidence"].to_numpy(np.float64)
-            if len(ind) and len(ood_c):
-                curves[f"{name} · {score}"] = (ind, ood_c)
-    return curves

@@ -13,7 +13,7 @@ import pytest
 from ood_core import plots
 from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec, example_config
 from ood_core.runner import RunResult, run
-from ood_lens_app import form, run_store, runs, state
+from ood_lens_app import compare, form, run_store, runs, state
 
 
 def _small_config(**changes: object) -> RunConfig:
@@ -91,17 +91,20 @@ def test_compare_two_runs(small_result: RunResult, tmp_path: Path) -> None:
     other = run(_small_config(n_calibration=60))
     b = run_store.load(tmp_path, run_store.save(other, tmp_path))
     assert a.run_id != b.run_id and len(run_store.list_runs(tmp_path)) == 2
-    diff = run_store.compare(a, b)
-    assert list(diff.columns) == ["score", "layers", "ood", "metric", "A", "B", "B - A"]
+    diff = compare.compare(a.metrics, b.metrics)
+    assert list(diff.columns) == compare.COLUMNS
     assert len(diff) == len(small_result.frame)
     assert (diff["B - A"] == diff["B"] - diff["A"]).all()
-    assert run_store.common_scenarios(a, b) == ["Vertical flip"]
-    curves = run_store.roc_inputs({"A": a, "B": b}, "Vertical flip")
+    assert set(diff["setting"]) == {"Softmax()"} and set(diff["score"]) == {"Softmax"}
+    assert compare.config_changes(a.config, b.config) == ["data.n_calibration: 100 → 60"]
+    assert compare.config_changes(a.config, a.config) == []
+    assert compare.common_scenarios(a.confidences, b.confidences) == ["Vertical flip"]
+    curves, ids = compare.roc_inputs({"A": a.confidences, "B": b.confidences}, "Vertical flip")
     assert list(curves) == ["A · Softmax()", "B · Softmax()"]
     assert all(len(ind) == 50 and len(ood) == 50 for ind, ood in curves.values())
     fig = plots.roc_figure(curves)
     assert {t.name for t in fig.data} >= set(curves)
-    colors, dashes = run_store.roc_styles(list(curves))
+    colors, dashes = compare.roc_styles(ids)
     assert colors["A · Softmax()"] == colors["B · Softmax()"]  # colour = score, dash = run
     assert dashes == {"A · Softmax()": "solid", "B · Softmax()": "dash"}
     styled = plots.roc_figure(curves, colors=colors, dashes=dashes)
@@ -109,22 +112,111 @@ def test_compare_two_runs(small_result: RunResult, tmp_path: Path) -> None:
     assert lines["B · Softmax()"].dash == "dash" and lines["A · Softmax()"].dash == "solid"
 
 
-def test_compare_shows_what_only_one_run_has() -> None:
-    diff = pd.DataFrame(
-        {
-            "score": ["KNN(k=5)", "Softmax()", "Energy()"],
-            "layers": ["1-11", "", ""],
-            "ood": ["F"] * 3,
-            "metric": ["AUC()"] * 3,
-            "A": [0.8, 0.7, np.nan],
-            "B": [0.85, np.nan, 0.9],
-        }
-    ).assign(**{"B - A": lambda d: d["B"] - d["A"]})
-    text = run_store.compare_text(diff)
-    assert list(text["A"]) == ["0.800", "0.700", "not in A"]
-    assert list(text["B"]) == ["0.850", "not in B", "0.900"]
-    assert list(text["B - A"]) == ["+0.050", "-", "-"]
+def _metrics(rows: list[tuple[str, str, float]]) -> pd.DataFrame:
+    """A metric frame of ``(score, layers, AUROC)`` rows on one OoD set."""
+    return pd.DataFrame(
+        [
+            {"score": s, "layers": layers or np.nan, "ood": "F", "metric": "AUC()", "value": v}
+            for s, layers, v in rows
+        ]
+    )
+
+
+def test_compare_pairs_a_score_whose_parameter_changed() -> None:
+    """KNN(k=15) in A and KNN(k=50) in B are one score: B - A, not "not in A" / "not in B"."""
+    a = _metrics(
+        [("Softmax()", "", 0.7), ("KNN(k=15)", "1-11", 0.80), ("DeepMahalanobis()", "1-3", 0.5)]
+    )
+    b = _metrics(
+        [
+            ("Softmax()", "", 0.7),
+            ("KNN(k=50)", "1-11", 0.85),
+            ("DeepMahalanobis(pooling='mean')", "1-3", 0.95),
+        ]
+    )
+    diff = compare.compare(a, b)
+    assert list(diff["score"]) == ["Softmax", "KNN", "DeepMahalanobis"]
+    assert list(diff["setting"]) == [
+        "Softmax()",
+        "KNN(k=15) → KNN(k=50)",
+        "DeepMahalanobis() → DeepMahalanobis(pooling='mean')",
+    ]
+    np.testing.assert_allclose(diff["B - A"], [0.0, 0.05, 0.45], atol=1e-12)
+    assert list(diff["changed"]) == [False, True, True]
+    assert "not in" not in compare.compare_text(diff).to_string()
+
+
+def test_compare_orders_layers_as_the_network_and_pairs_sweeps_by_position() -> None:
+    a = _metrics(
+        [
+            ("KNN(k=5)", "1-10", 0.6),
+            ("KNN(k=5)", "1-3", 0.7),
+            ("KNN(k=7)", "1-3", 0.71),
+            ("Energy()", "", 0.5),
+        ]
+    )
+    b = _metrics([("KNN(k=5)", "1-3", 0.75), ("KNN(k=5)", "1-10", 0.6), ("KNN(k=9)", "1-3", 0.8)])
+    diff = compare.compare(a, b)
+    assert list(zip(diff["score"], diff["layers"], strict=True)) == [
+        ("KNN", "1-3"),
+        ("KNN #2", "1-3"),  # the second KNN @ 1-3 of each run (a sweep), paired by position
+        ("KNN", "1-10"),  # 1-3 before 1-10: network order, not text order
+        ("Energy", ""),
+    ]
+    np.testing.assert_allclose(diff["A"], [0.7, 0.71, 0.6, 0.5])
+    np.testing.assert_allclose(diff["B"].iloc[:3], [0.75, 0.8, 0.6])
+    assert diff["B"].isna().iloc[3] and list(diff["changed"]) == [True, True, False, True]
+    text = compare.compare_text(diff)
+    assert list(text["B"]) == ["0.750", "0.800", "0.600", "not in B"]
+    assert list(text["B - A"]) == ["+0.050", "+0.090", "+0.000", "-"]
     assert "None" not in text.to_string() and "nan" not in text.to_string()
+    assert compare.layer_order("1-5, 1-11") < compare.layer_order("1-11")
+
+
+def test_config_changes_name_each_parameter_and_each_score_only_one_run_has() -> None:
+    base = _small_config(scores=[ScoreSpec("Softmax"), ScoreSpec("KNN", {"k": 15}, ["1-11"])])
+    other = dataclasses.replace(
+        base,
+        seed=3,
+        scores=[
+            ScoreSpec("Softmax"),
+            ScoreSpec("KNN", {"k": 50, "act_norm": False}, ["1-11"]),
+            ScoreSpec("KNN", {}, ["1-5"]),
+        ],
+    )
+    assert compare.config_changes(base, other) == [
+        "data.seed: 0 → 3",
+        "KNN @ 1-11: k 15 → 50",
+        "KNN @ 1-11: act_norm default → false",
+        "only in B: KNN @ 1-5",
+    ]
+
+
+def test_roc_colours_follow_the_score_identity_across_runs() -> None:
+    def conf(score: str) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "score": [score] * 4,
+                "dataset": ["InD", "InD", "F", "F"],
+                "sample": [0, 1, 0, 1],
+                "confidence": [0.9, 0.8, 0.1, 0.2],
+            }
+        )
+
+    runs = {
+        "A": pd.concat([conf("Softmax()"), conf("KNN(k=15) @ 1-11")]),
+        "B": pd.concat([conf("Softmax()"), conf("KNN(k=50) @ 1-11")]),
+    }
+    curves, ids = compare.roc_inputs(runs, "F")
+    assert ids == {
+        "A · Softmax()": "Softmax",
+        "A · KNN(k=15) @ 1-11": "KNN @ 1-11",
+        "B · Softmax()": "Softmax",
+        "B · KNN(k=50) @ 1-11": "KNN @ 1-11",
+    }
+    colors, _ = compare.roc_styles(ids)
+    assert colors["A · KNN(k=15) @ 1-11"] == colors["B · KNN(k=50) @ 1-11"]
+    assert colors["A · Softmax()"] != colors["A · KNN(k=15) @ 1-11"]
 
 
 def test_apply_config_puts_every_setting_into_the_widgets() -> None:

@@ -305,12 +305,34 @@ def test_reload_restores_the_run_and_compare_shows_both(app: Any) -> None:
     chips = _chips(app)
     assert "KNN" in chips and "Softmax" not in chips and "Vertical flip" in chips, chips
 
+    # a third run differing by one parameter: the Runs page pairs KNN(k=15) with KNN(k=50)
+    page.locator('[data-testid="stExpander"] summary', has_text="KNN(k=15)").first.click()
+    field = page.locator(".st-key-w-p-KNN-k input").first
+    field.fill("50")
+    field.press("Enter")
+    app.wait_idle()
+    page.locator(".st-key-run button").first.click()
+    page.wait_for_selector('h1:has-text("Results")', timeout=60_000)
+    app.wait_idle()
+    third = _url_run(app)
+    assert third not in (first, second)
+
     app.go("Runs", "Runs")
     page.locator(".st-key-runs_roc .js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
     text = page.locator('[data-testid="stMain"]').inner_text()
-    assert f"A: {first}" in text and f"B: {second}" in text, text[:2000]
+    assert f"A: {second}" in text and f"B: {third}" in text, text[:2000]
+    assert "What changed from A to B" in text and ": k 15 → 50" in text, text[:2000]
+    cells = page.locator('[data-testid="stDataFrame"]').last.evaluate(  # the comparison
+        "e => Array.from(e.querySelectorAll('[role=gridcell], td')).map(x => x.textContent)"
+    )
+    assert "KNN(k=15) → KNN(k=50)" in cells and "not in A" not in cells, cells
+    deltas = [c for c in cells if re.fullmatch(r"[+-]\d\.\d{3}", c or "")]
+    assert len(deltas) == 4 and any(d not in ("+0.000", "-0.000") for d in deltas), cells
     _check_clean(app, "Runs")
     app.screenshot(ARTIFACTS / "8_runs_compare.png")
+    page.locator(".st-key-runs_changed_only label").first.click()  # the toggle
+    app.wait_idle()
+    _check_clean(app, "Runs, changed only")
 
 
 def test_comfortable_controls_at_1280x800(app: Any) -> None:

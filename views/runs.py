@@ -7,7 +7,7 @@ from __future__ import annotations
 import streamlit as st
 
 from ood_core import plots
-from ood_lens_app import layout, loaders, run_folders, run_store, runs, state
+from ood_lens_app import compare, layout, loaders, run_folders, run_store, runs, state
 
 state.init_state()
 ss = st.session_state
@@ -112,7 +112,7 @@ def _sign_colour(value: float) -> str:
     return "color: #1b5e20" if value > 0 else "color: #b71c1c"
 
 
-def compare(
+def compare_runs(
     ids: list[str],
     labels: dict[str, str],
     root: object,
@@ -129,21 +129,40 @@ def compare(
     else:
         a, b = run_folders.load_run(folder, a_id), run_folders.load_run(folder, b_id)
     st.markdown(f"**A:** {run_store.label(a)}  \n**B:** {run_store.label(b)}")
-    diff = run_store.compare(a, b)
-    colours = diff[["B - A"]].map(_sign_colour)
+    changes = compare.config_changes(a.config, b.config)
+    if changes:
+        st.markdown("**What changed from A to B**\n" + "\n".join(f"- `{line}`" for line in changes))
+    else:
+        st.caption("The two runs have the same settings.")
+    diff = compare.compare(a.metrics, b.metrics)
+    only = st.toggle(
+        "Changed only",
+        key="runs_changed_only",
+        help="Only the rows whose score setting differs, that one run lacks, or whose value moved",
+    )
+    shown = diff[diff["changed"]] if only else diff
+    colours = shown[["B - A"]].map(_sign_colour)
     st.dataframe(
-        run_store.compare_text(diff).style.apply(lambda _: colours, axis=None, subset=["B - A"]),
+        compare.compare_text(shown).style.apply(lambda _: colours, axis=None, subset=["B - A"]),
         hide_index=True,
         key="runs_diff",
         width="stretch",
+        column_config={
+            "score": st.column_config.TextColumn(
+                "score", help="A score is paired across runs by its class, layers and position"
+            ),
+            "setting": st.column_config.TextColumn(
+                "setting", help="The score as each run names it (A → B when it changed)"
+            ),
+        },
     )
-    common = run_store.common_scenarios(a, b)
+    common = compare.common_scenarios(a.confidences, b.confidences)
     if not common:
         st.info("The two runs share no OoD scenario: no ROC curves to overlay.")
         return
     ood = st.selectbox("OoD scenario", common, key="runs_ood")
-    curves = run_store.roc_inputs({"A": a, "B": b}, ood)
-    colors, dashes = run_store.roc_styles(list(curves))
+    curves, ids = compare.roc_inputs({"A": a.confidences, "B": b.confidences}, ood)
+    colors, dashes = compare.roc_styles(ids)
     fig = plots.roc_figure(
         curves, title=f"InD vs {ood}: A solid, B dashed", colors=colors, dashes=dashes
     )
@@ -193,7 +212,7 @@ def body() -> None:
     if folder is not None and folder.kind == "bundle":
         return  # one run: nothing to compare
     st.divider()
-    layout.guard(lambda: compare(ids, labels, root, folder))
+    layout.guard(lambda: compare_runs(ids, labels, root, folder))
 
 
 layout.guard(body)
