@@ -7,6 +7,7 @@ curves plot TPR (OoD flagged) against FPR (InD flagged), OoD being the positive 
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,8 +20,10 @@ from plotly.subplots import make_subplots
 
 from ood_core.metrics import ROC
 
-# Scenarios: InD always green, OoD sets by position in colours far from it (Set1 without its
-# green). Scores: a separate palette (Dark2 then Set2-like greys/browns), by position in the run.
+# Scenarios: InD always green; each OoD set by its identity (its title without parameters), in
+# colours far from InD's green (Set1 without its green, then seven darker ones); a built-in
+# scenario always has the same colour (KNOWN_SCENARIOS), whatever else a run scores. Scores: a
+# separate palette (Dark2 then Set2-like greys/browns), by position in the run.
 SCENARIO_PALETTE = [
     "#2E7D32",
     "#E41A1C",
@@ -31,7 +34,33 @@ SCENARIO_PALETTE = [
     "#F781BF",
     "#999999",
     "#D4B000",
+    "#283593",
+    "#00838F",
+    "#C2185B",
+    "#37474F",
+    "#6A1B9A",
+    "#9E9D24",
+    "#01579B",
 ]
+KNOWN_SCENARIOS = (
+    "Vertical flip",
+    "Darker",
+    "Uniformly random",
+    "MNIST digits",
+    "Gaussian noise",
+    "Horizontal flip",
+    "Brighter",
+    "Gaussian blur",
+    "Rotation",
+    "Pixel shuffle",
+    "Contrast",
+    "Patch shuffle",
+    "Quantize",
+    "Invert",
+    "Fashion-MNIST",
+)
+"""Built-in scenario titles, each with its own OoD colour (``SCENARIO_PALETTE[1 + position]``);
+a test checks every registered perturbation and bundled dataset is listed."""
 SCORE_PALETTE = [
     "#1B9E77",
     "#D95F02",
@@ -46,22 +75,46 @@ SCORE_PALETTE = [
 ]
 PALETTE = SCORE_PALETTE  # the former name (scores)
 IND_NAME = "InD"
+_N_OOD = len(SCENARIO_PALETTE) - 1
 
 
 def scenario_color(index: int) -> str:
-    """Colour of dataset ``index``: 0 = InD (always the same green), ``j + 1`` = OoD scenario
+    """Colour of dataset ``index``: 0 = InD (always the same green), ``j + 1`` = OoD colour
     ``j`` (cycling over the OoD colours)."""
     if index <= 0:
         return SCENARIO_PALETTE[0]
-    return SCENARIO_PALETTE[1 + (index - 1) % (len(SCENARIO_PALETTE) - 1)]
+    return SCENARIO_PALETTE[1 + (index - 1) % _N_OOD]
+
+
+def scenario_identity(title: str) -> str:
+    """A scenario's identity: its title without parameters (``"Darker (factor=0.3)"`` ->
+    ``"Darker"``)."""
+    return title.split(" (", 1)[0].strip()
+
+
+def _preferred(title: str) -> int:
+    """The OoD colour a scenario asks for: its place in :data:`KNOWN_SCENARIOS`, else a stable
+    hash of its identity (the same in every run and process)."""
+    ident = scenario_identity(title)
+    if ident in KNOWN_SCENARIOS:
+        return KNOWN_SCENARIOS.index(ident) % _N_OOD
+    return int(hashlib.sha1(ident.encode()).hexdigest(), 16) % _N_OOD  # noqa: S324 (a colour)
 
 
 def scenario_colors(titles: Sequence[str]) -> dict[str, str]:
-    """``{dataset title: colour}`` of a run's datasets: ``'InD'`` green, the OoD titles by their
-    position (so a re-run of the same config draws the same colours); InD may be omitted."""
+    """``{dataset title: colour}`` of a run's datasets: ``'InD'`` green, each OoD set the colour
+    its identity asks for (:func:`_preferred`: MNIST digits keeps its colour in any set of
+    scenarios), the next free one when another set of this run holds it; InD may be omitted."""
     out = {IND_NAME: scenario_color(0)}
-    oods = [t for t in titles if t != IND_NAME]
-    out.update({t: scenario_color(j + 1) for j, t in enumerate(oods)})
+    taken: set[int] = set()
+    for t in (t for t in dict.fromkeys(titles) if t != IND_NAME):
+        j = _preferred(t)
+        for step in range(_N_OOD):
+            if (j + step) % _N_OOD not in taken:
+                j = (j + step) % _N_OOD
+                break
+        taken.add(j)
+        out[t] = scenario_color(j + 1)
     return out
 
 
@@ -82,6 +135,14 @@ def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=np.float64)
+
+
+def plain_axes(fig: go.Figure) -> go.Figure:
+    """Axis numbers written out (``0.0006``, ``20,000,000``), never with SI prefixes (Plotly's
+    default writes ``600µ`` and ``20T``, unreadable on a density or a confidence axis)."""
+    fig.update_xaxes(exponentformat="none", separatethousands=True)
+    fig.update_yaxes(exponentformat="none", separatethousands=True)
+    return fig
 
 
 def finite_range(arrays: Sequence[Any]) -> tuple[float, float]:
@@ -158,7 +219,7 @@ def histogram_figure(
         yaxis_title="density",
         legend_title="dataset",
     )
-    return fig
+    return plain_axes(fig)
 
 
 def add_rocs(
@@ -261,7 +322,7 @@ def roc_figure(
     )
     fig.update_xaxes(range=[0, 1])
     fig.update_yaxes(range=[0, 1.02])
-    return fig
+    return plain_axes(fig)
 
 
 def wrap_label(text: str, width: int = 28) -> str:
@@ -384,7 +445,7 @@ def summary_plot(
     if size is not None:  # the reference tutorial sets rcParams["figure.figsize"] = (15, 9)
         w, h = size
         fig.update_layout(width=round(w * 100), height=max(round(h * 50 * n_rows), 300))
-    return fig
+    return plain_axes(fig)
 
 
 def matplotlib_figsize() -> tuple[float, float] | None:
@@ -428,7 +489,7 @@ def heatmap_figure(
     )
     fig.update_xaxes(type="category", title_text=x)
     fig.update_yaxes(type="category", title_text=y)
-    return fig
+    return plain_axes(fig)
 
 
 FORWARD_PART = "shared forward pass"
@@ -476,7 +537,7 @@ def timings_figure(
         xaxis_title="seconds",
         legend_title_text="operation",
     )
-    return fig
+    return plain_axes(fig)
 
 
 def image_grid_figure(

@@ -396,3 +396,20 @@ def confidence_captions(
             cap = f"→ {class_name(names, int(predicted[n]))}<br>{cap}"
         caps.append(cap)
     return caps
+
+
+def grouped_warnings(messages: Sequence[str]) -> dict[str, list[str]]:
+    """A run's warnings grouped by the score they concern, in order: ``{"KNN": ["@ 1-11: k
+    = 50 ...", ...]}``. A warning names its score first (``"KNN @ 1-11: ..."`` or ``"KNN:
+    ..."``); one that names none is grouped under ``"Run"``. Within a group the score's name is
+    dropped from each message (the group says it)."""
+    out: dict[str, list[str]] = {}
+    for m in dict.fromkeys(messages):
+        head, sep, rest = m.partition(": ")
+        score = head.split(" @ ", 1)[0].strip() if sep else ""
+        if not score or " " in score.split("(", 1)[0]:  # not a score name: a sentence
+            out.setdefault("Run", []).append(m)
+            continue
+        where = head[len(score) :].strip()
+        out.setdefault(score, []).append(f"{where}: {rest}" if where else rest)
+    return out

@@ -462,3 +462,24 @@ def test_layer_table_depth_filter_and_selected_only() -> None:
     _assert_clean(at)
     selected = list(at.session_state["layers"])
     assert list(at.dataframe[0].value["id"]) == selected and 0 < len(selected) < len(every)
+
+
+def test_warnings_sit_in_one_collapsed_panel_grouped_per_score() -> None:
+    """A degenerate fit (DeepMahalanobis on 30 samples of an 80-d layer) is said in one
+    collapsed panel under the run's summary line, grouped by score, not as banners above it."""
+    state = _tiny_run_state() | {"w.scores": ["Softmax", "DeepMahalanobis"], "w.n_cal": 30}
+    at = _app(**state)
+    at.switch_page("views/scores.py").run()
+    at.button(key="run").click().run()
+    _assert_clean(at)
+    result = at.session_state["result"]
+    assert any(m.startswith("DeepMahalanobis @ 1-11: ") for m in result.warnings), result.warnings
+    at.switch_page("views/results.py").run()
+    _assert_clean(at)
+    assert not _warnings(at)  # no banner per warning
+    panels = [e for e in at.expander if "warning" in e.label]
+    assert len(panels) == 1 and "about DeepMahalanobis" in panels[0].label
+    text = " ".join(m.value for m in panels[0].markdown)
+    assert (
+        "**DeepMahalanobis**" in text and "- @ 1-11: 80 feature dimensions for 30 samples" in text
+    )

@@ -27,6 +27,27 @@ def test_scenario_colours_fixed_and_stable() -> None:
     assert plots.SCENARIO_PALETTE[0] not in [many[f"s{j}"] for j in range(20)]  # never InD green
 
 
+def test_a_scenario_keeps_its_colour_in_any_set_of_scenarios() -> None:
+    demo = plots.scenario_colors(["Vertical flip", "Darker", "Uniformly random", "MNIST digits"])
+    other = plots.scenario_colors(["MNIST digits", "Gaussian noise (std=0.2)"])
+    alone = plots.scenario_colors(["Rotation (degrees=30)", "Pixel shuffle", "MNIST digits"])
+    assert demo["MNIST digits"] == other["MNIST digits"] == alone["MNIST digits"]
+    assert plots.scenario_colors(["Darker (factor=0.2)"])["Darker (factor=0.2)"] == demo["Darker"]
+    assert list(demo.values()) == plots.SCENARIO_PALETTE[:5]  # the demo's look is unchanged
+    # every built-in scenario has its own colour, all different from each other
+    from ood_core import data, perturbations
+
+    titles = [p["title"] for p in perturbations.list_perturbations()]
+    titles += [d["title"] for d in data.list_bundled()]
+    assert set(titles) <= set(plots.KNOWN_SCENARIOS), set(titles) - set(plots.KNOWN_SCENARIOS)
+    colours = plots.scenario_colors(list(plots.KNOWN_SCENARIOS))
+    assert len(set(colours.values())) == len(plots.KNOWN_SCENARIOS) + 1
+    # unknown titles: stable across calls, distinct within a run while colours remain
+    mine = [f"my set {j}" for j in range(5)]
+    assert plots.scenario_colors(mine) == plots.scenario_colors(mine)
+    assert len(set(plots.scenario_colors(mine).values())) == 6
+
+
 def test_score_colours_separate_palette_and_lookup() -> None:
     names = ["Softmax()", "KNN(k=15) @ 1-11", "Gram() @ 1-5, 1-11"]
     colors = plots.score_colors(names)
@@ -258,3 +279,38 @@ def test_report_figures_before_long_tables_and_tables_fit_the_width() -> None:
     )
     assert page.index("Warnings") < page.index("figure-0") < page.index("<h2>All</h2>")
     assert "table-wrap" in page and "width:100%" in page and "overflow-x:auto" in page
+
+
+def test_axis_numbers_are_written_out_never_with_si_prefixes() -> None:
+    """A density of 6e-4 and confidences of 2e13 read ``0.0006`` / ``20,000,000,000,000``, not
+    Plotly's ``600µ`` / ``20T``: every figure's axes say so."""
+    rng = np.random.default_rng(0)
+    big = {"InD": rng.normal(2e13, 1e12, 200), "flip": rng.normal(1e13, 1e12, 200)}
+    figures = [
+        plots.histogram_figure(big),
+        plots.roc_figure({"s": (big["InD"], big["flip"])}),
+    ]
+    for fig in figures:
+        for axis in (fig.layout.xaxis, fig.layout.yaxis):
+            assert axis.exponentformat == "none" and axis.separatethousands is True
+
+
+def test_warnings_are_grouped_per_score() -> None:
+    messages = [
+        "DeepMahalanobis @ 1-11: covariance ill-conditioned ...: try inverse='pinv'",
+        "KNN @ 1-11: k = 50 is 17% of the 300 calibration samples ...",
+        "DeepMahalanobis @ 1-5: covariance ill-conditioned ...",
+        "DeepMahalanobis @ 1-11: covariance ill-conditioned ...: try inverse='pinv'",  # repeated
+        "Gram: no calibration sample deviates from its class band ...",
+        "The test sets tie on 40% of their confidences; AUROC counts ties as half",
+    ]
+    assert rv.grouped_warnings(messages) == {
+        "DeepMahalanobis": [
+            "@ 1-11: covariance ill-conditioned ...: try inverse='pinv'",
+            "@ 1-5: covariance ill-conditioned ...",
+        ],
+        "KNN": ["@ 1-11: k = 50 is 17% of the 300 calibration samples ..."],
+        "Gram": ["no calibration sample deviates from its class band ..."],
+        "Run": ["The test sets tie on 40% of their confidences; AUROC counts ties as half"],
+    }
+    assert rv.grouped_warnings([]) == {}

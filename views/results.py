@@ -452,6 +452,19 @@ def no_result() -> None:
         st.rerun()
 
 
+def warnings_panel(messages: list[str]) -> None:
+    """Degenerate fits and tied sets, grouped per score in one collapsed panel (one line on
+    screen: the headline stays above the fold)."""
+    groups = result_views.grouped_warnings(messages)
+    if not groups:
+        return
+    n = sum(len(v) for v in groups.values())
+    title = f"{n} warning{'s' * (n != 1)} about {', '.join(groups)}: what they mean for the numbers"
+    with st.expander(title, icon=":material/warning:", expanded=False):
+        for score, lines in groups.items():
+            st.markdown(f"**{score}**\n" + "\n".join(f"- {line}" for line in lines))
+
+
 def body() -> None:
     layout.header(
         "Results",
@@ -469,8 +482,7 @@ def body() -> None:
     )
     for message in result.notes:  # e.g. sizes lowered to what the data holds
         st.info(message, icon=":material/info:")
-    for message in result.warnings:  # degenerate fits / tied sets: the numbers they concern
-        st.warning(message, icon=":material/warning:")
+    warnings_panel(result.warnings)
     thr = result_views.explorer_thresholds(result, ss)
     # lazy tabs: only the open one is computed and sent to the browser (a re-run redraws one
     # tab's charts, not all five); the open tab is kept across re-runs (key)
