@@ -1,7 +1,8 @@
 """An export bundle written (the writer beside :mod:`ood_core.bundle`, the reader): a
 :class:`~ood_core.runner.RunResult` as metrics.csv, confidences.parquet, config.toml, a
 self-contained report.html and run.json (:func:`export`), with the report's figures
-(:func:`result_figures`) and its wide metric table (:func:`metrics_wide`).
+(:func:`result_figures`), its metric tables (:func:`metric_tables`, one per metric) and the
+operating points a review reads (:mod:`ood_core.operating_points`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pandas as pd
 import torch
 
 from ood_core import data as data_mod
+from ood_core.operating_points import operating_point_table
 from ood_core.runner import RunResult
 
 
@@ -48,20 +50,50 @@ def result_figures(result: RunResult, problems: list[str] | None = None) -> list
         curves = {n: (result.confs_ind[i], c[i]) for i, n in enumerate(result.score_names)}
         return plots.roc_figure(curves, title=f"InD vs {t}")
 
+    def passing(i: int, name: str) -> Any:
+        from ood_core.metrics import threshold_for_acceptance
+        from ood_core.operating_points import undetected
+
+        t = threshold_for_acceptance(result.confs_ind[i], REPORT_ACCEPTANCE)
+        images, captions = [], []
+        for title, confs, imgs in zip(
+            result.ood_titles, result.confs_oods, result.ood_images, strict=True
+        ):
+            for k in undetected(confs[i], t, k=4):
+                images.append(imgs[int(k)].float().cpu().numpy())
+                captions.append(f"{title} · {float(confs[i][int(k)]):.3g}")
+        if not images:
+            return None
+        return plots.image_grid_figure(np.stack(images), captions, title=name)
+
     builders: list[tuple[str, Callable[[], Any]]] = [("Summary", summary)]
     for i, name in enumerate(result.score_names):
         builders.append((f"Confidences: {name}", lambda i=i, name=name: histogram(i, name)))
     for t, c in zip(result.ood_titles, result.confs_oods, strict=True):
         builders.append((f"ROC: InD vs {t}", lambda t=t, c=c: roc(t, c)))
+    if len(getattr(result, "ood_images", ())) == len(result.ood_titles):
+        for i, name in enumerate(result.score_names):
+            builders.append(
+                (
+                    f"Passing undetected at {REPORT_ACCEPTANCE:.0%} InD acceptance: {name} "
+                    "(the most confident OoD images per set, with their confidence)",
+                    lambda i=i, name=name: passing(i, name),
+                )
+            )
     figs = []
     for title, build in builders:
         if problems is None:
-            figs.append((title, build()))
+            fig = build()
+            if fig is not None:
+                figs.append((title, fig))
             continue
         try:
-            figs.append((title, build()))
+            fig = build()
         except Exception as exc:  # noqa: BLE001 - one figure must never cost the others
             problems.append(figure_problem(title, exc))
+            continue
+        if fig is not None:  # None: nothing to draw (no OoD image passes)
+            figs.append((title, fig))
     return figs
 
 
@@ -72,6 +104,32 @@ def metrics_wide(result: RunResult) -> pd.DataFrame:
     ).pivot_table(index="score", columns=["ood", "metric"], values="value", sort=False)
     wide.columns = [f"{o} | {m}" for o, m in wide.columns]
     return wide.reset_index()
+
+
+REPORT_ACCEPTANCE = 0.95
+"""The InD acceptance of the report's operating points and undetected images."""
+
+
+def _percent_text(table: pd.DataFrame) -> pd.DataFrame:
+    """Percent columns written with one decimal (the report's tables print floats with four)."""
+    cols = [c for c in table.columns if c.endswith("(%)") and table[c].dtype.kind == "f"]
+    return table.assign(**{c: table[c].map(lambda v: f"{v:.1f}") for c in cols})
+
+
+def metric_tables(result: RunResult) -> list[tuple[str, pd.DataFrame]]:
+    """One table per metric: a row per score, a column per OoD set (narrow enough for a page;
+    the wide all-metric table of earlier reports had 1 + metrics x sets columns)."""
+    frame = result.frame.assign(
+        score=result.frame["score"] + result.frame["layers"].map(lambda s: f" @ {s}" if s else "")
+    )
+    out = []
+    metrics = list(dict.fromkeys(frame["metric"]))
+    metrics.sort(key=lambda m: m != "AUC()")  # the headline metric first (a stable sort)
+    for metric in metrics:
+        part = frame[frame["metric"] == metric]
+        wide = part.pivot_table(index="score", columns="ood", values="value", sort=False)
+        out.append((f"{metric} per OoD set", wide.reset_index().rename_axis(columns=None)))
+    return out
 
 
 def provenance_frame(result: RunResult) -> pd.DataFrame:
@@ -122,15 +180,43 @@ def export(
                 + (f" on host {ex['host']}" if ex.get("host") else "")
                 + "."
             )
-        tables = [("Metrics", metrics_wide(result)), ("All values", result.frame)]
+        lead: list[tuple[str, pd.DataFrame]] = []
+        if result.warnings:
+            lead.append(("Warnings", pd.DataFrame({"warning": result.warnings})))
+        if result.notes:
+            lead.append(("Notes", pd.DataFrame({"note": result.notes})))
+        lead.append(
+            (
+                f"Operating points at {REPORT_ACCEPTANCE:.0%} InD acceptance (threshold set on "
+                "the InD test samples; rejected = confidence <= threshold; Wilson intervals)",
+                _percent_text(
+                    operating_point_table(
+                        result.score_names,
+                        result.confs_ind,
+                        result.confs_oods,
+                        result.ood_titles,
+                        REPORT_ACCEPTANCE,
+                    )
+                ),
+            )
+        )
+        tables = [*lead, *metric_tables(result), ("All values", result.frame)]
         if result.execution or result.environment:
             tables.append(("Computed with", provenance_frame(result)))
-        if result.notes:
-            tables.insert(0, ("Notes", pd.DataFrame({"note": result.notes})))
-        if result.warnings:
-            tables.insert(0, ("Warnings", pd.DataFrame({"warning": result.warnings})))
         figures = result_figures(result, problems)
-        return html_report("ood-lens report", figures, tables, notes, problems=problems)
+        sizes = (
+            f"Calibration {cfg.n_calibration} samples, InD test {len(result.ind)}, seed "
+            f"{cfg.seed}; run id {result.execution.get('run_id', 'not recorded')}."
+        )
+        return html_report(
+            "ood-lens report",
+            figures,
+            tables,
+            notes + " " + sizes,
+            lead_tables=len(lead) + 1,  # and the headline metric's table
+            problems=problems,
+            texts=[("Configuration (replay with ood-lens run)", config_toml)],
+        )
 
     config_toml = cfg.to_toml()
     source = Path(config_path).read_bytes() if config_path is not None else config_toml.encode()

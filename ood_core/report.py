@@ -165,11 +165,19 @@ REPORT_CSS = (
     "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em}"
     ".table-wrap{max-width:100%;overflow-x:auto}"
     "table{border-collapse:collapse;width:100%;table-layout:auto;font-size:13px}"
-    "td,th{border:1px solid #ccc;padding:3px 6px;overflow-wrap:anywhere;word-break:normal}"
+    "td,th{border:1px solid #ccc;padding:3px 6px;overflow-wrap:break-word;word-break:normal;"
+    "hyphens:none}"
     "th{background:#f3f3f3;position:sticky;top:0}"
     "td{text-align:right}td:first-child{text-align:left}"
     ".figure{margin-bottom:1.5em}"
+    "nav.toc{columns:2;font-size:14px;margin-bottom:1em}nav.toc a{text-decoration:none}"
+    "pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:12px}"
+    "@media print{body{max-width:none;margin:0;font-size:11px}nav.toc{display:none}"
+    "th{position:static}h2{break-after:avoid}.table-wrap,.figure,pre,tr{break-inside:avoid}"
+    ".table-wrap{overflow:visible}table{font-size:10px}}"
 )
+"""The report's style: tables that wrap at word boundaries (never inside a word), a table of
+contents on screen, and a print layout (a browser's "Save as PDF" gives a clean document)."""
 
 
 def html_report(
@@ -179,6 +187,7 @@ def html_report(
     notes: str = "",
     lead_tables: int = 0,
     problems: list[str] | None = None,
+    texts: Sequence[tuple[str, str]] = (),
 ) -> str:
     """A self-contained HTML page (plotly.js inlined once; no external URLs): works offline.
 
@@ -188,12 +197,19 @@ def html_report(
 
     A figure that cannot be drawn never costs the page: its place says so, and a "Figures not
     drawn" list at the top names each figure and why (``problems``: those found by the caller
-    while building the figures; the ones found here are appended to it)."""
+    while building the figures; the ones found here are appended to it). ``texts``: titled
+    preformatted blocks (e.g. the run's configuration) at the end. Every section is listed in a
+    table of contents at the top."""
     problems = [] if problems is None else problems
+    toc: list[str] = []
+
+    def heading(name: str) -> str:
+        toc.append(name)
+        return f"<h2 id='s{len(toc)}'>{html.escape(name)}</h2>"
 
     def table_html(name: str, frame: pd.DataFrame) -> list[str]:
         body = frame.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")
-        return [f"<h2>{html.escape(name)}</h2>", f"<div class='table-wrap'>{body}</div>"]
+        return [heading(name), f"<div class='table-wrap'>{body}</div>"]
 
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
@@ -212,7 +228,7 @@ def html_report(
     lead_at = len(parts)
     js_included = False
     for k, (name, fig) in enumerate(figures):
-        parts.append(f"<h2>{html.escape(name)}</h2>")
+        parts.append(heading(name))
         try:
             fig = go.Figure(fig).update_layout(autosize=True, width=None)
             body = pio.to_html(
@@ -232,6 +248,16 @@ def html_report(
         parts.append(f"<div class='figure'>{body}</div>")
     for name, frame in tables[lead_tables:]:
         parts += table_html(name, frame)
+    for name, text in texts:
+        parts += [heading(name), f"<pre>{html.escape(text)}</pre>"]
+    if toc:
+        links = "".join(
+            f"<li><a href='#s{k}'>{html.escape(n)}</a></li>" for k, n in enumerate(toc, 1)
+        )
+        parts.insert(
+            lead_at - len(tables[:lead_tables]) * 2, f"<nav class='toc'><ol>{links}</ol></nav>"
+        )
+        lead_at += 1
     if problems:
         items = "".join(f"<li>{html.escape(p)}</li>" for p in problems)
         parts.insert(lead_at, f"<h2>Figures not drawn</h2><ul class='figure-failed'>{items}</ul>")

@@ -732,6 +732,11 @@ def test_figures_that_still_draw_stay_in_the_report(small_result, tmp_path, monk
     assert [name for name, _ in figures] == [
         *(f"Confidences: {n}" for n in small_result.score_names),
         *(f"ROC: InD vs {t}" for t in small_result.ood_titles),
+        *(  # the OoD images passing each score's 95 % threshold, where some pass
+            f"Passing undetected at 95% InD acceptance: {n} (the most confident OoD images "
+            "per set, with their confidence)"
+            for n in small_result.score_names
+        ),
     ]
     assert problems == [
         "Figure 'Summary' could not be drawn (ValueError: The 'vertical_spacing' argument must "

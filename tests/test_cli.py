@@ -11,6 +11,7 @@ import pytest
 
 from ood_core.cli import main
 from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec, example_config
+from ood_core.operating_points import operating_point_table
 
 
 def test_example_config_round_trips_through_toml(capsys):
@@ -49,7 +50,27 @@ def test_run_writes_bundle_and_offline_report(tmp_path, capsys):
     assert not re.search(r"<link[^>]+href=[\"']https?:", html)  # no external stylesheets
     assert "Plotly.newPlot" in html and len(html) > 3_000_000  # the plotly.js bundle is inside
     n_figures = 1 + 2 + 2  # summary + a histogram per score + a ROC per scenario
-    assert len(re.findall(r'<div id="figure-\d+" class="plotly-graph-div"', html)) == n_figures
+    n_passing = len(re.findall(r"<h2 id='s\d+'>Passing undetected at 95% InD", html))
+    assert 1 <= n_passing <= 2  # one image grid per score that lets an OoD image through
+    found = re.findall(r'<div id="figure-\d+" class="plotly-graph-div"', html)
+    assert len(found) == n_figures + n_passing
+    # the review report: operating points recomputed from the bundle's own confidences
+    assert "Operating points at 95% InD acceptance" in html and "<nav class='toc'>" in html
+    assert "@media print" in html and "name = &quot;KNN&quot;" in html  # the configuration
+    assert "run id " in html and "seed 0" in html
+    for name in ("Softmax()", "KNN(k=5) @ 1-11"):
+        rows = confs[confs["score"] == name]
+        ind = rows.loc[rows["dataset"] == "InD", "confidence"].to_numpy()
+        oods = [
+            rows.loc[rows["dataset"] == t, "confidence"].to_numpy()
+            for t in ("Vertical flip", "MNIST digits")
+        ]
+        table = operating_point_table(
+            [name], [ind], [[o] for o in oods], ["Vertical flip", "MNIST digits"]
+        )
+        assert set(table["InD accepted"]) == {"190 of 200"}
+        for cell in table["OoD rejected"]:
+            assert f"<td>{cell}</td>" in html, cell
     info = json.loads((tmp_path / "out" / "run.json").read_text())  # the completion marker
     assert info["status"] == "complete" and info["warnings"] == [] and info["notes"] == []
     assert info["config_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -74,7 +95,14 @@ def test_run_prints_degenerate_warnings_and_reports_them(tmp_path, capsys):
     assert err.count("warning: Energy: all 100 confidences on") == 2  # InD and the flipped set
     assert "Softmax" not in err
     html = (tmp_path / "out" / "report.html").read_text()
-    assert "<h2>Warnings</h2>" in html and "Energy: all 100 confidences on" in html
+    assert "Energy: all 100 confidences on" in html
+
+    def at(heading: str) -> int:
+        found = re.search(rf"<h2 id='s\d+'>{heading}", html)
+        assert found, heading
+        return found.start()
+
+    assert at("Warnings</h2>") < at("Operating points at 95%") < html.index("figure-0")
 
 
 # Issue 15: trust comes from the person at the keyboard (--trust-repo), never from the file.
