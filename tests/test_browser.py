@@ -135,7 +135,15 @@ def test_dashboard_flow_in_chromium(app: Any, tmp_path: Path) -> None:
     toml = _download(app, "Run config (TOML)", tmp_path)
     assert "[model]" in toml.read_text()
     report = _download(app, "Report (HTML)", tmp_path)
-    assert report.stat().st_size > 100_000 and "<html" in report.read_text()[:200]
+    page_text = report.read_text()
+    assert report.stat().st_size > 100_000 and "<html" in page_text[:200]
+    # a report a review can attach: operating points with counts, and the configuration
+    assert "Operating points at 95% InD acceptance" in page_text and " of 300</td>" in page_text
+    assert "Configuration (replay with ood-lens run)" in page_text and "[model]" in page_text
+    app.page.goto(report.as_uri())  # the downloaded file, opened offline in the browser
+    app.page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+    app.page.screenshot(path=str(ARTIFACTS / "report_top.png"))
+    app.page.go_back()
     _check_clean(app, "Export")
     assert time.perf_counter() - t0 < 90
     log = (ARTIFACTS / "streamlit.log").read_text()
