@@ -36,6 +36,7 @@ __all__ = [
     "AUC",
     "AUPR",
     "DEFAULT_METRICS",
+    "plain_metric_name",
     "METRICS",
     "MCC",
     "ROC",
@@ -297,6 +298,20 @@ def _count_ceil(rate: float, n: int) -> int:
     return max(0, math.ceil(rate * n * (1 - 1e-10) - 1e-10))
 
 
+def _pct(rate: float) -> str:
+    """``0.05`` -> ``"5%"``, ``0.955`` -> ``"95.5%"``."""
+    return f"{100 * rate:.10g}%"
+
+
+def plain_metric_name(text: str) -> str:
+    """:attr:`Metric.plain_name` of a metric label (``"AUC()"`` -> ``"AUROC"``); the label
+    itself when it is not one :func:`parse_metric` reads."""
+    try:
+        return parse_metric(text).plain_name
+    except (ValueError, TypeError, KeyError):
+        return text
+
+
 def _clip01(x: float) -> float:
     return float(min(1.0, max(0.0, x)))
 
@@ -363,6 +378,12 @@ class Metric(ABC):
         """Display name, identical to ``repr``."""
         return repr(self)
 
+    @property
+    def plain_name(self) -> str:
+        """The name a reader knows (``"AUROC"`` for ``AUC()``, ``"TNR at 95% TPR"`` for
+        ``TNR(min_tpr=0.95)``); the formal :attr:`name` stays the key everywhere."""
+        return self.name
+
     def __repr__(self) -> str:
         args = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}"
@@ -410,6 +431,15 @@ class AUC(Metric):
             )
         _check_kind(self.kind, "AUC")
 
+    @property
+    def plain_name(self) -> str:
+        hull = " (convex hull)" if self.kind != "pessimistic" else ""
+        if self.min_fpr == 0 and self.max_fpr == 1:
+            return f"AUROC{hull}"
+        if self.min_fpr == 0:
+            return f"partial AUROC, FPR <= {_pct(self.max_fpr)}{hull}"
+        return f"partial AUROC, FPR {_pct(self.min_fpr)} to {_pct(self.max_fpr)}{hull}"
+
     def from_roc(self, roc: ROC) -> float:
         a, b = self.min_fpr, self.max_fpr
         if self.kind == "pessimistic":
@@ -446,6 +476,11 @@ class TPR(Metric):
         """The FPR constraint, ``max_fpr`` or ``1 - min_tnr``."""
         return self.max_fpr if self.max_fpr is not None else 1.0 - float(self.min_tnr or 0.0)
 
+    @property
+    def plain_name(self) -> str:
+        hull = " (convex hull)" if self.kind != "pessimistic" else ""
+        return f"TPR at {_pct(self.fpr_limit)} FPR{hull}"
+
     def from_roc(self, roc: ROC) -> float:
         f = self.fpr_limit
         if self.kind == "pessimistic":
@@ -481,6 +516,11 @@ class TNR(Metric):
         """The TPR constraint, ``min_tpr`` or ``1 - max_fnr``."""
         return self.min_tpr if self.min_tpr is not None else 1.0 - float(self.max_fnr or 0.0)
 
+    @property
+    def plain_name(self) -> str:
+        hull = " (convex hull)" if self.kind != "pessimistic" else ""
+        return f"TNR at {_pct(self.tpr_limit)} TPR{hull}"
+
     def from_roc(self, roc: ROC) -> float:
         t = self.tpr_limit
         if self.kind == "pessimistic":
@@ -501,6 +541,10 @@ class MCC(Metric):
     """
 
     tie_rule: ClassVar[str] = "deterministic thresholds only: a tied group is flagged as a whole"
+
+    @property
+    def plain_name(self) -> str:
+        return "MCC at the best threshold"
 
     def from_roc(self, roc: ROC) -> float:
         fp = roc.pareto[:, 0].astype(np.float64)
@@ -531,6 +575,10 @@ class AUPR(Metric):
         if self.positive not in ("ood", "ind"):
             raise ValueError(f"AUPR: positive must be 'ood' or 'ind', got {self.positive!r}")
 
+    @property
+    def plain_name(self) -> str:
+        return "AUPR, OoD positive" if self.positive == "ood" else "AUPR, InD positive"
+
     def from_roc(self, roc: ROC) -> float:
         if self.positive == "ood":
             pos, neg, n_pos = roc.ood_counts, roc.ind_counts, roc.n_ood
@@ -551,6 +599,10 @@ class DetectionError(Metric):
     """
 
     tie_rule: ClassVar[str] = "deterministic thresholds only: a tied group is flagged as a whole"
+
+    @property
+    def plain_name(self) -> str:
+        return "detection error"
 
     def from_roc(self, roc: ROC) -> float:
         return _clip01(0.5 * (1.0 + float(np.max(roc.tpr - roc.fpr))))

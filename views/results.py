@@ -14,6 +14,7 @@ import streamlit as st
 from ood_core import plots
 from ood_core.config import IND_TITLE
 from ood_core.core import predicted_classes
+from ood_core.metrics import plain_metric_name
 from ood_core.runner import RunResult
 from ood_lens_app import form, layout, loaders, result_views, runs, state
 from ood_lens_app.result_views import ALL_METRICS, THRESHOLD_MODES, index_choice, name_choice
@@ -75,7 +76,9 @@ def metric_table(result: RunResult) -> None:
         "Metric",
         options,
         key="w.tbl_metric",
-        help="The metric of the headline table: one column per OoD scenario and their mean.",
+        format_func=lambda m: f"{plain_metric_name(m)}  ·  {m}",
+        help="The metric of the headline table: one column per OoD scenario and their mean. "
+        "Each is named as readers know it, then as ood-lens writes it (CSV, config).",
     )
     head = result_views.headline_table(result, choice)
     best = {c: head.values[c].max() for c in head.values.columns}
@@ -89,7 +92,7 @@ def metric_table(result: RunResult) -> None:
 
     base = head.baseline_label
     st.table(head.text.style.apply(paint, axis=0))
-    note = f"**{choice}** per OoD scenario; best per column in **green**"
+    note = f"**{plain_metric_name(choice)}** (`{choice}`) per OoD scenario; best per column in **green**"
     if base is not None:
         note += f", baseline *{base}* in orange"
     if head.has_intervals:
@@ -336,7 +339,10 @@ def layers_and_timings(result: RunResult) -> None:
     index_choice(ss, "w.hm_ood", len(oods))
     c1, c2 = st.columns(2)
     c1.selectbox(
-        "Metric", list(range(len(metrics))), key="w.hm_metric", format_func=lambda k: metrics[k]
+        "Metric",
+        list(range(len(metrics))),
+        key="w.hm_metric",
+        format_func=lambda k: f"{plain_metric_name(metrics[k])}  ·  {metrics[k]}",
     )
     c2.selectbox("OoD set", list(range(len(oods))), key="w.hm_ood", format_func=lambda k: oods[k])
     metric = metrics[ss["w.hm_metric"]]
