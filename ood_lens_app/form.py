@@ -17,7 +17,16 @@ from ood_core.perturbations import PERTURBATIONS
 from ood_core.scores import get_score_class, make_score
 from ood_lens_app import estimates
 from ood_lens_app.layers import LayerChoices, sync_score_layers
-from ood_lens_app.state import AMP_OFF, SEED, param_key, pert_owner, score_layer_key, sweep_key
+from ood_lens_app.state import (
+    AMP_OFF,
+    SEED,
+    param_key,
+    param_sweep_key,
+    param_sweep_values_key,
+    pert_owner,
+    score_layer_key,
+    sweep_key,
+)
 from ood_lens_app.widgets import initial_value, is_text_float, none_key
 
 METRIC_CHOICES = [
@@ -118,6 +127,39 @@ def param_values(
 
 
 # ---------------------------------------------------------------------------- scores
+SWEEPABLE = ("int", "float", "choice")
+"""Parameter types a score's parameter sweep may take values of."""
+
+
+def param_sweep(
+    state: Mapping[str, Any], name: str, descs: Sequence[Mapping[str, Any]]
+) -> tuple[str | None, list[Any], list[str]]:
+    """Score ``name``'s parameter sweep: ``(parameter or None, its values, problems)``; without
+    a sweep the values are ``[None]`` (one point: the parameters as set)."""
+    swept = str(state.get(param_sweep_key(name), "") or "")
+    if not swept:
+        return None, [None], []
+    desc = next((d for d in descs if d["name"] == swept and d["type"] in SWEEPABLE), None)
+    if desc is None:
+        return None, [None], [f"{name}: '{swept}' is not a parameter it can sweep."]
+    text = str(state.get(param_sweep_values_key(name), "") or "")
+    try:
+        values = parse_list_param(text) or []
+    except ValueError as exc:
+        return None, [None], [f"{name}: sweep of '{swept}': {exc}"]
+    if desc["type"] == "int":
+        values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
+    if len(values) < 2:  # noqa: PLR2004
+        return (
+            None,
+            [None],
+            [f"{name}: give at least two values to sweep '{swept}' over, e.g. 5, 15, 50."],
+        )
+    if len({repr(v) for v in values}) < len(values):
+        return None, [None], [f"{name}: the values to sweep '{swept}' over repeat: {text}."]
+    return swept, values, []
+
+
 def check_score(
     name: str,
     params: Mapping[str, Any],
@@ -170,13 +212,17 @@ def score_specs(
         params, probs = param_values(state, name, cls.describe_params())
         layers = list(state.get(score_layer_key(name), [])) if cls.layer_rule != "none" else []
         sweep = bool(state.get(sweep_key(name), False)) and len(layers) > 1
+        swept, values, sweep_probs = param_sweep(state, name, cls.describe_params())
+        probs += sweep_probs
         for group in [[lid] for lid in layers] if sweep else [layers]:
-            probs += [
-                p
-                for p in check_score(name, params, group, n_cal, options or None)
-                if p not in probs
-            ]
-            specs.append(ScoreSpec(name, dict(params), list(group)))
+            for value in values:
+                point = dict(params) if swept is None else dict(params) | {swept: value}
+                probs += [
+                    p
+                    for p in check_score(name, point, group, n_cal, options or None)
+                    if p not in probs
+                ]
+                specs.append(ScoreSpec(name, point, list(group)))
         if not probs:  # what the fit would refuse before any pass keeps Run disabled too
             probs += estimates.score_refusals(name, params, layers, sweep)
         if probs:

@@ -374,14 +374,32 @@ def apply_config(state: MutableMapping[str, Any], config: RunConfig) -> None:
     for name, specs in by_name.items():
         layer_ids = list(dict.fromkeys(str(lid) for spec in specs for lid in spec.layers))
         state[state_mod.score_layer_key(name)] = layer_ids
-        state[state_mod.sweep_key(name)] = len(specs) > 1 and all(len(s.layers) == 1 for s in specs)
+        state[state_mod.sweep_key(name)] = len(layer_ids) > 1 and all(
+            len(s.layers) == 1 for s in specs
+        )
         src[name] = selection
-        _apply_params(state, name, get_score_class(name).describe_params(), specs[0].params)
+        descs = get_score_class(name).describe_params()
+        swept, values = _swept_param(specs, descs)
+        state[state_mod.param_sweep_key(name)] = swept or ""
+        state[state_mod.param_sweep_values_key(name)] = ", ".join(map(str, values))
+        params = {k: v for k, v in specs[0].params.items() if k != swept}
+        _apply_params(state, name, descs, params)
     state["score_layers_src"] = src
     for sc in config.scenarios:
         if sc.kind:
             descs = [p.as_dict() for p in PERTURBATIONS[sc.kind].params]
             _apply_params(state, state_mod.pert_owner(sc.kind), descs, sc.params)
+
+
+def _swept_param(specs: list[Any], descs: list[dict[str, Any]]) -> tuple[str | None, list[Any]]:
+    """The one parameter a config's specs of one score vary (a parameter sweep), with its
+    values in order; ``(None, [])`` when none or several vary."""
+    defaults = {d["name"]: d.get("default") for d in descs}
+    full = [defaults | dict(s.params) for s in specs]
+    varying = [k for k in defaults if len({repr(p.get(k)) for p in full}) > 1]
+    if len(varying) != 1:
+        return None, []
+    return varying[0], list(dict.fromkeys(p[varying[0]] for p in full))
 
 
 def _full_params(descs: list[dict[str, Any]], params: Mapping[str, Any]) -> dict[str, Any]:

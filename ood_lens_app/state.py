@@ -64,6 +64,16 @@ def sweep_key(name: str) -> str:
     return f"w.sweep.{name}"
 
 
+def param_sweep_key(name: str) -> str:
+    """State key of the parameter score ``name`` sweeps (``""``: none)."""
+    return f"w.psweep.{name}"
+
+
+def param_sweep_values_key(name: str) -> str:
+    """State key of the values (text, comma-separated) score ``name``'s parameter sweep takes."""
+    return f"w.psweepv.{name}"
+
+
 def trust_key(repo: str) -> str:
     """State key of the trust checkbox of hub repository ``repo``."""
     return f"w.trust.{repo.strip()}"

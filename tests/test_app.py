@@ -483,3 +483,39 @@ def test_warnings_sit_in_one_collapsed_panel_grouped_per_score() -> None:
     assert (
         "**DeepMahalanobis**" in text and "- @ 1-11: 80 feature dimensions for 30 samples" in text
     )
+
+
+def test_a_parameter_sweep_runs_once_and_the_study_tab_names_the_best() -> None:
+    """KNN swept over k in {3, 5, 9} and DeepMahalanobis over two layers in one Run: the Study
+    tab draws both sweeps and ranks them, with the best value of each."""
+    state = _tiny_run_state() | {
+        "w.scores": ["Softmax", "KNN", "DeepMahalanobis"],
+        "layers": ["1-5", "1-11"],
+        "w.psweep.KNN": "k",
+        "w.psweepv.KNN": "3, 5, 9",
+        "w.sweep.DeepMahalanobis": True,
+    }
+    at = _app(**state)
+    at.switch_page("views/scores.py").run()
+    _assert_clean(at)
+    at.button(key="run").click().run()
+    _assert_clean(at)
+    result = at.session_state["result"]
+    assert result.score_names == [
+        "Softmax()",
+        "KNN(k=3) @ 1-5, 1-11",
+        "KNN(k=5) @ 1-5, 1-11",
+        "KNN(k=9) @ 1-5, 1-11",
+        "DeepMahalanobis() @ 1-5",
+        "DeepMahalanobis() @ 1-11",
+    ]
+    at.session_state["w.res_tab"] = "Study"
+    at.switch_page("views/results.py").run()
+    _assert_clean(at)
+    ranking = next(d.value for d in at.dataframe if "margin over the next" in d.value.columns)
+    assert set(ranking["score"]) == {"KNN", "DeepMahalanobis"}
+    expected = result.frame[result.frame["metric"] == "AUC()"]
+    knn = expected[expected["score"].str.startswith("KNN")].groupby("score")["value"].mean()
+    best_k = knn.idxmax().split("=")[1].rstrip(")")
+    row = ranking[ranking["score"] == "KNN"].iloc[0]
+    assert row["best"] == best_k and row["value"] == pytest.approx(knn.max())

@@ -343,6 +343,60 @@ def test_reload_restores_the_run_and_compare_shows_both(app: Any) -> None:
     _check_clean(app, "Runs, changed only")
 
 
+def test_a_parameter_sweep_and_a_layer_sweep_draw_the_study_with_a_best_mark(app: Any) -> None:
+    """KNN swept over k in {5, 15, 50} and Gram over its three layers one by one, in one Run:
+    the Study tab draws both sweeps, each with its best point starred, and ranks them."""
+    page = app.page
+    app.open()
+    app.go("Scores", "Scores & scenarios")
+    for chip in ("GradNorm", "Softmax", "Darker", "Uniformly random", "MNIST digits"):
+        app.remove_chip(chip)
+    page.locator('[data-testid="stExpander"] summary', has_text="KNN(k=15)").first.click()
+    box = page.locator(".st-key-w-psweep-KNN")
+    app.wait_idle()
+    combo = box.locator("input").first  # a combo box: typing filters its options
+    combo.click()
+    combo.fill("k")
+    page.get_by_role("option", name="k", exact=True).first.click()
+    app.wait_idle()
+    values = page.locator(".st-key-w-psweepv-KNN input").first
+    values.fill("5, 15, 50")
+    values.press("Enter")
+    app.wait_idle()
+    page.locator('[data-testid="stExpander"] summary', has_text="Gram").first.click()
+    page.locator(".st-key-w-sweep-Gram label").first.click()
+    app.wait_idle()
+    _check_clean(app, "Scores with two sweeps")
+    page.locator(".st-key-run button").first.click()
+    page.wait_for_selector('h1:has-text("Results")', timeout=120_000)
+    app.wait_idle()
+    app.tab("Study")
+    chart = page.locator(".st-key-study_chart .js-plotly-plot").first
+    chart.wait_for(timeout=30_000)
+    traces = chart.evaluate(
+        "gd => gd._fullData.map(t => ({name: t.name, x: Array.from(t.x), y: Array.from(t.y),"
+        " star: !!(t.marker && t.marker.symbol === 'star')}))"  # _fullData: decoded arrays
+    )
+    lines = {t["name"]: t for t in traces if not t["star"]}
+    assert set(lines) == {"KNN (over k)", "Gram (over layer)"}, traces
+    assert lines["KNN (over k)"]["x"] == ["k=5", "k=15", "k=50"]
+    assert lines["Gram (over layer)"]["x"] == ["1-5", "1-11", "1-12"]  # network order
+    stars = [t for t in traces if t["star"]]
+    assert len(stars) == 2
+    for star, line in zip(stars, lines.values(), strict=True):
+        assert star["y"][0] == max(line["y"])  # the star sits on each sweep's best point
+    cells = page.locator('[data-testid="stDataFrame"]').last.evaluate(
+        "e => Array.from(e.querySelectorAll('[role=gridcell], td')).map(x => x.textContent)"
+    )
+    assert "KNN" in cells and "Gram" in cells and "layer" in cells and "k" in cells, cells
+    _check_clean(app, "Study")
+    app.screenshot(ARTIFACTS / "study_1280x800.png")
+    page.set_viewport_size({"width": 1920, "height": 1080})
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(ARTIFACTS / "study_1920x1080.png"))
+    page.set_viewport_size(shots.VIEWPORT)
+
+
 def test_comfortable_controls_at_1280x800(app: Any) -> None:
     """Run is visible without scrolling; chips show their whole label; a score's panel stays
     open while its parameter is edited; the layer table has thousands separators and filters."""

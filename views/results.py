@@ -16,7 +16,7 @@ from ood_core.config import IND_TITLE
 from ood_core.core import predicted_classes
 from ood_core.metrics import plain_metric_name
 from ood_core.runner import RunResult
-from ood_lens_app import form, layout, loaders, result_views, runs, state
+from ood_lens_app import form, layout, loaders, result_views, runs, state, study
 from ood_lens_app.result_views import ALL_METRICS, THRESHOLD_MODES, index_choice, name_choice
 
 state.init_state()
@@ -458,6 +458,66 @@ def no_result() -> None:
         st.rerun()
 
 
+def study_view(result: RunResult) -> None:
+    """Which layer or parameter value is best, and by how much (:mod:`ood_lens_app.study`)."""
+    st.subheader("Layer and parameter study")
+    metrics = [repr(m) for m in result.metrics]
+    if ss.get("w.st_metric") not in metrics:
+        ss["w.st_metric"] = result_views.headline_metric(result)
+    oods = [study.MEAN, *result.ood_titles]
+    if ss.get("w.st_ood") not in oods:
+        ss["w.st_ood"] = study.MEAN
+    c1, c2 = st.columns(2)
+    metric = c1.selectbox(
+        "Metric",
+        metrics,
+        key="w.st_metric",
+        format_func=lambda m: f"{plain_metric_name(m)}  ·  {m}",
+    )
+    ood = c2.selectbox("OoD set", oods, key="w.st_ood")
+    table = study.study_frame(result.frame, metric, ood)
+    if table.empty:
+        st.info(
+            "This run has no sweep. On *Scores & scenarios*, open a score and tick *Evaluate each "
+            "layer separately* (one score per layer), or sweep one of its parameters over a list "
+            "of values; one Run then computes every point with one forward pass per dataset.",
+            icon=":material/insights:",
+        )
+        return
+    head = result_views.headline_table(result, metric)
+    base = None
+    if head.baseline_label is not None:
+        column = result_views.MEAN if ood == study.MEAN else ood
+        base = float(head.values.at[head.baseline_label, column])
+    title = plain_metric_name(metric) + ("" if ood == study.MEAN else f" on {ood}")
+    st.plotly_chart(
+        study.study_figure(table, title), key="study_chart", config={"displaylogo": False}
+    )
+    best = study.ranking(table, base, head.baseline_label)
+    st.dataframe(
+        best.style.format(precision=3, na_rep="-"),
+        hide_index=True,
+        key="study_best",
+        width="stretch",
+    )
+    note = "Best first; margins are differences of the metric."
+    if head.baseline_label is not None:
+        note += f" Baseline: *{head.baseline_label}*."
+    if ood == study.MEAN:
+        note += " Choose one OoD set to see bootstrap intervals (when the run has them)."
+    elif not table["ci_low"].notna().any():
+        note += " No intervals: set a bootstrap (n_boot) on the Scores page to judge close points."
+    st.caption(note)
+    st.download_button(
+        "Study (CSV)",
+        table.to_csv(index=False).encode(),
+        file_name="study.csv",
+        mime="text/csv",
+        key="study_csv",
+        icon=":material/download:",
+    )
+
+
 def warnings_panel(messages: list[str]) -> None:
     """Degenerate fits and tied sets, grouped per score in one collapsed panel (one line on
     screen: the headline stays above the fold)."""
@@ -496,6 +556,7 @@ def body() -> None:
         "Overview": lambda: (metric_table(result), histograms(result, thr), rocs(result, thr)),
         "Threshold explorer": lambda: explorer(result, thr),
         "Gallery": lambda: gallery(result),
+        "Study": lambda: study_view(result),
         "Layers & timings": lambda: layers_and_timings(result),
         "Export": lambda: export(result),
     }

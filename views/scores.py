@@ -14,7 +14,13 @@ from ood_core.perturbations import list_perturbations
 from ood_core.scores import get_score_class, list_scores
 from ood_lens_app import estimates, form, layers, layout, loaders, runs, state, widgets
 from ood_lens_app.form import Problems
-from ood_lens_app.state import pert_owner, score_layer_key, sweep_key
+from ood_lens_app.state import (
+    param_sweep_key,
+    param_sweep_values_key,
+    pert_owner,
+    score_layer_key,
+    sweep_key,
+)
 
 state.init_state()
 ss = st.session_state
@@ -78,6 +84,27 @@ def _score_expander(row: dict, choices: layers.LayerChoices, problems: Problems)
                     "Results page then shows a layer heatmap.",
                 )
         widgets.param_widgets(name, row["params"], on_change=keep_open)
+        sweepable = [d["name"] for d in row["params"] if d["type"] in form.SWEEPABLE]
+        if sweepable:
+            c1, c2 = st.columns([1, 2])
+            c1.selectbox(
+                "Sweep a parameter",
+                ["", *sweepable],
+                key=param_sweep_key(name),
+                format_func=lambda p: p or "no sweep",
+                on_change=keep_open,
+                help="One score per value in one Run (one forward pass per dataset for all); "
+                "the Results page's Study tab then shows the metric against the value.",
+            )
+            if ss.get(param_sweep_key(name)):
+                c2.text_input(
+                    "Values",
+                    key=param_sweep_values_key(name),
+                    placeholder="5, 15, 50",
+                    on_change=keep_open,
+                    help="Comma-separated values of the swept parameter (it overrides the "
+                    "field above).",
+                )
         for msg in problems.get(name, []):
             st.error(msg, icon=":material/error:")
         if not bad:  # its memory estimate before Run (what the fit checks, nothing computed)
