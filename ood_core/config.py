@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ood_core import data as data_mod
 from ood_core.devices import DeviceError, check_device_spec
-from ood_core.layer_ids import LayerId, layers_text, parse_layer_ids
+from ood_core.layer_ids import LayerId, layer_text, layers_text, parse_layer_id, parse_layer_ids
 from ood_core.metrics import DEFAULT_METRICS, Metric, parse_metric
 from ood_core.perturbations import make_perturbation
 from ood_core.report import score_label
@@ -87,6 +87,18 @@ class ConfigError(ValueError):
             if len(self.problems) > len(shown):
                 body += f"\n  - ... and {len(self.problems) - len(shown):,} more"
         super().__init__(f"{source}: {body}" if source else body)
+
+
+def _layer_texts(layers: list[Any]) -> list[Any]:
+    """Layer ids as the one notation writes them (``[1, 5]``, ``"(1, 11)"`` -> ``"1-5"``,
+    ``"1-11"``); an id that does not parse is kept as given (its check says why)."""
+    out = []
+    for layer in layers:
+        try:
+            out.append(layer_text(parse_layer_id(layer)))
+        except (ValueError, TypeError):
+            out.append(layer)
+    return out
 
 
 @dataclass
@@ -248,7 +260,7 @@ class RunConfig:
             "evaluation": {"metrics": d["metrics"], "n_boot": d["n_boot"]},
             "scores": [
                 {k: v for k, v in s.items() if v not in ({}, [])}
-                | {"layers": s["layers"], "params": _toml_safe(s["params"])}
+                | {"layers": _layer_texts(s["layers"]), "params": _toml_safe(s["params"])}
                 for s in d["scores"]
             ],
             "scenarios": [
