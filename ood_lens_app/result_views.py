@@ -21,6 +21,7 @@ from ood_core import metrics, plots
 from ood_core.bundle_writer import metrics_wide
 from ood_core.config import IND_TITLE
 from ood_core.layer_ids import layers_text
+from ood_core.operating_points import wilson_interval
 from ood_core.runner import RunResult
 
 ALL_METRICS = "All metrics"
@@ -105,18 +106,24 @@ def confusion_rows(result: RunResult, i: int, threshold: float) -> list[metrics.
 
 
 def confusion_summary(titles: Sequence[str], rows: Sequence[metrics.Confusion]) -> pd.DataFrame:
-    """One row per OoD set: InD accepted, OoD rejected (TPR) and FPR, in %."""
-    return pd.DataFrame(
-        [
+    """One row per OoD set: InD accepted, OoD rejected (TPR) and FPR, in %, and the OoD
+    rejected as ``"n of N"`` with its Wilson 95 % interval in % (see
+    :mod:`ood_core.operating_points`)."""
+    out = []
+    for t, c in zip(titles, rows, strict=True):
+        n_ood = c.ood_rejected + c.ood_accepted
+        lo, hi = wilson_interval(c.ood_rejected, n_ood)
+        out.append(
             {
                 "OoD scenario": t,
                 "InD accepted": 100 * c.ind_acceptance,
                 "OoD rejected (TPR)": 100 * c.ood_rejection,
                 "FPR": 100 * c.fpr,
+                "OoD rejected": f"{c.ood_rejected:,} of {n_ood:,}",
+                "95% interval": f"{100 * lo:.1f} to {100 * hi:.1f} %",
             }
-            for t, c in zip(titles, rows, strict=True)
-        ]
-    )
+        )
+    return pd.DataFrame(out)
 
 
 # ---------------------------------------------------------------------------- metric table

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ood_core import metrics, plots
+from ood_core.operating_points import wilson_interval
 from ood_lens_app import result_views as rv
 
 
@@ -157,6 +158,10 @@ def test_operating_points_and_confusion_rows() -> None:
     assert list(summary["OoD scenario"]) == ["A", "B"]
     assert summary.loc[1, "OoD rejected (TPR)"] == pytest.approx(100 * rows[1].ood_rejection)
     assert summary.loc[0, "FPR"] == pytest.approx(100 - summary.loc[0, "InD accepted"])
+    n = rows[1].ood_rejected + rows[1].ood_accepted
+    assert summary.loc[1, "OoD rejected"] == f"{rows[1].ood_rejected:,} of {n:,}"
+    lo, hi = wilson_interval(rows[1].ood_rejected, n)
+    assert summary.loc[1, "95% interval"] == f"{100 * lo:.1f} to {100 * hi:.1f} %"
 
 
 def test_index_choice_and_series() -> None:

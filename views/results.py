@@ -176,7 +176,7 @@ def explorer(result: RunResult, thr: dict[int, float]) -> None:
     i = ss["w.thr_score"]
     if ss["w.thr_mode"] == THRESHOLD_MODES[0]:
         c3.slider(
-            "InD acceptance (TPR on InD)",
+            "InD acceptance (1 - FPR)",
             0.5,
             1.0,
             step=0.005,
@@ -195,7 +195,15 @@ def explorer(result: RunResult, thr: dict[int, float]) -> None:
     with right:
         st.markdown(f"**Threshold** for {result.score_names[i]}: `{t:.6g}`")
         if rows:
-            st.metric("InD accepted", f"{rows[0].ind_acceptance:.1%}", help="1 - FPR")
+            c = rows[0]
+            n_ind = c.ind_accepted + c.ind_rejected
+            st.metric(
+                "InD accepted",
+                f"{c.ind_acceptance:.1%}",
+                help=f"{c.ind_accepted:,} of {n_ind:,} InD test samples (1 - FPR). The "
+                "threshold is set on these same samples: the report's operating points can set "
+                "it on a held-out half.",
+            )
         st.dataframe(
             result_views.confusion_summary(result.ood_titles, rows).drop(columns="FPR"),
             hide_index=True,
