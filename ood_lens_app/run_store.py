@@ -280,6 +280,47 @@ def delete(root: Path | str, run_id: str) -> bool:
     return True
 
 
+TRASH = ".trash"
+"""Sub-folder of the store holding deleted runs until they can no longer be undone."""
+
+
+def trash(root: Path | str, run_id: str) -> bool:
+    """Delete saved run ``run_id`` so that :func:`restore` can undo it: the folder is moved
+    (one rename) into the store's :data:`TRASH`; False when there was none."""
+    folder = _folder(root, run_id)
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    bin_ = Path(root) / TRASH
+    bin_.mkdir(exist_ok=True)
+    target = bin_ / run_id
+    if target.exists():
+        shutil.rmtree(target)
+    folder.rename(target)
+    return True
+
+
+def restore(root: Path | str, run_id: str) -> bool:
+    """Undo :func:`trash` of ``run_id`` (False when it is no longer in the trash)."""
+    if not is_run_id(run_id):
+        raise ValueError(f"not a run id: {run_id!r}")
+    source = Path(root) / TRASH / run_id
+    if not source.is_dir() or source.is_symlink() or _folder(root, run_id).exists():
+        return False
+    source.rename(_folder(root, run_id))
+    return True
+
+
+def empty_trash(root: Path | str, keep: str | None = None) -> list[str]:
+    """Delete for good every trashed run but ``keep`` (the one still undoable); their ids."""
+    bin_ = Path(root) / TRASH
+    gone = []
+    for folder in sorted(bin_.iterdir()) if bin_.is_dir() else []:
+        if folder.name != keep and is_run_id(folder.name) and not folder.is_symlink():
+            shutil.rmtree(folder)
+            gone.append(folder.name)
+    return gone
+
+
 def when_text(run_id: str) -> str:
     """``20260101-120000-abcdef`` -> ``2026-01-01 12:00:00``."""
     day, clock = run_id[:8], run_id[9:15]

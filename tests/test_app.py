@@ -357,10 +357,25 @@ def test_a_run_is_saved_and_named_in_the_url(_run_store_dir: Path) -> None:
     assert other.session_state["result"].score_names == ["Softmax()", "KNN(k=5) @ 1-11"]
     assert other.session_state["w.scores"] == ["Softmax", "KNN"]
     other.switch_page("views/runs.py").run()
+    other.button(key="runs_delete").click().run()  # asks first: nothing deleted yet
+    _assert_clean(other)
+    assert (_run_store_dir / run_id).is_dir()
+    assert any("Delete the run of" in w.value for w in other.warning)
+    other.button(key="runs_delete_no").click().run()  # Cancel
+    assert (_run_store_dir / run_id).is_dir() and not other.warning
     other.button(key="runs_delete").click().run()
+    other.button(key="runs_delete_yes").click().run()
     _assert_clean(other)
     assert not (_run_store_dir / run_id).exists() and other.session_state["run_id"] is None
     assert any("No saved runs" in i.value for i in other.info)
+    assert any(f"Deleted run {run_id}" in m.value for m in other.success)
+    other.button(key="runs_undo_btn").click().run()  # undone: the run is back, whole
+    _assert_clean(other)
+    assert run_store.exists(_run_store_dir, run_id)
+    assert run_id in list(other.dataframe[0].value["id"])
+    other.button(key="runs_delete").click().run()
+    other.button(key="runs_delete_yes").click().run()
+    assert not (_run_store_dir / run_id).exists()
 
 
 def test_url_with_a_run_id_restores_the_result_and_every_widget(_run_store_dir: Path) -> None:

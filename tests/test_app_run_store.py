@@ -352,3 +352,19 @@ def test_the_page_says_a_run_was_not_saved(how: str, tmp_path: Path, monkeypatch
     if how == "full-disk":
         assert "No space left on device" in " ".join(said)
         assert list(root.iterdir()) == []  # no half-written run left either
+
+
+def test_a_deleted_run_can_be_restored_until_the_trash_is_emptied(
+    small_result: RunResult, tmp_path: Path
+) -> None:
+    a, b = run_store.save(small_result, tmp_path), run_store.save(small_result, tmp_path)
+    assert run_store.trash(tmp_path, a) and not run_store.exists(tmp_path, a)
+    assert list(run_store.list_runs(tmp_path)["id"]) == [b]  # the trash is not listed
+    assert run_store.restore(tmp_path, a) and run_store.exists(tmp_path, a)
+    assert run_store.load(tmp_path, a).config == small_result.config  # back whole
+    assert run_store.trash(tmp_path, a) and run_store.trash(tmp_path, b)
+    assert run_store.empty_trash(tmp_path, keep=b) == [a]
+    assert not run_store.restore(tmp_path, a) and run_store.restore(tmp_path, b)
+    assert not run_store.trash(tmp_path, a)  # gone for good
+    with pytest.raises(ValueError):
+        run_store.restore(tmp_path, "../x")

@@ -42,13 +42,51 @@ def open_delete(
     if folder is not None:  # runs computed elsewhere are read-only
         return pick
     if c3.button("Delete", key="runs_delete", icon=":material/delete:"):
-        run_store.delete(root, pick)
-        if ss.get("run_id") == pick:
-            ss["run_id"] = None
-            if "run" in st.query_params:
-                del st.query_params["run"]
-        st.rerun()
+        ss["runs_confirm"] = pick
+    asking = ss.get("runs_confirm")
+    if asking == pick:
+        with st.container(border=True):
+            st.warning(
+                f"Delete the run of {labels.get(pick, pick)}? You can undo it until you "
+                "delete another run.",
+                icon=":material/delete:",
+            )
+            y, n, _ = st.columns([1, 1, 4])
+            if y.button("Delete", key="runs_delete_yes", type="primary"):
+                _delete(root, pick)
+                st.rerun()
+            if n.button("Cancel", key="runs_delete_no"):
+                ss.pop("runs_confirm", None)
+                st.rerun()
+    elif asking is not None:  # another run was picked meanwhile: nothing is deleted
+        ss.pop("runs_confirm", None)
     return pick
+
+
+def _delete(root: object, run_id: str) -> None:
+    """Move ``run_id`` to the store's trash (undoable), forgetting the one undoable before."""
+    run_store.empty_trash(root)
+    run_store.trash(root, run_id)
+    ss.pop("runs_confirm", None)
+    ss["runs_undo"] = run_id
+    if ss.get("run_id") == run_id:
+        ss["run_id"] = None
+        if "run" in st.query_params:
+            del st.query_params["run"]
+
+
+def undo_bar(root: object) -> None:
+    """ "Deleted ...: Undo" for the run deleted last (this dashboard's own store)."""
+    gone = ss.get("runs_undo")
+    if not gone:
+        return
+    c1, c2 = st.columns([5, 1], vertical_alignment="center")
+    c1.success(f"Deleted run {gone}.", icon=":material/delete:")
+    if c2.button("Undo", key="runs_undo_btn", icon=":material/undo:"):
+        if not run_store.restore(root, gone):
+            st.error(f"Run {gone} can no longer be restored.", icon=":material/error:")
+        ss.pop("runs_undo", None)
+        st.rerun()
 
 
 def provenance(run: run_store.StoredRun) -> None:
@@ -187,6 +225,8 @@ def body() -> None:
         except (OSError, ValueError) as exc:
             st.error(f"Cannot list {folder.path}: {exc}", icon=":material/error:")
             return
+    if folder is None:
+        undo_bar(root)
     if table.empty:
         st.info(f"No saved runs yet in {root}. Runs are saved here as you make them.")
         return
