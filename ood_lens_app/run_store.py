@@ -17,6 +17,7 @@ confidences, run.json); :func:`ood_core.bundle.to_result` turns it back into the
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ import secrets
 import shutil
 import threading
 import time
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +248,7 @@ def prune(root: Path | str, keep: int, protect: tuple[str, ...] = ()) -> list[st
     gone = [run_id for run_id in ids[max(1, keep) :] if run_id not in protect]
     for run_id in gone:
         delete(root, run_id)
+    _forget_names(root, gone)
     return gone
 
 
@@ -318,6 +321,7 @@ def empty_trash(root: Path | str, keep: str | None = None) -> list[str]:
         if folder.name != keep and is_run_id(folder.name) and not folder.is_symlink():
             shutil.rmtree(folder)
             gone.append(folder.name)
+    _forget_names(root, gone)
     return gone
 
 
@@ -333,7 +337,17 @@ def headline(metrics: pd.DataFrame, metric: str = HEADLINE) -> float:
     return float(values.mean()) if len(values) else float("nan")
 
 
-LIST_COLUMNS = ["when", "model", "scores", "AUROC (mean)", "scenarios", "data", "computed", "id"]
+LIST_COLUMNS = [
+    "when",
+    "name",
+    "model",
+    "scores",
+    "AUROC (mean)",
+    "scenarios",
+    "data",
+    "computed",
+    "id",
+]
 """The columns of :func:`list_runs` (what a reader scans first on the left)."""
 
 
@@ -378,6 +392,7 @@ def run_row(run: StoredRun, when: str) -> dict[str, Any]:
     return {
         "id": run.run_id,
         "when": when,
+        "name": "",
         "model": f"{cfg.model_entry} ({cfg.model_repo})",
         "data": f"{cfg.ind_dataset} · {cfg.n_calibration} / {cfg.n_test}",
         "scores": ", ".join(dict.fromkeys(run.metrics["score"])),
@@ -403,7 +418,68 @@ def list_runs(root: Path | str) -> pd.DataFrame:
         except (OSError, ValueError, KeyError):
             continue
         rows.append(run_row(run, when_text(run.run_id)))
+    names = run_names(base)
+    for row in rows:
+        row["name"] = names.get(row["id"], "")
     return pd.DataFrame(rows, columns=LIST_COLUMNS)
+
+
+NAMES = ".names.json"
+"""The store's file of run names (``{run id: name}``), beside the run folders: a bundle stays
+exactly what the export wrote."""
+MAX_NAME = 80
+"""Longest run name kept (characters)."""
+
+
+def clean_name(text: str) -> str:
+    """A run name as kept: NFC, control and invisible characters dropped, spaces collapsed, at
+    most :data:`MAX_NAME` characters."""
+    text = unicodedata.normalize("NFC", str(text))
+    text = "".join(
+        " " if c.isspace() else c for c in text if c.isspace() or unicodedata.category(c)[0] != "C"
+    )
+    return " ".join(text.split())[:MAX_NAME]
+
+
+def run_names(root: Path | str) -> dict[str, str]:
+    """``{run id: name}`` of a store (empty when none are named or the file is unreadable)."""
+    path = Path(root) / NAMES
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: clean_name(v) for k, v in data.items() if is_run_id(k) and isinstance(v, str)}
+
+
+def _forget_names(root: Path | str, run_ids: list[str]) -> None:
+    """Drop the names of runs deleted for good (nothing to do when none was named)."""
+    names = run_names(root)
+    if any(r in names for r in run_ids):
+        _write_names(root, {k: v for k, v in names.items() if k not in run_ids})
+
+
+def _write_names(root: Path | str, names: Mapping[str, str]) -> None:
+    path = Path(root) / NAMES
+    tmp = path.with_name(f"{NAMES}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(names), ensure_ascii=False, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+def set_name(root: Path | str, run_id: str, name: str) -> str:
+    """Name saved run ``run_id`` (an empty name removes it); the name as kept. The names file
+    is replaced in one rename, so a crash never leaves half of it."""
+    if not exists(root, run_id):
+        raise FileNotFoundError(f"no saved run {run_id!r} in {root}")
+    names = run_names(root)
+    kept = clean_name(name)
+    if kept:
+        names[run_id] = kept
+    else:
+        names.pop(run_id, None)
+    _write_names(root, names)
+    return kept
 
 
 def label(run: StoredRun) -> str:

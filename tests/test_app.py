@@ -357,6 +357,10 @@ def test_a_run_is_saved_and_named_in_the_url(_run_store_dir: Path) -> None:
     assert other.session_state["result"].score_names == ["Softmax()", "KNN(k=5) @ 1-11"]
     assert other.session_state["w.scores"] == ["Softmax", "KNN"]
     other.switch_page("views/runs.py").run()
+    other.text_input(key="runs_name").input("k=5 trial").run()  # a run can be named
+    _assert_clean(other)
+    assert run_store.run_names(_run_store_dir) == {run_id: "k=5 trial"}
+    assert list(other.dataframe[0].value["name"]) == ["k=5 trial"]
     other.button(key="runs_delete").click().run()  # asks first: nothing deleted yet
     _assert_clean(other)
     assert (_run_store_dir / run_id).is_dir()

@@ -368,3 +368,27 @@ def test_a_deleted_run_can_be_restored_until_the_trash_is_emptied(
     assert not run_store.trash(tmp_path, a)  # gone for good
     with pytest.raises(ValueError):
         run_store.restore(tmp_path, "../x")
+
+
+def test_runs_can_be_named_and_names_follow_the_runs(
+    small_result: RunResult, tmp_path: Path
+) -> None:
+    a, b = run_store.save(small_result, tmp_path), run_store.save(small_result, tmp_path)
+    assert run_store.set_name(tmp_path, a, "  baseline\u200b for\nthe  review ") == (
+        "baseline for the review"  # invisible and control characters dropped, spaces collapsed
+    )
+    assert run_store.set_name(tmp_path, b, "x" * 200) == "x" * run_store.MAX_NAME
+    table = run_store.list_runs(tmp_path).set_index("id")
+    assert table.loc[a, "name"] == "baseline for the review" and len(table.loc[b, "name"]) == 80
+    assert sorted(p.name for p in (tmp_path / a).iterdir()) == sorted(
+        p.name for p in (tmp_path / b).iterdir()
+    )  # the bundle itself is unchanged: names live beside the runs
+    assert run_store.set_name(tmp_path, b, "") == "" and b not in run_store.run_names(tmp_path)
+    run_store.trash(tmp_path, a)
+    assert run_store.run_names(tmp_path) == {a: "baseline for the review"}  # undoable: kept
+    run_store.empty_trash(tmp_path)
+    assert run_store.run_names(tmp_path) == {}
+    with pytest.raises(FileNotFoundError):
+        run_store.set_name(tmp_path, a, "gone")
+    (tmp_path / run_store.NAMES).write_text("not json")
+    assert run_store.run_names(tmp_path) == {}  # an unreadable names file names nothing

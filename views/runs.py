@@ -41,6 +41,7 @@ def open_delete(
             layout.go_to(layout.PAGE_RESULTS)
     if folder is not None:  # runs computed elsewhere are read-only
         return pick
+    name_field(root, pick)
     if c3.button("Delete", key="runs_delete", icon=":material/delete:"):
         ss["runs_confirm"] = pick
     asking = ss.get("runs_confirm")
@@ -61,6 +62,31 @@ def open_delete(
     elif asking is not None:  # another run was picked meanwhile: nothing is deleted
         ss.pop("runs_confirm", None)
     return pick
+
+
+def name_field(root: object, pick: str) -> None:
+    """The picked run's name (saved as typed, on Enter or leaving the field)."""
+    if ss.get("runs_name_for") != pick:  # another run picked: its own name in the field
+        ss["runs_name"] = run_store.run_names(root).get(pick, "")
+        ss["runs_name_for"] = pick
+
+    def save() -> None:
+        try:
+            ss["runs_name"] = run_store.set_name(root, pick, ss.get("runs_name", ""))
+        except OSError as exc:
+            ss["runs_name_error"] = f"The name was not saved: {exc}"
+
+    st.text_input(
+        "Name",
+        key="runs_name",
+        on_change=save,
+        max_chars=run_store.MAX_NAME,
+        placeholder="e.g. baseline for the review, k=50 trial",
+        help="A name for this run, shown in the list and the pickers (kept beside the runs, "
+        "the bundle itself is unchanged).",
+    )
+    if problem := ss.pop("runs_name_error", None):
+        st.error(problem, icon=":material/error:")
 
 
 def _delete(root: object, run_id: str) -> None:
@@ -140,7 +166,7 @@ def elsewhere() -> run_folders.RunFolder | None:
 
 def _forget_picks() -> None:
     """The run pickers name runs of the folder shown: forgotten when it changes."""
-    for key in ("runs_pick", "runs_a", "runs_b", "runs_ood"):
+    for key in ("runs_pick", "runs_a", "runs_b", "runs_ood", "runs_name_for"):
         ss.pop(key, None)
 
 
@@ -239,7 +265,9 @@ def body() -> None:
     run_list(table)
     ids = list(table["id"])
     labels = {
-        r["id"]: f"{r['when']} · {r['model']} · {r['scores']}" for r in table.to_dict("records")
+        r["id"]: (f"{r['name']} · " if r.get("name") else "")
+        + f"{r['when']} · {r['model']} · {r['scores']}"
+        for r in table.to_dict("records")
     }
     pick = open_delete(ids, labels, root, folder)
     layout.guard(
