@@ -33,6 +33,24 @@ def mark_open(state: MutableMapping[str, Any], owner: str) -> None:
     state[open_key(owner)] = True
 
 
+SWEEP_N_BOOT = 200
+"""Bootstrap resamples a sweep turns on when intervals are off (a study compares close points:
+0.864 vs 0.863 cannot be judged without them)."""
+
+
+def sweep_changed(state: MutableMapping[str, Any], owner: str) -> None:
+    """A sweep of ``owner`` was turned on or edited: its panel stays open, and bootstrap
+    intervals are switched on (:data:`SWEEP_N_BOOT`) when they were off; the Bootstrap field
+    shows it and can be set back to 0."""
+    mark_open(state, owner)
+    if int(state.get("w.n_boot", 0) or 0) == 0:
+        state["w.n_boot"] = SWEEP_N_BOOT
+        state["sweep_boot_note"] = (
+            f"A sweep compares close values: bootstrap intervals were turned on "
+            f"({SWEEP_N_BOOT} resamples). Set Bootstrap resamples to 0 to turn them off."
+        )
+
+
 def is_open(state: MutableMapping[str, Any], owner: str) -> bool:
     """Whether ``owner``'s panel was edited (see :func:`mark_open`)."""
     return bool(state.get(open_key(owner), False))

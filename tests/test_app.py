@@ -538,3 +538,20 @@ def test_a_parameter_sweep_runs_once_and_the_study_tab_names_the_best() -> None:
     best_k = knn.idxmax().split("=")[1].rstrip(")")
     row = ranking[ranking["score"] == "KNN"].iloc[0]
     assert row["best"] == best_k and row["value"] == pytest.approx(knn.max())
+
+
+def test_a_sweep_turns_bootstrap_intervals_on_and_says_so() -> None:
+    state = _tiny_run_state() | {"layers": ["1-5", "1-11"], "w.n_boot": 0}
+    at = _app(**state)
+    at.switch_page("views/scores.py").run()
+    _assert_clean(at)
+    at.checkbox(key="w.sweep.KNN").check().run()
+    _assert_clean(at)
+    assert at.session_state["w.n_boot"] == 200
+    assert any("bootstrap intervals were turned on" in c.value for c in at.caption)
+    at.number_input(key="w.n_boot").set_value(0).run()  # the user may turn them off again
+    at.selectbox(key="w.psweep.KNN").select("k").run()
+    assert at.session_state["w.n_boot"] == 200  # another sweep edit: on again, said again
+    at.number_input(key="w.n_boot").set_value(50).run()
+    at.checkbox(key="w.sweep.KNN").uncheck().run()
+    assert at.session_state["w.n_boot"] == 50  # a chosen number is never overridden

@@ -50,6 +50,7 @@ def _score_expander(row: dict, choices: layers.LayerChoices, problems: Problems)
     bad = name in problems
     opened = widgets.is_open(ss, name)
     keep_open = functools.partial(widgets.mark_open, ss, name)
+    sweep_changed = functools.partial(widgets.sweep_changed, ss, name)
     with st.expander(title, expanded=bad or opened, icon=":material/error:" if bad else None):
         doc = re.sub(r":\w+:`", "`", row["doc"])  # drop reST roles such as :func:
         st.caption(f"{doc} ({row['reference']})")
@@ -79,7 +80,7 @@ def _score_expander(row: dict, choices: layers.LayerChoices, problems: Problems)
                 st.checkbox(
                     "Evaluate each layer separately (layer sweep)",
                     key=sweep_key(name),
-                    on_change=keep_open,
+                    on_change=sweep_changed,
                     help="One score per layer instead of one score on all of them; the "
                     "Results page then shows a layer heatmap.",
                 )
@@ -92,7 +93,7 @@ def _score_expander(row: dict, choices: layers.LayerChoices, problems: Problems)
                 ["", *sweepable],
                 key=param_sweep_key(name),
                 format_func=lambda p: p or "no sweep",
-                on_change=keep_open,
+                on_change=sweep_changed,
                 help="One score per value in one Run (one forward pass per dataset for all); "
                 "the Results page's Study tab then shows the metric against the value.",
             )
@@ -223,6 +224,8 @@ def evaluation_section(problems: Problems) -> None:
         key="w.n_boot",
         help="Percentile bootstrap 95% intervals of every metric (slower with many scores).",
     )
+    if note := ss.pop("sweep_boot_note", None):
+        c1.caption(note)
     chosen = list(ss["w.scores"])
     ss["w.baseline"] = form.pick_baseline(ss["w.baseline"], chosen, state.default_baseline())
     c2.selectbox(
