@@ -118,9 +118,27 @@ def scenario_colors(titles: Sequence[str]) -> dict[str, str]:
     return out
 
 
+EXTRA_SCORE_COLORS = [
+    c
+    for c in px.colors.qualitative.Dark24 + px.colors.qualitative.Light24
+    if c.upper() not in {x.upper() for x in SCORE_PALETTE + SCENARIO_PALETTE}
+]
+"""Colours of the scores past :data:`SCORE_PALETTE`'s ten (a sweep has many): all distinct."""
+
+
 def score_colors(labels: Sequence[str]) -> dict[str, str]:
-    """``{score label: colour}`` by position in the run (same config, same colours)."""
-    return {name: SCORE_PALETTE[i % len(SCORE_PALETTE)] for i, name in enumerate(labels)}
+    """``{score label: colour}`` by position in the run (same config, same colours); distinct
+    for the first ``len(SCORE_PALETTE) + len(EXTRA_SCORE_COLORS)`` scores."""
+    palette = SCORE_PALETTE + EXTRA_SCORE_COLORS
+    return {name: palette[i % len(palette)] for i, name in enumerate(labels)}
+
+
+def height_for_legend(n_entries: int, plot_px: int = 300, per_row: int = 2) -> int:
+    """Figure height (px) that keeps ``plot_px`` of plot above a legend of ``n_entries`` laid
+    out below it, ``per_row`` entries a row: a long legend grows the figure, never shrinks
+    the plot."""
+    rows = -(-max(1, n_entries) // max(1, per_row))
+    return plot_px + 90 + 22 * rows
 
 
 def score_color(colors: Mapping[str, str], name: str) -> str | None:

@@ -314,3 +314,14 @@ def test_warnings_are_grouped_per_score() -> None:
         "Run": ["The test sets tie on 40% of their confidences; AUROC counts ties as half"],
     }
     assert rv.grouped_warnings([]) == {}
+
+
+def test_many_scores_keep_distinct_colours_and_their_plot_height() -> None:
+    names = [f"KNN(k={k}) @ 1-11" for k in range(30)]
+    colors = plots.score_colors(names)
+    assert len(set(colors.values())) == 30  # a 30-point sweep: no colour repeats
+    assert not set(colors.values()) & set(plots.SCENARIO_PALETTE)
+    assert list(colors.values())[:10] == plots.SCORE_PALETTE  # the first ten as before
+    # 13 legend entries below a ROC: the figure grows, the plot keeps its 300 px
+    assert plots.height_for_legend(13) - plots.height_for_legend(1) == 22 * (7 - 1)
+    assert plots.height_for_legend(13, plot_px=300) - 22 * 7 - 90 == 300

@@ -148,8 +148,9 @@ def rocs(result: RunResult, thr: dict[int, float]) -> None:
         for trace in fig.data:  # one legend entry per score: the × markers share its colour
             if str(trace.name).endswith("@ threshold"):
                 trace.showlegend = False
+        shown = sum(1 for t in fig.data if t.showlegend is not False)
         fig.update_layout(
-            height=420,
+            height=plots.height_for_legend(shown),
             margin={"t": 40, "b": 10, "l": 50, "r": 10},
             title={"font": {"size": 14, "color": sc_colors[title]}},
             legend=LEGEND_BELOW
