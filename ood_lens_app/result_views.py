@@ -21,7 +21,7 @@ from ood_core import metrics, plots
 from ood_core.bundle_writer import metrics_wide
 from ood_core.config import IND_TITLE
 from ood_core.layer_ids import layers_text
-from ood_core.operating_points import wilson_interval
+from ood_core.operating_points import undetected, wilson_interval
 from ood_core.runner import RunResult
 
 ALL_METRICS = "All metrics"
@@ -420,3 +420,12 @@ def grouped_warnings(messages: Sequence[str]) -> dict[str, list[str]]:
         where = head[len(score) :].strip()
         out.setdefault(score, []).append(f"{where}: {rest}" if where else rest)
     return out
+
+
+def undetected_frame(conf_ood: Any, threshold: float) -> pd.DataFrame:
+    """Every OoD sample passing ``threshold`` (confidence above it: accepted as InD, i.e.
+    undetected), most confident first: ``sample`` (index in the OoD set), ``confidence``,
+    ``threshold``."""
+    conf = np.asarray(conf_ood, dtype=np.float64).ravel()
+    idx = undetected(conf, threshold, k=len(conf))
+    return pd.DataFrame({"sample": idx, "confidence": conf[idx], "threshold": float(threshold)})

@@ -179,3 +179,15 @@ def test_captions() -> None:
     caps = rv.confidence_captions(np.array([0.12345, 2.0]), [1, 0], labels=[0, 1], names=names)
     assert caps == ["dog<br>2", "cat<br>0.123"]
     assert rv.confidence_captions([0.5], [0]) == ["0.5"]
+
+
+def test_the_gallery_shows_exactly_the_samples_passing_the_threshold() -> None:
+    conf = np.array([0.2, 0.9, 0.5, 0.95, 0.5, 0.1])
+    frame = rv.undetected_frame(conf, 0.5)
+    assert list(frame["sample"]) == [3, 1]  # above 0.5 (0.5 itself is rejected), most first
+    assert list(frame["confidence"]) == [0.95, 0.9] and set(frame["threshold"]) == {0.5}
+    assert rv.undetected_frame(conf, 1.0).empty
+    ind = np.linspace(0, 1, 101)
+    t = metrics.threshold_for_acceptance(ind, 0.95)
+    c = metrics.confusion(ind, conf, t)
+    assert len(rv.undetected_frame(conf, t)) == c.ood_accepted  # the explorer's count

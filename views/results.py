@@ -250,7 +250,7 @@ def _network(result: RunResult) -> Any:
     return cache.network(result.config) if cache is not None else None
 
 
-def gallery(result: RunResult) -> None:
+def gallery(result: RunResult, thr: dict[int, float]) -> None:
     st.subheader("Gallery")
     n = len(result.score_names)
     name_choice(ss, "w.gal_score", result.score_names)
@@ -292,14 +292,29 @@ def gallery(result: RunResult) -> None:
     with right:
         st.markdown(f"**{result.ood_titles[j]}**")
         imgs = result.ood_images[j]
+        t = thr.get(i, next(iter(thr.values())))
+        passing = result_views.undetected_frame(ood_conf, t)["sample"].to_numpy()
+        st.caption(
+            f"At the threshold explorer's threshold `{t:.4g}` for this score, "
+            f"{len(passing):,} of {len(ood_conf):,} OoD samples pass as InD (undetected)."
+        )
         _grid(
             imgs,
             ood_conf,
-            extreme(ood_conf, k, most=True),
-            "OoD: most confident (missed)",
+            passing[:k],
+            "OoD: passing undetected, most confident first",
             result,
             ind=False,
         )
+        if len(passing):
+            st.download_button(
+                "Undetected samples (CSV)",
+                result_views.undetected_frame(ood_conf, t).to_csv(index=False).encode(),
+                file_name="undetected.csv",
+                mime="text/csv",
+                key="gal_undetected_csv",
+                icon=":material/download:",
+            )
         _grid(
             imgs,
             ood_conf,
@@ -564,7 +579,7 @@ def body() -> None:
     sections = {
         "Overview": lambda: (metric_table(result), histograms(result, thr), rocs(result, thr)),
         "Threshold explorer": lambda: explorer(result, thr),
-        "Gallery": lambda: gallery(result),
+        "Gallery": lambda: gallery(result, thr),
         "Study": lambda: study_view(result),
         "Layers & timings": lambda: layers_and_timings(result),
         "Export": lambda: export(result),
