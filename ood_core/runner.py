@@ -394,16 +394,21 @@ def run(
     try:
         evaluation = Evaluation(recorder, cache=cache.features, model_key=model_key, engine=engine)
         base_key = (model_key, _data_key(config))
-        pairs, timings = _fit_missing(config, cache, evaluation, inputs.calib, say, base_key)
-        # results are keyed by position (scenario identity), never by title
+        # one bar over the whole run: calibration (its images weigh as many test sets), then
+        # each dataset scored, each stage's own fraction mapped into its share
         datasets = [(IND_TITLE, ("__ind__",), inputs.ind.images)] + [
             (t, sc.key(), x)
             for t, sc, x in zip(inputs.titles, config.scenarios, inputs.oods, strict=True)
         ]
+        sizes = [int(inputs.n_calibration or 1)] + [len(x) for _, _, x in datasets]
+        edges = np.concatenate([[0.0], np.cumsum(sizes) / max(1, sum(sizes))]) * 0.92 + 0.02
+        share = [_within(say, float(edges[k]), float(edges[k + 1])) for k in range(len(sizes))]
+        pairs, timings = _fit_missing(config, cache, evaluation, inputs.calib, share[0], base_key)
+        # results are keyed by position (scenario identity), never by title
         confs: list[np.ndarray] = []
-        for title, dkey, x in datasets:
+        for k, (title, dkey, x) in enumerate(datasets):
             stacked, rows = _score_missing(
-                config, cache, evaluation, pairs, title, dkey, x, say, base_key
+                config, cache, evaluation, pairs, title, dkey, x, share[k + 1], base_key
             )
             confs.append(stacked)
             timings += rows
@@ -417,6 +422,12 @@ def run(
     result.execution["startup_seconds"] = round(startup, 3)  # starting Ray here (0: none)
     result.environment = environment_info(device)
     return result
+
+
+def _within(say: StageProgress, lo: float, hi: float) -> StageProgress:
+    """``say`` for one stage: its fraction in [0, 1] reported as ``lo + (hi - lo) * fraction``
+    of the whole run (the dashboard's bar then only moves forward)."""
+    return lambda stage, frac: say(stage, lo + (hi - lo) * min(1.0, max(0.0, frac)))
 
 
 def _executor(config: RunConfig, recorder: Recorder, device: torch.device, amp: str | None) -> Any:

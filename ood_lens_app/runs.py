@@ -123,7 +123,8 @@ def execute_run(
     bar = st.progress(0.0, text="Starting...")
 
     def progress(stage: str, frac: float) -> None:
-        bar.progress(min(1.0, max(0.0, float(frac))), text=stage)
+        elapsed = time.perf_counter() - t0
+        bar.progress(min(1.0, max(0.0, float(frac))), text=f"{stage} · {elapsed:.0f} s")
 
     config = with_session_trust(ss, config)
     ss["run_request"] = config

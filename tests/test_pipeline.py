@@ -103,3 +103,18 @@ def test_a_fit_note_reaches_the_run_notes(tiniest):
     res = run(cfg)
     (note,) = [n for n in res.notes if "recall@5" in n]
     assert "index 'IVF8,Flat' (nprobe=8): recall@5 1.000" in note  # nprobe = nlist: exhaustive
+
+
+def test_the_run_progress_only_moves_forward_over_the_whole_run(small_config):
+    """One bar over the run: each stage's own fraction mapped into its share (calibration, then
+    each dataset by its size), never back to 0 when the next stage starts."""
+    said: list[tuple[str, float]] = []
+    run(small_config, RunCache(), progress=lambda stage, frac: said.append((stage, frac)))
+    fracs = [f for _, f in said]
+    assert fracs == sorted(fracs) and fracs[0] == 0.0 and fracs[-1] == 1.0
+    stages = list(dict.fromkeys(s for s, _ in said))
+    assert stages[0] == "Loading model and data" and stages[-1] == "Done"
+    assert any(s.startswith("Extracting + fitting") for s in stages)
+    assert sum(s.startswith("Scoring ") for s in stages) == 1 + len(small_config.scenarios)
+    first_scoring = next(f for s, f in said if s.startswith("Scoring "))
+    assert 0.2 < first_scoring < 0.9  # calibration had its share before
