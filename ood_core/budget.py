@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -201,6 +202,21 @@ def check_budget(
     raise BudgetError(
         f"{what} needs ~{fmt_gb(n_bytes)} of memory but {fmt_gb(limit)} are available "
         f"({source}{hint}); {remedy}."
+    )
+
+
+def check_disk(what: str, n_bytes: float, remedy: str, folder: str | Path) -> None:
+    """Raise :class:`BudgetError` when ``what`` would write ``n_bytes`` (an estimate) to
+    ``folder`` beyond its free space (nothing is checked inside :func:`estimating`, which
+    collects memory needs only)."""
+    if _COLLECTING.get() is not None:
+        return
+    free = shutil.disk_usage(folder).free
+    if n_bytes <= free:
+        return
+    raise BudgetError(
+        f"{what} needs ~{fmt_gb(n_bytes)} of disk in {folder} but {fmt_gb(free)} are free; "
+        f"{remedy}, or point TMPDIR at a disk with room."
     )
 
 

@@ -117,6 +117,12 @@ class FeatureCache:
         self.misses = 0
 
     @property
+    def keeps(self) -> bool:
+        """Whether entries can be kept at all (a budget or a store): a cache that keeps nothing
+        (a one-off CLI run's) makes no pass hold features only to cache them."""
+        return self.max_bytes > 0 or self.store is not None
+
+    @property
     def nbytes(self) -> int:
         """Bytes held in memory (entries written to the store are not counted)."""
         return sum(_nbytes(f) for f in self.entries.values())
@@ -239,7 +245,10 @@ class _Pass:
     ) -> None:
         self.scores, self.plan, self.own, self.sinks = scores, plan, own, sinks
         self.amp = amp
-        self.collect = {i: _Collector(n) for i in (*plan.todo, *own) if i not in sinks}
+        # a streamed score's features are kept too when the cache will keep them (plan.keys)
+        self.collect = {
+            i: _Collector(n) for i in (*plan.todo, *own) if i not in sinks or i in plan.keys
+        }
         self.logits = _Collector(n)
         self.labels = _Collector(n)
         self.labelled = True
@@ -253,7 +262,7 @@ class _Pass:
         if i in self.sinks:
             feats = {k: v.detach() for k, v in features.items()}
             self.sinks[i](feats, logits, self.y, self.done)
-        else:
+        if i in self.collect:
             self.collect[i].add(features)
 
     def batch(self, rec: Recorder, batch: Tensor, labels: Tensor | None) -> None:
@@ -432,14 +441,15 @@ class Engine:
         data_key: Hashable | None,
         streamed: set[int] = frozenset(),  # type: ignore[assignment]
     ) -> _Plan:
-        """``streamed``: scores whose features go to a sink: never read from the cache."""
+        """``streamed``: scores whose features go to a sink: read from the cache and kept in it
+        only when the cache keeps entries (:attr:`FeatureCache.keeps`)."""
         plain = [i for i, s in enumerate(scores) if not s.needs_own_pass]
         keys: dict[int | None, FeatureKey] = {}
         cached: dict[int, Features] = {}
         logits = None
         if cache is not None and model_key is not None and data_key is not None:
             keys[None] = FeatureKey(model_key, data_key, None, "logits")
-            for i in (i for i in plain if i not in streamed):
+            for i in (i for i in plain if cache.keeps or i not in streamed):
                 fkey = scores[i].feature_key()
                 if fkey is not None:  # None: features that read fitted state, never cached
                     keys[i] = FeatureKey(model_key, data_key, scores[i].layers, fkey)
@@ -449,7 +459,7 @@ class Engine:
                 found = cache.get(keys[i])
                 if found is not None:
                     cached[i] = found
-            complete = logits is not None and len(cached) == len(plain) and not streamed
+            complete = logits is not None and len(cached) == len(plain)
             cache.hits += complete
             cache.misses += not complete
         todo = [i for i in plain if i not in cached]
@@ -478,7 +488,9 @@ class Engine:
         and stored in it after a pass otherwise. Scores with their own passes always run them.
         ``sinks[i]``: score ``i``'s features go, batch by batch, to ``sinks[i](features, logits,
         start)`` (a streaming fit) instead of being kept (its ``Extraction.features`` is
-        empty). Only one batch of images and activations is held at a time.
+        empty, unless the cache keeps entries: then they are cached too, and read back from it
+        into the sink on a later pass). Only one batch of images and activations is held at a
+        time.
         """
         rec = self.recorder
         if rec.output_problem:  # before any pass: the traced output is no logits
@@ -490,7 +502,9 @@ class Engine:
         plan = self._plan(scores, cache, model_key, data_key, streamed=set(sinks))
         own = [i for i, s in enumerate(scores) if s.needs_own_pass]
         if not plan.forward and not own:
-            return self._from_cache(scores, plan, cache, model_key, data_key)
+            return self._feed(
+                sinks, plan, self._from_cache(scores, plan, cache, model_key, data_key)
+            )
         shape = source.sample_shape or tuple(source.example().shape[1:])
         run = _Pass(scores, plan, own, sinks, source.n, self._amp_dtype)
         previous = rec.recording
@@ -502,7 +516,15 @@ class Engine:
                 self._stream(run, source, bs, checked=isinstance(data, Tensor), progress=progress)
             finally:
                 rec.record(*previous)
-        return self._finish(scores, plan, run, cache, model_key, data_key)
+        return self._feed(sinks, plan, self._finish(scores, plan, run, cache, model_key, data_key))
+
+    @staticmethod
+    def _feed(sinks: dict[int, Sink], plan: _Plan, ex: Extraction) -> Extraction:
+        """A streamed score whose features came from the cache gets them all at once: every
+        sink sees every sample, from the pass or from the cache."""
+        for i in (i for i in sinks if i in plan.cached):
+            sinks[i](ex.features[i], ex.logits, ex.labels, 0)
+        return ex
 
     def _stream(
         self,

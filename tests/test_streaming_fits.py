@@ -97,3 +97,129 @@ def test_scores_that_need_only_a_mean_stream_it(name, net, data):
     whole.fit_features(full.features[0], full.logits, y)
     (_, got), (_, expected) = ev.confidences([streamed, whole], x)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- rows grouped by class on disk
+def _same(a, b):
+    """Equal values, NaN where NaN, same shape and dtype."""
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    return True
+
+
+def _class_rows(sizes, max_bytes, group_by="labels", seed=3):
+    from ood_core.scores.class_rows import ClassRows
+
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(200, 2, 5, generator=g, dtype=torch.float64)
+    h[17, 1, 3] = float("nan")
+    h[90, 0, 0] = float("nan")
+    logits = torch.randn(200, 4, generator=g)
+    labels = torch.randint(0, 5, (200,), generator=g)  # 4 is no class of the 4-logit network
+    state = ClassRows(group_by, max_bytes)
+    start = 0
+    for b in sizes:
+        sl = slice(start, start + b)
+        state.update({"a": h[sl], "b": h[sl, 0] * 2}, logits[sl], labels[sl])
+        start += b
+    return state, h, logits, labels
+
+
+@pytest.mark.parametrize("max_bytes", [float("inf"), 1, 3000])
+@pytest.mark.parametrize("sizes", [[200], [7] * 28 + [4], [1] * 10 + [190]])
+def test_class_rows_in_any_batches_hold_each_class_in_order(sizes, max_bytes):
+    state, h, logits, labels = _class_rows(sizes, max_bytes)
+    assert state.spilled == (max_bytes != float("inf"))
+    assert state.n == 200 and state.class_counts() == torch.bincount(labels)[:4].tolist()
+    for c in range(4):
+        assert _same(state.rows("a", c), h[labels == c])
+        assert _same(state.rows("b", c), h[labels == c, 0] * 2)
+    assert _same(state.rows("a", -1), h[labels == 4])  # no class: apart
+    assert len(state.all_rows("a")) == 200
+    assert state.nan_rows == {"a": 2, "b": 1}
+    assert state.nan_columns["a"].nonzero().flatten().tolist() == [0, 8]
+    folder = state.folder
+    state.close()
+    assert folder is None or not folder.exists()  # the spilled files are removed
+
+
+def test_class_rows_by_prediction_and_merged_shards_equal_the_whole():
+    whole, h, logits, _ = _class_rows([200], float("inf"), group_by="pred")
+    first, *_ = _class_rows([50] * 2, 1, group_by="pred")  # rows 0..99, spilled
+    from ood_core.scores.class_rows import ClassRows
+
+    second = ClassRows("pred", 1)
+    second.update({"a": h[100:], "b": h[100:, 0] * 2}, logits[100:], torch.zeros(100))
+    first.merge(second)
+    for c in range(4):
+        expected = h[logits.argmax(1) == c]
+        assert _same(whole.rows("a", c), expected)
+        assert _same(first.rows("a", c), expected)
+    assert first.n == 200 and first.nan_rows == whole.nan_rows
+
+
+def test_a_spilling_stream_fits_gram_exactly_as_whole_features(net, data, monkeypatch):
+    """Gram's bands and expected deviations from rows streamed batch by batch and spilled to
+    disk are those of the whole matrix, bit for bit; the pass keeps no feature."""
+    from ood_core.scores import Gram, class_rows
+
+    monkeypatch.setattr(class_rows, "SPILL_BYTES", 1000)  # spill after a few batches
+    x, y = data
+    ev = Evaluation.for_net(net, x)
+    for params in ({}, {"calib_labels": "true", "class_fallback": "pooled", "cut_off": 0.2}):
+        streamed, whole = Gram(**params), Gram(**params)
+        assert streamed.streams_fit() and type(streamed).fit_kind == "class-rows"
+        streamed.layers = ((1, 1), (1, 3))
+        ex = ev.fit([streamed], x, y, batch_size=7)
+        assert ex.features == [{}]
+        whole.bind(ev.recorder, ((1, 1), (1, 3)))
+        full = ev.extract([whole], x, batch_size=7)  # the same activations (conv rounding)
+        whole.fit_features(full.features[0], full.logits, y)
+        for key in whole.bounds:
+            assert torch.equal(streamed.bounds[key][0], whole.bounds[key][0])
+            assert torch.equal(streamed.bounds[key][1], whole.bounds[key][1])
+            assert torch.equal(streamed.expected[key], whole.expected[key])
+        (_, got), (_, expected) = ev.confidences([streamed, whole], x)
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", ["Gram", "DICE"])
+def test_a_streamed_fit_reads_its_features_from_a_keeping_cache(name, net, data):
+    """With a cache that keeps entries (the dashboard's), a streamed score's features are cached
+    too: a parameter change refits with no forward pass, to the numbers of a fresh fit."""
+    from ood_core.engine import FeatureCache
+
+    x, y = data
+    layers = ((1, 1), (1, 3)) if name == "Gram" else ((1, 4),)
+    ev = Evaluation.for_net(net, x, cache=FeatureCache(), model_key="tiny")
+    first = make_score(name)
+    first.layers = layers
+    ev.fit([first], x, y, data_key="calib")
+    net.calls = 0
+    changed = make_score(name, **({"cut_off": 0.2} if name == "Gram" else {"sparsity": 0.5}))
+    changed.layers = layers
+    ex = ev.fit([changed], x, y, data_key="calib")
+    assert ex.n_forward_calls == 0 and net.calls == 0
+    fresh = make_score(name, **({"cut_off": 0.2} if name == "Gram" else {"sparsity": 0.5}))
+    fresh.layers = layers
+    alone = Evaluation.for_net(net, x)
+    alone.fit([fresh], x, y)
+    ((_, got),) = ev.confidences([changed], x)
+    ((_, expected),) = alone.confidences([fresh], x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_spill_without_disk_room_is_refused_before_the_pass(monkeypatch):
+    import shutil
+
+    from ood_core.budget import BudgetError
+    from ood_core.scores.class_rows import check_spill_room
+
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=10**9))
+    check_spill_room("Gram: its statistics", 2 * 10**8, "use fewer samples")  # room: passes
+    with pytest.raises(
+        BudgetError,
+        match=r"Gram: its statistics needs ~2 GB of disk in .* "
+        r"but 1 GB are free; use fewer samples, or point TMPDIR",
+    ):
+        check_spill_room("Gram: its statistics", 2 * 10**9, "use fewer samples")

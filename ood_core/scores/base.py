@@ -118,6 +118,8 @@ FIT_KINDS = {
     "logits": "fitted on the calibration logits only",
     "streaming": "mergeable statistics accumulated batch by batch (memory independent of n)",
     "two-pass": "statistics of the calibration features, then a second pass over them",
+    "class-rows": "the calibration features grouped by class, spilled to disk past 64 MiB; the "
+    "fit reads one class at a time (exact per-class quantiles): memory of the largest class",
     "bank": "keeps the calibration features (a neighbour bank, exact quantiles): n x D",
     "own-pass": "runs its own passes over the calibration inputs (gradients, modified inputs)",
 }

@@ -12,6 +12,7 @@ from ood_core.diagnostics import degenerate
 from ood_core.layer_ids import LayerId, layer_text
 from ood_core.params import Param
 from ood_core.scores.base import BaseScore, Features
+from ood_core.scores.class_rows import ClassRows, check_spill_room
 from ood_core.scores.labels import UsesLabels
 from ood_core.scores.registry import register_score
 
@@ -234,6 +235,7 @@ class Gram(UsesLabels, BaseScore):
     reference = "Sastry & Oore, ICML 2020"
     layer_rule = "any"
     suggested_layers = ("last_block", "penultimate", "logits")
+    extract_params = ("max_gram_order", "separate_diagonal", "precision")
     params = (
         Param(
             "max_gram_order",
@@ -305,12 +307,18 @@ class Gram(UsesLabels, BaseScore):
             stats.append(self._n_stats(channels))
             self._check_gram_memory(layer, n_samples, channels, itemsize, device)
         n_classes = per_sample_numel(rec.info((0, 1)).output_size)
-        check_budget(
-            f"{type(self).__name__}: the float64 Gram features of {n_samples:,} calibration "
-            f"samples ({sum(stats):,} statistics each, max_gram_order={self.max_gram_order})",
-            8 * n_samples * sum(stats),
-            "lower max_gram_order, use fewer calibration samples or layers with fewer channels",
-            device,
+        # the fit reads one class's rows at a time: the largest labelled class, or (predicted
+        # classes are known only after the pass) at worst every sample in one class
+        largest = n_samples
+        if self.calib_labels == "true" and class_counts and not self._pools(class_counts):
+            largest = max(class_counts)
+        self._check_class_memory(largest, n_samples, max(stats), device)  # one layer at a time
+        # the calibration statistics spill to disk past a budget
+        check_spill_room(
+            f"{type(self).__name__}: the Gram statistics of {n_samples:,} calibration samples "
+            f"({sum(stats):,} each, max_gram_order={self.max_gram_order})",
+            8 * n_samples * sum(stats),  # float64
+            "lower max_gram_order or use fewer calibration samples",
         )
         self._check_deviation_memory(min(n_samples, CHUNK), n_classes, max(stats), device)
 
@@ -378,46 +386,74 @@ class Gram(UsesLabels, BaseScore):
         return int(d), int(i)
 
     # ------------------------------------------------------------------ calibration
+    fit_kind = "class-rows"
+
+    def streams_fit(self) -> bool:
+        return True  # the rows of one class at a time are all the fit needs
+
+    def fit_state(self) -> ClassRows:
+        return ClassRows("pred" if self.calib_labels == "pred" else "labels")
+
     def _fit(self, features: Features, logits: Tensor, labels: Tensor) -> None:
-        n, n_classes = logits.shape
-        groups = logits.argmax(1) if self.calib_labels == "pred" else labels
-        known = (groups >= 0) & (groups < n_classes)
-        counts = torch.bincount(groups[known].long(), minlength=n_classes).tolist()
+        state = ClassRows("pred" if self.calib_labels == "pred" else "labels", math.inf)
+        state.update(features, logits, labels)
+        self._fit_from_state(state, logits, labels)
+
+    def _fit_from_state(self, state: ClassRows, logits: Tensor, labels: Tensor) -> None:
+        """Per layer and class: the band from the class's rows (float64; float32 -> float64 is
+        exact), then every calibration sample's deviation from its own class band. One class's
+        rows are read (from memory or disk) at a time, never the whole matrix."""
+        try:
+            self._fit_bands(state, logits)
+        finally:
+            state.close()
+
+    def _fit_bands(self, state: ClassRows, logits: Tensor) -> None:
+        n_classes = logits.shape[1]
+        counts = state.class_counts() if state.n_classes else [0] * n_classes
+        counts += [0] * (n_classes - len(counts))
         self._warn_sparse_classes(counts)
-        # the samples grouped by class (their order kept): class c is rows starts[c]:starts[c + 1]
-        order = torch.argsort(torch.where(known, groups, n_classes), stable=True)
-        starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
         q = torch.tensor(
             [self.cut_off, 1 - self.cut_off], dtype=torch.float64, device=logits.device
         )
         self.bounds: dict[str, tuple[Tensor, Tensor]] = {}
         self.expected: dict[str, Tensor] = {}
-        for key, stats in features.items():
+        sparse = self._pools(counts)
+        for key, (shape, _) in state.shapes.items():
             layer = self._layer_of(key)
-            # (n, P*S) in the statistics' own dtype: each class's rows are gathered and made
-            # float64 on their own (float32 -> float64 is exact), never the whole matrix
-            flat = stats.flatten(1)
-            self._warn_nan(flat, stats.shape[1], layer, "calibration")
-            rows = [order[starts[c] : starts[c + 1]] for c in range(n_classes)]
+            n_orders, width = shape[0], math.prod(shape)
+            self._warn_nan_counts(
+                state.nan_columns[key],
+                state.nan_rows[key],
+                state.n,
+                n_orders,
+                layer,
+                "calibration",
+            )
+            self._check_class_memory(
+                state.n if sparse else max(counts), state.n, width, logits.device
+            )
             low = torch.full(
-                (n_classes, flat.shape[1]), math.inf, dtype=torch.float64, device=flat.device
+                (n_classes, width), math.inf, dtype=torch.float64, device=logits.device
             )
             high = torch.full_like(low, -math.inf)
-            sparse = self.class_fallback == "pooled" and min(counts) < 2  # noqa: PLR2004
-            pooled = flat.double().nanquantile(q, dim=0) if sparse else None
-            for c in range(n_classes):  # one class's rows copied at a time, never all
+            pooled = None
+            if sparse:  # the band of every calibration row (the one fit reading them all)
+                pooled = self._rows(state.all_rows(key), logits.device).nanquantile(q, dim=0)
+            total = low.new_zeros(())
+            for c in range(n_classes):  # one class's rows at a time, never all
                 if pooled is not None and counts[c] < 2:  # noqa: PLR2004
                     low[c], high[c] = pooled
-                elif counts[c]:
-                    low[c], high[c] = flat[rows[c]].double().nanquantile(q, dim=0)
+                if not counts[c]:
+                    continue
+                rows = self._rows(state.rows(key, c), logits.device)
+                if pooled is None or counts[c] >= 2:  # noqa: PLR2004
+                    low[c], high[c] = rows.nanquantile(q, dim=0)
+                # expected deviation: every calibration sample against its own class band
+                total += deviation(rows, low[c], high[c]).sum()
             self.bounds[key] = (low, high)
-            self._warn_zero_edges(high, counts, stats.shape[1], layer)
-            # expected deviation: every calibration sample against its own class band
-            total = low.new_zeros(())
-            for c in range(n_classes):
-                if counts[c]:
-                    total += deviation(flat[rows[c]].double(), low[c], high[c]).sum()
-            self.expected[key] = total / n
+            self._warn_zero_edges(high, counts, n_orders, layer)
+            self.expected[key] = total / state.n
             if total == 0:
                 degenerate(
                     self,
@@ -426,6 +462,27 @@ class Gram(UsesLabels, BaseScore):
                     "lower cut_off, use more calibration data or drop this layer",
                     layer=layer,
                 )
+
+    @staticmethod
+    def _rows(rows: Tensor, device: torch.device) -> Tensor:
+        return rows.flatten(1).to(device=device, dtype=torch.float64)
+
+    def _pools(self, counts: list[int]) -> bool:
+        """Whether the pooled band (read from every calibration row at once) is needed."""
+        return self.class_fallback == "pooled" and min(counts) < 2  # noqa: PLR2004
+
+    def _check_class_memory(self, n_rows: int, n: int, width: int, device: torch.device) -> None:
+        """Refuse, before reading them, the float64 rows of the largest class (``n_rows`` of the
+        ``n`` calibration samples; all of them for the pooled band) that cannot fit in memory:
+        the rows, their sorted copy and their deviations."""
+        which = "" if n_rows == n else f" (the {n_rows:,} of the largest class)"
+        check_budget(
+            f"{type(self).__name__}: the float64 Gram features of {n:,} calibration samples"
+            f"{which} ({width:,} statistics each, max_gram_order={self.max_gram_order})",
+            3 * 8 * n_rows * width,
+            "lower max_gram_order, use fewer calibration samples or layers with fewer channels",
+            device,
+        )
 
     def _warn_sparse_classes(self, counts: list[int]) -> None:
         empty = [c for c, k in enumerate(counts) if k == 0]
@@ -459,18 +516,24 @@ class Gram(UsesLabels, BaseScore):
 
     def _warn_nan(self, flat: Tensor, n_orders: int, layer: LayerId, where: str) -> None:
         nan = flat.isnan()
-        if not bool(nan.any()):
+        self._warn_nan_counts(nan.any(0), int(nan.any(1).sum()), len(flat), n_orders, layer, where)
+
+    def _warn_nan_counts(
+        self, columns: Tensor, samples: int, n: int, n_orders: int, layer: LayerId, where: str
+    ) -> None:
+        """Warn when some of the ``n`` samples have NaN statistics: ``columns`` ``(P S,)`` says
+        which flattened statistics hold a NaN, ``samples`` how many samples do."""
+        if not samples:
             return
-        per_order = nan.reshape(len(flat), n_orders, -1).any(2).any(0)
+        per_order = columns.reshape(n_orders, -1).any(1)
         first = int(per_order.nonzero()[0]) + 1
-        samples = int(nan.any(1).sum())
         cause = "float64" if self.precision == "float64" else "the activations' dtype"
         remedy = "lower max_gram_order, set act_norm" + (
             " or precision='float64'" if self.precision == "input" else ""
         )
         problem = (
             f"Gram statistics of order >= {first} are NaN (overflow of {cause} or NaN "
-            f"activations) for {samples} of {len(flat)} {where} samples; they count as zero "
+            f"activations) for {samples} of {n} {where} samples; they count as zero "
             "deviation, so such samples look in-distribution"
         )
         degenerate(self, problem, remedy, layer=layer)

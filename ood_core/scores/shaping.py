@@ -433,6 +433,8 @@ class DICE(_ShapingScore):
         ),
     )
 
+    extract_params = ()  # z is read unshaped: a parameter change costs no forward pass
+
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         _, z = self.read_layer(logits, activations)
         return {"z": z}
@@ -484,6 +486,8 @@ class fDBD(_ShapingScore):  # noqa: N801 (the paper's name)
 
     family = "decision boundary"
     reference = "Liu & Qin, ICML 2024"
+
+    extract_params = ()  # z is read unshaped: a parameter change costs no forward pass
 
     def extract(self, logits: Tensor, activations: dict[LayerId, Tensor]) -> Features:
         _, z = self.read_layer(logits, activations)
