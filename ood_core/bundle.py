@@ -131,6 +131,8 @@ class _Execution(_Strict):
     host: Text | None = None
     run_id: Text | None = None
     startup_seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
+    forward_calls: int | None = Field(None, ge=0)
+    """Batched forward calls of the run's shared passes (0: every feature from the cache)."""
 
 
 class RunInfo(_Strict):

@@ -21,6 +21,7 @@ batch engine) could replace it behind the same ``extract`` contract. Scores are 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from math import prod
@@ -106,7 +107,11 @@ class FeatureCache:
     is written there instead and read back memory-mapped.
 
     ``constant``: per ``(model, dataset)``, the recorded layers seen constant over the dataset
-    (so that a fit from cached features still warns about them)."""
+    (so that a fit from cached features still warns about them).
+
+    Safe to share between threads (the dashboard keeps one per process for all its sessions):
+    reads, writes and clearing hold one lock. Keys must then name content, not just names (the
+    runner puts the datasets' fingerprints into its data keys)."""
 
     def __init__(self, max_bytes: int = 2**30, store: FeatureStore | None = None) -> None:
         self.max_bytes = int(max_bytes)
@@ -115,6 +120,7 @@ class FeatureCache:
         self.constant: dict[tuple[Hashable, Hashable], dict[LayerId, bool]] = {}
         self.hits = 0
         self.misses = 0
+        self._lock = threading.RLock()
 
     @property
     def keeps(self) -> bool:
@@ -125,31 +131,35 @@ class FeatureCache:
     @property
     def nbytes(self) -> int:
         """Bytes held in memory (entries written to the store are not counted)."""
-        return sum(_nbytes(f) for f in self.entries.values())
+        with self._lock:
+            return sum(_nbytes(f) for f in self.entries.values())
 
     def get(self, key: FeatureKey) -> Features | None:
-        found = self.entries.get(key)
-        if found is None and self.store is not None:
-            found = self.store.get(key)
-        return found
+        with self._lock:
+            found = self.entries.get(key)
+            if found is None and self.store is not None:
+                found = self.store.get(key)
+            return found
 
     def put(self, key: FeatureKey, features: Features) -> bool:
         """Keep ``features`` under ``key`` (in memory within the budget, else in the store);
         False when neither could take it."""
         size = _nbytes(features)
-        if self.nbytes + size <= self.max_bytes:
-            self.entries[key] = features
-            return True
-        if self.store is None:
-            return False
-        return bool(self.store.put(key, features))
+        with self._lock:
+            if self.nbytes + size <= self.max_bytes:
+                self.entries[key] = features
+                return True
+            if self.store is None:
+                return False
+            return bool(self.store.put(key, features))
 
     def clear(self) -> None:
         """Forget every entry, in memory and in the store (e.g. when the data changed)."""
-        self.entries.clear()
-        self.constant.clear()
-        if self.store is not None:
-            self.store.clear()
+        with self._lock:
+            self.entries.clear()
+            self.constant.clear()
+            if self.store is not None:
+                self.store.clear()
 
 
 def _nbytes(features: Features) -> int:

@@ -82,6 +82,9 @@ class Evaluation:
         self.last_shared_seconds: list[float] = []
         """Per score of the last :meth:`fit` / :meth:`confidences` call: its equal share of the
         shared forward pass (0 for scores with their own passes), included in its timer."""
+        self.forward_calls = 0
+        """Batched forward calls of the shared passes so far (0 while every feature came from
+        the cache; a score's own extra passes, e.g. input perturbations, are not counted)."""
 
     @classmethod
     def for_net(
@@ -121,7 +124,7 @@ class Evaluation:
     ) -> Extraction:
         """Every score's features on ``data`` (cached features reused when keyed; ``sinks`` as
         :meth:`Engine.extract <ood_core.engine.Engine.extract>`)."""
-        return self.engine.extract(
+        ex = self.engine.extract(
             scores,
             data,
             batch_size=batch_size,
@@ -131,6 +134,8 @@ class Evaluation:
             data_key=data_key,
             sinks=sinks,
         )
+        self.forward_calls += ex.n_forward_calls
+        return ex
 
     def _share(self, scores: Sequence[BaseScore], ex: Extraction) -> list[float]:
         """Each score's time: its own work plus an equal share of the shared forward passes

@@ -201,7 +201,9 @@ def execution_record(
     """Where and how a run is computed (``RunResult.execution``, run.json's ``execution``):
     executor, workers (1 for the local executor), address (``""``: a local Ray or none), the
     resolved device and the config's spec, AMP, the host name and the run id (:func:`run` adds
-    ``startup_seconds``: the seconds Ray took to start here, 0 when none was started)."""
+    ``startup_seconds``: the seconds Ray took to start here, 0 when none was started, and
+    ``forward_calls``: the batched forward calls of the shared passes, 0 when every feature came
+    from the cache)."""
     ray = config.executor == "ray"
     return {
         "executor": config.executor,
@@ -222,8 +224,9 @@ SESSION_STORE_BYTES = 8 * 2**30
 def session_store(max_bytes: int = SESSION_STORE_BYTES) -> FeatureStore:
     """A feature store in a fresh temporary folder, deleted when the process exits: where a
     long-lived :class:`RunCache` (the dashboard's) spills features past its memory budget.
-    Per process on purpose: its keys name datasets, not their content, so entries must not
-    outlive the process that checked the data's fingerprints."""
+    Per process on purpose: a model key names a loaded network, not its weights, and streams
+    and hub datasets have no fingerprint, so entries must not outlive the process that loaded
+    them."""
     root = tempfile.mkdtemp(prefix="ood-lens-features-")
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return FeatureStore(root, max_bytes)
@@ -272,7 +275,10 @@ class RunResult:
         )
 
 
-def _data_key(cfg: RunConfig) -> tuple:
+def _data_key(cfg: RunConfig, fingerprints: tuple[str | None, ...] = ()) -> tuple:
+    """What a run's data is cached under: the config's data section and the content
+    fingerprints of the datasets read (:attr:`RunInputs.fingerprints`), so that a cache shared
+    across sessions never serves features of a file rewritten since."""
     return (
         cfg.ind_dataset,
         cfg.calibration_split,
@@ -281,6 +287,7 @@ def _data_key(cfg: RunConfig) -> tuple:
         cfg.n_test,
         cfg.seed,
         cfg.streaming,
+        fingerprints,
     )
 
 
@@ -299,6 +306,9 @@ class RunInputs:
     n_calibration: int | None
     n_test: int | None
     notes: list[str]
+    fingerprints: tuple[str | None, ...] = ()
+    """Content fingerprints (``meta["fingerprint"]``, None where a source has none, e.g. a
+    stream or a hub dataset) of the calibration, InD test and OoD datasets, in that order."""
 
 
 def load_inputs(
@@ -350,6 +360,7 @@ def load_inputs(
         net, calib.sample_shape, len(calib.class_names), name=f"Model '{config.model_entry}'"
     )
     oods, titles = [], []
+    prints = [_fingerprint(calib), _fingerprint(ind)]
     for j, sc in enumerate(config.scenarios):
         if sc.kind is not None:
             oods.append(make_perturbation(sc.kind, **sc.params)(ind.images))
@@ -368,8 +379,14 @@ def load_inputs(
                     f"more than its {len(ds)} samples: used all {len(ds)}"
                 )
             oods.append(ds.images)
+            prints.append(_fingerprint(ds))
         titles.append(sc.describe())
-    return RunInputs(net, calib, ind, oods, titles, n_cal, n_test, notes)
+    return RunInputs(net, calib, ind, oods, titles, n_cal, n_test, notes, tuple(prints))
+
+
+def _fingerprint(ds: object) -> str | None:
+    meta = getattr(ds, "meta", None) or {}
+    return meta.get("fingerprint")
 
 
 def run(
@@ -393,7 +410,8 @@ def run(
     engine = _executor(config, recorder, device, amp)
     try:
         evaluation = Evaluation(recorder, cache=cache.features, model_key=model_key, engine=engine)
-        base_key = (model_key, _data_key(config))
+        data_key = _data_key(config, inputs.fingerprints)
+        base_key = (model_key, data_key)
         # one bar over the whole run: calibration (its images weigh as many test sets), then
         # each dataset scored, each stage's own fraction mapped into its share
         datasets = [(IND_TITLE, ("__ind__",), inputs.ind.images)] + [
@@ -412,6 +430,7 @@ def run(
             )
             confs.append(stacked)
             timings += rows
+        forward_calls = evaluation.forward_calls
     finally:
         if engine is not None and hasattr(engine, "close"):
             engine.close()  # the Ray actors (and a Ray started here) stop with the run
@@ -420,6 +439,7 @@ def run(
     result = _assemble(config, cache, inputs, pairs, dkeys, confs, timings, say, t0, base_key)
     result.execution = execution_record(config, device, amp, new_run_id())
     result.execution["startup_seconds"] = round(startup, 3)  # starting Ray here (0: none)
+    result.execution["forward_calls"] = forward_calls  # 0: every feature came from the cache
     result.environment = environment_info(device)
     return result
 
@@ -491,7 +511,7 @@ def _fit_missing(
         calib.labels,
         batch_size=config.batch_size,
         progress=fit_progress,
-        data_key=(_data_key(config), "__calibration__"),
+        data_key=(base_key[1], "__calibration__"),
     )
     # cached only once fitted: a run that fails or is interrupted (Ctrl-C, a Streamlit
     # rerun: BaseExceptions) leaves no half-fitted score behind
@@ -542,7 +562,7 @@ def _score_missing(
                 batch_size=config.batch_size,
                 progress=score_progress,
                 dataset=title,
-                data_key=(_data_key(config), dkey),
+                data_key=(base_key[1], dkey),
             )
         if dkey == ("__ind__",):
             cache.confidences[(base_key, "predictions")] = per[0][0].argmax(1).cpu().numpy()

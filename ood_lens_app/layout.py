@@ -100,7 +100,7 @@ def sidebar_lines(state: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"**Last run:** {last['when']} · {last['seconds']:.1f} s  \n"
             f"accuracy {last['accuracy']:.1%} · {last['n_scores']} scores × "
-            f"{last['n_oods']} OoD sets"
+            f"{last['n_oods']} OoD sets" + _passes_text(last.get("forward_calls"))
         )
     else:
         lines.append("**Last run:** none yet")
@@ -112,6 +112,15 @@ def sidebar_lines(state: Mapping[str, Any]) -> list[str]:
     if state.get("run_status") == "cancelled":
         lines.append("**Run status:** the last run was cancelled")
     return lines
+
+
+def _passes_text(calls: int | None) -> str:
+    """The last run's forward passes, as the sidebar says them ("" when not recorded)."""
+    if calls is None:
+        return ""
+    if calls == 0:
+        return "  \nno forward pass (cached features)"
+    return f"  \n{calls:,} forward-pass batch{'es' if calls != 1 else ''}"
 
 
 def sidebar() -> None:

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ood_core import data as data_mod
-from ood_core import hub
+from ood_core import hub, runner
 from ood_core.core import OutputKey, predicted_classes, select_output
+from ood_core.engine import FeatureCache
 from ood_core.hub import HubUnavailableError
 from ood_core.policy import SourcePolicy
 from ood_lens_app.layers import LayerChoices, layer_choices
@@ -71,6 +72,16 @@ def _load_dataset(
     fingerprint: str | None = None,
 ) -> data_mod.ImageDataset:
     return data_mod.load(source, split, config, roots=roots)
+
+
+@st.cache_resource(show_spinner=False)
+def shared_features() -> FeatureCache:
+    """The feature cache of this dashboard process, shared by all its sessions, so that it
+    survives a reload (F5 starts a new session): 1 GiB in memory, then a feature store on disk
+    removed when the process exits. Its keys name content (model key, data key with the
+    datasets' fingerprints) and it is thread-safe, so two sessions never see each other's
+    stale features."""
+    return FeatureCache(store=runner.session_store())
 
 
 def model_for_run() -> nn.Module:

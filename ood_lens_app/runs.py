@@ -34,7 +34,6 @@ from ood_core import bundle_writer, hub, runner
 from ood_core import data as data_mod
 from ood_core.config import RunConfig, example_config
 from ood_core.devices import DeviceError, resolve_device
-from ood_core.engine import FeatureCache
 from ood_core.perturbations import PERTURBATIONS
 from ood_core.runner import RunCache, RunResult
 from ood_core.scores import get_score_class
@@ -48,10 +47,13 @@ LOG = logging.getLogger("ood_lens.app")
 
 
 def run_cache(state: MutableMapping[str, Any]) -> RunCache:
-    """The session's RunCache (created on first use): features past its memory budget spill to
-    a feature store of this process, on disk."""
+    """The session's RunCache (created on first use). Its feature cache is the process's
+    (:func:`ood_lens_app.loaders.shared_features`): after a reload, a parameter change refits
+    from the features the previous session extracted, with no forward pass."""
     if "run_cache" not in state:
-        state["run_cache"] = RunCache(features=FeatureCache(store=runner.session_store()))
+        from ood_lens_app import loaders  # streamlit's resource cache, only when running
+
+        state["run_cache"] = RunCache(features=loaders.shared_features())
     return state["run_cache"]
 
 
@@ -85,6 +87,7 @@ def run_summary(result: RunResult, seconds: float, when: str) -> dict[str, Any]:
         "accuracy": result.accuracy,
         "n_scores": len(result.score_names),
         "n_oods": len(result.ood_titles),
+        "forward_calls": result.execution.get("forward_calls"),
     }
 
 

@@ -8,6 +8,7 @@ import torch
 
 from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec
 from ood_core.eval import compute_confidence, compute_metrics, fit_scores
+from ood_core.engine import FeatureCache
 from ood_core.runner import RunCache, run
 from ood_core.scores import KNN, Softmax
 
@@ -118,3 +119,75 @@ def test_the_run_progress_only_moves_forward_over_the_whole_run(small_config):
     assert sum(s.startswith("Scoring ") for s in stages) == 1 + len(small_config.scenarios)
     first_scoring = next(f for s, f in said if s.startswith("Scoring "))
     assert 0.2 < first_scoring < 0.9  # calibration had its share before
+
+
+def test_a_new_session_sharing_the_feature_cache_refits_a_changed_k_without_forward_pass(
+    small_config,
+):
+    """The dashboard's reload: a fresh RunCache (a new session) over the process's feature
+    cache. A changed KNN k refits from cached features (0 forward calls), to the numbers of a
+    run that extracted everything anew."""
+    features = FeatureCache()
+    first = run(small_config, RunCache(features=features))
+    assert first.execution["forward_calls"] > 0
+    cfg = RunConfig.from_toml(small_config.to_toml())
+    cfg.scores[1].params["k"] = 9
+    again = run(cfg, RunCache(features=features))
+    fresh = run(cfg, RunCache())
+    assert again.execution["forward_calls"] == 0
+    assert fresh.execution["forward_calls"] == first.execution["forward_calls"]
+    np.testing.assert_array_equal(again.confs_ind, fresh.confs_ind)
+    np.testing.assert_array_equal(again.evals, fresh.evals)
+
+
+def test_a_shared_feature_cache_never_serves_features_of_a_rewritten_file(tmp_path, fmnist_test):
+    """Data keys hold the datasets' content fingerprints: the same path and config with other
+    pixels run the forward passes again and give the numbers of the new pixels."""
+    path = tmp_path / "ind.npz"
+    x = (fmnist_test.images[:300, 0] * 255).round().to(torch.uint8).numpy()
+    y = fmnist_test.labels[:300].numpy()
+    np.savez(path, images=x, labels=y)
+    cfg = RunConfig(
+        ind_dataset=str(path),
+        n_calibration=200,
+        n_test=100,
+        scores=[ScoreSpec("KNN", {"k": 5}, ["1-11"])],
+        scenarios=[ScenarioSpec(kind="invert")],
+    )
+    features = FeatureCache()
+    before = run(cfg, RunCache(features=features))
+    assert run(cfg, RunCache(features=features)).execution["forward_calls"] == 0
+    np.savez(path, images=255 - x, labels=y)  # same path, same size, other content
+    after = run(cfg, RunCache(features=features))
+    assert after.execution["forward_calls"] == before.execution["forward_calls"]
+    np.testing.assert_array_equal(after.confs_ind, run(cfg, RunCache()).confs_ind)
+    assert not np.array_equal(after.confs_ind, before.confs_ind)
+
+
+def test_the_feature_cache_is_safe_to_share_between_threads():
+    """Concurrent puts and gets from several threads (the dashboard's sessions) lose no entry
+    and never exceed the memory budget."""
+    import threading
+
+    from ood_core.engine import FeatureKey
+
+    cache = FeatureCache(max_bytes=64 * 40)  # 40 entries of one (4, 4) float32 tensor (64 B)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(20):
+                key = FeatureKey("m", ("d", t), (i,))
+                cache.put(key, {"f": torch.full((4, 4), float(t * 100 + i))})
+                got = cache.get(key)
+                assert got is None or float(got["f"][0, 0]) == t * 100 + i
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert len(cache.entries) == 40 and cache.nbytes == 64 * 40

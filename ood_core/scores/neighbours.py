@@ -29,7 +29,6 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import chi2
 from torch import Tensor
 
 import ood_core.scores.features as feat
@@ -1246,8 +1245,10 @@ class JTLA(UsesLabels, _NeighbourScore):
         p = torch.stack(pvals)
         method, _, _ = parse_layer_aggregation(self.layer_aggregation)
         if method == "fisher":
+            from scipy.special import chdtrc  # the chi-square survival function (= chi2.sf)
+
             fisher = (-2.0 * p.log().sum(0)).numpy()
-            agg = torch.from_numpy(chi2.sf(fisher, 2 * len(pvals))).double()
+            agg = torch.from_numpy(chdtrc(2 * len(pvals), fisher)).double()
         else:
             agg = aggregate(p, method, 0)
         agg = torch.where(self.n_per_class_[None] > 0, agg, torch.zeros_like(agg))
