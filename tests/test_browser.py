@@ -393,6 +393,13 @@ def test_a_parameter_sweep_and_a_layer_sweep_draw_the_study_with_a_best_mark(app
     )
     assert "KNN" in cells and "Gram" in cells and "layer" in cells and "k" in cells, cells
     _check_clean(app, "Study")
+    chart.hover()  # the toolbar shows on hover; its camera saves the chart as an SVG
+    with page.expect_download(timeout=30_000) as got:
+        page.locator(".st-key-study_chart .modebar-btn[data-title='Download plot']").first.click()
+    download = got.value
+    assert download.suggested_filename == "ood-lens-study_chart.svg"
+    svg = Path(download.path()).read_text()
+    assert svg.lstrip().startswith("<svg") and "KNN (over k)" in svg, svg[:300]
     app.screenshot(ARTIFACTS / "study_1280x800.png")
     page.set_viewport_size({"width": 1920, "height": 1080})
     page.wait_for_timeout(800)

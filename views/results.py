@@ -30,7 +30,13 @@ LEGEND_BELOW = {"orientation": "h", "x": 0, "font": {"size": 11}}
 
 
 def _chart(fig: Any, key: str, **kwargs: Any) -> Any:
-    return st.plotly_chart(fig, key=key, config={"displaylogo": False}, **kwargs)
+    """A Plotly chart whose toolbar camera downloads an SVG (vector, for reports) named
+    ``ood-lens-<key>.svg``."""
+    config = {
+        "displaylogo": False,
+        "toImageButtonOptions": {"format": "svg", "filename": f"ood-lens-{key}"},
+    }
+    return st.plotly_chart(fig, key=key, config=config, **kwargs)
 
 
 def _scenario_colors(result: RunResult) -> dict[str, str]:
@@ -514,9 +520,7 @@ def study_view(result: RunResult) -> None:
         column = result_views.MEAN if ood == study.MEAN else ood
         base = float(head.values.at[head.baseline_label, column])
     title = plain_metric_name(metric) + ("" if ood == study.MEAN else f" on {ood}")
-    st.plotly_chart(
-        study.study_figure(table, title), key="study_chart", config={"displaylogo": False}
-    )
+    _chart(study.study_figure(table, title), "study_chart")
     best = study.ranking(table, base, head.baseline_label)
     st.dataframe(
         best.style.format(precision=3, na_rep="-"),
@@ -524,7 +528,9 @@ def study_view(result: RunResult) -> None:
         key="study_best",
         width="stretch",
     )
-    note = "Best first; margins are differences of the metric."
+    note = (
+        "Best first; margins are differences of the metric. The chart's camera icon saves an SVG."
+    )
     if head.baseline_label is not None:
         note += f" Baseline: *{head.baseline_label}*."
     if ood == study.MEAN:
