@@ -133,6 +133,8 @@ class _Execution(_Strict):
     startup_seconds: float | None = Field(None, ge=0, allow_inf_nan=False)
     forward_calls: int | None = Field(None, ge=0)
     """Batched forward calls of the run's shared passes (0: every feature from the cache)."""
+    own_pass_scores: list[Text] | None = Field(None, max_length=1000)
+    """The scores that ran their own passes (gradients, input perturbations)."""
 
 
 class RunInfo(_Strict):

@@ -84,7 +84,10 @@ class Evaluation:
         shared forward pass (0 for scores with their own passes), included in its timer."""
         self.forward_calls = 0
         """Batched forward calls of the shared passes so far (0 while every feature came from
-        the cache; a score's own extra passes, e.g. input perturbations, are not counted)."""
+        the cache; the passes of scores with their own, :attr:`own_pass_scores`, not counted)."""
+        self.own_pass_scores: list[str] = []
+        """The scores that ran their own passes so far (gradients, input perturbations: never
+        cached), each named once, in order."""
 
     @classmethod
     def for_net(
@@ -135,6 +138,9 @@ class Evaluation:
             sinks=sinks,
         )
         self.forward_calls += ex.n_forward_calls
+        for s in scores:
+            if s.needs_own_pass and repr(s) not in self.own_pass_scores:
+                self.own_pass_scores.append(repr(s))
         return ex
 
     def _share(self, scores: Sequence[BaseScore], ex: Extraction) -> list[float]:

@@ -203,7 +203,7 @@ def execution_record(
     resolved device and the config's spec, AMP, the host name and the run id (:func:`run` adds
     ``startup_seconds``: the seconds Ray took to start here, 0 when none was started, and
     ``forward_calls``: the batched forward calls of the shared passes, 0 when every feature came
-    from the cache)."""
+    from the cache, and ``own_pass_scores``: the scores that ran their own passes)."""
     ray = config.executor == "ray"
     return {
         "executor": config.executor,
@@ -430,7 +430,7 @@ def run(
             )
             confs.append(stacked)
             timings += rows
-        forward_calls = evaluation.forward_calls
+        forward_calls, own_passes = evaluation.forward_calls, list(evaluation.own_pass_scores)
     finally:
         if engine is not None and hasattr(engine, "close"):
             engine.close()  # the Ray actors (and a Ray started here) stop with the run
@@ -440,6 +440,7 @@ def run(
     result.execution = execution_record(config, device, amp, new_run_id())
     result.execution["startup_seconds"] = round(startup, 3)  # starting Ray here (0: none)
     result.execution["forward_calls"] = forward_calls  # 0: every feature came from the cache
+    result.execution["own_pass_scores"] = own_passes  # never cached: their passes always run
     result.environment = environment_info(device)
     return result
 

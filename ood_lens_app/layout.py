@@ -100,7 +100,8 @@ def sidebar_lines(state: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"**Last run:** {last['when']} · {last['seconds']:.1f} s  \n"
             f"accuracy {last['accuracy']:.1%} · {last['n_scores']} scores × "
-            f"{last['n_oods']} OoD sets" + _passes_text(last.get("forward_calls"))
+            f"{last['n_oods']} OoD sets"
+            + _passes_text(last.get("forward_calls"), last.get("own_pass_scores", []))
         )
     else:
         lines.append("**Last run:** none yet")
@@ -114,13 +115,19 @@ def sidebar_lines(state: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _passes_text(calls: int | None) -> str:
-    """The last run's forward passes, as the sidebar says them ("" when not recorded)."""
+def _passes_text(calls: int | None, own: list[str]) -> str:
+    """The last run's forward passes, as the sidebar says them ("" when not recorded): the
+    shared passes' batches, and the scores that ran their own passes (never cached)."""
     if calls is None:
         return ""
-    if calls == 0:
-        return "  \nno forward pass (cached features)"
-    return f"  \n{calls:,} forward-pass batch{'es' if calls != 1 else ''}"
+    text = (
+        "no shared forward pass (cached features)"
+        if calls == 0
+        else f"{calls:,} forward-pass batch{'es' if calls != 1 else ''}"
+    )
+    if own:
+        text += f"; own passes: {', '.join(own)}"
+    return "  \n" + text
 
 
 def sidebar() -> None:

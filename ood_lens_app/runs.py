@@ -88,6 +88,7 @@ def run_summary(result: RunResult, seconds: float, when: str) -> dict[str, Any]:
         "n_scores": len(result.score_names),
         "n_oods": len(result.ood_titles),
         "forward_calls": result.execution.get("forward_calls"),
+        "own_pass_scores": list(result.execution.get("own_pass_scores") or []),
     }
 
 

@@ -73,6 +73,7 @@ def test_a_run_uses_what_the_dashboard_loaded(small_run, tiniest) -> None:
         "n_scores": 1,
         "n_oods": 2,
         "forward_calls": 4,  # one batch each: calibration, InD test, its flip, MNIST
+        "own_pass_scores": [],
     }
 
 

@@ -326,7 +326,8 @@ def test_reload_restores_the_run_and_compare_shows_both(app: Any) -> None:
     assert third not in (first, second)
     # the feature cache is the process's: after F5 the k change ran no forward pass
     sidebar = page.locator('[data-testid="stSidebar"]').inner_text()
-    assert "no forward pass (cached features)" in sidebar, sidebar[:1500]
+    assert "no shared forward pass (cached features)" in sidebar, sidebar[:1500]
+    assert "own passes" not in sidebar, sidebar[:1500]
 
     app.go("Runs", "Runs")
     page.locator(".st-key-runs_roc .js-plotly-plot .main-svg").first.wait_for(timeout=30_000)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ood_core.config import RunConfig, ScenarioSpec, ScoreSpec
-from ood_core.eval import compute_confidence, compute_metrics, fit_scores
 from ood_core.engine import FeatureCache
+from ood_core.eval import compute_confidence, compute_metrics, fit_scores
 from ood_core.runner import RunCache, run
 from ood_core.scores import KNN, Softmax
 
@@ -134,7 +134,7 @@ def test_a_new_session_sharing_the_feature_cache_refits_a_changed_k_without_forw
     cfg.scores[1].params["k"] = 9
     again = run(cfg, RunCache(features=features))
     fresh = run(cfg, RunCache())
-    assert again.execution["forward_calls"] == 0
+    assert again.execution["forward_calls"] == 0 and again.execution["own_pass_scores"] == []
     assert fresh.execution["forward_calls"] == first.execution["forward_calls"]
     np.testing.assert_array_equal(again.confs_ind, fresh.confs_ind)
     np.testing.assert_array_equal(again.evals, fresh.evals)
@@ -191,3 +191,18 @@ def test_the_feature_cache_is_safe_to_share_between_threads():
         th.join()
     assert not errors
     assert len(cache.entries) == 40 and cache.nbytes == 64 * 40
+
+
+def test_scores_with_their_own_passes_are_named_in_the_run_record(small_config):
+    """FeatureSqueezing's passes on squeezed inputs are never cached: a rerun from a warm
+    feature cache runs no shared forward pass but says FeatureSqueezing ran its own."""
+    cfg = RunConfig.from_toml(small_config.to_toml())
+    cfg.scores.append(ScoreSpec("FeatureSqueezing", {"squeezers": ["bits:5"]}))
+    features = FeatureCache()
+    first = run(cfg, RunCache(features=features))
+    name = repr(first.scores_and_layers[2][0])
+    assert name.startswith("FeatureSqueezing(") and first.execution["own_pass_scores"] == [name]
+    again = run(cfg, RunCache(features=features))
+    assert again.execution["forward_calls"] == 0
+    assert again.execution["own_pass_scores"] == [name]
+    np.testing.assert_array_equal(again.confs_ind, first.confs_ind)
