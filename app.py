@@ -5,6 +5,10 @@ scenarios, results; a fifth lists the saved runs (open, delete, compare). Their 
 :mod:`ood_lens_app` package; all computation goes through :mod:`ood_core`. Before a page: a run
 left unfinished is marked cancelled, a replayed config is put into the widgets, a URL naming a
 saved run (``?run=ID``) restores it, and the Results page says when the settings changed.
+The page files live in ``views/``, not ``pages/``, on purpose: Streamlit (1.67) still runs its
+legacy ``pages/``-folder navigation (``PagesManager.uses_pages_directory``) for the first script
+run of a server process when a ``pages/`` folder sits beside the main script, so a deep link as
+the first request (``/results?run=ID`` after a restart) would run that page without this script.
 Environment: ``OOD_LENS_DEFAULT_N`` sets the default calibration / test sizes, ``OOD_LENS_RUNS``
 the run store folder.
 """

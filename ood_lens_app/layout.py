@@ -65,9 +65,11 @@ def header(title: str, help_text: str) -> None:
 
 
 def go_to(page: Page) -> None:
-    """Switch page (when running under st.navigation) or say where to go."""
+    """Switch page (when running under st.navigation) or say where to go; the run on screen
+    stays named in the URL (``?run=ID``: a switch drops query parameters it is not given)."""
+    run_id = st.query_params.get("run")
     try:
-        st.switch_page(page.path)
+        st.switch_page(page.path, query_params={"run": run_id} if run_id else None)
     except st.errors.StreamlitAPIException:
         st.info(f"Open **{page.title}** from the sidebar.")
 

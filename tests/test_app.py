@@ -159,6 +159,7 @@ def _open_tab(at: AppTest, name: str) -> None:
 def test_results_tabs_render_with_a_result() -> None:
     state = _small_run_state() | {"w.L.KNN": ["1-8", "1-11"], "w.sweep.KNN": True, "w.n_boot": 20}
     at = _app(**state)
+    at.run()  # once before switching (AppTest's rule)
     at.switch_page("views/results.py").run()
     _assert_clean(at)
     at.button(key="run_default").click().run()
@@ -232,6 +233,7 @@ def test_wrong_shape_dataset_shows_an_error(tmp_path: Path) -> None:
 
 def test_invalid_score_parameters_show_errors_next_to_the_score() -> None:
     at = _app(**{"w.n_cal": 10, "w.p.KNN.k": 15})
+    at.run()  # once before switching (AppTest's rule)
     at.switch_page("views/scores.py").run()
     assert not at.exception
     errors = _errors(at)
@@ -329,6 +331,7 @@ def _warnings(at: AppTest) -> list[str]:
 
 def _saved_run(run_store_dir: Path) -> tuple[str, AppTest]:
     at = _app(**_tiny_run_state())
+    at.run()  # once before switching (AppTest's rule)
     at.switch_page("views/scores.py").run()
     _assert_clean(at)
     at.button(key="run").click().run()
@@ -349,6 +352,7 @@ def test_a_run_is_saved_and_named_in_the_url(_run_store_dir: Path) -> None:
     assert run_id in list(at.dataframe[0].value["id"])
     # Open in a new session restores it; Delete removes it
     other = _app()
+    other.run()  # once before switching (AppTest's rule)
     other.switch_page("views/runs.py").run()
     _assert_clean(other)
     other.button(key="runs_open").click().run()
@@ -387,6 +391,7 @@ def test_url_with_a_run_id_restores_the_result_and_every_widget(_run_store_dir: 
     shown = first.session_state["result"]
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)  # a new session: a reload
     at.query_params["run"] = run_id
+    at.run()  # the app script first (st.navigation), as a browser loading the URL does
     at.switch_page("views/results.py").run()
     _assert_clean(at)
     result = at.session_state["result"]
@@ -430,6 +435,7 @@ def test_banner_after_a_settings_change_and_its_run(_run_store_dir: Path) -> Non
 
 def test_a_run_cut_short_is_reported_as_cancelled() -> None:
     at = _app(run_status="running", run_started="12:00:00")
+    at.run()  # once before switching (AppTest's rule)
     at.switch_page("views/results.py").run()
     assert at.session_state["run_status"] == "cancelled"
     assert any("was cancelled" in w for w in _warnings(at)), _warnings(at)
@@ -450,6 +456,7 @@ def test_a_url_naming_no_saved_run_says_so() -> None:
 
 def test_editing_a_score_parameter_keeps_its_panel_open() -> None:
     at = _app(**{"w.scores": ["Softmax", "KNN"]})
+    at.run()  # once before switching (AppTest's rule)
     at.switch_page("views/scores.py").run()
     _assert_clean(at)
 
@@ -468,6 +475,7 @@ def test_editing_a_score_parameter_keeps_its_panel_open() -> None:
 
 def test_layer_table_depth_filter_and_selected_only() -> None:
     at = _app()
+    at.run()  # once before switching (AppTest's rule)
     at.switch_page("views/layers.py").run()
     _assert_clean(at)
     every = list(at.dataframe[0].value["id"])
@@ -488,6 +496,7 @@ def test_warnings_sit_in_one_collapsed_panel_grouped_per_score() -> None:
     collapsed panel under the run's summary line, grouped by score, not as banners above it."""
     state = _tiny_run_state() | {"w.scores": ["Softmax", "DeepMahalanobis"], "w.n_cal": 30}
     at = _app(**state)
+    at.run()  # once before switching (AppTest's rule)
     at.switch_page("views/scores.py").run()
     at.button(key="run").click().run()
     _assert_clean(at)
@@ -515,6 +524,7 @@ def test_a_parameter_sweep_runs_once_and_the_study_tab_names_the_best() -> None:
         "w.sweep.DeepMahalanobis": True,
     }
     at = _app(**state)
+    at.run()  # once before switching (AppTest's rule)
     at.switch_page("views/scores.py").run()
     _assert_clean(at)
     at.button(key="run").click().run()
@@ -543,6 +553,7 @@ def test_a_parameter_sweep_runs_once_and_the_study_tab_names_the_best() -> None:
 def test_a_sweep_turns_bootstrap_intervals_on_and_says_so() -> None:
     state = _tiny_run_state() | {"layers": ["1-5", "1-11"], "w.n_boot": 0}
     at = _app(**state)
+    at.run()  # once before switching (AppTest's rule)
     at.switch_page("views/scores.py").run()
     _assert_clean(at)
     at.checkbox(key="w.sweep.KNN").check().run()

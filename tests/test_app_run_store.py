@@ -336,6 +336,7 @@ def test_the_page_says_a_run_was_not_saved(how: str, tmp_path: Path, monkeypatch
         "w.ood_bundled": [],
     }.items():
         at.session_state[key] = value
+    at.run()  # once before switching (AppTest's rule)
     at.switch_page("views/scores.py").run()
     at.button(key="run").click().run()
     assert not at.exception, [e.value for e in at.exception]

@@ -572,6 +572,7 @@ def test_the_runs_page_opens_runs_computed_elsewhere(elsewhere, tmp_path: Path, 
 def test_the_runs_page_refuses_a_folder_without_runs(tmp_path: Path) -> None:
     with _runs_store(tmp_path / "own"):
         at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+        at.run()  # once before switching (AppTest's rule)
         at.switch_page("views/runs.py").run()
         at.text_input(key="runs_folder_path").input(str(tmp_path)).run()
         at.button(key="runs_folder_open").click().run()

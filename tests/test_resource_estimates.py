@@ -364,6 +364,7 @@ def test_scores_page_shows_the_estimate_before_run():
     at.session_state["w.scores"] = ["DeepMahalanobis"]
     at.session_state["w.n_cal"] = 1000
     at.session_state["w.L.DeepMahalanobis"] = ["1-5"]  # tiniest's block (48, 14, 14): 9,408 dims
+    at.run()  # once before switching (AppTest's rule)
     at.switch_page("views/scores.py").run()
     assert not at.exception
     assert [c.value for c in at.caption if c.value.startswith("≈")] == [
@@ -382,6 +383,7 @@ def test_a_choice_the_fit_would_refuse_keeps_run_disabled():
     at.session_state["w.p.KNN.k"] = 5
     at.session_state["w.p.KNN.pooling"] = "cls"  # tiniest has no (N, L, D) token layer
     at.session_state["w.L.KNN"] = ["1-11"]
+    at.run()  # once before switching (AppTest's rule)
     at.switch_page("views/scores.py").run()
     assert not at.exception
     errors = [e.value for e in at.error]
