@@ -417,6 +417,45 @@ def test_url_with_a_run_id_restores_the_result_and_every_widget(_run_store_dir: 
     assert at.multiselect(key="w.ood_bundled").value == []
 
 
+def _query(at: AppTest, key: str) -> str | None:
+    value = at.query_params.get(key)
+    return value[0] if isinstance(value, list) else value
+
+
+def test_the_results_view_is_in_the_url_and_a_reload_reopens_it(_run_store_dir: Path) -> None:
+    """Tab, explorer score, mode and acceptance go into the URL beside ``run``; a new session
+    (F5) on that URL opens the same view; invalid values are ignored."""
+    run_id, at = _saved_run(_run_store_dir)
+    at.switch_page("views/results.py").run()
+    _open_tab(at, "Threshold explorer")
+    at.selectbox(key="w.thr_score").set_value(1).run()
+    at.slider(key="w.thr_accept").set_value(0.9).run()
+    _assert_clean(at)
+    assert _query(at, "run") == run_id and _query(at, "tab") == "Threshold explorer"
+    assert _query(at, "score") == "KNN(k=5) @ 1-11"
+    assert (_query(at, "mode"), _query(at, "accept")) == ("accept", "0.9")
+
+    again = AppTest.from_file(APP, default_timeout=TIMEOUT)  # the reload
+    for key in ("run", "tab", "score", "mode", "accept"):
+        again.query_params[key] = _query(at, key)
+    again.run()
+    again.switch_page("views/results.py").run()
+    _assert_clean(again)
+    assert again.session_state["w.res_tab"] == "Threshold explorer"
+    assert again.session_state["w.thr_score"] == 1
+    assert again.session_state["w.thr_accept"] == 0.9
+    assert again.slider(key="w.thr_accept").value == 0.9  # the explorer is drawn with it
+
+    bad = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    bad.query_params.update(run=run_id, tab="Nope", score="Gone()", accept="7", mode="x")
+    bad.run()
+    bad.switch_page("views/results.py").run()
+    _assert_clean(bad)
+    assert bad.session_state["w.res_tab"] == "Overview"
+    assert bad.session_state["w.thr_accept"] == 0.95 and bad.session_state["w.thr_score"] == 0
+    assert _query(bad, "tab") == "Overview" and _query(bad, "accept") == "0.95"
+
+
 def test_banner_after_a_settings_change_and_its_run(_run_store_dir: Path) -> None:
     run_id, at = _saved_run(_run_store_dir)
     at.switch_page("views/results.py").run()

@@ -309,6 +309,15 @@ def test_reload_restores_the_run_and_compare_shows_both(app: Any) -> None:
     assert page.get_by_text("The settings changed since this result").count() == 0
     _check_clean(app, "Results after a reload")
     app.screenshot(ARTIFACTS / "7_reloaded.png")
+    app.tab("Threshold explorer")  # the view goes into the URL: a reload reopens that tab
+    page.wait_for_function("() => location.search.includes('tab=Threshold')", timeout=30_000)
+    page.reload()
+    page.wait_for_selector('h1:has-text("Results")', timeout=60_000)
+    app.wait_idle()
+    page.get_by_text("InD acceptance (1 - FPR)").first.wait_for(timeout=30_000)
+    selected = page.locator('[data-testid="stTab"][aria-selected="true"]').first.inner_text()
+    assert "Threshold explorer" in selected, selected
+    _check_clean(app, "Threshold explorer after a reload")
     app.go("Scores", "Scores & scenarios")
     chips = _chips(app)
     assert "KNN" in chips and "Softmax" not in chips and "Vertical flip" in chips, chips

@@ -16,7 +16,7 @@ from ood_core.config import IND_TITLE
 from ood_core.core import predicted_classes
 from ood_core.metrics import plain_metric_name
 from ood_core.runner import RunResult
-from ood_lens_app import form, layout, loaders, result_views, runs, state, study
+from ood_lens_app import form, layout, loaders, result_views, runs, state, study, view_url
 from ood_lens_app.result_views import ALL_METRICS, THRESHOLD_MODES, index_choice, name_choice
 
 state.init_state()
@@ -24,8 +24,7 @@ ss = st.session_state
 
 BEST = "background-color: #c8e6c9; font-weight: bold"
 BASELINE = "background-color: #fff3e0; font-style: italic"
-RESULT_TAB = "w.res_tab"
-"""Session key of the Results page's open tab."""
+RESULT_TAB = view_url.TAB_KEY
 LEGEND_BELOW = {"orientation": "h", "x": 0, "font": {"size": 11}}
 
 
@@ -579,7 +578,6 @@ def body() -> None:
     for message in result.notes:  # e.g. sizes lowered to what the data holds
         st.info(message, icon=":material/info:")
     warnings_panel(result.warnings)
-    thr = result_views.explorer_thresholds(result, ss)
     # lazy tabs: only the open one is computed and sent to the browser (a re-run redraws one
     # tab's charts, not all five); the open tab is kept across re-runs (key)
     sections = {
@@ -590,6 +588,9 @@ def body() -> None:
         "Layers & timings": lambda: layers_and_timings(result),
         "Export": lambda: export(result),
     }
+    # a reload or a shared link reopens the same view (tab, explorer score and threshold)
+    view_url.read(ss, st.query_params, ss.get("run_id"), list(sections), result.score_names)
+    thr = result_views.explorer_thresholds(result, ss)
     if ss.get(RESULT_TAB) not in sections:
         ss[RESULT_TAB] = "Overview"
     tabs = st.tabs(list(sections), key=RESULT_TAB, on_change="rerun")
@@ -597,6 +598,7 @@ def body() -> None:
         if tab.open:
             with tab:
                 layout.guard(draw)
+    view_url.write(ss, st.query_params, result.score_names)
 
 
 layout.guard(body)
