@@ -166,11 +166,39 @@ def restore_from_url() -> None:
     runs.restore_trust_prompt()
 
 
+def pending_notice() -> None:
+    """A URL naming a Run in progress (``?pending=TOKEN``) that this session did not start (the
+    page was reloaded during a Run): what became of it (:mod:`ood_lens_app.in_flight`), with
+    Open for a saved run, Check again while it runs, Dismiss otherwise."""
+    from ood_lens_app import in_flight
+
+    ss = st.session_state
+    token = st.query_params.get(in_flight.URL_KEY)
+    if not token or token == ss.get("own_pending"):
+        return
+    entry = in_flight.lookup(token)
+    kind, text = in_flight.message(entry)
+    c1, c2 = st.columns([6, 1], vertical_alignment="center")
+    getattr(c1, kind)(text, icon=":material/history:")
+    if entry is not None and entry["status"] == "running":
+        if c2.button("Check again", key="pending_check", icon=":material/refresh:"):
+            st.rerun()
+        return
+    saved = entry is not None and entry["status"] == "done" and entry["run_id"]
+    if c2.button("Open" if saved else "Dismiss", key="pending_close"):
+        del st.query_params[in_flight.URL_KEY]
+        if saved:
+            st.query_params["run"] = entry["run_id"]
+        st.rerun()
+
+
 def run_notices() -> None:
     """Says so when the last run was cancelled (the page changed before it finished), with
-    Run again; the result on screen, if any, is the earlier one."""
+    Run again; the result on screen, if any, is the earlier one. Before it: what became of a
+    Run the page was reloaded during (:func:`pending_notice`)."""
     from ood_lens_app import runs
 
+    pending_notice()
     ss = st.session_state
     if ss.get("run_status") != "cancelled":
         return

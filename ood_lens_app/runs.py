@@ -8,7 +8,8 @@ that made the result, before sizes were lowered to the data), ``run_status`` (``
 while a run is in progress; ``"cancelled"`` when a later script run found it never finished),
 ``run_request`` (the config of the last run started), ``pending_settings`` (a config to put
 into the widgets at the start of the next script run), ``store_error``, ``trust_request`` (a
-saved run waiting for its trust box: ``{"run_id", "repo"}``).
+saved run waiting for its trust box: ``{"run_id", "repo"}``), ``own_pending`` (the
+:mod:`~ood_lens_app.in_flight` token of the last Run this session started).
 
 Trust: a run or a saved run whose model comes from a non-bundled hub repository runs that
 repository's code only when the person ticked its trust box in this session (``trusted_repos``);
@@ -37,8 +38,8 @@ from ood_core.devices import DeviceError, resolve_device
 from ood_core.perturbations import PERTURBATIONS
 from ood_core.runner import RunCache, RunResult
 from ood_core.scores import get_score_class
+from ood_lens_app import in_flight, run_folders, run_store
 from ood_lens_app import layers as layers_mod
-from ood_lens_app import run_folders, run_store
 from ood_lens_app import state as state_mod
 from ood_lens_app.errors import is_expected, run_message
 from ood_lens_app.widgets import initial_value, is_text_float, none_key
@@ -104,6 +105,36 @@ def demo_config() -> RunConfig:
 
 
 def execute_run(
+    config: RunConfig,
+    save: bool = True,
+    restore_settings: bool = False,
+    run_id: str | None = None,
+    compute: Callable[[RunCache, Callable[[str, float], None]], RunResult] | None = None,
+) -> RunResult | None:
+    """:func:`_execute_run`, registered in :mod:`ood_lens_app.in_flight` and named in the URL
+    (``?pending=TOKEN``) while it runs, so that a page reloaded meanwhile learns what became of
+    it (:func:`ood_lens_app.layout.run_notices`)."""
+    import streamlit as st
+
+    ss = st.session_state
+    token = in_flight.start(time.strftime("%H:%M:%S"))
+    ss["own_pending"] = token
+    st.query_params[in_flight.URL_KEY] = token
+    try:
+        result = _execute_run(config, save, restore_settings, run_id, compute)
+    finally:  # also when the script is stopped (a BaseException): the registry says so
+        if ss.get("run_status") == "done":
+            in_flight.finish(token, ss.get("run_id"))
+        elif ss.get("run_status") == "failed":
+            in_flight.finish(token, error=ss.get("run_error") or "the run failed")
+        else:
+            in_flight.interrupt(token)
+    if st.query_params.get(in_flight.URL_KEY) == token:
+        del st.query_params[in_flight.URL_KEY]
+    return result
+
+
+def _execute_run(
     config: RunConfig,
     save: bool = True,
     restore_settings: bool = False,
