@@ -356,6 +356,10 @@ Progress = Callable[[int, int], None]
 StageProgress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: a stage label, then counts in samples."""
 
+ScoreProgress = Callable[[Any, int, int], None]
+"""``on_score(score, i, n)``: score ``i`` of ``n`` starts its own work (its fit, or its
+confidences from the features) once the shared pass is over."""
+
 
 class Timed:
     """Context manager measuring wall time in seconds (``.seconds``)."""

@@ -29,6 +29,7 @@ from ood_core.core import (
     LayerId,
     OutputKey,
     Progress,
+    ScoreProgress,
     Timed,
     check_labels,
     predicted_confidence,
@@ -175,13 +176,15 @@ class Evaluation:
         batch_size: int | None = None,
         progress: Progress | None = None,
         data_key: Hashable | None = None,
+        on_score: ScoreProgress | None = None,
     ) -> Extraction:
         """Bind and calibrate every score on ``data`` (a tensor or a batch source). Labels: the
         given ``labels``, else those the source yields with its batches, else the network's
         predictions. Each score's :class:`~ood_core.diagnostics.OodLensWarning`
         messages are emitted and kept in ``score.fit_warnings``. The calibration preconditions
         (:meth:`~ood_core.scores.base.BaseScore.check_calibration`) are checked before any pass
-        when the number of samples is known, else once the stream was read."""
+        when the number of samples is known, else once the stream was read. ``progress``
+        follows the pass per batch, ``on_score`` each score's fit after it."""
         self.bind(scores)
         n = len(data) if isinstance(data, Tensor) else data.n
         if labels is None and isinstance(data, BatchSource):
@@ -215,6 +218,8 @@ class Evaluation:
                 s.check_calibration(len(ex.logits), counts)
         shares = self._share(scores, ex)
         for i, (s, feats, share) in enumerate(zip(scores, ex.features, shares, strict=True)):
+            if on_score is not None:
+                on_score(s, i, len(scores))
             with Timed() as t, collect() as messages:
                 for layer in (x for x in s.layers if x in ex.constant_layers):
                     degenerate(
@@ -242,8 +247,10 @@ class Evaluation:
         progress: Progress | None = None,
         dataset: str | None = None,
         data_key: Hashable | None = None,
+        on_score: ScoreProgress | None = None,
     ) -> list[tuple[Tensor, Tensor]]:
-        """``[(logits (n, C), conformity (n, C))]`` per score, from one shared pass.
+        """``[(logits (n, C), conformity (n, C))]`` per score, from one shared pass
+        (``progress`` follows it per batch, ``on_score`` each score's work after it).
 
         ``dataset`` names the set in warnings (an :class:`~ood_core.diagnostics.OodLensWarning`
         when all of a score's predicted-class confidences on it are identical).
@@ -254,7 +261,9 @@ class Evaluation:
         ex = self.extract(scores, data, batch_size=batch_size, progress=progress, data_key=data_key)
         shares = self._share(scores, ex)
         out = []
-        for s, feats, share in zip(scores, ex.features, shares, strict=True):
+        for i, (s, feats, share) in enumerate(zip(scores, ex.features, shares, strict=True)):
+            if on_score is not None:
+                on_score(s, i, len(scores))
             with Timed() as t:
                 conf = s.conformity_from_features(feats, ex.logits)
             if torch.isnan(conf).any():

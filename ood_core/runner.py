@@ -41,7 +41,7 @@ from torch import nn
 from ood_core import data as data_mod
 from ood_core import hub, streams
 from ood_core.config import IND_TITLE, RunConfig
-from ood_core.core import predicted_confidence, select_output
+from ood_core.core import Progress, ScoreProgress, predicted_confidence, select_output
 from ood_core.devices import check_amp, environment_info, ray_available, resolve_device
 from ood_core.diagnostics import about, collect
 from ood_core.engine import Engine, FeatureCache
@@ -451,6 +451,30 @@ def _within(say: StageProgress, lo: float, hi: float) -> StageProgress:
     return lambda stage, frac: say(stage, lo + (hi - lo) * min(1.0, max(0.0, frac)))
 
 
+PASS_SHARE = 0.8
+"""The share of a stage its forward pass gets on the progress bar (the scores' own work after
+it gets the rest); a stage served from the feature cache gives the scores all of it."""
+
+
+def _stage_progress(say: StageProgress, what: str) -> tuple[Progress, ScoreProgress]:
+    """The progress callbacks of one stage (``what``: "Scoring MNIST"...): per batch of its
+    forward pass ("forward pass, 3,200 of 5,000 images"), then per score's own work after it
+    ("KNN @ 1-11 (2 of 5)"), the fraction of the stage only moving forward."""
+    passed = [False]
+
+    def on_batch(done: int, total: int) -> None:
+        passed[0] = True
+        total = max(total, done, 1)
+        say(f"{what}: forward pass, {done:,} of {total:,} images", PASS_SHARE * done / total)
+
+    def on_score(score: BaseScore, i: int, n: int) -> None:
+        lo = PASS_SHARE if passed[0] else 0.0
+        name = score_label(score, score.layers, multiline=False)
+        say(f"{what}: {name} ({i + 1} of {n})", lo + (1.0 - lo) * i / max(1, n))
+
+    return on_batch, on_score
+
+
 def _executor(config: RunConfig, recorder: Recorder, device: torch.device, amp: str | None) -> Any:
     """The engine running ``config``'s passes: None for the local executor in full precision
     (:class:`Evaluation`'s own engine), an :class:`~ood_core.engine.Engine` under AMP, or a
@@ -503,16 +527,15 @@ def _fit_missing(
     if not todo_fit:
         return pairs, timings
 
-    def fit_progress(done: int, total: int) -> None:
-        say(f"Extracting + fitting {len(todo_fit)} score(s) on calibration data", done / total)
-
+    on_batch, on_score = _stage_progress(say, f"Calibration ({len(todo_fit)} score(s) to fit)")
     evaluation.fit(  # streamed from the stored pixels: never all converted to floats at once
         todo_fit,
         calib.source(),
         calib.labels,
         batch_size=config.batch_size,
-        progress=fit_progress,
+        progress=on_batch,
         data_key=(base_key[1], "__calibration__"),
+        on_score=on_score,
     )
     # cached only once fitted: a run that fails or is interrupted (Ctrl-C, a Streamlit
     # rerun: BaseExceptions) leaves no half-fitted score behind
@@ -552,18 +575,16 @@ def _score_missing(
         if (base_key, config.scores[i].key(), dkey) not in cache.confidences
     ]
     if missing:
-
-        def score_progress(done: int, total: int) -> None:
-            say(f"Scoring {title}", done / total)
-
+        on_batch, on_score = _stage_progress(say, f"Scoring {title}")
         with collect() as messages:
             per = evaluation.confidences(
                 [s for _, s in missing],
                 x,
                 batch_size=config.batch_size,
-                progress=score_progress,
+                progress=on_batch,
                 dataset=title,
                 data_key=(base_key[1], dkey),
+                on_score=on_score,
             )
         if dkey == ("__ind__",):
             cache.confidences[(base_key, "predictions")] = per[0][0].argmax(1).cpu().numpy()

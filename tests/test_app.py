@@ -239,9 +239,22 @@ def test_invalid_score_parameters_show_errors_next_to_the_score() -> None:
     errors = _errors(at)
     assert any("k=15" in e and "10 calibration" in e for e in errors), errors
     assert at.button(key="run").disabled
+    assert at.button(key="run_side").disabled  # the sidebar's Run (in reach while scrolled) too
     at.number_input(key="w.p.KNN.k").set_value(3).run()
     _assert_clean(at)
-    assert not at.button(key="run").disabled
+    assert not at.button(key="run").disabled and not at.button(key="run_side").disabled
+
+
+def test_the_sidebar_run_runs_the_same_config(_run_store_dir: Path) -> None:
+    at = _app(**_tiny_run_state())
+    at.run()  # once before switching (AppTest's rule)
+    at.switch_page("views/scores.py").run()
+    at.button(key="run_side").click().run()
+    _assert_clean(at)
+    assert at.title[0].value == "Results" and at.session_state["run_status"] == "done"
+    result = at.session_state["result"]
+    assert result.score_names == ["Softmax()", "KNN(k=5) @ 1-11"]
+    assert (result.config.n_calibration, result.config.n_test) == (100, 50)
 
 
 def test_uploaded_config_is_parsed_or_explained():
@@ -346,6 +359,12 @@ def _saved_run(run_store_dir: Path) -> tuple[str, AppTest]:
 def test_a_run_is_saved_and_named_in_the_url(_run_store_dir: Path) -> None:
     run_id, at = _saved_run(_run_store_dir)
     assert at.session_state["run_status"] == "done"
+    # while it ran the URL named it (?pending=TOKEN, for a reload meanwhile); now it is over
+    from ood_lens_app import in_flight
+
+    assert in_flight.URL_KEY not in at.query_params
+    entry = in_flight.lookup(at.session_state["own_pending"])
+    assert entry is not None and (entry["status"], entry["run_id"]) == ("done", run_id)
     at.switch_page("views/runs.py").run()
     _assert_clean(at)
     assert at.title[0].value == "Runs"

@@ -110,13 +110,21 @@ def test_the_run_progress_only_moves_forward_over_the_whole_run(small_config):
     """One bar over the run: each stage's own fraction mapped into its share (calibration, then
     each dataset by its size), never back to 0 when the next stage starts."""
     said: list[tuple[str, float]] = []
-    run(small_config, RunCache(), progress=lambda stage, frac: said.append((stage, frac)))
+    res = run(small_config, RunCache(), progress=lambda stage, frac: said.append((stage, frac)))
     fracs = [f for _, f in said]
     assert fracs == sorted(fracs) and fracs[0] == 0.0 and fracs[-1] == 1.0
     stages = list(dict.fromkeys(s for s, _ in said))
     assert stages[0] == "Loading model and data" and stages[-1] == "Done"
-    assert any(s.startswith("Extracting + fitting") for s in stages)
-    assert sum(s.startswith("Scoring ") for s in stages) == 1 + len(small_config.scenarios)
+    # per batch of each pass, then per score after it ("KNN @ 1-11 (2 of 3)")
+    calibration = [s for s in stages if s.startswith("Calibration")]
+    assert any("forward pass" in s for s in calibration)
+    n = len(small_config.scores)
+    assert [s for s in calibration if s.endswith(f" of {n})")] == [
+        f"Calibration ({n} score(s) to fit): {label} ({i + 1} of {n})"
+        for i, label in enumerate(res.score_names)
+    ]
+    scored = {s.split(":")[0] for s in stages if s.startswith("Scoring ")}
+    assert len(scored) == 1 + len(small_config.scenarios)
     first_scoring = next(f for s, f in said if s.startswith("Scoring "))
     assert 0.2 < first_scoring < 0.9  # calibration had its share before
 

@@ -303,14 +303,39 @@ def run_section(config: RunConfig | None, problems: Problems) -> None:
     if problems and not problems.get("run"):
         c2.error("Fix the problems shown below to run.", icon=":material/error:")
     if clicked and config is not None:
-        result = runs.execute_run(config)
-        if result is None:
-            st.error(ss["run_error"], icon=":material/error:")
-        else:
-            st.success(f"Done in {result.seconds:.1f} s.")
-            layout.go_to(layout.PAGE_RESULTS)
+        start_run(config)
     elif ss["run_error"]:
         st.error(ss["run_error"], icon=":material/error:")
+
+
+def start_run(config: RunConfig) -> None:
+    """Run ``config`` (progress where the call is drawn), then open Results; an error is said."""
+    result = runs.execute_run(config)
+    if result is None:
+        st.error(ss["run_error"], icon=":material/error:")
+    else:
+        st.success(f"Done in {result.seconds:.1f} s.")
+        layout.go_to(layout.PAGE_RESULTS)
+
+
+def side_run(config: RunConfig | None) -> None:
+    """Run in the sidebar too, so that it stays in reach while the form is scrolled (the same
+    Run as the one at the top of the page; its progress bar is drawn in the sidebar)."""
+    with st.sidebar:
+        st.divider()
+        clicked = st.button(
+            "Run",
+            key="run_side",
+            type="primary",
+            icon=":material/play_arrow:",
+            disabled=config is None,
+            width="stretch",
+            help="The same Run as at the top of this page.",
+        )
+        if config is None:
+            st.caption("Fix the problems shown on the page to run.")
+        elif clicked:
+            start_run(config)
 
 
 def replay_section() -> None:
@@ -347,6 +372,7 @@ def body() -> None:
     layout.controls_css()
     with st.container(key="run_bar"):
         run_section(config, problems)
+    side_run(config)
     left, right = st.columns([3, 2], gap="large")
     with left:
         layout.guard(lambda: scores_section(choices, problems))
