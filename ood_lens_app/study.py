@@ -175,6 +175,20 @@ def ranking(
     )
 
 
+def ranking_text(best: pd.DataFrame) -> pd.DataFrame:
+    """:func:`ranking` as shown: the value to 3 decimals, margins signed (``+0.045``), "-" where
+    there is none (no baseline, or the baseline's own sweep)."""
+
+    def signed(v: float) -> str:
+        return "-" if math.isnan(v) else f"{v:+.3f}"
+
+    out = best.copy()
+    out["value"] = [f"{v:.3f}" for v in best["value"]]
+    for col in ("margin over the next", "margin over the baseline"):
+        out[col] = [signed(float(v)) for v in best[col]]
+    return out
+
+
 def _point(axis: str, x: str) -> str:
     """A point's text on the shared x axis: a layer id, ``k=15``, or a full setting."""
     return x if axis in ("layer", "setting") else f"{axis}={x}"

@@ -78,6 +78,10 @@ def test_the_ranking_names_the_best_point_and_its_margins() -> None:
     own = study.ranking(table, 0.6, "DeepMahalanobis() @ 1-3")  # the baseline is in that sweep
     assert math.isnan(own.iloc[0]["margin over the baseline"])
     assert own.iloc[1]["margin over the baseline"] == pytest.approx(0.83 - 0.6)
+    shown = study.ranking_text(own)  # as the Study tab shows it: signed, "-" where none
+    assert list(shown["margin over the baseline"]) == ["-", "+0.230"]
+    assert list(shown["margin over the next"]) == ["+0.050", "+0.010"]
+    assert list(shown["value"]) == ["0.850", "0.830"]
 
 
 def test_the_figure_marks_each_best_point_in_network_order() -> None:

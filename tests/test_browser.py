@@ -402,7 +402,13 @@ def test_a_parameter_sweep_and_a_layer_sweep_draw_the_study_with_a_best_mark(app
         "e => Array.from(e.querySelectorAll('[role=gridcell], td')).map(x => x.textContent)"
     )
     assert "KNN" in cells and "Gram" in cells and "layer" in cells and "k" in cells, cells
+    assert "None" not in cells and any(c.startswith("+0.") for c in cells), cells  # signed margins
     _check_clean(app, "Study")
+    app.screenshot(ARTIFACTS / "study_1280x800.png")  # before the download's toasts
+    page.set_viewport_size({"width": 1920, "height": 1080})
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(ARTIFACTS / "study_1920x1080.png"))
+    page.set_viewport_size(shots.VIEWPORT)
     chart.hover()  # the toolbar shows on hover; its camera saves the chart as an SVG
     with page.expect_download(timeout=30_000) as got:
         page.locator(".st-key-study_chart .modebar-btn[data-title='Download plot']").first.click()
@@ -410,11 +416,6 @@ def test_a_parameter_sweep_and_a_layer_sweep_draw_the_study_with_a_best_mark(app
     assert download.suggested_filename == "ood-lens-study_chart.svg"
     svg = Path(download.path()).read_text()
     assert svg.lstrip().startswith("<svg") and "KNN (over k)" in svg, svg[:300]
-    app.screenshot(ARTIFACTS / "study_1280x800.png")
-    page.set_viewport_size({"width": 1920, "height": 1080})
-    page.wait_for_timeout(800)
-    page.screenshot(path=str(ARTIFACTS / "study_1920x1080.png"))
-    page.set_viewport_size(shots.VIEWPORT)
 
 
 def test_comfortable_controls_at_1280x800(app: Any) -> None:
@@ -450,6 +451,16 @@ def test_comfortable_controls_at_1280x800(app: Any) -> None:
     assert knn.get_attribute("open") is not None
     assert page.locator(".st-key-w-p-KNN-k input").first.is_visible()
     app.screenshot(ARTIFACTS / "controls_scores_edited.png")
+    # scrolled to the bottom of the form, the sidebar's Run is still in the viewport
+    page.locator(
+        ".st-key-replay_file, [data-testid='stExpander']"
+    ).last.scroll_into_view_if_needed()
+    page.mouse.wheel(0, 5000)
+    page.wait_for_timeout(300)
+    top = page.locator(".st-key-run button").first.bounding_box()
+    assert top is not None and top["y"] + top["height"] < 0, top  # the page's Run scrolled away
+    side = page.locator(".st-key-run_side button").first.bounding_box()
+    assert side is not None and side["y"] >= 0 and side["y"] + side["height"] <= 800, side
 
     app.go("Layers", "Layers")
     grid = page.locator('[data-testid="stDataFrame"]').first

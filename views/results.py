@@ -522,7 +522,7 @@ def study_view(result: RunResult) -> None:
     _chart(study.study_figure(table, title), "study_chart")
     best = study.ranking(table, base, head.baseline_label)
     st.dataframe(
-        best.style.format(precision=3, na_rep="-"),
+        study.ranking_text(best),
         hide_index=True,
         key="study_best",
         width="stretch",
