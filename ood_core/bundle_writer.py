@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from ood_core import data as data_mod
+from ood_core.metrics import plain_metric_name
 from ood_core.operating_points import operating_point_table
 from ood_core.runner import RunResult
 
@@ -128,7 +129,9 @@ def metric_tables(result: RunResult) -> list[tuple[str, pd.DataFrame]]:
     for metric in metrics:
         part = frame[frame["metric"] == metric]
         wide = part.pivot_table(index="score", columns="ood", values="value", sort=False)
-        out.append((f"{metric} per OoD set", wide.reset_index().rename_axis(columns=None)))
+        plain = plain_metric_name(metric)
+        title = metric if plain == metric else f"{plain} ({metric})"
+        out.append((f"{title} per OoD set", wide.reset_index().rename_axis(columns=None)))
     return out
 
 

@@ -58,6 +58,7 @@ def test_run_writes_bundle_and_offline_report(tmp_path, capsys):
     assert "Operating points at 95% InD acceptance" in html and "<nav class='toc'>" in html
     assert "@media print" in html and "name = &quot;KNN&quot;" in html  # the configuration
     assert "run id " in html and "seed 0" in html
+    assert "AUROC (AUC()) per OoD set" in html  # the plain name first, the formal one beside
     for name in ("Softmax()", "KNN(k=5) @ 1-11"):
         rows = confs[confs["score"] == name]
         ind = rows.loc[rows["dataset"] == "InD", "confidence"].to_numpy()
