@@ -42,5 +42,7 @@ layout.guard(layout.restore_from_url)
 layout.guard(layout.run_notices)
 if nav.url_path == "results":
     layout.guard(layout.stale_banner)
-layout.guard(layout.sidebar)
+settle_save = layout.guard(layout.sidebar)
 nav.run()
+if settle_save is not None:  # once the page is drawn: "Saved as", or why the run was not saved
+    layout.guard(settle_save)

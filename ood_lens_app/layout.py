@@ -8,13 +8,15 @@ import logging
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import streamlit as st
 
 from ood_core import data as data_mod
 from ood_core.core import output_text
 from ood_lens_app.errors import is_expected, page_message
+
+T = TypeVar("T")
 
 LOG = logging.getLogger("ood_lens.app")
 
@@ -48,15 +50,17 @@ HELP = (
 )
 
 
-def guard(body: Callable[[], None]) -> None:
-    """Run a page body; an error becomes ``st.error`` (:func:`~ood_lens_app.errors.page_message`),
-    the traceback of an unexpected one goes to the server log."""
+def guard(body: Callable[[], T]) -> T | None:
+    """Run a page body and return what it returns; an error becomes ``st.error``
+    (:func:`~ood_lens_app.errors.page_message`, then None), the traceback of an unexpected one
+    goes to the server log."""
     try:
-        body()
+        return body()
     except Exception as exc:  # noqa: BLE001 - pages must never show raw tracebacks
         if not is_expected(exc):
             LOG.error("Unexpected error in a page:\n%s", traceback.format_exc())
         st.error(page_message(exc), icon=":material/error:")
+        return None
 
 
 def header(title: str, help_text: str) -> None:
@@ -107,11 +111,6 @@ def sidebar_lines(state: Mapping[str, Any]) -> list[str]:
         )
     else:
         lines.append("**Last run:** none yet")
-    if state.get("run_id"):
-        from ood_lens_app import run_store
-
-        saving = run_store.is_saving(state["run_id"])
-        lines.append(f"**{'Saving' if saving else 'Saved'} as:** `{state['run_id']}`")
     if state.get("run_status") == "cancelled":
         lines.append("**Run status:** the last run was cancelled")
     return lines
@@ -132,25 +131,50 @@ def _passes_text(calls: int | None, own: list[str]) -> str:
     return "  \n" + text
 
 
-def sidebar() -> None:
-    """Current model / data / layers / run status, and short help (shown on every page). A run
-    the store could not save is said so (a warning, here and on the page), never "Saved as"."""
-    from ood_lens_app import runs
+def saved_line(state: Mapping[str, Any]) -> str | None:
+    """The sidebar's line on the run on screen: "Saving as" while its bundle is written in the
+    background, "Saved as" once written (None: no run id)."""
+    from ood_lens_app import run_store
 
-    shown = st.session_state.get("run_id")
-    problem = runs.check_saved(st.session_state)
-    if problem:
-        if shown and st.query_params.get("run") == shown:
-            del st.query_params["run"]  # the URL must not name a run that does not exist
-        st.warning(problem, icon=":material/warning:")
+    run_id = state.get("run_id")
+    if not run_id:
+        return None
+    return f"**{'Saving' if run_store.is_saving(run_id) else 'Saved'} as:** `{run_id}`"
+
+
+def sidebar() -> Callable[[], None]:
+    """Current model / data / layers / run status, and short help (shown on every page).
+
+    Returns what settles the save of the run on screen, to call once the page is drawn: it
+    waits for the background save (the page is not held up by it) and turns "Saving as" into
+    "Saved as", or into a warning (here and above the page) when the store could not save it,
+    never "Saved as"."""
+    top = st.empty()  # above the page: a save that failed is said there too
     with st.sidebar:
         st.markdown("### Current setup")
         for line in sidebar_lines(st.session_state):
             st.markdown(line)
-        if problem:
-            st.warning(problem, icon=":material/warning:")
+        slot = st.empty()
+        line = saved_line(st.session_state)
+        if line:
+            slot.markdown(line)
         with st.expander("Help", icon=":material/help:"):
             st.markdown(HELP)
+
+    def settle() -> None:
+        from ood_lens_app import runs
+
+        shown = st.session_state.get("run_id")
+        problem = runs.check_saved(st.session_state)  # waits for a background save
+        if problem:
+            if shown and st.query_params.get("run") == shown:
+                del st.query_params["run"]  # the URL must not name a run that does not exist
+            top.warning(problem, icon=":material/warning:")
+            slot.warning(problem, icon=":material/warning:")
+        elif (line := saved_line(st.session_state)) is not None:
+            slot.markdown(line)
+
+    return settle
 
 
 # ---------------------------------------------------------------------------- run state
