@@ -276,8 +276,8 @@ def _config() -> RunConfig:
 
 
 INTERRUPT_ROWS = {
-    "Streamlit rerun while fitting": (Rerun, "Extracting"),
-    "Ctrl-C while fitting": (KeyboardInterrupt, "Extracting"),
+    "Streamlit rerun while fitting": (Rerun, "Calibration"),
+    "Ctrl-C while fitting": (KeyboardInterrupt, "Calibration"),
     "Streamlit stop while scoring": (Rerun, "Scoring"),
     "Ctrl-C while computing metrics": (KeyboardInterrupt, "Computing metrics"),
 }
